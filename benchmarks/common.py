@@ -1,0 +1,60 @@
+"""Shared by every benchmark: the machine description and the result-file format.
+
+A result file ``benchmarks/results/<name>.json`` holds::
+
+    {"name": ..., "title": ..., "claim": ..., "machine": {...}, "command": ...,
+     "tables": [{"caption": ..., "columns": [...], "rows": [[...], ...]}],
+     "plots": ["docs/img/<file>.png"], "notes": [...], "raw": {...}}
+
+``benchmarks/render_docs.py`` turns every such file into a section of ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+IMAGES = ROOT / "docs" / "img"
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "device": "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/meminfo") as f:
+            info["memory_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/<name>.json`` atomically (machine and command filled in)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"name": name, "machine": machine(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              **result}
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path.relative_to(ROOT)}")
+    return path

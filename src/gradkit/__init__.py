@@ -1,0 +1,62 @@
+"""gradkit: cheaper training and fine-tuning without making it worse.
+
+The public API is re-exported here lazily, so ``import gradkit`` stays light (no transformers or
+peft import until a name that needs them is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "GradkitError": "gradkit.errors",
+    # data and harness
+    "load_text_classification": "gradkit.data.text",
+    "TrainConfig": "gradkit.train.config",
+    "finetune": "gradkit.train.loop",
+    "load_classifier": "gradkit.train.model",
+    # LoRA
+    "lora_pairs": "gradkit.lora.pairs",
+    "lora_ga_init": "gradkit.lora.ga",
+    "save_adapter": "gradkit.lora.export",
+    "LoRAPro": "gradkit.optim.lora_pro",
+    # zeroth order and policy gradient
+    "ZerothOrder": "gradkit.optim.zeroth_order",
+    "zo_gradient": "gradkit.estimators",
+    "policy_gradient_loss": "gradkit.estimators",
+    # batch size and learning rate
+    "NoiseScale": "gradkit.scaling.noise_scale",
+    "lr_for_batch": "gradkit.scaling.laws",
+    "steps_examples_tradeoff": "gradkit.scaling.laws",
+    # averaging, capture, init, diagnostics
+    "EMA": "gradkit.ema",
+    "capture": "gradkit.capture",
+    "tap": "gradkit.capture",
+    "truncated_normal_": "gradkit.init",
+    "gradient_flow": "gradkit.diagnostics",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'gradkit' has no attribute {name!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            raise AttributeError(f"gradkit.{name} is not available in this version of gradkit") from None
+        raise
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,1 @@
+"""Low-rank adaptation on top of PEFT's LoRA layers: pair discovery, LoRA-GA, export."""

@@ -1,0 +1,1 @@
+"""Optimisers: LoRA-Pro and zeroth order, with their small dense kernels."""

@@ -1,0 +1,1 @@
+"""Gradient noise scale and learning-rate / batch-size laws."""

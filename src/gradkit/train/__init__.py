@@ -1,0 +1,1 @@
+"""The fine-tuning harness behind the CLI: methods registry, loop, metrics, plots."""

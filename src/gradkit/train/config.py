@@ -1,0 +1,40 @@
+"""One plain dataclass holds every setting of a fine-tuning run; it is written to config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one run. ``None`` means "the method's or data's default"."""
+
+    method: str = "lora"
+    model: str | None = None  # local Hugging Face folder; None = bundled all-MiniLM-L6-v2
+    train: str | None = None  # TSV / CSV / JSON lines; None = bundled SST-2 sample
+    test: str | None = None
+    text_col: str | None = None  # name or 0-based index; None = "sentence"/"text" or the first column
+    label_col: str | None = None  # name or 0-based index; None = "label" or the last column
+    steps: int = 300
+    batch_size: int = 32  # global batch: split across processes under accelerate / torchrun
+    lr: float | None = None  # None = the method's default_lr
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str = "all-linear"  # comma-separated module-name suffixes, or every Linear of the encoder
+    rslora: bool = False
+    lora_dropout: float = 0.0
+    pooling: str = "mean"  # "mean" over tokens, or "cls"
+    max_length: int = 128
+    eval_batch_size: int = 128
+    log_every: int = 1
+    seed: int = 0
+    out: str | None = None  # run folder; None = runs/<method>-<time>
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific CLI options
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,173 @@
+"""The methods registry: each fine-tuning method is a small object that prepares the model and
+the optimiser and takes one training step. Every method shares the loop, data order, schedule and
+evaluation in :mod:`gradkit.train.loop`, so comparisons differ in the method alone.
+
+A new method subclasses :class:`Method` and registers itself::
+
+    @register_method
+    class MyMethod(Method):
+        name = "my-method"
+        default_lr = 1e-4
+        def prepare(self, model, cfg, batches): ...
+
+and its module is listed in ``PLUGIN_MODULES`` so the CLI sees it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from gradkit.errors import GradkitError
+from gradkit.train.config import TrainConfig
+
+METHODS: dict[str, type[Method]] = {}
+
+# modules that register further methods when imported (kept import-light: no work at import)
+PLUGIN_MODULES: list[str] = []
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``gradkit finetune --method cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def available_methods() -> dict[str, type[Method]]:
+    import importlib
+
+    for module in PLUGIN_MODULES:
+        importlib.import_module(module)
+    return METHODS
+
+
+def get_method(name: str) -> Method:
+    methods = available_methods()
+    if name not in methods:
+        raise GradkitError(f"unknown method {name!r}; choose one of: {', '.join(sorted(methods))}")
+    return methods[name]()
+
+
+class Method:
+    """Base class: full backprop through whatever ``prepare`` left trainable, AdamW, grad clipping."""
+
+    name: ClassVar[str] = ""
+    default_lr: ClassVar[float] = 1e-4
+    summary: ClassVar[str] = ""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add method-specific CLI options; their values arrive in ``cfg.options``."""
+
+    def prepare(self, model: nn.Module, cfg: TrainConfig, batches: Iterable[dict[str, Any]]) -> nn.Module:
+        """Return the model to train (e.g. PEFT-wrapped) with ``requires_grad`` set as the method needs.
+
+        ``batches`` iterates over training batches (same data and order as training) for methods
+        that look at data before training (LoRA-GA); most ignore it.
+        """
+        return model
+
+    def make_optimizer(self, model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=lr)
+
+    def train_step(self, model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
+                   accelerator: Any, cfg: TrainConfig) -> torch.Tensor:
+        """One optimisation step on ``batch``; returns the (local) loss, detached."""
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        """Save what the method trained. Default: the trainable tensors as safetensors."""
+        from safetensors.torch import save_file
+
+        from gradkit.train.io import atomic_path
+
+        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        with atomic_path(out_dir / "trainable.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+
+
+def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and normalisation weights (the usual BERT recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+@register_method
+class Head(Method):
+    """Linear probe: the encoder is frozen, only the classification head trains."""
+
+    name = "head"
+    default_lr = 2e-3
+    summary = "linear probe: only the classification head trains"
+
+    def prepare(self, model, cfg, batches):
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("head."))
+        return model
+
+
+@register_method
+class Full(Method):
+    """Full fine-tuning: every weight trains with AdamW."""
+
+    name = "full"
+    default_lr = 5e-5
+    summary = "full fine-tuning: every weight, AdamW"
+
+    def prepare(self, model, cfg, batches):
+        model.requires_grad_(True)
+        return model
+
+
+@register_method
+class Lora(Method):
+    """PEFT LoRA on the encoder's Linear layers; the head trains fully (PEFT ``modules_to_save``)."""
+
+    name = "lora"
+    default_lr = 1e-3
+    summary = "PEFT LoRA on the encoder's attention and feed-forward Linear layers"
+
+    def lora_config(self, model: nn.Module, cfg: TrainConfig, **overrides: Any):
+        from peft import LoraConfig
+
+        from gradkit.train.model import lora_target_names
+
+        kwargs = dict(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=lora_target_names(model, cfg.targets),
+            use_rslora=cfg.rslora,
+            modules_to_save=["head"],
+        )
+        kwargs.update(overrides)
+        return LoraConfig(**kwargs)
+
+    def prepare(self, model, cfg, batches):
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.lora_config(model, cfg))
+
+    def save(self, model, out_dir):
+        from gradkit.train.io import atomic_dir
+
+        with atomic_dir(out_dir / "adapter") as tmp:
+            model.save_pretrained(str(tmp))
