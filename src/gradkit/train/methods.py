@@ -169,5 +169,7 @@ class Lora(Method):
     def save(self, model, out_dir):
         from gradkit.train.io import atomic_dir
 
-        with atomic_dir(out_dir / "adapter") as tmp:
+        from gradkit.train.model import quiet_transformers
+
+        with quiet_transformers(), atomic_dir(out_dir / "adapter") as tmp:
             model.save_pretrained(str(tmp))

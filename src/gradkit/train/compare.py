@@ -1,0 +1,88 @@
+"""``gradkit compare``: run several methods under the same budget and put them side by side.
+
+Each method runs in its own child process, so its peak memory is its own and one method's failure
+does not stop the others. The comparison folder holds one run folder per method, comparison.json,
+a table (table.md) and every method's loss curve on one plot (loss.png).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Any
+
+from gradkit.errors import GradkitError
+from gradkit.train.config import TrainConfig
+from gradkit.train.io import atomic_path, write_json
+
+DEFAULT_METHODS = ("head", "lora", "full")
+
+
+def _child(cfg: TrainConfig) -> None:
+    from gradkit.train.loop import finetune
+
+    try:
+        finetune(cfg)
+    except GradkitError as err:
+        raise SystemExit(f"gradkit: error: {err}") from None
+
+
+def format_table(summaries: list[dict[str, Any]]) -> str:
+    """A Markdown table of the headline numbers, one row per method."""
+    head = ("method", "lr", "train loss", "test acc", "macro-F1", "s/step", "peak MB", "trainable", "optim state")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        if "error" in s:
+            lines.append(f"| {s['method']} | failed: {s['error']} |" + " |" * (len(head) - 2))
+            continue
+        lines.append(
+            f"| {s['method']} | {s['lr']:g} | {s['final_train_loss']:.4f} | {100 * s['test_accuracy']:.2f}% "
+            f"| {100 * s['test_macro_f1']:.2f}% | {s['seconds_per_step']:.3f} | {s['peak_memory_mb']:.0f} "
+            f"| {s['trainable_parameters']:,} | {s['optimizer_state_bytes'] / 2**20:.1f} MiB |"
+        )
+    return "\n".join(lines)
+
+
+def compare(cfg: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
+    """Run ``methods`` one after another with ``cfg`` (each at its default lr unless ``cfg.lr``)."""
+    from gradkit.train.loop import load_datasets
+    from gradkit.train.methods import get_method
+    from gradkit.train.plots import plot_losses
+
+    for name in methods:
+        get_method(name)  # unknown names fail before anything runs
+    load_datasets(cfg)  # so do data errors
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = multiprocessing.get_context("spawn")
+    summaries: list[dict[str, Any]] = []
+    curves = {}
+    for name in methods:
+        run_dir = out / name
+        child = ctx.Process(target=_child, args=(dataclasses.replace(cfg, method=name, out=str(run_dir)),))
+        child.start()
+        child.join()
+        summary_path = run_dir / "summary.json"
+        if child.exitcode != 0 or not summary_path.exists():
+            summaries.append({"method": name, "error": f"exit code {child.exitcode}"})
+            continue
+        summary = json.loads(summary_path.read_text())
+        summaries.append(summary)
+        steps, losses = [], []
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            steps.append(row["step"])
+            losses.append(row["loss"])
+        curves[name] = (steps, losses)
+    table = format_table(summaries)
+    write_json(out / "comparison.json", {"config": cfg.to_dict(), "methods": methods, "summaries": summaries})
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(table + "\n")
+    if curves:
+        plot_losses(curves, out / "loss.png", title=f"train loss, {cfg.steps} steps of batch {cfg.batch_size}")
+    print(table)
+    print(f"\nrun folder: {out}")
+    return summaries

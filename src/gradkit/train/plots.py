@@ -1,0 +1,41 @@
+"""Loss-curve plots (PNG, matplotlib's Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+def smooth(values: Sequence[float], beta: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average, as TensorBoard draws loss curves."""
+    out, avg = [], 0.0
+    for t, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**t))
+    return out
+
+
+def plot_losses(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: str | Path,
+                title: str = "train loss") -> None:
+    """One line per run: raw per-step loss faint, its smoothed curve bold. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gradkit.train.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for i, (name, (steps, losses)) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        ax.plot(steps, losses, color=color, alpha=0.18, linewidth=0.8)
+        ax.plot(steps, smooth(losses), color=color, linewidth=1.8, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (smoothed; raw faint)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

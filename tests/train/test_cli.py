@@ -1,0 +1,72 @@
+"""The command line: a real subprocess, so exit codes, stderr and files are what a user sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def gradkit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "gradkit", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradkit: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "content, args, fragments",
+    [
+        (None, ["--train", "missing.tsv"], ["missing.tsv"]),
+        ("sentence\tlabel\n", [], ["empty"]),
+        ("sentence\tlabel\ngood\t1\nbad\t\n", [], ["line 3"]),
+        ("sentence\tlabel\ngood\t1\nfine\t1\n", [], ["class"]),
+        ("sentence\tlabel\ngood\t1\nbad\t0\n", ["--label-col", "stars"], ["stars", "label"]),
+    ],
+    ids=["missing-file", "empty-file", "row-without-label", "one-class", "unknown-column"],
+)
+def test_bad_data_gives_one_line_error_and_writes_nothing(tmp_path, tiny_model_dir, content, args, fragments):
+    if content is not None:
+        (tmp_path / "train.tsv").write_text(content)
+        args = ["--train", "train.tsv", *args]
+    out = tmp_path / "run"
+    result = gradkit("finetune", "--model", str(tiny_model_dir), "--out", str(out), *args, cwd=tmp_path)
+    assert_clean_error(result, *fragments)
+    assert not out.exists()
+
+
+def test_bad_options_give_one_line_errors(tmp_path, tiny_model_dir):
+    assert_clean_error(gradkit("finetune", "--method", "nope", cwd=tmp_path), "unknown method 'nope'")
+    assert_clean_error(gradkit("finetune", "--model", str(tmp_path), cwd=tmp_path), "config.json")
+    assert_clean_error(gradkit("compare", "--methods", "head,nope", cwd=tmp_path), "unknown method 'nope'")
+    assert_clean_error(
+        gradkit("finetune", "--model", str(tiny_model_dir), "--targets", "q_proj", "--steps", "1",
+                "--out", str(tmp_path / "r"), cwd=tmp_path),
+        "q_proj",
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_compare_runs_each_method_and_writes_table_and_plot(tmp_path, tiny_model_dir):
+    out = tmp_path / "cmp"
+    result = gradkit("compare", "--methods", "head,lora", "--model", str(tiny_model_dir), "--steps", "3",
+                     "--batch-size", "8", "--max-length", "32", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "| head |" in result.stdout and "| lora |" in result.stdout
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert [s["method"] for s in comparison["summaries"]] == ["head", "lora"]
+    assert all("test_accuracy" in s for s in comparison["summaries"])
+    for name in ("table.md", "loss.png", "head/summary.json", "lora/adapter/adapter_config.json"):
+        assert (out / name).is_file(), name

@@ -1,0 +1,123 @@
+"""The fine-tuning harness on a tiny random BERT: run folder, data order, methods, adapter round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gradkit.train.config import TrainConfig
+from gradkit.train.loop import _Ordered, finetune
+from gradkit.train.methods import get_method
+
+
+def small_config(tiny_model_dir, tmp_path, **overrides) -> TrainConfig:
+    values = dict(model=str(tiny_model_dir), steps=4, batch_size=8, max_length=32, out=str(tmp_path / "run"))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_finetune_writes_complete_run_folder(tiny_model_dir, tmp_path):
+    summary = finetune(small_config(tiny_model_dir, tmp_path, method="lora"), progress=False)
+    run = tmp_path / "run"
+    for name in ("config.json", "labels.json", "metrics.jsonl", "summary.json", "loss.png"):
+        assert (run / name).is_file(), name
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(set(r) == {"step", "loss", "lr", "seconds"} for r in rows)
+    # linear warmup (ceil(0.1 * 4) = 1 step) then linear decay to zero
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(1e-3)
+    assert rows[2]["lr"] == pytest.approx(1e-3 * 2 / 3) and rows[3]["lr"] == pytest.approx(1e-3 / 3)
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["test_examples"] == 872 and saved["train_examples"] == 4000
+    assert 0.0 <= saved["test_accuracy"] <= 1.0
+    assert saved["optimizer_state_bytes"] == 2 * 4 * saved["trainable_parameters"]  # AdamW: exp_avg + exp_avg_sq
+    assert summary["final_train_loss"] == pytest.approx(sum(r["loss"] for r in rows) / 4)
+    assert json.loads((run / "labels.json").read_text())["label_names"] == ["0", "1"]
+
+
+def test_data_order_is_seeded_and_covers_each_example_once_per_epoch():
+    from gradkit.data import load_text_classification
+
+    data = load_text_classification(None, split="train")
+    first = _Ordered(data, 2 * len(data) + 5, seed=3).order
+    assert first == _Ordered(data, 2 * len(data) + 5, seed=3).order
+    assert first != _Ordered(data, 2 * len(data) + 5, seed=4).order
+    n = len(data)
+    assert sorted(first[:n]) == list(range(n)) and sorted(first[n : 2 * n]) == list(range(n))
+    assert first[:n] != first[n : 2 * n]  # a fresh shuffle each epoch
+
+
+def test_head_method_trains_only_the_head(tiny_model_dir, tmp_path):
+    from gradkit.train.model import load_classifier
+
+    cfg = small_config(tiny_model_dir, tmp_path, method="head")
+    before = load_classifier(str(tiny_model_dir), 2, seed=0).state_dict()
+    finetune(cfg, progress=False)
+    from safetensors.torch import load_file
+
+    trained = load_file(str(tmp_path / "run" / "trainable.safetensors"))
+    assert set(trained) == {"head.weight", "head.bias"}
+    assert not torch.equal(trained["head.weight"], before["head.weight"])
+
+
+def test_every_method_starts_from_the_same_model(tiny_model_dir):
+    from gradkit.train.model import load_classifier
+
+    a, b = load_classifier(str(tiny_model_dir), 3, seed=7), load_classifier(str(tiny_model_dir), 3, seed=7)
+    state = torch.get_rng_state()
+    c = load_classifier(str(tiny_model_dir), 3, seed=8)
+    assert torch.equal(torch.get_rng_state(), state)  # the head is drawn from a private generator
+    assert torch.equal(a.head.weight, b.head.weight) and not torch.equal(a.head.weight, c.head.weight)
+    assert a.head.weight.std().item() == pytest.approx(0.02, rel=0.3)
+
+
+def test_lora_targets_every_encoder_linear(tiny_classifier):
+    from peft.tuners.lora import Linear as LoraLinear
+
+    model = get_method("lora").prepare(tiny_classifier, TrainConfig(), batches=[])
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    assert len(adapted) == 2 * 6  # per layer: query, key, value, attention output, intermediate, output
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n or ".head." in n for n in trainable)
+    assert any(".head." in n for n in trainable)
+
+
+def test_saved_adapter_loads_onto_the_base_with_plain_peft(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    from gradkit.train.model import load_classifier, load_tokenizer
+
+    method = get_method("lora")
+    model = method.prepare(load_classifier(str(tiny_model_dir), 2, seed=0), TrainConfig(rslora=True), [])
+    with torch.no_grad():  # a trained-looking adapter: B non-zero, head changed
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    method.save(model, tmp_path)
+    tok = load_tokenizer(str(tiny_model_dir))
+    batch = tok(["a gripping , funny film", "dull"], padding=True, return_tensors="pt")
+    model.eval()
+    expected = model(**batch).logits
+    loaded = PeftModel.from_pretrained(load_classifier(str(tiny_model_dir), 2, seed=123), tmp_path / "adapter")
+    loaded.eval()
+    assert (loaded(**batch).logits - expected).abs().max().item() <= 1e-5
+
+
+def test_unknown_method_lists_the_choices():
+    from gradkit.errors import GradkitError
+
+    with pytest.raises(GradkitError, match="unknown method 'nope'.*full.*head.*lora"):
+        get_method("nope")
+
+
+def test_lora_targets_are_checked(tiny_classifier):
+    from gradkit.errors import GradkitError
+    from gradkit.train.model import lora_target_names
+
+    assert lora_target_names(tiny_classifier, "query,value") == ["query", "value"]
+    with pytest.raises(GradkitError, match="q_proj match no Linear.*dense, key, query, value"):
+        lora_target_names(tiny_classifier, "q_proj")
