@@ -38,8 +38,9 @@ def test_damped_inverse_of_zero_is_zero_and_half_types_run_in_fp32():
 
 def test_damped_inverse_of_rank_deficient_gram_is_bounded_pseudo_inverse():
     gen = torch.Generator().manual_seed(1)
-    F = torch.randn(40, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 5, generator=gen,
-                                                                             dtype=torch.float64)
+    F = torch.randn(40, 2, generator=gen, dtype=torch.float64) @ torch.randn(
+        2, 5, generator=gen, dtype=torch.float64
+    )
     M = F.mT @ F  # rank 2 of 5
     inv = damped_inverse(M)
     assert torch.isfinite(inv).all()
@@ -78,7 +79,9 @@ def test_sylvester_matches_kronecker_reference_for_rectangular_blocks():
     C = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     X = solve_sylvester_sym(M, N, C, damping=0.0)
     # vec(M X + X N) = (I (x) M + N^T (x) I) vec(X) with column-major vec
-    K = torch.kron(torch.eye(5, dtype=torch.float64), M) + torch.kron(N.mT.contiguous(), torch.eye(3, dtype=torch.float64))
+    K = torch.kron(torch.eye(5, dtype=torch.float64), M) + torch.kron(
+        N.mT.contiguous(), torch.eye(3, dtype=torch.float64)
+    )
     ref = torch.linalg.solve(K, C.mT.contiguous().reshape(-1)).reshape(5, 3).mT
     torch.testing.assert_close(X, ref, rtol=1e-10, atol=1e-12)
 

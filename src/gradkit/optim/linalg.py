@@ -85,8 +85,9 @@ def damped_inverse(M: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.T
     return eig_inverse(sym_eig(M), damping)
 
 
-def sylvester_from_eig(eig_M: SymEig, eig_N: SymEig, C: torch.Tensor,
-                       damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+def sylvester_from_eig(
+    eig_M: SymEig, eig_N: SymEig, C: torch.Tensor, damping: float = DEFAULT_DAMPING
+) -> torch.Tensor:
     """Solve ``M X + X N = C`` given ``M = P diag(l) P^T`` and ``N = Q diag(m) Q^T``.
 
     In the eigenbases the equation is diagonal: ``(l_i + m_j) Y_ij = (P^T C Q)_ij`` with
@@ -103,8 +104,9 @@ def sylvester_from_eig(eig_M: SymEig, eig_N: SymEig, C: torch.Tensor,
     return P @ Y @ Q.mT
 
 
-def solve_sylvester_sym(M: torch.Tensor, N: torch.Tensor, C: torch.Tensor,
-                        damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+def solve_sylvester_sym(
+    M: torch.Tensor, N: torch.Tensor, C: torch.Tensor, damping: float = DEFAULT_DAMPING
+) -> torch.Tensor:
     """Solve the Sylvester equation ``M X + X N = C`` for symmetric PSD ``M`` (p x p) and ``N`` (q x q).
 
     Two symmetric eigendecompositions ``M = P diag(l) P^T``, ``N = Q diag(m) Q^T`` give

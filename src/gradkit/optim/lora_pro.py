@@ -1,0 +1,386 @@
+"""LoRA-Pro (arXiv 2407.18242): a torch optimiser that makes every LoRA step the closest low-rank
+match to full fine-tuning's step, for SGD and AdamW, with memory-light AdamW moments.
+
+The closed form lives in :mod:`gradkit.optim.lora_pro_math` (pure functions); this module only walks
+the PEFT model, holds state and applies updates. Forms (``optimizer`` / ``moments``):
+
+- ``"sgd"``: ``A -= lr ĝ_A``, ``B -= lr ĝ_B``; W moves by ``-lr (P_B G + (I - P_B) G P_A)``.
+- ``"adamw"``, ``moments="full"`` (the paper's): Adam on the full-size equivalent gradient
+  ``g̃ = P_B G + (I - P_B) G P_A`` with out x in moments; its direction D is mapped back
+  (``d_A = s B^T D``, ``d_B = s D A^T``) and adjusted by the same formulas, so W moves by
+  ``-lr (P_B D + (I - P_B) D P_A)``. State: 2 x out x in fp32 per layer, full fine-tuning's bill.
+- ``"adamw"``, ``moments="projected"`` (memory-light, the default): ``g̃`` is exactly
+  ``U K + L V^T`` with ``U``, ``V`` orthonormal bases of B's columns and A's rows (polar factors,
+  which move continuously with B and A), ``K = U^T G`` (r x in) and ``L = (I - U U^T) G V``
+  (out x r), both computable from ``g_A`` and ``g_B``. Adam runs on (K, L); when the bases move, the
+  moments are carried over by the r x r rotations ``U_new^T U_old``, ``V_new^T V_old`` (first moment
+  rotated, second by the squared rotation). W moves by ``-lr (U D_K + (I - U U^T) D_L V^T)``.
+  State: 3 r (in + out) floats per layer (moments plus the two bases), 1.5x LoRA+AdamW's.
+- ``"adamw"``, ``moments="factor"`` (memory-light): Adam on the adjusted gradients ``(ĝ_A, ĝ_B)``
+  themselves. State: 2 r (in + out) floats per layer, the same as LoRA+AdamW.
+
+Weight decay is decoupled (AdamW's): every step multiplies A and B by ``1 - lr * weight_decay``
+before the update, exactly what AdamW on a plain LoRA model does; it shrinks the adapter
+``s B A`` (by about ``1 - 2 lr wd``), never the frozen base weight. Other trainable parameters (a
+classification head, biases) get an ordinary AdamW update in their own param groups (no decay on
+biases and normalisation weights).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from gradkit.errors import GradkitError
+from gradkit.optim.linalg import DEFAULT_DAMPING, SymEig, compute_dtype, eig_inverse_sqrt, sym_eig
+from gradkit.optim.lora_pro_math import (
+    X_SOLUTIONS,
+    adjusted_lora_grads,
+    equivalent_gradient,
+    lora_equivalent_update,
+    tangent_projection,
+)
+
+__all__ = [
+    "LoRAPro",
+    "adjusted_lora_grads",
+    "equivalent_gradient",
+    "lora_equivalent_update",
+    "tangent_projection",
+    "MOMENTS",
+    "DEFAULT_MOMENTS",
+]
+
+MOMENTS = ("full", "projected", "factor")
+DEFAULT_MOMENTS = "projected"
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class LoRAPro(torch.optim.Optimizer):
+    """LoRA-Pro optimiser for a PEFT LoRA model (arXiv 2407.18242).
+
+    Finds every LoRA Linear layer's ``(A, B, s)`` of the active adapter (``s`` read from PEFT, so
+    rsLoRA and rank/alpha patterns are exact) and replaces the factor gradients by LoRA-Pro's
+    adjusted ones, whose equivalent update ``s (B ĝ_A + ĝ_B A)`` is the closest to the full-weight
+    gradient ``G``: ``P_B G + (I - P_B) G P_A``. Each layer is one param group
+    ``{"params": [A, B], "lora_roles": ["A", "B"], "lora_name": ..., "scaling": s}`` (roles are
+    read from ``lora_roles``, never from the order); every other trainable parameter gets AdamW in
+    its own groups. ``lr`` lives in ``param_groups`` (schedulers work); clip gradients before
+    ``step()`` as usual. Under DDP call ``step()`` after ``backward()``: the adjustment then runs on
+    the all-reduced gradients, identically on every rank.
+
+    Args:
+        peft_model: a model holding PEFT LoRA Linear layers (``peft.get_peft_model``).
+        lr: step size; the update of W is ``-lr`` times an (Adam-normalised) full-size direction,
+            so it is on full fine-tuning's learning-rate scale.
+        betas, eps, weight_decay: AdamW's (weight decay decoupled, see the module docstring).
+        optimizer: ``"adamw"`` or ``"sgd"``.
+        moments: ``"projected"`` (memory-light, default), ``"factor"`` (memory-light) or ``"full"``
+            (the paper's out x in moments).
+        x_solution: ``"sylvester"`` (the paper's), ``"symmetric"`` or ``"zero"``.
+        adapter: adapter name (default: the active one).
+        damping: relative damping of the r x r inverses (see :mod:`gradkit.optim.linalg`).
+    """
+
+    def __init__(
+        self,
+        peft_model: nn.Module,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        optimizer: str = "adamw",
+        moments: str = DEFAULT_MOMENTS,
+        x_solution: str = "sylvester",
+        *,
+        adapter: str | None = None,
+        damping: float = DEFAULT_DAMPING,
+    ):
+        from gradkit.lora.pairs import lora_pairs
+
+        _check_choice("optimizer", optimizer, OPTIMIZERS)
+        _check_choice("moments", moments, MOMENTS)
+        _check_choice("x_solution", x_solution, X_SOLUTIONS)
+        if lr < 0 or eps < 0 or weight_decay < 0 or damping < 0:
+            raise GradkitError("lr, eps, weight_decay and damping must be >= 0; pass non-negative values")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise GradkitError(f"betas {tuple(betas)} must lie in [0, 1); pass e.g. betas=(0.9, 0.999)")
+        groups: list[dict[str, Any]] = []
+        taken: set[int] = set()
+        for pair in lora_pairs(peft_model, adapter):
+            use_dora = getattr(pair.layer, "use_dora", {}).get(pair.adapter, False)
+            if use_dora:
+                raise GradkitError(
+                    f"{pair.name} uses DoRA, which LoRA-Pro's closed form does not cover; "
+                    "build the model with LoraConfig(use_dora=False)"
+                )
+            if pair.A.requires_grad != pair.B.requires_grad:
+                raise GradkitError(
+                    f"{pair.name}: only one of lora_A / lora_B is trainable; LoRA-Pro adjusts "
+                    "both factors together, so make both trainable (or both frozen)"
+                )
+            taken.update((id(pair.A), id(pair.B)))
+            if pair.A.requires_grad:
+                groups.append(
+                    {
+                        "params": [pair.A, pair.B],
+                        "lora_roles": ["A", "B"],
+                        "lora_name": pair.name,
+                        "scaling": pair.scaling,
+                    }
+                )
+        if not groups:
+            raise GradkitError(
+                f"the LoRA factors of adapter {adapter or 'active'!r} are all frozen; activate it "
+                "with model.set_adapter(name) (PEFT freezes inactive adapters)"
+            )
+        decay, no_decay = [], []
+        for name, param in peft_model.named_parameters():
+            if param.requires_grad and id(param) not in taken:
+                (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        if decay:
+            groups.append({"params": decay})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            optimizer=optimizer,
+            moments=moments,
+            x_solution=x_solution,
+            damping=damping,
+        )
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every group; ``closure`` (optional) re-evaluates the loss with gradients."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        jobs, others = [], []
+        for group in self.param_groups:
+            if group.get("lora_roles"):
+                roles = dict(zip(group["lora_roles"], group["params"], strict=True))
+                A, B = roles["A"], roles["B"]
+                if A.grad is None and B.grad is None:
+                    continue
+                jobs.append(_Job(group, A, B))
+            else:
+                others.append(group)
+        for group in others:
+            self._adamw_group(group)
+        if not jobs:
+            return loss
+        _batched_gram_eigs(jobs)
+        for job in jobs:
+            self._moment_inputs(job)
+        _adam_directions(self, [job for job in jobs if job.group["optimizer"] == "adamw"])
+        updates: dict[tuple[float, float, torch.dtype], list] = defaultdict(list)
+        for job in jobs:
+            for param, upd in zip((job.A, job.B), self._factor_updates(job), strict=True):
+                updates[(job.group["lr"], job.group["weight_decay"], param.dtype)].append((param, upd))
+        for (lr, wd, dtype), items in updates.items():
+            params = [p for p, _ in items]
+            if wd:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_add_(params, [u.to(dtype) for _, u in items], alpha=-lr)
+        return loss
+
+    # --- LoRA pairs ---------------------------------------------------------------------------
+
+    def _moment_inputs(self, job: _Job) -> None:
+        """Compute what the form feeds to Adam (or, for SGD, the final update)."""
+        group, sA, sB = job.group, self.state[job.A], self.state[job.B]
+        s, damping, x = group["scaling"], group["damping"], group["x_solution"]
+        sA["step"] = sA.get("step", 0) + 1
+        if group["optimizer"] == "sgd":
+            job.out = list(adjusted_lora_grads(job.a, job.b, job.gA, job.gB, s, x, damping, eigs=job.eigs))
+            return
+        moments = group["moments"]
+        if moments == "full":
+            job.inputs = [(sA, equivalent_gradient(job.a, job.b, job.gA, job.gB, s, damping, eigs=job.eigs))]
+        elif moments == "factor":
+            hat_A, hat_B = adjusted_lora_grads(job.a, job.b, job.gA, job.gB, s, x, damping, eigs=job.eigs)
+            job.inputs = [(sA, hat_A), (sB, hat_B)]
+        else:
+            isq_B, isq_A = eig_inverse_sqrt(job.eigs[0], damping), eig_inverse_sqrt(job.eigs[1], damping)
+            U, Vt = job.b @ isq_B, isq_A @ job.a  # orthonormal bases of col(B) and row(A)
+            K = (isq_B @ job.gA) / s  # U^T G
+            L = ((job.gB - U @ (U.mT @ job.gB)) @ isq_A) / s  # (I - U U^T) G V
+            if "basis" in sA:  # carry the moments into the new bases
+                rot_U, rot_V = U.mT @ sB["basis"], Vt @ sA["basis"].mT
+                sA["exp_avg"], sA["exp_avg_sq"] = rot_U @ sA["exp_avg"], (rot_U * rot_U) @ sA["exp_avg_sq"]
+                sB["exp_avg"], sB["exp_avg_sq"] = (
+                    sB["exp_avg"] @ rot_V.mT,
+                    sB["exp_avg_sq"] @ (rot_V * rot_V).mT,
+                )
+            sA["basis"], sB["basis"] = Vt, U
+            job.inputs = [(sA, K), (sB, L)]
+
+    def _factor_updates(self, job: _Job) -> list[torch.Tensor]:
+        """Map the Adam direction(s) to the factor updates (d_A, d_B)."""
+        group = job.group
+        if group["optimizer"] == "sgd" or group["moments"] == "factor":
+            return job.out
+        s, damping, x = group["scaling"], group["damping"], group["x_solution"]
+        if group["moments"] == "full":
+            (D,) = job.out
+            d_A, d_B = s * (job.b.mT @ D), s * (D @ job.a.mT)
+        else:
+            D_K, D_L = job.out
+            U, Vt = self.state[job.B]["basis"], self.state[job.A]["basis"]
+            D_L = D_L - U @ (U.mT @ D_L)  # keep the L part orthogonal to col(B): D is a tangent vector
+            d_A = s * ((job.b.mT @ U) @ D_K + (job.b.mT @ D_L) @ Vt)
+            d_B = s * (U @ (D_K @ job.a.mT) + D_L @ (Vt @ job.a.mT))
+        return list(adjusted_lora_grads(job.a, job.b, d_A, d_B, s, x, damping, eigs=job.eigs))
+
+    # --- other trainable parameters: plain AdamW --------------------------------------------
+
+    def _adamw_group(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        entries = []
+        for p in params:
+            if p.grad.is_sparse:
+                raise GradkitError("LoRAPro does not support sparse gradients; use dense embeddings")
+            state = self.state[p]
+            if not state:
+                cd = compute_dtype(p.dtype)
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=cd, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=cd, memory_format=torch.preserve_format)
+            state["step"] += 1
+            entries.append(
+                _AdamEntry(
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    p.grad.to(state["exp_avg"].dtype),
+                    state["step"],
+                    group,
+                )
+            )
+        directions = _adam_update(entries)
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_add_(
+            params, [d.to(p.dtype) for p, d in zip(params, directions, strict=True)], alpha=-lr
+        )
+
+    # --- resume -----------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like torch's, but keeps every state tensor's own dtype (fp32 moments of bf16 parameters
+        stay fp32) and checks the saved form matches this optimiser's."""
+        saved_groups = state_dict["param_groups"]
+        for saved, group in zip(saved_groups, self.param_groups, strict=False):
+            for key in ("optimizer", "moments", "lora_name"):
+                if saved.get(key) != group.get(key):
+                    raise GradkitError(
+                        f"the saved optimiser state has {key}={saved.get(key)!r} but this one has "
+                        f"{group.get(key)!r}; build LoRAPro with the same settings to resume"
+                    )
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        index = [i for group in saved_groups for i in group["params"]]
+        for i, param in zip(index, params, strict=True):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if torch.is_tensor(value):
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+
+
+class _Job:
+    """Working set of one LoRA pair during a step (compute-dtype copies, eigendecompositions)."""
+
+    def __init__(self, group: dict[str, Any], A: nn.Parameter, B: nn.Parameter):
+        cd = compute_dtype(A.dtype)
+        self.group, self.A, self.B = group, A, B
+        self.a, self.b = A.detach().to(cd), B.detach().to(cd)
+        self.gA, self.gB = _grad(A, cd), _grad(B, cd)
+        self.eigs: tuple[SymEig, SymEig] = ()  # type: ignore[assignment]
+        self.inputs: list[tuple[dict, torch.Tensor]] = []
+        self.out: list[torch.Tensor] = []
+
+
+def _grad(param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
+    if param.grad is None:
+        return torch.zeros(param.shape, dtype=dtype, device=param.device)
+    if param.grad.is_sparse:
+        raise GradkitError("LoRAPro does not support sparse gradients; use dense LoRA layers")
+    return param.grad.to(dtype)
+
+
+def _batched_gram_eigs(jobs: list[_Job]) -> None:
+    """One batched eigh for all r x r Gram matrices of the same rank, dtype and device."""
+    buckets: dict[tuple, list[_Job]] = defaultdict(list)
+    for job in jobs:
+        buckets[(job.a.shape[0], job.a.dtype, job.a.device)].append(job)
+    for bucket in buckets.values():
+        grams = [job.b.mT @ job.b for job in bucket] + [job.a @ job.a.mT for job in bucket]
+        eig = sym_eig(torch.stack(grams))
+        n = len(bucket)
+        for i, job in enumerate(bucket):
+            job.eigs = (SymEig(eig.values[i], eig.vectors[i]), SymEig(eig.values[n + i], eig.vectors[n + i]))
+
+
+def _adam_directions(opt: LoRAPro, jobs: list[_Job]) -> None:
+    """Adam moments and directions for every pair's inputs (lazy state), pooled across layers."""
+    entries = []
+    for job in jobs:
+        step = opt.state[job.A]["step"]
+        for state, value in job.inputs:
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(value)
+                state["exp_avg_sq"] = torch.zeros_like(value)
+            entries.append(_AdamEntry(state["exp_avg"], state["exp_avg_sq"], value, step, job.group))
+    directions = iter(_adam_update(entries))
+    for job in jobs:
+        job.out = [next(directions) for _ in job.inputs]
+
+
+class _AdamEntry(NamedTuple):
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    value: torch.Tensor
+    step: int
+    group: dict[str, Any]
+
+
+def _adam_update(entries: list[_AdamEntry]) -> list[torch.Tensor]:
+    """Update each entry's ``exp_avg``/``exp_avg_sq`` in place with its value and return Adam's
+    direction ``m̂ / (sqrt(v̂) + eps)`` (bias-corrected with the entry's step). Entries sharing
+    (step, betas, eps) go through one multi-tensor (``torch._foreach_*``) pass."""
+    out: list[torch.Tensor | None] = [None] * len(entries)
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, e in enumerate(entries):
+        buckets[(e.step, *e.group["betas"], e.group["eps"])].append(i)
+    for (step, beta1, beta2, eps), idx in buckets.items():
+        ms = [entries[i].exp_avg for i in idx]
+        vs = [entries[i].exp_avg_sq for i in idx]
+        gs = [entries[i].value for i in idx]
+        torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, math.sqrt(1.0 - beta2**step))
+        torch._foreach_add_(denom, eps)
+        directions = torch._foreach_div(ms, denom)
+        torch._foreach_div_(directions, 1.0 - beta1**step)
+        for i, d in zip(idx, directions, strict=True):
+            out[i] = d
+    return out  # type: ignore[return-value]
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise GradkitError(f"unknown {name} {value!r} for LoRAPro; use one of: {', '.join(choices)}")

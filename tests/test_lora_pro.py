@@ -1,0 +1,490 @@
+"""LoRA-Pro: the closed form (optimality, equivalent gradient, B = 0, rank deficiency, bf16) and the
+optimiser (real gradients against a merged twin, every AdamW form's first step, resume, schedulers,
+clipping, PEFT scales, adapters, DDP)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gradkit.errors import GradkitError
+from gradkit.optim.lora_pro import (
+    LoRAPro,
+    adjusted_lora_grads,
+    equivalent_gradient,
+    lora_equivalent_update,
+)
+
+X_SOLUTIONS = ["sylvester", "symmetric", "zero"]
+F64 = torch.float64
+
+
+def _problem(out=24, inn=16, r=4, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(r, inn, generator=gen, dtype=dtype)
+    B = torch.randn(out, r, generator=gen, dtype=dtype)
+    G = torch.randn(out, inn, generator=gen, dtype=dtype)
+    return A, B, G
+
+
+def _projectors(A, B):
+    P_B = B @ torch.linalg.pinv(B.mT @ B) @ B.mT
+    P_A = A.mT @ torch.linalg.pinv(A @ A.mT) @ A
+    return P_B, P_A
+
+
+def _best(A, B, G):
+    P_B, P_A = _projectors(A, B)
+    return P_B @ G + (torch.eye(G.shape[0], dtype=G.dtype) - P_B) @ G @ P_A
+
+
+def _rel(x, y):
+    return ((x - y).norm() / y.norm().clamp_min(1e-30)).item()
+
+
+# --- the closed form ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x_solution", X_SOLUTIONS)
+def test_optimality_conditions_and_equivalent_gradient(x_solution):
+    s = 2.5
+    A, B, G = _problem()
+    g_A, g_B = s * B.mT @ G, s * G @ A.mT
+    hat_A, hat_B = adjusted_lora_grads(A, B, g_A, g_B, s, x_solution, damping=1e-12)
+    R = lora_equivalent_update(A, B, hat_A, hat_B, s) - G
+    assert (B.mT @ R).norm() / (B.norm() * G.norm()) < 1e-10  # B^T R = 0
+    assert (R @ A.mT).norm() / (A.norm() * G.norm()) < 1e-10  # R A^T = 0
+    assert _rel(R + G, _best(A, B, G)) < 1e-10
+    assert _rel(equivalent_gradient(A, B, g_A, g_B, s, damping=1e-12), _best(A, B, G)) < 1e-10
+
+
+@pytest.mark.parametrize("x_solution", X_SOLUTIONS)
+def test_fp32_with_default_damping_is_close_to_exact(x_solution):
+    s = 0.5
+    A, B, G = _problem(out=64, inn=48, r=8, seed=1, dtype=torch.float32)
+    hat_A, hat_B = adjusted_lora_grads(A, B, s * B.mT @ G, s * G @ A.mT, s, x_solution)
+    assert hat_A.dtype == torch.float32
+    assert (
+        _rel(lora_equivalent_update(A, B, hat_A, hat_B, s), _best(A.double(), B.double(), G.double()).float())
+        < 1e-4
+    )
+
+
+def test_sylvester_choice_is_closest_to_the_raw_gradients():
+    s = 1.3
+    A, B, G = _problem(seed=2)
+    g_A, g_B = s * B.mT @ G, s * G @ A.mT
+    dist = {}
+    for x in X_SOLUTIONS:
+        hat_A, hat_B = adjusted_lora_grads(A, B, g_A, g_B, s, x, damping=1e-12)
+        dist[x] = ((hat_A - g_A).norm() ** 2 + (hat_B - g_B).norm() ** 2).item()
+    assert dist["sylvester"] <= min(dist.values()) + 1e-9
+    # stationarity in X: d/dX ||ĝ_A - g_A||^2 + ||ĝ_B - g_B||^2 = 0 at the Sylvester solution
+    hat_A, hat_B = adjusted_lora_grads(A, B, g_A, g_B, s, "sylvester", damping=1e-12)
+    grad_X = (hat_A - g_A) @ A.mT - B.mT @ (hat_B - g_B)
+    assert grad_X.norm() / (g_A.norm() * A.norm()) < 1e-10
+
+
+@pytest.mark.parametrize("x_solution", X_SOLUTIONS)
+def test_b_zero_first_step_is_explicit(x_solution):
+    s = 2.0
+    A, _, G = _problem(seed=3)
+    B = torch.zeros(G.shape[0], A.shape[0], dtype=F64)
+    g_A, g_B = s * B.mT @ G, s * G @ A.mT
+    hat_A, hat_B = adjusted_lora_grads(A, B, g_A, g_B, s, x_solution, damping=1e-12)
+    assert torch.equal(hat_A, g_A)
+    torch.testing.assert_close(hat_B, g_B @ torch.linalg.inv(A @ A.mT) / s**2)
+    _, P_A = _projectors(A, B)
+    assert _rel(lora_equivalent_update(A, B, hat_A, hat_B, s), G @ P_A) < 1e-5  # W moves by G P_A
+
+
+@pytest.mark.parametrize("x_solution", X_SOLUTIONS)
+def test_rank_deficient_factors_give_finite_projected_updates(x_solution):
+    s = 1.0
+    gen = torch.Generator().manual_seed(4)
+    A = torch.randn(4, 2, generator=gen, dtype=F64) @ torch.randn(2, 16, generator=gen, dtype=F64)  # rank 2
+    B = torch.randn(24, 3, generator=gen, dtype=F64) @ torch.randn(3, 4, generator=gen, dtype=F64)  # rank 3
+    G = torch.randn(24, 16, generator=gen, dtype=F64)
+    hat_A, hat_B = adjusted_lora_grads(A, B, s * B.mT @ G, s * G @ A.mT, s, x_solution)
+    assert torch.isfinite(hat_A).all() and torch.isfinite(hat_B).all()
+    update = lora_equivalent_update(A, B, hat_A, hat_B, s)
+    assert _rel(update, _best(A, B, G)) < 1e-4  # still the projection, with pseudo-inverses
+    # and in fp32, a factor with one exactly dead row or column stays finite too
+    A32, B32, G32 = A.float(), B.float(), G.float()
+    A32[0] = 0
+    B32[:, 1] = 0
+    h = adjusted_lora_grads(A32, B32, s * B32.mT @ G32, s * G32 @ A32.mT, s, x_solution)
+    assert all(torch.isfinite(t).all() for t in h)
+
+
+def test_bf16_inputs_do_r_by_r_algebra_in_fp32():
+    s = 2.0
+    A, B, G = _problem(out=32, inn=32, r=4, seed=5, dtype=torch.float32)
+    A16, B16 = A.bfloat16(), B.bfloat16()
+    g_A, g_B = (s * B16.float().mT @ G).bfloat16(), (s * G @ A16.float().mT).bfloat16()
+    hat_A, hat_B = adjusted_lora_grads(A16, B16, g_A, g_B, s)
+    assert hat_A.dtype == hat_B.dtype == torch.float32
+    ref_A, ref_B = adjusted_lora_grads(A16.float(), B16.float(), g_A.float(), g_B.float(), s)
+    torch.testing.assert_close(hat_A, ref_A)
+    torch.testing.assert_close(hat_B, ref_B)
+
+
+# --- the optimiser on a tiny model --------------------------------------------------------------
+
+
+def _peft(model, r=4, alpha=8.0, **kwargs):
+    from peft import LoraConfig, get_peft_model
+
+    from gradkit.train.model import lora_target_names
+
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=lora_target_names(model),
+        modules_to_save=["head"],
+        **kwargs,
+    )
+    return get_peft_model(model, cfg)
+
+
+def _randomise_B(model, seed=0, std=0.1):
+    from gradkit.lora.pairs import lora_pairs
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pair in lora_pairs(model):
+            pair.B.copy_(torch.randn(pair.B.shape, generator=gen, dtype=pair.B.dtype) * std)
+
+
+def _batch(seed=0, n=4, length=10):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "input_ids": torch.randint(1000, 2000, (n, length), generator=gen),
+        "attention_mask": torch.ones(n, length, dtype=torch.long),
+        "labels": torch.randint(0, 2, (n,), generator=gen),
+    }
+
+
+def _backward(model, seed=0):
+    model.zero_grad(set_to_none=True)
+    model(**_batch(seed)).loss.backward()
+
+
+def _snapshot(model):
+    from gradkit.lora.pairs import lora_pairs
+
+    return {
+        p.name: (p.A.detach().clone(), p.B.detach().clone(), p.A.grad.clone(), p.B.grad.clone(), p.scaling)
+        for p in lora_pairs(model)
+    }
+
+
+def _equivalent_steps(model, before):
+    """Exact linear part s (B0 dA + dB A0) of every layer's change of W, from the parameter change."""
+    from gradkit.lora.pairs import lora_pairs
+
+    return {
+        p.name: lora_equivalent_update(
+            before[p.name][0],
+            before[p.name][1],
+            p.A.detach() - before[p.name][0],
+            p.B.detach() - before[p.name][1],
+            p.scaling,
+        )
+        for p in lora_pairs(model)
+    }
+
+
+@pytest.mark.parametrize("x_solution", X_SOLUTIONS)
+def test_sgd_step_moves_w_by_projected_full_gradient_of_merged_twin(tiny_classifier, x_solution):
+    model = _peft(tiny_classifier.double()).eval()
+    _randomise_B(model)
+    twin = copy.deepcopy(model).merge_and_unload()  # plain model with W0 + s B A merged
+    twin.requires_grad_(True)
+    _backward(twin)
+    _backward(model)
+    before = _snapshot(model)
+    lr = 1e-2
+    LoRAPro(model, lr=lr, optimizer="sgd", x_solution=x_solution, damping=1e-12).step()
+    moved = _equivalent_steps(model, before)
+    modules = dict(twin.named_modules())
+    for name, delta in moved.items():
+        A, B = before[name][:2]
+        G = modules[name.removeprefix("base_model.model.")].weight.grad
+        assert _rel(delta, -lr * _best(A, B, G)) < 1e-8, name
+
+
+def _adam_sign(x, eps=1e-8):  # Adam's first-step direction
+    return x / (x.abs() + eps)
+
+
+def _first_step_reference(moments, A, B, g_A, g_B, s):
+    from gradkit.optim.linalg import eig_inverse_sqrt, sym_eig
+
+    if moments == "full":
+        return _best(A, B, _adam_sign(equivalent_gradient(A, B, g_A, g_B, s, damping=1e-12)))
+    if moments == "factor":
+        hat_A, hat_B = adjusted_lora_grads(A, B, g_A, g_B, s, damping=1e-12)
+        return lora_equivalent_update(A, B, _adam_sign(hat_A), _adam_sign(hat_B), s)
+    isq_B, isq_A = eig_inverse_sqrt(sym_eig(B.mT @ B), 1e-12), eig_inverse_sqrt(sym_eig(A @ A.mT), 1e-12)
+    U, Vt = B @ isq_B, isq_A @ A  # orthonormal bases of col(B) and row(A)
+    K, L = (isq_B @ g_A) / s, ((g_B - U @ (U.mT @ g_B)) @ isq_A) / s  # U^T G and (I - U U^T) G V
+    D_L = _adam_sign(L)
+    return U @ _adam_sign(K) + (D_L - U @ (U.mT @ D_L)) @ Vt
+
+
+@pytest.mark.parametrize("moments", ["full", "projected", "factor"])
+def test_adamw_forms_first_step_and_tangent_updates(tiny_classifier, moments):
+    model = _peft(tiny_classifier.double()).eval()
+    _randomise_B(model)
+    opt = LoRAPro(model, lr=1e-3, moments=moments, damping=1e-12)
+    _backward(model)
+    before = _snapshot(model)
+    opt.step()
+    for name, delta in _equivalent_steps(model, before).items():
+        A, B, g_A, g_B, s = before[name]
+        assert _rel(delta, -1e-3 * _first_step_reference(moments, A, B, g_A, g_B, s)) < 1e-7, name
+    # later steps (moved bases, non-trivial moments): the update of W is still one LoRA can make
+    for seed in (1, 2):
+        _backward(model, seed)
+        before = _snapshot(model)
+        opt.step()
+        for name, delta in _equivalent_steps(model, before).items():
+            A, B = before[name][:2]
+            P_B, P_A = _projectors(A, B)
+            outside = (torch.eye(len(P_B), dtype=F64) - P_B) @ delta @ (torch.eye(len(P_A), dtype=F64) - P_A)
+            assert torch.isfinite(delta).all() and outside.norm() < 1e-8 * delta.norm(), name
+
+
+def test_state_bytes_of_each_form(tiny_classifier):
+    from gradkit.lora.pairs import lora_pairs
+
+    model = _peft(tiny_classifier)
+    pairs = lora_pairs(model)
+    factor_numel = sum(p.A.numel() + p.B.numel() for p in pairs)
+    full_numel = sum(p.A.shape[1] * p.B.shape[0] for p in pairs)
+
+    def lora_state_bytes(opt):
+        return sum(v.nbytes for p in pairs for v in opt.state[p.A].values() if torch.is_tensor(v)) + sum(
+            v.nbytes for p in pairs for v in opt.state[p.B].values() if torch.is_tensor(v)
+        )
+
+    expected = {"full": 2 * 4 * full_numel, "projected": 3 * 4 * factor_numel, "factor": 2 * 4 * factor_numel}
+    for moments, nbytes in expected.items():
+        opt = LoRAPro(model, moments=moments)
+        _backward(model)
+        opt.step()
+        assert lora_state_bytes(opt) == nbytes, moments
+
+
+def test_other_trainable_params_get_exact_adamw(tiny_classifier):
+    model = _peft(tiny_classifier)
+    head = model.base_model.model.head.modules_to_save["default"]
+    opt = LoRAPro(model, lr=1e-2, weight_decay=0.1)
+    ref_w, ref_b = head.weight.detach().clone().requires_grad_(), head.bias.detach().clone().requires_grad_()
+    ref = torch.optim.AdamW(
+        [{"params": [ref_w], "weight_decay": 0.1}, {"params": [ref_b], "weight_decay": 0.0}],
+        lr=1e-2,
+        foreach=False,
+    )
+    for seed in range(3):
+        _backward(model, seed)
+        ref_w.grad, ref_b.grad = head.weight.grad.clone(), head.bias.grad.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(head.weight.detach(), ref_w.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(head.bias.detach(), ref_b.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("form", ["sgd", "full", "projected", "factor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_resume_gives_the_same_next_step(tiny_model_dir, form, dtype):
+    from gradkit.train.model import load_classifier
+
+    def build():
+        model = _peft(load_classifier(str(tiny_model_dir), seed=0)).to(dtype).eval()
+        kwargs = {"optimizer": "sgd"} if form == "sgd" else {"moments": form}
+        return model, LoRAPro(model, lr=1e-3, weight_decay=0.01, **kwargs)
+
+    model, opt = build()
+    for seed in (0, 1):
+        _backward(model, seed)
+        opt.step()
+    saved_state = copy.deepcopy(opt.state_dict())
+    saved_params = copy.deepcopy(model.state_dict())
+    _backward(model, 2)
+    opt.step()
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    resumed, resumed_opt = build()
+    resumed.load_state_dict(saved_params)
+    resumed_opt.load_state_dict(saved_state)
+    for state in resumed_opt.state.values():  # fp32 moments of bf16 parameters stay fp32
+        assert all(v.dtype == torch.float32 for v in state.values() if torch.is_tensor(v))
+    _backward(resumed, 2)
+    resumed_opt.step()
+    for name, param in resumed.named_parameters():
+        assert torch.equal(param.detach(), expected[name]), name
+    if dtype == torch.bfloat16:
+        assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in resumed.parameters())
+
+
+def test_load_state_dict_refuses_a_different_form(tiny_classifier):
+    model = _peft(tiny_classifier)
+    opt = LoRAPro(model, moments="full")
+    with pytest.raises(GradkitError, match="moments"):
+        LoRAPro(model, moments="factor").load_state_dict(opt.state_dict())
+
+
+def test_scheduler_drives_every_group_and_the_step(tiny_model_dir):
+    from gradkit.train.model import load_classifier
+
+    results = []
+    for lr, factor in ((1e-2, 0.5), (5e-3, 1.0)):
+        torch.manual_seed(0)  # PEFT draws lora_A from the global RNG
+        model = _peft(load_classifier(str(tiny_model_dir), seed=0)).eval()
+        _randomise_B(model)
+        opt = LoRAPro(model, lr=lr, optimizer="sgd")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step, f=factor: f)
+        assert all(g["lr"] == pytest.approx(5e-3) for g in opt.param_groups)
+        _backward(model)
+        opt.step()
+        sched.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_clipping_scales_the_sgd_step_and_zero_grad_stops_it(tiny_classifier):
+    model = _peft(tiny_classifier.double())
+    _randomise_B(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    _backward(model)
+    grads = [p.grad.clone() for p in trainable]
+    norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm=1e-3)
+    coef = 1e-3 / (norm.item() + 1e-6)
+    start = [p.detach().clone() for p in lora]
+    LoRAPro(model, lr=1.0, optimizer="sgd", damping=1e-12).step()
+    clipped = [p.detach() - s for p, s in zip(lora, start, strict=True)]
+    with torch.no_grad():
+        for p, s in zip(lora, start, strict=True):
+            p.copy_(s)
+        for p, g in zip(trainable, grads, strict=True):
+            p.grad = g * coef
+    opt = LoRAPro(model, lr=1.0, optimizer="sgd", damping=1e-12)
+    opt.step()
+    for p, s, c in zip(lora, start, clipped, strict=True):
+        torch.testing.assert_close(p.detach() - s, c, rtol=1e-9, atol=1e-15)
+    opt.zero_grad()
+    frozen = [p.detach().clone() for p in trainable]
+    opt.step()  # no gradients: nothing moves
+    assert all(torch.equal(p.detach(), f) for p, f in zip(trainable, frozen, strict=True))
+
+
+def test_pair_roles_not_order_and_closure(tiny_classifier):
+    model = _peft(tiny_classifier.double()).eval()
+    _randomise_B(model)
+    start = copy.deepcopy(model.state_dict())
+    results = []
+    for swap in (False, True):
+        model.load_state_dict(start)
+        opt = LoRAPro(model, lr=1e-3)
+        if swap:
+            for group in opt.param_groups:
+                if group.get("lora_roles"):
+                    group["params"].reverse()
+                    group["lora_roles"].reverse()
+
+        def closure():
+            _backward(model)
+            return torch.tensor(1.0)
+
+        assert opt.step(closure).item() == 1.0
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_scales_follow_peft_rslora_and_patterns(tiny_classifier):
+    model = _peft(
+        tiny_classifier,
+        r=4,
+        alpha=8.0,
+        use_rslora=True,
+        rank_pattern={"query": 2},
+        alpha_pattern={"value": 3.0},
+    )
+    opt = LoRAPro(model)
+    scales = {
+        g["lora_name"].rsplit(".", 1)[-1]: g["scaling"] for g in opt.param_groups if g.get("lora_roles")
+    }
+    assert scales["query"] == pytest.approx(8.0 / 2**0.5)
+    assert scales["value"] == pytest.approx(3.0 / 4**0.5)
+    assert scales["key"] == pytest.approx(8.0 / 4**0.5)
+
+
+def test_active_adapter_only_and_bad_settings(tiny_classifier):
+    from peft import LoraConfig
+
+    model = _peft(tiny_classifier)
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=2, target_modules=["query"]))
+    model.set_adapter("other")
+    opt = LoRAPro(model)
+    lora_groups = [g for g in opt.param_groups if g.get("lora_roles")]
+    assert lora_groups and all(g["params"][0].shape[0] == 2 for g in lora_groups)
+    with pytest.raises(GradkitError, match="set_adapter"):  # PEFT froze the inactive adapter
+        LoRAPro(model, adapter="default")
+    model.set_adapter("default")
+    assert all(g["params"][0].shape[0] == 4 for g in LoRAPro(model).param_groups if g.get("lora_roles"))
+    for kwargs in ({"optimizer": "adam"}, {"moments": "half"}, {"x_solution": "lyapunov"}, {"lr": -1.0}):
+        with pytest.raises(GradkitError):
+            LoRAPro(model, **kwargs)
+
+
+def test_dora_is_refused(tiny_classifier):
+    model = _peft(tiny_classifier, use_dora=True)
+    with pytest.raises(GradkitError, match="DoRA"):
+        LoRAPro(model)
+
+
+# --- DDP ---------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # different initial weights on purpose: DDP must broadcast rank 0's
+    base = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    model = get_peft_model(base, LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"], modules_to_save=[]))
+    model.base_model.model[2].base_layer.bias.requires_grad_(True)  # an "other" parameter: plain AdamW
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = LoRAPro(model, lr=1e-2, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    for _ in range(4):
+        x, y = torch.randn(8, 12, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(ddp(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    if rank == 0:
+        torch.save({"gathered": gathered, "moved": bool(opt.state)}, f"{out_dir}/result.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ddp_two_gloo_processes_end_with_identical_parameters(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    result = torch.load(tmp_path / "result.pt")
+    a, b = result["gathered"]
+    assert result["moved"] and torch.equal(a, b)
