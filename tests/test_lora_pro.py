@@ -488,3 +488,54 @@ def test_ddp_two_gloo_processes_end_with_identical_parameters(tmp_path):
     result = torch.load(tmp_path / "result.pt")
     a, b = result["gathered"]
     assert result["moved"] and torch.equal(a, b)
+
+
+# --- harness -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("lora-pro", {"pro_optimizer": "adamw", "pro_moments": "full", "pro_x": "symmetric"}),
+        ("lora-plus", {}),
+    ],
+)
+def test_finetune_methods_run_end_to_end(tmp_path, tiny_model_dir, method, options):
+    import json
+
+    from gradkit.train.config import TrainConfig
+    from gradkit.train.loop import finetune
+    from gradkit.train.methods import available_methods
+
+    assert {"lora-pro", "lora-plus"} <= set(available_methods())
+    cfg = TrainConfig(
+        method=method,
+        model=str(tiny_model_dir),
+        steps=3,
+        batch_size=4,
+        max_length=16,
+        out=str(tmp_path / method),
+        options=options,
+    )
+    summary = finetune(cfg, progress=False)
+    assert summary["optimizer_state_bytes"] > 0 and (tmp_path / method / "adapter").is_dir()
+    assert len((tmp_path / method / "metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((tmp_path / method / "summary.json").read_text())["method"] == method
+
+
+def test_lora_pro_method_passes_its_options(tiny_classifier):
+    from gradkit.train.config import TrainConfig
+    from gradkit.train.methods import get_method
+
+    method = get_method("lora-pro")
+    cfg = TrainConfig(
+        method="lora-pro",
+        rank=2,
+        weight_decay=0.05,
+        options={"pro_optimizer": "sgd", "pro_moments": "factor", "pro_x": "zero"},
+    )
+    model = method.prepare(tiny_classifier, cfg, [])
+    opt = method.make_optimizer(model, cfg, 3e-4)
+    group = opt.param_groups[0]
+    assert isinstance(opt, LoRAPro) and group["lr"] == 3e-4 and group["weight_decay"] == 0.05
+    assert (group["optimizer"], group["moments"], group["x_solution"]) == ("sgd", "factor", "zero")

@@ -29,7 +29,9 @@ from gradkit.train.config import TrainConfig
 METHODS: dict[str, type[Method]] = {}
 
 # modules that register further methods when imported (kept import-light: no work at import)
-PLUGIN_MODULES: list[str] = []
+PLUGIN_MODULES: list[str] = [
+    "gradkit.train.method_lora_pro",
+]
 
 
 def register_method(cls: type[Method]) -> type[Method]:
