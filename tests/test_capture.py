@@ -136,3 +136,16 @@ def test_name_globs_stay_inside_one_component():
     assert not name_matches("encoder.layer.4.output", "encoder.layer.[0-3].output")
     assert name_matches("encoder.layer.4.output", "encoder.layer.[!0-3].output")
     assert name_matches("layer.1", "layer.?") and not name_matches("layer.10", "layer.?")
+
+
+def test_package_attribute_works_after_tap_imported_the_submodule():
+    import gradkit
+    import gradkit.capture as module
+
+    model = _Twice()
+    assert gradkit.tap is module.tap
+    with gradkit.capture(model, "head") as got:  # whether this resolves to the function or the module
+        model(torch.randn(2, 4))
+    with module(model, "head") as got2:
+        model(torch.randn(2, 4))
+    assert len(got["head"]) == len(got2["head"]) == 1

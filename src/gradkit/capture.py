@@ -12,6 +12,8 @@ import contextlib
 import difflib
 import functools
 import re
+import sys
+import types
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -227,3 +229,15 @@ def tap(name: str, tensor: torch.Tensor) -> torch.Tensor:
         for rec in active:
             rec.record_tap(name, tensor)
     return tensor
+
+
+class _CallableModule(types.ModuleType):
+    """``gradkit.capture`` is both this module and the function: once the submodule is imported (for
+    example through ``gradkit.tap``), Python makes the package attribute ``gradkit.capture`` the module,
+    so the module forwards calls to :func:`capture`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> contextlib.AbstractContextManager[dict[str, list[Any]]]:
+        return capture(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
