@@ -249,6 +249,7 @@ def test_ddp_model_is_really_updated():
         want = 0.5 * w0 + 0.5 * model[0].weight.detach()
         torch.testing.assert_close(ema.shadow[0], want, atol=1e-7, rtol=0)
         assert not torch.equal(ema.shadow[0], w0)
+        del ddp  # the DDP reducer must go before its process group (gloo teardown can deadlock otherwise)
     finally:
         dist.destroy_process_group()
 

@@ -477,6 +477,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.all_gather(gathered, flat)
     if rank == 0:
         torch.save({"gathered": gathered, "moved": bool(opt.state)}, f"{out_dir}/result.pt")
+    # the DDP reducer must go before its process group: destroyed after it, gloo's teardown can deadlock
+    del ddp
+    dist.barrier()
     dist.destroy_process_group()
 
 

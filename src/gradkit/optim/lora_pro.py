@@ -166,28 +166,36 @@ class LoRAPro(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        jobs, others = [], []
+        by_kind: dict[tuple, list] = defaultdict(list)
         for group in self.param_groups:
-            if group.get("lora_roles"):
-                roles = dict(zip(group["lora_roles"], group["params"], strict=True))
-                A, B = roles["A"], roles["B"]
-                if A.grad is None and B.grad is None:
-                    continue
-                jobs.append(_Job(group, A, B))
-            else:
-                others.append(group)
-        for group in others:
-            self._adamw_group(group)
-        if not jobs:
-            return loss
-        _batched_gram_eigs(jobs)
-        for job in jobs:
-            self._moment_inputs(job)
-        _adam_directions(self, [job for job in jobs if job.group["optimizer"] == "adamw"])
+            if not group.get("lora_roles"):
+                self._adamw_group(group)
+                continue
+            roles = dict(zip(group["lora_roles"], group["params"], strict=True))
+            A, B = roles["A"], roles["B"]
+            if A.grad is None and B.grad is None:
+                continue
+            key = (
+                A.shape,
+                B.shape,
+                A.dtype,
+                A.device,
+                group["optimizer"],
+                group["moments"],
+                group["x_solution"],
+                group["damping"],
+            )
+            by_kind[key].append((group, A, B))
+        buckets = [_Bucket(members) for members in by_kind.values()]
+        for bucket in buckets:
+            self._moment_inputs(bucket)
+        _adam_directions(self, [b for b in buckets if b.optimizer == "adamw"])
         updates: dict[tuple[float, float, torch.dtype], list] = defaultdict(list)
-        for job in jobs:
-            for param, upd in zip((job.A, job.B), self._factor_updates(job), strict=True):
-                updates[(job.group["lr"], job.group["weight_decay"], param.dtype)].append((param, upd))
+        for bucket in buckets:
+            d_A, d_B = self._factor_updates(bucket)
+            for i, (group, A, B) in enumerate(bucket.members):
+                key = (group["lr"], group["weight_decay"], A.dtype)
+                updates[key] += [(A, d_A[i]), (B, d_B[i])]
         for (lr, wd, dtype), items in updates.items():
             params = [p for p, _ in items]
             if wd:
@@ -197,51 +205,47 @@ class LoRAPro(torch.optim.Optimizer):
 
     # --- LoRA pairs ---------------------------------------------------------------------------
 
-    def _moment_inputs(self, job: _Job) -> None:
-        """Compute what the form feeds to Adam (or, for SGD, the final update)."""
-        group, sA, sB = job.group, self.state[job.A], self.state[job.B]
-        s, damping, x = group["scaling"], group["damping"], group["x_solution"]
-        sA["step"] = sA.get("step", 0) + 1
-        if group["optimizer"] == "sgd":
-            job.out = list(adjusted_lora_grads(job.a, job.b, job.gA, job.gB, s, x, damping, eigs=job.eigs))
-            return
-        moments = group["moments"]
-        if moments == "full":
-            job.inputs = [(sA, equivalent_gradient(job.a, job.b, job.gA, job.gB, s, damping, eigs=job.eigs))]
-        elif moments == "factor":
-            hat_A, hat_B = adjusted_lora_grads(job.a, job.b, job.gA, job.gB, s, x, damping, eigs=job.eigs)
-            job.inputs = [(sA, hat_A), (sB, hat_B)]
+    def _moment_inputs(self, bucket: _Bucket) -> None:
+        """Compute what the form feeds to Adam (or, for SGD, the final update), for a whole bucket."""
+        sA = [self.state[A] for _, A, _ in bucket.members]
+        sB = [self.state[B] for _, _, B in bucket.members]
+        for state in sA:
+            state["step"] = state.get("step", 0) + 1
+        a, b, gA, gB, s, eigs = bucket.a, bucket.b, bucket.gA, bucket.gB, bucket.s, bucket.eigs
+        if bucket.optimizer == "sgd":
+            bucket.out = list(adjusted_lora_grads(a, b, gA, gB, s, bucket.x, bucket.damping, eigs=eigs))
+        elif bucket.moments == "full":
+            bucket.inputs = [(sA, equivalent_gradient(a, b, gA, gB, s, bucket.damping, eigs=eigs))]
+        elif bucket.moments == "factor":
+            hat_A, hat_B = adjusted_lora_grads(a, b, gA, gB, s, bucket.x, bucket.damping, eigs=eigs)
+            bucket.inputs = [(sA, hat_A), (sB, hat_B)]
         else:
-            isq_B, isq_A = eig_inverse_sqrt(job.eigs[0], damping), eig_inverse_sqrt(job.eigs[1], damping)
-            U, Vt = job.b @ isq_B, isq_A @ job.a  # orthonormal bases of col(B) and row(A)
-            K = (isq_B @ job.gA) / s  # U^T G
-            L = ((job.gB - U @ (U.mT @ job.gB)) @ isq_A) / s  # (I - U U^T) G V
-            if "basis" in sA:  # carry the moments into the new bases
-                rot_U, rot_V = U.mT @ sB["basis"], Vt @ sA["basis"].mT
-                sA["exp_avg"], sA["exp_avg_sq"] = rot_U @ sA["exp_avg"], (rot_U * rot_U) @ sA["exp_avg_sq"]
-                sB["exp_avg"], sB["exp_avg_sq"] = (
-                    sB["exp_avg"] @ rot_V.mT,
-                    sB["exp_avg_sq"] @ (rot_V * rot_V).mT,
-                )
-            sA["basis"], sB["basis"] = Vt, U
-            job.inputs = [(sA, K), (sB, L)]
+            isq_B, isq_A = (
+                eig_inverse_sqrt(eigs[0], bucket.damping),
+                eig_inverse_sqrt(eigs[1], bucket.damping),
+            )
+            U, Vt = b @ isq_B, isq_A @ a  # orthonormal bases of col(B) and row(A), moving continuously
+            K = (isq_B @ gA) / s  # U^T G
+            L = ((gB - U @ (U.mT @ gB)) @ isq_A) / s  # (I - U U^T) G V
+            _carry_moments(sA, sB, U, Vt)
+            bucket.inputs = [(sA, K), (sB, L)]
+            bucket.U, bucket.Vt = U, Vt
 
-    def _factor_updates(self, job: _Job) -> list[torch.Tensor]:
-        """Map the Adam direction(s) to the factor updates (d_A, d_B)."""
-        group = job.group
-        if group["optimizer"] == "sgd" or group["moments"] == "factor":
-            return job.out
-        s, damping, x = group["scaling"], group["damping"], group["x_solution"]
-        if group["moments"] == "full":
-            (D,) = job.out
-            d_A, d_B = s * (job.b.mT @ D), s * (D @ job.a.mT)
+    def _factor_updates(self, bucket: _Bucket) -> list[torch.Tensor]:
+        """Map the Adam direction(s) to the factor updates (d_A, d_B), stacked over the bucket."""
+        if bucket.optimizer == "sgd" or bucket.moments == "factor":
+            return bucket.out
+        a, b, s = bucket.a, bucket.b, bucket.s
+        if bucket.moments == "full":
+            (D,) = bucket.out
+            d_A, d_B = s * (b.mT @ D), s * (D @ a.mT)
         else:
-            D_K, D_L = job.out
-            U, Vt = self.state[job.B]["basis"], self.state[job.A]["basis"]
+            D_K, D_L = bucket.out
+            U, Vt = bucket.U, bucket.Vt
             D_L = D_L - U @ (U.mT @ D_L)  # keep the L part orthogonal to col(B): D is a tangent vector
-            d_A = s * ((job.b.mT @ U) @ D_K + (job.b.mT @ D_L) @ Vt)
-            d_B = s * (U @ (D_K @ job.a.mT) + D_L @ (Vt @ job.a.mT))
-        return list(adjusted_lora_grads(job.a, job.b, d_A, d_B, s, x, damping, eigs=job.eigs))
+            d_A = s * ((b.mT @ U) @ D_K + (b.mT @ D_L) @ Vt)
+            d_B = s * (U @ (D_K @ a.mT) + D_L @ (Vt @ a.mT))
+        return list(adjusted_lora_grads(a, b, d_A, d_B, s, bucket.x, bucket.damping, eigs=bucket.eigs))
 
     # --- other trainable parameters: plain AdamW --------------------------------------------
 
@@ -299,17 +303,30 @@ class LoRAPro(torch.optim.Optimizer):
                     self.state[param][key] = value.to(device=param.device, copy=True)
 
 
-class _Job:
-    """Working set of one LoRA pair during a step (compute-dtype copies, eigendecompositions)."""
+class _Bucket:
+    """LoRA pairs with the same shapes, dtype, device and form, stacked so that their algebra runs as
+    batched calls (a transformer's layers share a handful of shapes, so a step makes a few dozen
+    kernel calls instead of a few dozen per layer)."""
 
-    def __init__(self, group: dict[str, Any], A: nn.Parameter, B: nn.Parameter):
-        cd = compute_dtype(A.dtype)
-        self.group, self.A, self.B = group, A, B
-        self.a, self.b = A.detach().to(cd), B.detach().to(cd)
-        self.gA, self.gB = _grad(A, cd), _grad(B, cd)
-        self.eigs: tuple[SymEig, SymEig] = ()  # type: ignore[assignment]
-        self.inputs: list[tuple[dict, torch.Tensor]] = []
+    def __init__(self, members: list[tuple[dict[str, Any], nn.Parameter, nn.Parameter]]):
+        self.members = members
+        group, A0, _ = members[0]
+        self.optimizer, self.moments = group["optimizer"], group["moments"]
+        self.x, self.damping = group["x_solution"], group["damping"]
+        cd = compute_dtype(A0.dtype)
+        self.a = torch.stack([A.detach() for _, A, _ in members]).to(cd)
+        self.b = torch.stack([B.detach() for _, _, B in members]).to(cd)
+        self.gA = torch.stack([_grad(A, cd) for _, A, _ in members])
+        self.gB = torch.stack([_grad(B, cd) for _, _, B in members])
+        self.s = torch.tensor([g["scaling"] for g, _, _ in members], dtype=cd, device=A0.device).view(
+            -1, 1, 1
+        )
+        n = len(members)
+        eig = sym_eig(torch.cat([self.b.mT @ self.b, self.a @ self.a.mT]))  # one eigh for all Grams
+        self.eigs = (SymEig(eig.values[:n], eig.vectors[:n]), SymEig(eig.values[n:], eig.vectors[n:]))
+        self.inputs: list[tuple[list[dict], torch.Tensor]] = []  # (per-pair states, stacked values)
         self.out: list[torch.Tensor] = []
+        self.U = self.Vt = None
 
 
 def _grad(param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
@@ -320,32 +337,45 @@ def _grad(param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
     return param.grad.to(dtype)
 
 
-def _batched_gram_eigs(jobs: list[_Job]) -> None:
-    """One batched eigh for all r x r Gram matrices of the same rank, dtype and device."""
-    buckets: dict[tuple, list[_Job]] = defaultdict(list)
-    for job in jobs:
-        buckets[(job.a.shape[0], job.a.dtype, job.a.device)].append(job)
-    for bucket in buckets.values():
-        grams = [job.b.mT @ job.b for job in bucket] + [job.a @ job.a.mT for job in bucket]
-        eig = sym_eig(torch.stack(grams))
-        n = len(bucket)
-        for i, job in enumerate(bucket):
-            job.eigs = (SymEig(eig.values[i], eig.vectors[i]), SymEig(eig.values[n + i], eig.vectors[n + i]))
+def _carry_moments(sA: list[dict], sB: list[dict], U: torch.Tensor, Vt: torch.Tensor) -> None:
+    """Projected moments live in the bases (U, V) of the previous step; rotate them into the new ones
+    (first moment by ``R = U_new^T U_old``, second by ``R * R``, which keeps its total for a pure
+    rotation) and store the new bases. Pairs on their first step have nothing to carry."""
+    idx = [i for i, state in enumerate(sA) if "basis" in state]
+    if idx:
+        rot_U = U[idx].mT @ torch.stack([sB[i]["basis"] for i in idx])
+        rot_V = Vt[idx] @ torch.stack([sA[i]["basis"] for i in idx]).mT
+        for states, key, rotate in (
+            (sA, "exp_avg", lambda m: rot_U @ m),
+            (sA, "exp_avg_sq", lambda v: (rot_U * rot_U) @ v),
+            (sB, "exp_avg", lambda m: m @ rot_V.mT),
+            (sB, "exp_avg_sq", lambda v: v @ (rot_V * rot_V).mT),
+        ):
+            old = [states[i][key] for i in idx]
+            torch._foreach_copy_(old, list(rotate(torch.stack(old)).unbind(0)))
+    for i in range(len(sA)):
+        for state, basis in ((sA[i], Vt[i]), (sB[i], U[i])):
+            if "basis" in state:
+                state["basis"].copy_(basis)
+            else:
+                state["basis"] = basis.clone()
 
 
-def _adam_directions(opt: LoRAPro, jobs: list[_Job]) -> None:
-    """Adam moments and directions for every pair's inputs (lazy state), pooled across layers."""
+def _adam_directions(opt: LoRAPro, buckets: list[_Bucket]) -> None:
+    """Adam moments and directions for every bucket's inputs (lazy state), pooled across layers."""
     entries = []
-    for job in jobs:
-        step = opt.state[job.A]["step"]
-        for state, value in job.inputs:
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(value)
-                state["exp_avg_sq"] = torch.zeros_like(value)
-            entries.append(_AdamEntry(state["exp_avg"], state["exp_avg_sq"], value, step, job.group))
+    for bucket in buckets:
+        steps = [opt.state[A]["step"] for _, A, _ in bucket.members]
+        for states, values in bucket.inputs:
+            for i, (state, value) in enumerate(zip(states, values.unbind(0), strict=True)):
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(value)
+                    state["exp_avg_sq"] = torch.zeros_like(value)
+                group = bucket.members[i][0]
+                entries.append(_AdamEntry(state["exp_avg"], state["exp_avg_sq"], value, steps[i], group))
     directions = iter(_adam_update(entries))
-    for job in jobs:
-        job.out = [next(directions) for _ in job.inputs]
+    for bucket in buckets:
+        bucket.out = [torch.stack([next(directions) for _ in states]) for states, _ in bucket.inputs]
 
 
 class _AdamEntry(NamedTuple):

@@ -43,7 +43,7 @@ def adjusted_lora_grads(
     B: torch.Tensor,
     g_A: torch.Tensor,
     g_B: torch.Tensor,
-    s: float,
+    s: float | torch.Tensor,
     x_solution: str = "sylvester",
     damping: float = DEFAULT_DAMPING,
     *,
@@ -82,7 +82,7 @@ def adjusted_lora_grads(
             X = 0.5 * (rhs @ inv_A)
         hat_A = hat_A + X @ A
         hat_B = hat_B - B @ X
-    b_zero = eig_B.values[..., -1] == 0
+    b_zero = (eig_B.values[..., -1] == 0)[..., None, None]  # per matrix of a batch
     hat_A = torch.where(b_zero, g_A, hat_A)
     hat_B = torch.where(b_zero, c * (g_B @ inv_A), hat_B)
     return hat_A, hat_B
@@ -93,7 +93,7 @@ def equivalent_gradient(
     B: torch.Tensor,
     g_A: torch.Tensor,
     g_B: torch.Tensor,
-    s: float,
+    s: float | torch.Tensor,
     damping: float = DEFAULT_DAMPING,
     *,
     eigs: tuple[SymEig, SymEig] | None = None,
@@ -112,7 +112,7 @@ def equivalent_gradient(
 
 
 def lora_equivalent_update(
-    A: torch.Tensor, B: torch.Tensor, d_A: torch.Tensor, d_B: torch.Tensor, s: float
+    A: torch.Tensor, B: torch.Tensor, d_A: torch.Tensor, d_B: torch.Tensor, s: float | torch.Tensor
 ) -> torch.Tensor:
     """First-order change of ``W = W0 + s B A`` when the factors move by ``(d_A, d_B)``:
     ``s (B d_A + d_B A)`` (out x in)."""
