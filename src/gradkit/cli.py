@@ -31,6 +31,11 @@ def _common(parser: argparse.ArgumentParser, method_options: bool = True) -> Non
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--out", help="run folder (default: runs/<method>-<time>)")
+    g.add_argument("--ema", type=float, metavar="DECAY",
+                   help="also keep a weight EMA with this decay (e.g. 0.99); evaluates and saves both the raw "
+                        "and the EMA weights (the EMA never changes training)")
+    g.add_argument("--ema-warmup", choices=["none", "power", "bias_corrected"], default=d.ema_warmup,
+                   help="EMA warmup schedule (default %(default)s: the average starts at the first step's weights)")
     g = parser.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=d.rank)
     g.add_argument("--alpha", type=float, default=d.alpha)
@@ -46,7 +51,7 @@ def _common(parser: argparse.ArgumentParser, method_options: bool = True) -> Non
 _CONFIG_KEYS = (
     "model", "train", "test", "text_col", "label_col", "max_length", "pooling", "steps", "batch_size", "lr",
     "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "out", "rank", "alpha", "targets", "rslora",
-    "lora_dropout",
+    "lora_dropout", "ema", "ema_warmup",
 )
 
 
@@ -55,6 +60,8 @@ def _config(args: argparse.Namespace, method: str):
 
     values = vars(args)
     known = {k: values[k] for k in _CONFIG_KEYS}
+    if known["ema_warmup"] == "none":
+        known["ema_warmup"] = None
     options = {k: v for k, v in values.items() if k not in _CONFIG_KEYS and k not in ("command", "method", "methods")}
     return TrainConfig(method=method, options=options, **known)
 

@@ -30,7 +30,7 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     "content, args, fragments",
     [
         (None, ["--train", "missing.tsv"], ["missing.tsv"]),
-        ("sentence\tlabel\n", [], ["empty"]),
+        ("sentence\tlabel\n", [], ["no examples"]),
         ("sentence\tlabel\ngood\t1\nbad\t\n", [], ["line 3"]),
         ("sentence\tlabel\ngood\t1\nfine\t1\n", [], ["class"]),
         ("sentence\tlabel\ngood\t1\nbad\t0\n", ["--label-col", "stars"], ["stars", "label"]),

@@ -34,7 +34,8 @@ def test_finetune_writes_complete_run_folder(tiny_model_dir, tmp_path):
     saved = json.loads((run / "summary.json").read_text())
     assert saved["test_examples"] == 872 and saved["train_examples"] == 4000
     assert 0.0 <= saved["test_accuracy"] <= 1.0
-    assert saved["optimizer_state_bytes"] == 2 * 4 * saved["trainable_parameters"]  # AdamW: exp_avg + exp_avg_sq
+    # AdamW: fp32 exp_avg and exp_avg_sq per weight, plus a scalar fp32 step per tensor (12 LoRA A/B pairs + head)
+    assert saved["optimizer_state_bytes"] == 2 * 4 * saved["trainable_parameters"] + 4 * (2 * 12 + 2)
     assert summary["final_train_loss"] == pytest.approx(sum(r["loss"] for r in rows) / 4)
     assert json.loads((run / "labels.json").read_text())["label_names"] == ["0", "1"]
 
@@ -121,3 +122,40 @@ def test_lora_targets_are_checked(tiny_classifier):
     assert lora_target_names(tiny_classifier, "query,value") == ["query", "value"]
     with pytest.raises(GradkitError, match="q_proj match no Linear.*dense, key, query, value"):
         lora_target_names(tiny_classifier, "q_proj")
+
+
+def _losses(run) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method, saved", [("lora", "adapter/adapter_model.safetensors"),
+                                           ("full", "trainable.safetensors")])
+def test_ema_runs_alongside_without_changing_training(tiny_model_dir, tmp_path, method, saved):
+    from safetensors.torch import load_file
+
+    plain = finetune(small_config(tiny_model_dir, tmp_path / "plain", method=method), progress=False)
+    # decay 0: the average is the latest weights, so "EMA" evaluation and files equal the raw ones exactly
+    zero = finetune(small_config(tiny_model_dir, tmp_path / "zero", method=method, ema=0.0), progress=False)
+    slow = finetune(small_config(tiny_model_dir, tmp_path / "slow", method=method, ema=0.9, ema_warmup=None),
+                    progress=False)
+    assert "ema" not in plain
+    assert _losses(tmp_path / "plain" / "run") == _losses(tmp_path / "zero" / "run") == _losses(tmp_path / "slow" / "run")
+    assert zero["test_accuracy"] == plain["test_accuracy"] == slow["test_accuracy"]
+    assert zero["ema"]["test_loss"] == zero["test_loss"]
+    raw = load_file(str(tmp_path / "zero" / "run" / saved))
+    averaged = load_file(str(tmp_path / "zero" / "run" / "ema" / saved))
+    assert raw.keys() == averaged.keys() and all(torch.equal(raw[k], averaged[k]) for k in raw)
+    # decay 0.9 without warmup keeps 0.9^4 of the initial weights: a different model, evaluated separately
+    assert slow["ema"]["decay"] == 0.9 and slow["ema"]["test_loss"] != slow["test_loss"]
+    slow_avg = load_file(str(tmp_path / "slow" / "run" / "ema" / saved))
+    slow_raw = load_file(str(tmp_path / "slow" / "run" / saved))
+    assert any(not torch.equal(slow_raw[k], slow_avg[k]) for k in slow_raw)
+    assert json.loads((tmp_path / "slow" / "run" / "summary.json").read_text())["ema"]["warmup"] is None
+
+
+def test_ema_decay_is_checked_before_anything_is_written(tiny_model_dir, tmp_path):
+    from gradkit.errors import GradkitError
+
+    with pytest.raises(GradkitError, match="--ema 1.5"):
+        finetune(small_config(tiny_model_dir, tmp_path, ema=1.5), progress=False)
+    assert not (tmp_path / "run").exists()

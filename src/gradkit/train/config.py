@@ -28,6 +28,8 @@ class TrainConfig:
     targets: str = "all-linear"  # comma-separated module-name suffixes, or every Linear of the encoder
     rslora: bool = False
     lora_dropout: float = 0.0
+    ema: float | None = None  # weight-EMA decay; None = no EMA. Both raw and EMA weights are evaluated
+    ema_warmup: str | None = "bias_corrected"  # see gradkit.ema.ema_decay
     pooling: str = "mean"  # "mean" over tokens, or "cls"
     max_length: int = 128
     eval_batch_size: int = 128

@@ -132,8 +132,9 @@ def default_out(method: str) -> Path:
 def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.train`` with ``cfg.method``, evaluate on ``cfg.test`` and
     write the run folder (config.json, labels.json, metrics.jsonl, summary.json, loss.png, the
-    trained weights or adapter). Returns the summary."""
-    from accelerate import Accelerator
+    trained weights or adapter; with ``cfg.ema`` also ``ema/``, the averaged weights in the same
+    format, and ``summary["ema"]``, their test metrics). Returns the summary."""
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -146,10 +147,16 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     method = get_method(cfg.method)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise GradkitError(f"--steps ({cfg.steps}) and --batch-size ({cfg.batch_size}) must be at least 1")
+    if cfg.ema is not None and not 0.0 <= cfg.ema < 1.0:
+        raise GradkitError(f"--ema {cfg.ema} is not a decay in [0, 1); pass e.g. --ema 0.99")
     train_data, test_data = load_datasets(cfg)  # every data error surfaces before anything is written
     tokenizer = load_tokenizer(cfg.model)
 
-    accelerator = Accelerator(split_batches=True, cpu=not torch.cuda.is_available())
+    # the global batch is split across processes; recent accelerate silently ignores the old
+    # ``Accelerator(split_batches=...)`` keyword, so it goes through DataLoaderConfiguration
+    accelerator = Accelerator(
+        dataloader_config=DataLoaderConfiguration(split_batches=True), cpu=not torch.cuda.is_available()
+    )
     if cfg.batch_size % accelerator.num_processes:
         raise GradkitError(
             f"--batch-size {cfg.batch_size} does not split evenly over {accelerator.num_processes} processes; "
@@ -177,6 +184,12 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     optimizer = method.make_optimizer(model, cfg, lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    ema = None
+    if cfg.ema is not None:
+        from gradkit.ema import EMA
+
+        # every rank holds the same weights after each step, so every rank's average is the same
+        ema = EMA(model, decay=cfg.ema, warmup=cfg.ema_warmup)
 
     losses: list[float] = []
     metrics_path = out / "metrics.jsonl"
@@ -189,6 +202,8 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             current_lr = scheduler.get_last_lr()[0]
             loss = method.train_step(model, batch, optimizer, accelerator, cfg)
             scheduler.step()
+            if ema is not None:
+                ema.update(step)
             loss = accelerator.reduce(loss.float(), reduction="mean").item()
             if not math.isfinite(loss):
                 raise GradkitError(
@@ -211,6 +226,12 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     unwrapped = accelerator.unwrap_model(model)
     agree = ranks_agree(unwrapped, accelerator) if accelerator.num_processes > 1 else True
     results = evaluate(unwrapped, test_data, collate, cfg.eval_batch_size, accelerator.device)
+    if ema is not None:
+        with ema.swapped():
+            ema_results = evaluate(unwrapped, test_data, collate, cfg.eval_batch_size, accelerator.device)
+            if main:
+                method.save(unwrapped, out / "ema")  # the EMA weights, in the method's own format
+        results["ema"] = {"decay": cfg.ema, "warmup": cfg.ema_warmup, **ema_results}
     summary = {
         "method": cfg.method,
         "lr": lr,

@@ -107,7 +107,8 @@ def load_classifier(path: str | None = None, num_labels: int = 2, *, pooling: st
 
     path = path or default_model_path()
     _check_model_dir(path)
-    with quiet_transformers():
+    # fork_rng: weight-init draws inside from_pretrained and nn.Linear leave the global RNG as it was
+    with quiet_transformers(), torch.random.fork_rng(devices=[]):
         try:
             try:
                 encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
@@ -115,9 +116,9 @@ def load_classifier(path: str | None = None, num_labels: int = 2, *, pooling: st
                 encoder = AutoModel.from_pretrained(path)
         except OSError as err:
             raise GradkitError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
-    if not hasattr(encoder.config, "hidden_size"):
-        raise GradkitError(f"{path} is not an encoder with a hidden_size; pass a BERT-like model folder")
-    model = SequenceClassifier(encoder, num_labels, pooling=pooling)
+        if not hasattr(encoder.config, "hidden_size"):
+            raise GradkitError(f"{path} is not an encoder with a hidden_size; pass a BERT-like model folder")
+        model = SequenceClassifier(encoder, num_labels, pooling=pooling)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=generator) * 0.02)
