@@ -30,7 +30,9 @@ METHODS: dict[str, type[Method]] = {}
 
 # modules that register further methods when imported (kept import-light: no work at import)
 PLUGIN_MODULES: list[str] = [
+    "gradkit.train.method_lora_ga",
     "gradkit.train.method_lora_pro",
+    "gradkit.train.method_peft_lora_ga",
 ]
 
 

@@ -1,0 +1,64 @@
+"""``peft-lora-ga``: PEFT's own LoRA-GA (``preprocess_loraga`` + ``init_lora_weights="lora_ga"``), run
+through the same harness as gradkit's ``lora-ga`` so the two can be compared on equal terms.
+
+PEFT's version differs from the paper's (and gradkit's) in two ways that change the first step: it
+folds the singular values of the kept directions into B, and its "stable" scale multiplies B only.
+It estimates the gradient in train mode (dropout on) and takes ``torch.svd_lowrank`` from the global
+RNG (forked here, so the run's data order is unchanged). The adapter is saved with
+:func:`gradkit.save_adapter`, so it loads onto the original base like every other run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+from gradkit.train.methods import Lora, register_method
+
+
+@register_method
+class PeftLoraGA(Lora):
+    """PEFT LoRA with PEFT's LoRA-GA initialisation (for comparison with gradkit's ``lora-ga``)."""
+
+    name = "peft-lora-ga"
+    default_lr = 5e-4
+    summary = "PEFT's own LoRA-GA initialisation (preprocess_loraga), for comparison with lora-ga"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("PEFT's LoRA-GA (--method peft-lora-ga)")
+        g.add_argument("--peft-ga-batches", type=int, default=8, help="batches for the gradient estimate")
+
+    def prepare(self, model, cfg, batches):
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraGAConfig
+        from peft.tuners.lora.loraga import preprocess_loraga
+
+        config = self.lora_config(model, cfg, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+        assert isinstance(config, LoraConfig)
+        head = list(itertools.islice(batches, cfg.options.get("peft_ga_batches") or 8))
+
+        def train_step() -> None:
+            for batch in head:
+                model(**batch).loss.backward()
+
+        # svd_lowrank inside PEFT draws from the global RNG: fork it so the runs' data order is unchanged
+        with torch.random.fork_rng(devices=[]):
+            preprocess_loraga(model, config, train_step)
+            peft_model = get_peft_model(model, config)
+        # record PEFT's (A0, B0) as gradkit's lora_ga_init does, so gradkit.save_adapter writes the adapter for
+        # the original base (PEFT's own conversion, path_initial_model_for_weight_conversion, fails when the
+        # model has modules_to_save such as the classification head)
+        from gradkit.lora.ga import RECORD
+        from gradkit.lora.pairs import lora_pairs
+
+        for pair in lora_pairs(peft_model):
+            records = pair.layer.__dict__.setdefault(RECORD, {})
+            records[pair.adapter] = (pair.A.detach().cpu().clone(), pair.B.detach().cpu().clone())
+        return peft_model
+
+    def save(self, model, out_dir):
+        from gradkit.lora.export import save_adapter
+
+        save_adapter(model, out_dir / "adapter")
