@@ -1,0 +1,158 @@
+"""lora_quality: LoRA variants against full fine-tuning on all-MiniLM-L6-v2 + SST-2, each at its best
+learning rate.
+
+Protocol (the finetune_quality harness, shorter budget): the bundled SST-2 sample, GLUE dev as test,
+the same data order, 10% linear warmup then linear decay, AdamW-style weight decay 0.01, grad clip 1.0,
+r = 8, alpha = 16 on every encoder Linear. For every method a learning-rate sweep on seed 0; the
+learning rate with the lowest mean train loss over the whole run is kept and run on the other seeds.
+Reported per method at its best learning rate: the mean train loss over steps 1..N, the train loss at
+N (mean of the last 10 steps), test accuracy, each as mean ± sd over seeds, and the gaps to full
+fine-tuning. Each run is a child process (``gradkit compare``).
+
+Methods are harness names, optionally with options: ``lora-pro:pro_moments=factor``.
+
+    python benchmarks/lora_quality.py                               # 100 steps, seeds 0 1 2
+    python benchmarks/lora_quality.py --methods lora,lora-ga --steps 30 --seeds 0 --name smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import IMAGES, ROOT, write_result  # noqa: E402
+from finetune_quality import mean_sd, plot  # noqa: E402
+
+# learning-rate grids: around each method's default, a factor 2 apart unless said
+GRIDS = {
+    "full": (2e-5, 5e-5, 1e-4),
+    "lora": (5e-4, 1e-3, 2e-3),
+    "lora-plus": (2.5e-4, 5e-4, 1e-3),
+    "lora-pro": (5e-5, 1e-4, 2e-4),
+    "lora-ga": (5e-5, 2e-4, 8e-4),  # wider: where its best lr lies (LoRA's or full FT's scale) is the question
+    "lora-ga-pro": (5e-5, 1e-4, 2e-4),
+    "peft-lora-ga": (5e-4, 1e-3, 2e-3),  # its B holds the (small) singular values: LoRA's scale
+}
+DEFAULT_METHODS = "full,lora,lora-plus,lora-pro,lora-pro:pro_moments=factor,peft-lora-ga,lora-ga,lora-ga-pro"
+
+
+def parse_method(spec: str) -> tuple[str, str, dict]:
+    """``"lora-pro:pro_moments=factor"`` -> (label, method name, options)."""
+    name, _, rest = spec.partition(":")
+    options = dict(item.split("=", 1) for item in rest.split(";") if item) if rest else {}
+    return spec, name, options
+
+
+def run(cfg, label: str, name: str, options: dict, lr: float, seed: int, out: Path) -> dict:
+    import dataclasses
+
+    from gradkit.train.compare import compare
+
+    run_cfg = dataclasses.replace(cfg, lr=lr, seed=seed, out=str(out), options={**cfg.options, **options})
+    summary = compare(run_cfg, [name])[0]
+    if "error" in summary:
+        raise SystemExit(f"{label} failed at lr {lr:g}, seed {seed}: {summary['error']}")
+    lines = (out / name / "metrics.jsonl").read_text().splitlines()
+    summary["losses"] = [json.loads(line)["loss"] for line in lines]
+    summary["mean_loss"] = statistics.mean(summary["losses"])
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "runs" / "lora_quality"))
+    parser.add_argument("--name", default="lora_quality")
+    args = parser.parse_args()
+
+    from gradkit.train.config import TrainConfig
+
+    started = time.perf_counter()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    base = TrainConfig(steps=args.steps, batch_size=args.batch_size)
+    sweeps: dict[str, dict[float, dict]] = {}
+    best: dict[str, list[dict]] = {}
+    for spec in args.methods.split(","):
+        label, name, options = parse_method(spec)
+        tag = label.replace(":", "-").replace("=", "-").replace(";", "-")
+        sweeps[label] = {}
+        for lr in GRIDS[name]:
+            out = Path(args.out) / tag / f"lr{lr:g}-seed{seeds[0]}"
+            sweeps[label][lr] = run(base, label, name, options, lr, seeds[0], out)
+        lr_best = min(sweeps[label], key=lambda lr: sweeps[label][lr]["mean_loss"])
+        best[label] = [sweeps[label][lr_best]]
+        for seed in seeds[1:]:
+            out = Path(args.out) / tag / f"lr{lr_best:g}-seed{seed}"
+            best[label].append(run(base, label, name, options, lr_best, seed, out))
+
+    def avg(label: str, key: str) -> float:
+        return statistics.mean(s[key] if key != "final" else s["final_train_loss"] for s in best[label])
+
+    n = args.steps
+    columns = ["method", "lr sweep (seed 0: mean train loss 1..N)", "best lr", f"mean train loss 1..{n}",
+               f"train loss @{n}", "test accuracy % (mean ± sd)", "test accuracy % per seed", "s/step"]
+    rows = []
+    for label, runs in best.items():
+        sweep = ", ".join(f"{lr:g}: {s['mean_loss']:.4f}" for lr, s in sweeps[label].items())
+        rows.append([
+            label, sweep, f"{runs[0]['lr']:g}",
+            mean_sd([s["mean_loss"] for s in runs], digits=4),
+            mean_sd([s["final_train_loss"] for s in runs], digits=4),
+            mean_sd([s["test_accuracy"] for s in runs], 100, 2),
+            ", ".join(f"{100 * s['test_accuracy']:.2f}" for s in runs),
+            mean_sd([s["seconds_per_step"] for s in runs], digits=3),
+        ])
+
+    notes = []
+    if "full" in best and "lora" in best:
+        full_mean, lora_mean = avg("full", "mean_loss"), avg("lora", "mean_loss")
+        full_end, lora_end = avg("full", "final"), avg("lora", "final")
+        lora_acc = avg("lora", "test_accuracy")
+        for label in best:
+            if label in ("full", "lora"):
+                continue
+            closed = (lora_mean - avg(label, "mean_loss")) / (lora_mean - full_mean) if lora_mean != full_mean else 0
+            notes.append(
+                f"{label}: closes {100 * closed:.0f}% of LoRA's gap to full fine-tuning on the mean train loss "
+                f"over steps 1..{n}; |train loss @{n} - full's| = {abs(avg(label, 'final') - full_end):.4f} "
+                f"(LoRA's: {abs(lora_end - full_end):.4f}); test accuracy {100 * avg(label, 'test_accuracy'):.2f}% "
+                f"vs LoRA's {100 * lora_acc:.2f}%."
+            )
+    plot_path = IMAGES / f"{args.name}.png"
+    plot({label: [s["losses"] for s in runs] for label, runs in best.items()}, plot_path,
+         f"MiniLM-L6 on SST-2, {n} steps of batch {args.batch_size}, each method at its best lr")
+    write_result(args.name, {
+        "title": "LoRA variants vs full fine-tuning at their best learning rates (all-MiniLM-L6-v2, SST-2)",
+        "claim": "LoRA-GA and LoRA-Pro bring LoRA's training closer to full fine-tuning's than plain LoRA; "
+                 "LoRA-GA closes at least half of LoRA's gap on the mean train loss over the run.",
+        "tables": [{
+            "caption": f"{n} steps of batch {args.batch_size}; learning rate swept on seed {seeds[0]} (lowest mean "
+                       f"train loss kept), then seeds {args.seeds}; test = GLUE SST-2 dev (872).",
+            "columns": columns,
+            "rows": rows,
+        }],
+        "plots": [str(plot_path.relative_to(ROOT))],
+        "notes": [
+            *notes,
+            "r = 8, alpha = 16 on all 36 encoder Linear layers; lora-plus: PEFT's create_loraplus_optimizer, ratio 16; "
+            "lora-pro: gradkit.LoRAPro AdamW (projected moments unless named), X = sylvester; lora-ga: gradkit's "
+            "LoRA-GA init on the first 8 training batches (the harness defaults); peft-lora-ga: PEFT's "
+            "preprocess_loraga + init_lora_weights='lora_ga' on the same 8 batches; lora-ga-pro: both.",
+            f"One torch thread per run; the whole benchmark took {(time.perf_counter() - started) / 60:.0f} min.",
+        ],
+        "raw": {label: [{k: v for k, v in s.items() if k not in ("out", "losses")} for s in runs]
+                for label, runs in best.items()},
+        "sweeps": {label: {f"{lr:g}": s["mean_loss"] for lr, s in sw.items()} for label, sw in sweeps.items()},
+    })
+
+
+if __name__ == "__main__":
+    main()
