@@ -50,8 +50,12 @@ def machine() -> dict[str, Any]:
 def write_result(name: str, result: dict[str, Any]) -> Path:
     """Write ``benchmarks/results/<name>.json`` atomically (machine and command filled in)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"name": name, "machine": machine(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              **result}
+    result = {
+        "name": name,
+        "machine": machine(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        **result,
+    }
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -63,8 +63,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "runs" / "finetune_quality"))
     parser.add_argument("--name", default="finetune_quality")
-    parser.add_argument("--ema", type=float, default=0.99,
-                        help="also evaluate a weight EMA of this decay (it never changes training); 0 disables")
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=0.99,
+        help="also evaluate a weight EMA of this decay (it never changes training); 0 disables",
+    )
     args = parser.parse_args()
 
     from gradkit.train.compare import compare
@@ -76,8 +80,9 @@ def main() -> None:
     curves: dict[str, list[list[float]]] = {m: [] for m in methods}
     for seed in seeds:
         out = Path(args.out) / f"seed{seed}"
-        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=seed, out=str(out),
-                          ema=args.ema or None)
+        cfg = TrainConfig(
+            steps=args.steps, batch_size=args.batch_size, seed=seed, out=str(out), ema=args.ema or None
+        )
         for summary in compare(cfg, methods):
             if "error" in summary:
                 raise SystemExit(f"{summary['method']} failed at seed {seed}: {summary['error']}")
@@ -86,48 +91,82 @@ def main() -> None:
             curves[summary["method"]].append([json.loads(line)["loss"] for line in metrics])
 
     checkpoints = [s for s in (50, 100, 300) if s <= args.steps]
-    columns = ["method", "lr", *[f"train loss @{s}" for s in checkpoints], "test accuracy % (mean ± sd)",
-               "test accuracy % per seed",
-               *([f"EMA {args.ema:g} test accuracy % (mean ± sd)", "EMA test accuracy % per seed"] if args.ema else []),
-               "s/step", "peak RSS MiB", "trainable params", "optimiser state MiB"]
+    columns = [
+        "method",
+        "lr",
+        *[f"train loss @{s}" for s in checkpoints],
+        "test accuracy % (mean ± sd)",
+        "test accuracy % per seed",
+        *(
+            [f"EMA {args.ema:g} test accuracy % (mean ± sd)", "EMA test accuracy % per seed"]
+            if args.ema
+            else []
+        ),
+        "s/step",
+        "peak RSS MiB",
+        "trainable params",
+        "optimiser state MiB",
+    ]
     rows = []
     for method, summaries in runs.items():
-        rows.append([
-            method,
-            f"{summaries[0]['lr']:g}",
-            *[mean_sd([s["train_loss_at"][str(c)] for s in summaries]) for c in checkpoints],
-            mean_sd([s["test_accuracy"] for s in summaries], 100, 2),
-            ", ".join(f"{100 * s['test_accuracy']:.2f}" for s in summaries),
-            *([mean_sd([s["ema"]["test_accuracy"] for s in summaries], 100, 2),
-               ", ".join(f"{100 * s['ema']['test_accuracy']:.2f}" for s in summaries)] if args.ema else []),
-            mean_sd([s["seconds_per_step"] for s in summaries], digits=3),
-            f"{max(s['peak_memory_mb'] for s in summaries):.0f}",
-            f"{summaries[0]['trainable_parameters']:,}",
-            f"{summaries[0]['optimizer_state_bytes'] / 2**20:.2f}",
-        ])
+        rows.append(
+            [
+                method,
+                f"{summaries[0]['lr']:g}",
+                *[mean_sd([s["train_loss_at"][str(c)] for s in summaries]) for c in checkpoints],
+                mean_sd([s["test_accuracy"] for s in summaries], 100, 2),
+                ", ".join(f"{100 * s['test_accuracy']:.2f}" for s in summaries),
+                *(
+                    [
+                        mean_sd([s["ema"]["test_accuracy"] for s in summaries], 100, 2),
+                        ", ".join(f"{100 * s['ema']['test_accuracy']:.2f}" for s in summaries),
+                    ]
+                    if args.ema
+                    else []
+                ),
+                mean_sd([s["seconds_per_step"] for s in summaries], digits=3),
+                f"{max(s['peak_memory_mb'] for s in summaries):.0f}",
+                f"{summaries[0]['trainable_parameters']:,}",
+                f"{summaries[0]['optimizer_state_bytes'] / 2**20:.2f}",
+            ]
+        )
     plot_path = IMAGES / f"{args.name}.png"
     plot(curves, plot_path, f"MiniLM-L6 on SST-2: {args.steps} steps of batch {args.batch_size}")
-    write_result(args.name, {
-        "title": "Fine-tuning quality: head vs LoRA vs full, raw and EMA weights (all-MiniLM-L6-v2, SST-2)",
-        "claim": "LoRA and full fine-tuning reach at least 85% SST-2 test accuracy within the documented budget.",
-        "tables": [{
-            "caption": f"{args.steps} steps of batch {args.batch_size}, seeds {args.seeds}; train loss is the mean "
-                       "of the 10 steps ending at that step (mean ± sd over seeds); test = GLUE SST-2 dev (872).",
-            "columns": columns,
-            "rows": rows,
-        }],
-        "plots": [str(plot_path.relative_to(ROOT))],
-        "notes": [
-            "Each method at its default learning rate (head 2e-3, LoRA 1e-3 with r=8, alpha=16 on every encoder "
-            "Linear, full 5e-5), AdamW, weight decay 0.01, 10% linear warmup then linear decay, grad-norm clip 1.0, "
-            "max length 128, mean pooling.",
-            "Peak RSS is the child process's maximum resident set size, model loading included.",
-            *([f"EMA: gradkit.EMA(decay={args.ema:g}, warmup='bias_corrected') updated after every optimiser step "
-               "of the same runs; it never changes training, so the raw and EMA columns come from one trajectory. "
-               "s/step includes the EMA update."] if args.ema else []),
-        ],
-        "raw": {m: [{k: v for k, v in s.items() if k != "out"} for s in summaries] for m, summaries in runs.items()},
-    })
+    write_result(
+        args.name,
+        {
+            "title": "Fine-tuning quality: head vs LoRA vs full, raw and EMA weights (all-MiniLM-L6-v2, SST-2)",
+            "claim": "LoRA and full fine-tuning reach at least 85% SST-2 test accuracy within the documented budget.",
+            "tables": [
+                {
+                    "caption": f"{args.steps} steps of batch {args.batch_size}, seeds {args.seeds}; train loss is the mean "
+                    "of the 10 steps ending at that step (mean ± sd over seeds); test = GLUE SST-2 dev (872).",
+                    "columns": columns,
+                    "rows": rows,
+                }
+            ],
+            "plots": [str(plot_path.relative_to(ROOT))],
+            "notes": [
+                "Each method at its default learning rate (head 2e-3, LoRA 1e-3 with r=8, alpha=16 on every encoder "
+                "Linear, full 5e-5), AdamW, weight decay 0.01, 10% linear warmup then linear decay, grad-norm clip 1.0, "
+                "max length 128, mean pooling.",
+                "Peak RSS is the child process's maximum resident set size, model loading included.",
+                *(
+                    [
+                        f"EMA: gradkit.EMA(decay={args.ema:g}, warmup='bias_corrected') updated after every optimiser step "
+                        "of the same runs; it never changes training, so the raw and EMA columns come from one trajectory. "
+                        "s/step includes the EMA update."
+                    ]
+                    if args.ema
+                    else []
+                ),
+            ],
+            "raw": {
+                m: [{k: v for k, v in s.items() if k != "out"} for s in summaries]
+                for m, summaries in runs.items()
+            },
+        },
+    )
 
 
 if __name__ == "__main__":

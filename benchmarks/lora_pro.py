@@ -56,8 +56,13 @@ def build_model(seed: int = 0):
 
     model = load_classifier(seed=seed)
     torch.manual_seed(seed)  # PEFT draws lora_A from the global RNG
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=lora_target_names(model),
-                     modules_to_save=["head"])
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=lora_target_names(model),
+        modules_to_save=["head"],
+    )
     return get_peft_model(model, cfg).train()
 
 
@@ -72,8 +77,15 @@ def make_batches(n: int, batch_size: int, max_length: int) -> list[dict[str, tor
     batches = []
     for i in range(n):
         idx = [order[(i * batch_size + j) % len(order)] for j in range(batch_size)]
-        enc = dict(tokenizer([data.texts[k] for k in idx], padding=True, truncation=True, max_length=max_length,
-                             return_tensors="pt"))
+        enc = dict(
+            tokenizer(
+                [data.texts[k] for k in idx],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+        )
         enc["labels"] = torch.tensor([data.labels[k] for k in idx])
         batches.append(enc)
     return batches
@@ -85,7 +97,12 @@ def cos(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def alignment(batches, lr: float):
     from gradkit.lora.pairs import lora_pairs
-    from gradkit.optim.lora_pro import LoRAPro, equivalent_gradient, lora_equivalent_update, tangent_projection
+    from gradkit.optim.lora_pro import (
+        LoRAPro,
+        equivalent_gradient,
+        lora_equivalent_update,
+        tangent_projection,
+    )
 
     model = build_model()
     pairs = lora_pairs(model)
@@ -120,20 +137,29 @@ def alignment(batches, lr: float):
                 ups["best_adam"].append(tangent_projection(A0[i], B0[i], D))
             for name, opt in shadows.items():
                 opt.step()
-                ups[f"pro_{name}"] = [-lora_equivalent_update(A0[i], B0[i], p.A - A0[i], p.B - B0[i], p.scaling)
-                                      for i, p in enumerate(pairs)]
+                ups[f"pro_{name}"] = [
+                    -lora_equivalent_update(A0[i], B0[i], p.A - A0[i], p.B - B0[i], p.scaling)
+                    for i, p in enumerate(pairs)
+                ]
                 for t, s in zip(trainable, snapshot, strict=True):
                     t.copy_(s)
             lora_opt.step()
-            ups["lora_adamw"] = [-lora_equivalent_update(A0[i], B0[i], p.A - A0[i], p.B - B0[i], p.scaling)
-                                 for i, p in enumerate(pairs)]
+            ups["lora_adamw"] = [
+                -lora_equivalent_update(A0[i], B0[i], p.A - A0[i], p.B - B0[i], p.scaling)
+                for i, p in enumerate(pairs)
+            ]
         for key, updates in ups.items():
             per_step["G"].setdefault(key, []).append([cos(u, g) for u, g in zip(updates, G, strict=True)])
-            per_step["adam"].setdefault(key, []).append([cos(u, d) for u, d in zip(updates, D_full, strict=True)])
+            per_step["adam"].setdefault(key, []).append(
+                [cos(u, d) for u, d in zip(updates, D_full, strict=True)]
+            )
         if step in CHECKPOINTS or step == len(batches):
             pro, lora = per_step["G"]["pro_sgd"][-1], per_step["G"]["lora_sgd"][-1]
-            print(f"step {step}: loss {loss.item():.4f}  cos(G): LoRA {statistics.mean(lora):.3f}  "
-                  f"LoRA-Pro {statistics.mean(pro):.3f}", flush=True)
+            print(
+                f"step {step}: loss {loss.item():.4f}  cos(G): LoRA {statistics.mean(lora):.3f}  "
+                f"LoRA-Pro {statistics.mean(pro):.3f}",
+                flush=True,
+            )
     return per_step, [p.name for p in pairs], losses
 
 
@@ -170,10 +196,19 @@ def cost(batches, rounds: int, lr: float):
     out = {}
     for name, (model, opt, step_times, opt_times) in runs.items():
         lora_ids = {id(p) for n, p in model.named_parameters() if "lora_" in n}
-        lora_bytes = sum(v.nbytes for p, st in opt.state.items() if id(p) in lora_ids
-                         for v in st.values() if torch.is_tensor(v))
-        out[name] = {"state_bytes": optimizer_state_bytes(opt), "lora_state_bytes": lora_bytes,
-                     "step_s": statistics.median(step_times), "opt_step_s": statistics.median(opt_times)}
+        lora_bytes = sum(
+            v.nbytes
+            for p, st in opt.state.items()
+            if id(p) in lora_ids
+            for v in st.values()
+            if torch.is_tensor(v)
+        )
+        out[name] = {
+            "state_bytes": optimizer_state_bytes(opt),
+            "lora_state_bytes": lora_bytes,
+            "step_s": statistics.median(step_times),
+            "opt_step_s": statistics.median(opt_times),
+        }
     return out
 
 
@@ -200,14 +235,21 @@ def plot(per_step, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
-    for ax, target, title in ((axes[0], "G", "cosine with full FT's gradient G"),
-                              (axes[1], "adam", "cosine with full FT's AdamW direction")):
+    for ax, target, title in (
+        (axes[0], "G", "cosine with full FT's gradient G"),
+        (axes[1], "adam", "cosine with full FT's AdamW direction"),
+    ):
         for key, label in LABELS.items():
             if key == "best_adam" and target == "G":
                 continue
             series = [statistics.mean(v) for v in per_step[target][key]]
-            ax.plot(range(1, len(series) + 1), series, label=label, lw=1.2,
-                    ls="--" if key.startswith("lora") else "-")
+            ax.plot(
+                range(1, len(series) + 1),
+                series,
+                label=label,
+                lw=1.2,
+                ls="--" if key.startswith("lora") else "-",
+            )
         ax.set_xlabel("step of the LoRA + AdamW run")
         ax.set_title(title + " (mean of 36 layers)", fontsize=9)
         ax.grid(alpha=0.3)
@@ -239,58 +281,95 @@ def main() -> None:
 
     steps = [s for s in CHECKPOINTS if s <= args.steps] or [args.steps]
     rows = summarise(per_step, steps)
-    violations = sum(p < lo - 1e-6 for step_p, step_l in zip(per_step["G"]["pro_sgd"], per_step["G"]["lora_sgd"],
-                                                             strict=True) for p, lo in zip(step_p, step_l, strict=True))
-    violations_adamw = sum(p < lo - 1e-6 for step_p, step_l in zip(per_step["G"]["pro_sgd"],
-                                                                   per_step["G"]["lora_adamw"], strict=True)
-                           for p, lo in zip(step_p, step_l, strict=True))
+    violations = sum(
+        p < lo - 1e-6
+        for step_p, step_l in zip(per_step["G"]["pro_sgd"], per_step["G"]["lora_sgd"], strict=True)
+        for p, lo in zip(step_p, step_l, strict=True)
+    )
+    violations_adamw = sum(
+        p < lo - 1e-6
+        for step_p, step_l in zip(per_step["G"]["pro_sgd"], per_step["G"]["lora_adamw"], strict=True)
+        for p, lo in zip(step_p, step_l, strict=True)
+    )
     base = costs["LoRA + AdamW"]
-    cost_rows = [[name, c["state_bytes"], c["lora_state_bytes"], round(c["state_bytes"] / base["state_bytes"], 2),
-                  round(c["step_s"] * 1e3, 1), round(c["step_s"] / base["step_s"], 2),
-                  round(c["opt_step_s"] * 1e3, 2), round(c["opt_step_s"] / base["opt_step_s"], 2)]
-                 for name, c in costs.items()]
+    cost_rows = [
+        [
+            name,
+            c["state_bytes"],
+            c["lora_state_bytes"],
+            round(c["state_bytes"] / base["state_bytes"], 2),
+            round(c["step_s"] * 1e3, 1),
+            round(c["step_s"] / base["step_s"], 2),
+            round(c["opt_step_s"] * 1e3, 2),
+            round(c["opt_step_s"] / base["opt_step_s"], 2),
+        ]
+        for name, c in costs.items()
+    ]
     for row in cost_rows:
         print(row)
     img = IMAGES / "lora_pro_alignment.png"
     plot(per_step, img)
     light = costs["LoRA-Pro AdamW, projected moments"]
     cols_G = ["step"] + [LABELS[k] for k in LABELS if k != "best_adam"]
-    write_result("lora_pro", {
-        "title": "LoRA-Pro: alignment with full fine-tuning, and cost",
-        "claim": "LoRA-Pro's update of W is the closest LoRA can make to full fine-tuning's at every step; "
-                 "the memory-light AdamW form keeps the state at O(r (in + out)) per layer",
-        "tables": [
-            {"caption": f"Cosine between each method's update of W and full fine-tuning's gradient G, mean over "
-                        f"the {len(names)} target layers [minimum], along one LoRA + AdamW run (MiniLM, SST-2)",
-             "columns": cols_G, "rows": rows["G"]},
-            {"caption": "Cosine with full fine-tuning's AdamW direction (Adam moments of G along the same run), "
-                        "mean over layers [minimum]",
-             "columns": ["step"] + list(LABELS.values()), "rows": rows["adam"]},
-            {"caption": "Cost side by side in one process (median over interleaved rounds; ratios to LoRA + AdamW)",
-             "columns": ["optimiser", "state bytes", "of which LoRA factors", "state ratio", "step ms",
-                         "step ratio", "optimizer.step() ms", "opt.step ratio"],
-             "rows": cost_rows},
-        ],
-        "plots": [str(img.relative_to(ROOT))],
-        "notes": [
-            f"Alignment: {args.steps} steps of one LoRA + AdamW run (lr {args.lr:g} constant, batch {args.batch_size}, "
-            f"max length {args.max_length}, rank 8, alpha 16, all 36 encoder Linear layers); took {align_s:.0f} s.",
-            f"LoRA-Pro SGD's cosine with G was below LoRA (SGD)'s in {violations} of "
-            f"{len(names) * args.steps} (layer, step) cases and below LoRA + AdamW's in {violations_adamw} "
-            "(it is the projection of G onto the space of LoRA updates, so it cannot be lower).",
-            f"Goals for the memory-light (projected) form: state <= 3x LoRA + AdamW's: "
-            f"{light['state_bytes'] / base['state_bytes']:.2f}x; step time <= 1.3x: "
-            f"{light['step_s'] / base['step_s']:.2f}x (optimizer.step() alone "
-            f"{light['opt_step_s'] / base['opt_step_s']:.2f}x).",
-            f"Cost: {args.rounds} timed rounds after 2 warm-up rounds, batch {args.batch_size}; took {cost_s:.0f} s. "
-            "One torch thread; the 2 CPU cores were shared with other work during the run: compare ratios, not absolute times.",
-            "The quality protocol (3 seeds, learning-rate sweep, train loss and test accuracy per method) was not "
-            "run in this session: too expensive on the shared CPU.",
-        ],
-        "raw": {"layers": names, "losses": losses, "costs": costs,
+    write_result(
+        "lora_pro",
+        {
+            "title": "LoRA-Pro: alignment with full fine-tuning, and cost",
+            "claim": "LoRA-Pro's update of W is the closest LoRA can make to full fine-tuning's at every step; "
+            "the memory-light AdamW form keeps the state at O(r (in + out)) per layer",
+            "tables": [
+                {
+                    "caption": f"Cosine between each method's update of W and full fine-tuning's gradient G, mean over "
+                    f"the {len(names)} target layers [minimum], along one LoRA + AdamW run (MiniLM, SST-2)",
+                    "columns": cols_G,
+                    "rows": rows["G"],
+                },
+                {
+                    "caption": "Cosine with full fine-tuning's AdamW direction (Adam moments of G along the same run), "
+                    "mean over layers [minimum]",
+                    "columns": ["step"] + list(LABELS.values()),
+                    "rows": rows["adam"],
+                },
+                {
+                    "caption": "Cost side by side in one process (median over interleaved rounds; ratios to LoRA + AdamW)",
+                    "columns": [
+                        "optimiser",
+                        "state bytes",
+                        "of which LoRA factors",
+                        "state ratio",
+                        "step ms",
+                        "step ratio",
+                        "optimizer.step() ms",
+                        "opt.step ratio",
+                    ],
+                    "rows": cost_rows,
+                },
+            ],
+            "plots": [str(img.relative_to(ROOT))],
+            "notes": [
+                f"Alignment: {args.steps} steps of one LoRA + AdamW run (lr {args.lr:g} constant, batch {args.batch_size}, "
+                f"max length {args.max_length}, rank 8, alpha 16, all 36 encoder Linear layers); took {align_s:.0f} s.",
+                f"LoRA-Pro SGD's cosine with G was below LoRA (SGD)'s in {violations} of "
+                f"{len(names) * args.steps} (layer, step) cases and below LoRA + AdamW's in {violations_adamw} "
+                "(it is the projection of G onto the space of LoRA updates, so it cannot be lower).",
+                f"Goals for the memory-light (projected) form: state <= 3x LoRA + AdamW's: "
+                f"{light['state_bytes'] / base['state_bytes']:.2f}x; step time <= 1.3x: "
+                f"{light['step_s'] / base['step_s']:.2f}x (optimizer.step() alone "
+                f"{light['opt_step_s'] / base['opt_step_s']:.2f}x).",
+                f"Cost: {args.rounds} timed rounds after 2 warm-up rounds, batch {args.batch_size}; took {cost_s:.0f} s. "
+                "One torch thread; the 2 CPU cores were shared with other work during the run: compare ratios, not absolute times.",
+                "The quality protocol (3 seeds, learning-rate sweep, train loss and test accuracy per method) was not "
+                "run in this session: too expensive on the shared CPU.",
+            ],
+            "raw": {
+                "layers": names,
+                "losses": losses,
+                "costs": costs,
                 "cos_G": {k: v for k, v in per_step["G"].items()},
-                "cos_adam": {k: v for k, v in per_step["adam"].items()}},
-    })
+                "cos_adam": {k: v for k, v in per_step["adam"].items()},
+            },
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,11 @@ GRIDS = {
     "lora": (5e-4, 1e-3, 2e-3),
     "lora-plus": (2.5e-4, 5e-4, 1e-3),
     "lora-pro": (5e-5, 1e-4, 2e-4),
-    "lora-ga": (5e-5, 2e-4, 8e-4),  # wider: where its best lr lies (LoRA's or full FT's scale) is the question
+    "lora-ga": (
+        5e-5,
+        2e-4,
+        8e-4,
+    ),  # wider: where its best lr lies (LoRA's or full FT's scale) is the question
     "lora-ga-pro": (5e-5, 1e-4, 2e-4),
     "peft-lora-ga": (5e-4, 1e-3, 2e-3),  # its B holds the (small) singular values: LoRA's scale
 }
@@ -97,19 +101,31 @@ def main() -> None:
         return statistics.mean(s[key] if key != "final" else s["final_train_loss"] for s in best[label])
 
     n = args.steps
-    columns = ["method", "lr sweep (seed 0: mean train loss 1..N)", "best lr", f"mean train loss 1..{n}",
-               f"train loss @{n}", "test accuracy % (mean ± sd)", "test accuracy % per seed", "s/step"]
+    columns = [
+        "method",
+        "lr sweep (seed 0: mean train loss 1..N)",
+        "best lr",
+        f"mean train loss 1..{n}",
+        f"train loss @{n}",
+        "test accuracy % (mean ± sd)",
+        "test accuracy % per seed",
+        "s/step",
+    ]
     rows = []
     for label, runs in best.items():
         sweep = ", ".join(f"{lr:g}: {s['mean_loss']:.4f}" for lr, s in sweeps[label].items())
-        rows.append([
-            label, sweep, f"{runs[0]['lr']:g}",
-            mean_sd([s["mean_loss"] for s in runs], digits=4),
-            mean_sd([s["final_train_loss"] for s in runs], digits=4),
-            mean_sd([s["test_accuracy"] for s in runs], 100, 2),
-            ", ".join(f"{100 * s['test_accuracy']:.2f}" for s in runs),
-            mean_sd([s["seconds_per_step"] for s in runs], digits=3),
-        ])
+        rows.append(
+            [
+                label,
+                sweep,
+                f"{runs[0]['lr']:g}",
+                mean_sd([s["mean_loss"] for s in runs], digits=4),
+                mean_sd([s["final_train_loss"] for s in runs], digits=4),
+                mean_sd([s["test_accuracy"] for s in runs], 100, 2),
+                ", ".join(f"{100 * s['test_accuracy']:.2f}" for s in runs),
+                mean_sd([s["seconds_per_step"] for s in runs], digits=3),
+            ]
+        )
 
     notes = []
     if "full" in best and "lora" in best:
@@ -119,7 +135,11 @@ def main() -> None:
         for label in best:
             if label in ("full", "lora"):
                 continue
-            closed = (lora_mean - avg(label, "mean_loss")) / (lora_mean - full_mean) if lora_mean != full_mean else 0
+            closed = (
+                (lora_mean - avg(label, "mean_loss")) / (lora_mean - full_mean)
+                if lora_mean != full_mean
+                else 0
+            )
             notes.append(
                 f"{label}: closes {100 * closed:.0f}% of LoRA's gap to full fine-tuning on the mean train loss "
                 f"over steps 1..{n}; |train loss @{n} - full's| = {abs(avg(label, 'final') - full_end):.4f} "
@@ -127,31 +147,43 @@ def main() -> None:
                 f"vs LoRA's {100 * lora_acc:.2f}%."
             )
     plot_path = IMAGES / f"{args.name}.png"
-    plot({label: [s["losses"] for s in runs] for label, runs in best.items()}, plot_path,
-         f"MiniLM-L6 on SST-2, {n} steps of batch {args.batch_size}, each method at its best lr")
-    write_result(args.name, {
-        "title": "LoRA variants vs full fine-tuning at their best learning rates (all-MiniLM-L6-v2, SST-2)",
-        "claim": "LoRA-GA and LoRA-Pro bring LoRA's training closer to full fine-tuning's than plain LoRA; "
-                 "LoRA-GA closes at least half of LoRA's gap on the mean train loss over the run.",
-        "tables": [{
-            "caption": f"{n} steps of batch {args.batch_size}; learning rate swept on seed {seeds[0]} (lowest mean "
-                       f"train loss kept), then seeds {args.seeds}; test = GLUE SST-2 dev (872).",
-            "columns": columns,
-            "rows": rows,
-        }],
-        "plots": [str(plot_path.relative_to(ROOT))],
-        "notes": [
-            *notes,
-            "r = 8, alpha = 16 on all 36 encoder Linear layers; lora-plus: PEFT's create_loraplus_optimizer, ratio 16; "
-            "lora-pro: gradkit.LoRAPro AdamW (projected moments unless named), X = sylvester; lora-ga: gradkit's "
-            "LoRA-GA init on the first 8 training batches (the harness defaults); peft-lora-ga: PEFT's "
-            "preprocess_loraga + init_lora_weights='lora_ga' on the same 8 batches; lora-ga-pro: both.",
-            f"One torch thread per run; the whole benchmark took {(time.perf_counter() - started) / 60:.0f} min.",
-        ],
-        "raw": {label: [{k: v for k, v in s.items() if k not in ("out", "losses")} for s in runs]
-                for label, runs in best.items()},
-        "sweeps": {label: {f"{lr:g}": s["mean_loss"] for lr, s in sw.items()} for label, sw in sweeps.items()},
-    })
+    plot(
+        {label: [s["losses"] for s in runs] for label, runs in best.items()},
+        plot_path,
+        f"MiniLM-L6 on SST-2, {n} steps of batch {args.batch_size}, each method at its best lr",
+    )
+    write_result(
+        args.name,
+        {
+            "title": "LoRA variants vs full fine-tuning at their best learning rates (all-MiniLM-L6-v2, SST-2)",
+            "claim": "LoRA-GA and LoRA-Pro bring LoRA's training closer to full fine-tuning's than plain LoRA; "
+            "LoRA-GA closes at least half of LoRA's gap on the mean train loss over the run.",
+            "tables": [
+                {
+                    "caption": f"{n} steps of batch {args.batch_size}; learning rate swept on seed {seeds[0]} (lowest mean "
+                    f"train loss kept), then seeds {args.seeds}; test = GLUE SST-2 dev (872).",
+                    "columns": columns,
+                    "rows": rows,
+                }
+            ],
+            "plots": [str(plot_path.relative_to(ROOT))],
+            "notes": [
+                *notes,
+                "r = 8, alpha = 16 on all 36 encoder Linear layers; lora-plus: PEFT's create_loraplus_optimizer, ratio 16; "
+                "lora-pro: gradkit.LoRAPro AdamW (projected moments unless named), X = sylvester; lora-ga: gradkit's "
+                "LoRA-GA init on the first 8 training batches (the harness defaults); peft-lora-ga: PEFT's "
+                "preprocess_loraga + init_lora_weights='lora_ga' on the same 8 batches; lora-ga-pro: both.",
+                f"One torch thread per run; the whole benchmark took {(time.perf_counter() - started) / 60:.0f} min.",
+            ],
+            "raw": {
+                label: [{k: v for k, v in s.items() if k not in ("out", "losses")} for s in runs]
+                for label, runs in best.items()
+            },
+            "sweeps": {
+                label: {f"{lr:g}": s["mean_loss"] for lr, s in sw.items()} for label, sw in sweeps.items()
+            },
+        },
+    )
 
 
 if __name__ == "__main__":

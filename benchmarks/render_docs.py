@@ -18,8 +18,14 @@ refresh its section, then rerun the renderer.
 
 
 def machine_line(m: dict) -> str:
-    parts = [m.get("device", "cpu"), f"{m.get('cpu_count')} CPU cores", f"{m.get('memory_gib', '?')} GiB",
-             f"torch {m.get('torch')}", f"Python {m.get('python')}", m.get("date", "")]
+    parts = [
+        m.get("device", "cpu"),
+        f"{m.get('cpu_count')} CPU cores",
+        f"{m.get('memory_gib', '?')} GiB",
+        f"torch {m.get('torch')}",
+        f"Python {m.get('python')}",
+        m.get("date", ""),
+    ]
     return ", ".join(str(p) for p in parts if p)
 
 
@@ -27,7 +33,10 @@ def render(result: dict) -> str:
     lines = [f"## {result.get('title', result['name'])}", ""]
     if result.get("claim"):
         lines += [f"**Claim.** {result['claim']}", ""]
-    lines += [f"Measured with `python benchmarks/{result['command']}` on {machine_line(result['machine'])}.", ""]
+    lines += [
+        f"Measured with `python benchmarks/{result['command']}` on {machine_line(result['machine'])}.",
+        "",
+    ]
     for table in result.get("tables", []):
         if table.get("caption"):
             lines += [table["caption"], ""]

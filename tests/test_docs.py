@@ -13,7 +13,8 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 # pages whose examples load the real MiniLM (seconds each): marked integration like the other real-model tests
 REAL_MODEL_PAGES = {"README.md", "docs/lora_ga.md"}
 PAGES = sorted(
-    str(p.relative_to(REPO)) for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")]
+    str(p.relative_to(REPO))
+    for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")]
     if p.name != "benchmarks.md" and BLOCK.search(p.read_text())
 )
 

@@ -16,31 +16,50 @@ def _common(parser: argparse.ArgumentParser, method_options: bool = True) -> Non
     d = TrainConfig()
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", help="local Hugging Face encoder folder (default: bundled all-MiniLM-L6-v2)")
-    g.add_argument("--train", help="training file: TSV, CSV or JSON lines (default: bundled SST-2 sample, 4,000 rows)")
+    g.add_argument(
+        "--train", help="training file: TSV, CSV or JSON lines (default: bundled SST-2 sample, 4,000 rows)"
+    )
     g.add_argument("--test", help="test file, same format (default: bundled SST-2 GLUE dev set, 872 rows)")
-    g.add_argument("--text-col", help="text column: name or 0-based index (default: sentence/text, else first)")
+    g.add_argument(
+        "--text-col", help="text column: name or 0-based index (default: sentence/text, else first)"
+    )
     g.add_argument("--label-col", help="label column: name or 0-based index (default: label, else last)")
-    g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)")
+    g.add_argument(
+        "--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)"
+    )
     g.add_argument("--pooling", choices=["mean", "cls"], default=d.pooling, help="pooled output for the head")
     g = parser.add_argument_group("budget and optimisation")
     g.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (default %(default)s)")
+    g.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="global batch size (default %(default)s)"
+    )
     g.add_argument("--lr", type=float, help="peak learning rate (default: each method's own)")
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="linear warmup share of steps")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--out", help="run folder (default: runs/<method>-<time>)")
-    g.add_argument("--ema", type=float, metavar="DECAY",
-                   help="also keep a weight EMA with this decay (e.g. 0.99); evaluates and saves both the raw "
-                        "and the EMA weights (the EMA never changes training)")
-    g.add_argument("--ema-warmup", choices=["none", "power", "bias_corrected"], default=d.ema_warmup,
-                   help="EMA warmup schedule (default %(default)s: the average starts at the first step's weights)")
+    g.add_argument(
+        "--ema",
+        type=float,
+        metavar="DECAY",
+        help="also keep a weight EMA with this decay (e.g. 0.99); evaluates and saves both the raw "
+        "and the EMA weights (the EMA never changes training)",
+    )
+    g.add_argument(
+        "--ema-warmup",
+        choices=["none", "power", "bias_corrected"],
+        default=d.ema_warmup,
+        help="EMA warmup schedule (default %(default)s: the average starts at the first step's weights)",
+    )
     g = parser.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=d.rank)
     g.add_argument("--alpha", type=float, default=d.alpha)
-    g.add_argument("--targets", default=d.targets,
-                   help="comma-separated Linear names to adapt, or all-linear (default) for every encoder Linear")
+    g.add_argument(
+        "--targets",
+        default=d.targets,
+        help="comma-separated Linear names to adapt, or all-linear (default) for every encoder Linear",
+    )
     g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(rank) instead of alpha/rank")
     g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     if method_options:
@@ -49,9 +68,28 @@ def _common(parser: argparse.ArgumentParser, method_options: bool = True) -> Non
 
 
 _CONFIG_KEYS = (
-    "model", "train", "test", "text_col", "label_col", "max_length", "pooling", "steps", "batch_size", "lr",
-    "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "out", "rank", "alpha", "targets", "rslora",
-    "lora_dropout", "ema", "ema_warmup",
+    "model",
+    "train",
+    "test",
+    "text_col",
+    "label_col",
+    "max_length",
+    "pooling",
+    "steps",
+    "batch_size",
+    "lr",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "out",
+    "rank",
+    "alpha",
+    "targets",
+    "rslora",
+    "lora_dropout",
+    "ema",
+    "ema_warmup",
 )
 
 
@@ -62,7 +100,9 @@ def _config(args: argparse.Namespace, method: str):
     known = {k: values[k] for k in _CONFIG_KEYS}
     if known["ema_warmup"] == "none":
         known["ema_warmup"] = None
-    options = {k: v for k, v in values.items() if k not in _CONFIG_KEYS and k not in ("command", "method", "methods")}
+    options = {
+        k: v for k, v in values.items() if k not in _CONFIG_KEYS and k not in ("command", "method", "methods")
+    }
     return TrainConfig(method=method, options=options, **known)
 
 
@@ -74,12 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradkit", description="Cheaper fine-tuning, measured.")
     sub = parser.add_subparsers(dest="command", required=True)
     listing = "; ".join(f"{name}: {cls.summary}" for name, cls in sorted(methods.items()))
-    p = sub.add_parser("finetune", help="fine-tune with one method and write a run folder",
-                       description=f"Methods — {listing}")
-    p.add_argument("--method", default="lora", help=f"one of {', '.join(sorted(methods))} (default %(default)s)")
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune with one method and write a run folder",
+        description=f"Methods — {listing}",
+    )
+    p.add_argument(
+        "--method", default="lora", help=f"one of {', '.join(sorted(methods))} (default %(default)s)"
+    )
     _common(p)
     p = sub.add_parser("compare", help="run several methods on the same budget and compare them")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated (default %(default)s)")
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help="comma-separated (default %(default)s)"
+    )
     _common(p)
     return parser
 

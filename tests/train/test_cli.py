@@ -13,8 +13,14 @@ import pytest
 
 def gradkit(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "gradkit", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "gradkit", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -52,8 +58,18 @@ def test_bad_options_give_one_line_errors(tmp_path, tiny_model_dir):
     assert_clean_error(gradkit("finetune", "--model", str(tmp_path), cwd=tmp_path), "config.json")
     assert_clean_error(gradkit("compare", "--methods", "head,nope", cwd=tmp_path), "unknown method 'nope'")
     assert_clean_error(
-        gradkit("finetune", "--model", str(tiny_model_dir), "--targets", "q_proj", "--steps", "1",
-                "--out", str(tmp_path / "r"), cwd=tmp_path),
+        gradkit(
+            "finetune",
+            "--model",
+            str(tiny_model_dir),
+            "--targets",
+            "q_proj",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+            cwd=tmp_path,
+        ),
         "q_proj",
     )
     assert not (tmp_path / "runs").exists()
@@ -61,8 +77,22 @@ def test_bad_options_give_one_line_errors(tmp_path, tiny_model_dir):
 
 def test_compare_runs_each_method_and_writes_table_and_plot(tmp_path, tiny_model_dir):
     out = tmp_path / "cmp"
-    result = gradkit("compare", "--methods", "head,lora", "--model", str(tiny_model_dir), "--steps", "3",
-                     "--batch-size", "8", "--max-length", "32", "--out", str(out), cwd=tmp_path)
+    result = gradkit(
+        "compare",
+        "--methods",
+        "head,lora",
+        "--model",
+        str(tiny_model_dir),
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "32",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "| head |" in result.stdout and "| lora |" in result.stdout
     comparison = json.loads((out / "comparison.json").read_text())

@@ -14,9 +14,29 @@ import pytest
 def test_two_processes_train_to_the_same_weights_on_every_rank(tmp_path, tiny_model_dir):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "gradkit", "finetune", "--method", "full", "--model", str(tiny_model_dir), "--steps", "3",
-           "--batch-size", "8", "--max-length", "32", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "gradkit",
+        "finetune",
+        "--method",
+        "full",
+        "--model",
+        str(tiny_model_dir),
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "32",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -95,7 +95,7 @@ def test_saved_adapter_loads_onto_the_base_with_plain_peft(tiny_model_dir, tmp_p
     method = get_method("lora")
     model = method.prepare(load_classifier(str(tiny_model_dir), 2, seed=0), TrainConfig(rslora=True), [])
     with torch.no_grad():  # a trained-looking adapter: B non-zero, head changed
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.1)
     method.save(model, tmp_path)
@@ -103,7 +103,9 @@ def test_saved_adapter_loads_onto_the_base_with_plain_peft(tiny_model_dir, tmp_p
     batch = tok(["a gripping , funny film", "dull"], padding=True, return_tensors="pt")
     model.eval()
     expected = model(**batch).logits
-    loaded = PeftModel.from_pretrained(load_classifier(str(tiny_model_dir), 2, seed=123), tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(
+        load_classifier(str(tiny_model_dir), 2, seed=123), tmp_path / "adapter"
+    )
     loaded.eval()
     assert (loaded(**batch).logits - expected).abs().max().item() <= 1e-5
 
@@ -128,18 +130,25 @@ def _losses(run) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("method, saved", [("lora", "adapter/adapter_model.safetensors"),
-                                           ("full", "trainable.safetensors")])
+@pytest.mark.parametrize(
+    "method, saved", [("lora", "adapter/adapter_model.safetensors"), ("full", "trainable.safetensors")]
+)
 def test_ema_runs_alongside_without_changing_training(tiny_model_dir, tmp_path, method, saved):
     from safetensors.torch import load_file
 
     plain = finetune(small_config(tiny_model_dir, tmp_path / "plain", method=method), progress=False)
     # decay 0: the average is the latest weights, so "EMA" evaluation and files equal the raw ones exactly
     zero = finetune(small_config(tiny_model_dir, tmp_path / "zero", method=method, ema=0.0), progress=False)
-    slow = finetune(small_config(tiny_model_dir, tmp_path / "slow", method=method, ema=0.9, ema_warmup=None),
-                    progress=False)
+    slow = finetune(
+        small_config(tiny_model_dir, tmp_path / "slow", method=method, ema=0.9, ema_warmup=None),
+        progress=False,
+    )
     assert "ema" not in plain
-    assert _losses(tmp_path / "plain" / "run") == _losses(tmp_path / "zero" / "run") == _losses(tmp_path / "slow" / "run")
+    assert (
+        _losses(tmp_path / "plain" / "run")
+        == _losses(tmp_path / "zero" / "run")
+        == _losses(tmp_path / "slow" / "run")
+    )
     assert zero["test_accuracy"] == plain["test_accuracy"] == slow["test_accuracy"]
     assert zero["ema"]["test_loss"] == zero["test_loss"]
     raw = load_file(str(tmp_path / "zero" / "run" / saved))

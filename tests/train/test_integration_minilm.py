@@ -51,7 +51,9 @@ def test_lora_finetune_on_minilm_writes_an_adapter_that_plain_peft_reloads(tmp_p
     path = default_model_path()
     loaded = PeftModel.from_pretrained(load_classifier(path, 2, seed=123), out / "adapter")
     _, test = load_datasets(cfg)
-    again = evaluate(loaded, test, make_collate(load_tokenizer(path), cfg.max_length), 256, torch.device("cpu"))
+    again = evaluate(
+        loaded, test, make_collate(load_tokenizer(path), cfg.max_length), 256, torch.device("cpu")
+    )
     assert again["test_accuracy"] == summary["test_accuracy"]
     assert again["test_loss"] == pytest.approx(summary["test_loss"], abs=1e-5)
 

@@ -14,14 +14,27 @@ def test_peft_lora_ga_run_saves_an_adapter_for_the_original_base(tiny_model_dir,
     from gradkit.train.loop import evaluate, finetune, load_datasets, make_collate
     from gradkit.train.model import load_classifier, load_tokenizer
 
-    cfg = TrainConfig(method="peft-lora-ga", model=str(tiny_model_dir), steps=3, batch_size=8, max_length=32,
-                      rank=4, lr=1e-3, out=str(tmp_path / "run"), options={"peft_ga_batches": 2})
+    cfg = TrainConfig(
+        method="peft-lora-ga",
+        model=str(tiny_model_dir),
+        steps=3,
+        batch_size=8,
+        max_length=32,
+        rank=4,
+        lr=1e-3,
+        out=str(tmp_path / "run"),
+        options={"peft_ga_batches": 2},
+    )
     summary = finetune(cfg, progress=False)
     # PEFT's conversion turns the trained change against the ORIGINAL base into a rank-2r adapter
-    loaded = PeftModel.from_pretrained(load_classifier(str(tiny_model_dir), 2, seed=7), tmp_path / "run" / "adapter")
+    loaded = PeftModel.from_pretrained(
+        load_classifier(str(tiny_model_dir), 2, seed=7), tmp_path / "run" / "adapter"
+    )
     assert loaded.peft_config["default"].r == 2 * cfg.rank
     _, test = load_datasets(cfg)
-    again = evaluate(loaded, test, make_collate(load_tokenizer(str(tiny_model_dir)), 32), 256, torch.device("cpu"))
+    again = evaluate(
+        loaded, test, make_collate(load_tokenizer(str(tiny_model_dir)), 32), 256, torch.device("cpu")
+    )
     assert again["test_loss"] == pytest.approx(summary["test_loss"], abs=1e-5)
     assert again["test_accuracy"] == summary["test_accuracy"]
 

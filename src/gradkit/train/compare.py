@@ -33,8 +33,18 @@ def _child(cfg: TrainConfig) -> None:
 def format_table(summaries: list[dict[str, Any]]) -> str:
     """A Markdown table of the headline numbers, one row per method."""
     with_ema = any("ema" in s for s in summaries)
-    head = ("method", "lr", "train loss", "test acc", *(("EMA test acc",) if with_ema else ()), "macro-F1",
-            "s/step", "peak MB", "trainable", "optim state")
+    head = (
+        "method",
+        "lr",
+        "train loss",
+        "test acc",
+        *(("EMA test acc",) if with_ema else ()),
+        "macro-F1",
+        "s/step",
+        "peak MB",
+        "trainable",
+        "optim state",
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         if "error" in s:
@@ -42,9 +52,16 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
             continue
         ema = [f"{100 * s['ema']['test_accuracy']:.2f}%" if "ema" in s else "-"] if with_ema else []
         cells = [
-            s["method"], f"{s['lr']:g}", f"{s['final_train_loss']:.4f}", f"{100 * s['test_accuracy']:.2f}%", *ema,
-            f"{100 * s['test_macro_f1']:.2f}%", f"{s['seconds_per_step']:.3f}", f"{s['peak_memory_mb']:.0f}",
-            f"{s['trainable_parameters']:,}", f"{s['optimizer_state_bytes'] / 2**20:.1f} MiB",
+            s["method"],
+            f"{s['lr']:g}",
+            f"{s['final_train_loss']:.4f}",
+            f"{100 * s['test_accuracy']:.2f}%",
+            *ema,
+            f"{100 * s['test_macro_f1']:.2f}%",
+            f"{s['seconds_per_step']:.3f}",
+            f"{s['peak_memory_mb']:.0f}",
+            f"{s['trainable_parameters']:,}",
+            f"{s['optimizer_state_bytes'] / 2**20:.1f} MiB",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -86,7 +103,9 @@ def compare(cfg: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(table + "\n")
     if curves:
-        plot_losses(curves, out / "loss.png", title=f"train loss, {cfg.steps} steps of batch {cfg.batch_size}")
+        plot_losses(
+            curves, out / "loss.png", title=f"train loss, {cfg.steps} steps of batch {cfg.batch_size}"
+        )
     print(table)
     print(f"\nrun folder: {out}")
     return summaries

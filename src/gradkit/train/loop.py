@@ -40,8 +40,10 @@ def _column(value: str | int | None) -> str | int | None:
 
 def make_collate(tokenizer, max_length: int):
     def collate(examples: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
-        texts, labels = zip(*examples)
-        batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        texts, labels = zip(*examples, strict=True)
+        batch = tokenizer(
+            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         batch = dict(batch)
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
         return batch
@@ -78,7 +80,7 @@ def evaluate(model, data, collate, batch_size: int, device) -> dict[str, float]:
     was_training = model.training
     model.eval()
     preds, losses = [], []
-    examples = list(zip(data.texts, data.labels))
+    examples = list(zip(data.texts, data.labels, strict=True))
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
         out = model(**batch)
@@ -168,7 +170,9 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {**cfg.to_dict(), "lr": lr, "num_processes": accelerator.num_processes})
+        write_json(
+            out / "config.json", {**cfg.to_dict(), "lr": lr, "num_processes": accelerator.num_processes}
+        )
         save_label_map(train_data, out / "labels.json")
 
     collate = make_collate(tokenizer, cfg.max_length)
@@ -213,7 +217,10 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             losses.append(loss)
             if log and (step % cfg.log_every == 0 or step == cfg.steps):
                 seconds = time.perf_counter() - start
-                log.write(json.dumps({"step": step, "loss": loss, "lr": current_lr, "seconds": round(seconds, 4)}) + "\n")
+                log.write(
+                    json.dumps({"step": step, "loss": loss, "lr": current_lr, "seconds": round(seconds, 4)})
+                    + "\n"
+                )
                 log.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{window_mean(losses, step):.4f}")
@@ -239,8 +246,9 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
         "final_train_loss": window_mean(losses, len(losses)),
-        "train_loss_at": {str(s): window_mean(losses, s) for s in (10, 50, 100, 200, 300, 500, 1000)
-                          if s <= len(losses)},
+        "train_loss_at": {
+            str(s): window_mean(losses, s) for s in (10, 50, 100, 200, 300, 500, 1000) if s <= len(losses)
+        },
         **results,
         "train_seconds": round(train_seconds, 2),
         "seconds_per_step": round(train_seconds / cfg.steps, 4),
@@ -256,8 +264,11 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     if main:
         method.save(unwrapped, out)
         write_json(out / "summary.json", summary)
-        plot_losses({cfg.method: (list(range(1, len(losses) + 1)), losses)}, out / "loss.png",
-                    title=f"{cfg.method}: train loss")
+        plot_losses(
+            {cfg.method: (list(range(1, len(losses) + 1)), losses)},
+            out / "loss.png",
+            title=f"{cfg.method}: train loss",
+        )
     accelerator.wait_for_everyone()
     summary["out"] = str(out)
     return summary

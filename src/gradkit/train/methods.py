@@ -79,8 +79,14 @@ class Method:
     def make_optimizer(self, model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=lr)
 
-    def train_step(self, model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
-                   accelerator: Any, cfg: TrainConfig) -> torch.Tensor:
+    def train_step(
+        self,
+        model: nn.Module,
+        batch: dict[str, Any],
+        optimizer: torch.optim.Optimizer,
+        accelerator: Any,
+        cfg: TrainConfig,
+    ) -> torch.Tensor:
         """One optimisation step on ``batch``; returns the (local) loss, detached."""
         loss = model(**batch).loss
         accelerator.backward(loss)
@@ -172,7 +178,6 @@ class Lora(Method):
 
     def save(self, model, out_dir):
         from gradkit.train.io import atomic_dir
-
         from gradkit.train.model import quiet_transformers
 
         with quiet_transformers(), atomic_dir(out_dir / "adapter") as tmp:

@@ -65,7 +65,9 @@ class SequenceClassifier(nn.Module):
     token ("cls"). Returns a Hugging Face ``SequenceClassifierOutput`` with ``.loss`` when labels
     are given, so every gradkit API that takes ``model(**batch).loss`` works on it."""
 
-    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str = "mean", dropout: float | None = None):
+    def __init__(
+        self, encoder: nn.Module, num_labels: int, pooling: str = "mean", dropout: float | None = None
+    ):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise GradkitError(f"unknown pooling {pooling!r}; use 'mean' or 'cls'")
@@ -96,8 +98,9 @@ class SequenceClassifier(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def load_classifier(path: str | None = None, num_labels: int = 2, *, pooling: str = "mean",
-                    seed: int = 0) -> SequenceClassifier:
+def load_classifier(
+    path: str | None = None, num_labels: int = 2, *, pooling: str = "mean", seed: int = 0
+) -> SequenceClassifier:
     """Load a local Hugging Face encoder (default: bundled all-MiniLM-L6-v2) with a new head.
 
     The head is N(0, 0.02^2) with zero bias, drawn from a private generator seeded by ``seed``

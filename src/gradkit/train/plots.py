@@ -15,8 +15,9 @@ def smooth(values: Sequence[float], beta: float = 0.9) -> list[float]:
     return out
 
 
-def plot_losses(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: str | Path,
-                title: str = "train loss") -> None:
+def plot_losses(
+    curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: str | Path, title: str = "train loss"
+) -> None:
     """One line per run: raw per-step loss faint, its smoothed curve bold. Written atomically."""
     import matplotlib
 
