@@ -42,7 +42,8 @@ GRIDS = {
     "lora-ga-pro": (5e-5, 1e-4, 2e-4),
     "peft-lora-ga": (5e-4, 1e-3, 2e-3),  # its B holds the (small) singular values: LoRA's scale
 }
-DEFAULT_METHODS = "full,lora,lora-plus,lora-pro,lora-pro:pro_moments=factor,peft-lora-ga,lora-ga,lora-ga-pro"
+# in order of interest: the result file is rewritten after every method, so a cut-short run still reports
+DEFAULT_METHODS = "full,lora,lora-ga,lora-pro,lora-ga-pro,peft-lora-ga,lora-plus,lora-pro:pro_moments=factor"
 
 
 def parse_method(spec: str) -> tuple[str, str, dict]:
@@ -96,7 +97,10 @@ def main() -> None:
         for seed in seeds[1:]:
             out = Path(args.out) / tag / f"lr{lr_best:g}-seed{seed}"
             best[label].append(run(base, label, name, options, lr_best, seed, out))
+        report(args, seeds, sweeps, best, started, args.methods.split(","))
 
+
+def report(args, seeds, sweeps, best, started, planned) -> None:
     def avg(label: str, key: str) -> float:
         return statistics.mean(s[key] if key != "final" else s["final_train_loss"] for s in best[label])
 
@@ -173,7 +177,15 @@ def main() -> None:
                 "lora-pro: gradkit.LoRAPro AdamW (projected moments unless named), X = sylvester; lora-ga: gradkit's "
                 "LoRA-GA init on the first 8 training batches (the harness defaults); peft-lora-ga: PEFT's "
                 "preprocess_loraga + init_lora_weights='lora_ga' on the same 8 batches; lora-ga-pro: both.",
-                f"One torch thread per run; the whole benchmark took {(time.perf_counter() - started) / 60:.0f} min.",
+                f"One torch thread per run; {sum(len(sw) for sw in sweeps.values()) + sum(len(r) - 1 for r in best.values())} "
+                f"runs took {(time.perf_counter() - started) / 60:.0f} min.",
+                *(
+                    [
+                        f"Not measured yet (the run was stopped before them): {', '.join(m for m in planned if m not in best)}."
+                    ]
+                    if len(best) < len(planned)
+                    else []
+                ),
             ],
             "raw": {
                 label: [{k: v for k, v in s.items() if k not in ("out", "losses")} for s in runs]
