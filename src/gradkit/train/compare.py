@@ -18,7 +18,7 @@ from gradkit.errors import GradkitError
 from gradkit.train.config import TrainConfig
 from gradkit.train.io import atomic_path, write_json
 
-DEFAULT_METHODS = ("head", "lora", "full")
+DEFAULT_METHODS = ("head", "lora", "lora-ga", "full")
 
 
 def _child(cfg: TrainConfig) -> None:
