@@ -1,0 +1,448 @@
+"""The gradient noise scale, measured while training (McCandlish, Kaplan, Amodei et al., 2018,
+"An Empirical Model of Large-Batch Training", arXiv 1812.06162).
+
+Let ``G`` be the true gradient and ``Σ`` the per-example gradient covariance. A mean gradient over a
+batch of ``b`` examples has ``E|G_b|² = |G|² + tr(Σ)/b``. Two batch sizes ``b < B`` give unbiased
+estimators (Appendix A.1 of the paper)::
+
+    |G|²   ≈ (B·|G_B|² − b·|G_b|²) / (B − b)
+    tr(Σ)  ≈ (|G_b|² − |G_B|²) / (1/b − 1/B)
+
+and the simple noise scale ``B_simple = tr(Σ)/|G|²``. Both estimators are noisy, and the ratio of two
+noisy numbers is biased, so :class:`NoiseScale` smooths the numerator and the denominator as two
+separate bias-corrected EMAs and reports their ratio (never an EMA of ratios).
+
+Where the two batch sizes come from (all cheap):
+
+- :meth:`NoiseScale.accumulation_hooks` — micro-batches inside gradient accumulation (``b`` = a
+  micro-batch, ``B`` = the accumulated batch) and, under DDP, each rank's local gradient versus the
+  all-reduced one; the only extra communication is one 3-number all-reduce per optimiser step.
+- :meth:`NoiseScale.per_example_hooks` — exact per-example gradient norms of ``nn.Linear`` layers
+  (``b = 1``), see :mod:`gradkit.scaling.per_example`.
+
+:func:`b_noise_hessian` gives the Hessian-aware ``B_noise = tr(HΣ)/(GᵀHG)`` on a held batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradkit.errors import GradkitError
+
+__all__ = [
+    "NoiseScale",
+    "GradNormRecorder",
+    "HessianNoiseScale",
+    "b_noise_hessian",
+    "grad_sq_norm_estimate",
+    "trace_sigma_estimate",
+]
+
+NOT_MEASURABLE = (
+    "not yet measurable: the smoothed |G|^2 (or tr(Sigma)) estimate is <= 0, i.e. gradient noise still "
+    "hides the signal; keep training, or measure with a larger big batch"
+)
+
+
+def _check_sizes(b_small: float, b_big: float) -> None:
+    if not (b_small > 0 and b_big > 0 and math.isfinite(b_small) and math.isfinite(b_big)):
+        raise GradkitError(f"batch sizes must be positive, got b_small={b_small}, b_big={b_big}")
+    if b_small >= b_big:
+        raise GradkitError(
+            f"b_small={b_small} must be smaller than b_big={b_big}; pass the micro-batch (or per-example) "
+            "size as b_small and the whole batch as b_big"
+        )
+
+
+def grad_sq_norm_estimate(small_sq_norm: float, big_sq_norm: float, b_small: float, b_big: float) -> float:
+    """Unbiased ``|G|² ≈ (B·|G_B|² − b·|G_b|²)/(B − b)`` (McCandlish et al. 2018, eq. A.2). May be < 0."""
+    _check_sizes(b_small, b_big)
+    return (b_big * big_sq_norm - b_small * small_sq_norm) / (b_big - b_small)
+
+
+def trace_sigma_estimate(small_sq_norm: float, big_sq_norm: float, b_small: float, b_big: float) -> float:
+    """Unbiased ``tr(Σ) ≈ (|G_b|² − |G_B|²)/(1/b − 1/B)`` (McCandlish et al. 2018, eq. A.3). May be < 0."""
+    _check_sizes(b_small, b_big)
+    return (small_sq_norm - big_sq_norm) / (1.0 / b_small - 1.0 / b_big)
+
+
+def _scalar(value: Any, name: str) -> float:
+    out = float(value.detach().item()) if torch.is_tensor(value) else float(value)
+    if not math.isfinite(out) or out < 0:
+        raise GradkitError(
+            f"{name}={out} is not a finite squared norm >= 0; pass the squared L2 norm of the gradient "
+            "(e.g. from the loss before AMP overflow skipped the step)"
+        )
+    return out
+
+
+class NoiseScale:
+    """Smoothed gradient noise scale ``B_simple = tr(Σ)/|G|²`` from two-batch-size measurements.
+
+    ``B_simple`` (McCandlish et al. 2018, arXiv 1812.06162) is the batch size around which doubling the
+    batch stops halving the number of steps: the critical batch size ``B_crit`` is of its order.
+
+    Args:
+        model: the model whose gradients the hook helpers measure (DDP / compile wrappers are fine:
+            the same parameter tensors are hooked). Not needed when calling :meth:`update` yourself.
+        beta: EMA coefficient for both the ``|G|²`` and the ``tr(Σ)`` estimates (horizon ≈ 1/(1−β)
+            updates). Each EMA starts at zero and is bias-corrected (divided by ``1 − β^t``, as Adam does).
+
+    Properties ``grad_sq_norm`` and ``trace_sigma`` are the smoothed estimates; ``b_simple`` is their
+    ratio, or ``None`` while either is ``<= 0`` ("not yet measurable": early in training the noise
+    can make the unbiased ``|G|²`` estimate negative; a negative noise scale is never reported).
+    """
+
+    def __init__(self, model: nn.Module | None = None, *, beta: float = 0.99) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise GradkitError(f"NoiseScale beta must be in [0, 1), got {beta}; e.g. beta=0.99")
+        self.model = model
+        self.beta = float(beta)
+        self.step = 0
+        self._ema_g2 = 0.0  # zero-started EMA of the |G|^2 estimates
+        self._ema_s = 0.0  # zero-started EMA of the tr(Sigma) estimates
+        self.last: dict[str, float] = {}  # the raw estimates of the latest update
+
+    # -- the estimator -----------------------------------------------------------------------------
+    def update(self, small_sq_norm: Any, big_sq_norm: Any, b_small: float, b_big: float) -> float | None:
+        """Add one measurement: ``|G_b|²`` at batch size ``b_small`` and ``|G_B|²`` at ``b_big``.
+
+        ``small_sq_norm`` may be the mean of several small-batch squared norms (e.g. over the
+        micro-batches of one step): the estimators are linear in it, so they stay unbiased, with
+        ``b_small`` the harmonic mean of those sizes. Returns the new :attr:`b_simple`.
+        """
+        small, big = _scalar(small_sq_norm, "small_sq_norm"), _scalar(big_sq_norm, "big_sq_norm")
+        g2 = grad_sq_norm_estimate(small, big, b_small, b_big)
+        s = trace_sigma_estimate(small, big, b_small, b_big)
+        self.step += 1
+        # separate EMAs of numerator and denominator: the ratio of means, not the mean of ratios
+        self._ema_g2 = self.beta * self._ema_g2 + (1.0 - self.beta) * g2
+        self._ema_s = self.beta * self._ema_s + (1.0 - self.beta) * s
+        self.last = {
+            "grad_sq_norm": g2,
+            "trace_sigma": s,
+            "small_sq_norm": small,
+            "big_sq_norm": big,
+            "b_small": float(b_small),
+            "b_big": float(b_big),
+        }
+        return self.b_simple
+
+    def _correction(self) -> float:
+        return 1.0 - self.beta**self.step
+
+    @property
+    def grad_sq_norm(self) -> float | None:
+        """Smoothed, bias-corrected ``|G|²`` estimate (may be <= 0 early on); None before any update."""
+        return self._ema_g2 / self._correction() if self.step else None
+
+    @property
+    def trace_sigma(self) -> float | None:
+        """Smoothed, bias-corrected ``tr(Σ)`` estimate (per-example covariance); None before any update."""
+        return self._ema_s / self._correction() if self.step else None
+
+    @property
+    def measurable(self) -> bool:
+        """Whether both smoothed estimates are positive, so that :attr:`b_simple` is defined."""
+        return self.step > 0 and self._ema_g2 > 0 and self._ema_s > 0
+
+    @property
+    def b_simple(self) -> float | None:
+        """``B_simple = tr(Σ)/|G|²`` from the smoothed estimates, or None when not yet measurable."""
+        # the bias corrections of the two EMAs are equal, so they cancel in the ratio
+        return self._ema_s / self._ema_g2 if self.measurable else None
+
+    @property
+    def status(self) -> str:
+        """A one-line description: the value, or why there is none yet."""
+        if self.step == 0:
+            return "no measurement yet: call update() (or a hook helper's step()) after a backward pass"
+        if not self.measurable:
+            return NOT_MEASURABLE
+        return f"B_simple = {self.b_simple:.4g} after {self.step} updates"
+
+    def metrics(self) -> dict[str, float | None]:
+        """``{"b_simple", "grad_sq_norm", "trace_sigma"}`` for logging (b_simple None if not measurable)."""
+        return {"b_simple": self.b_simple, "grad_sq_norm": self.grad_sq_norm, "trace_sigma": self.trace_sigma}
+
+    # -- sources -----------------------------------------------------------------------------------
+    def _model(self, model: nn.Module | None) -> nn.Module:
+        model = model if model is not None else self.model
+        if model is None:
+            raise GradkitError("this helper needs the model; pass NoiseScale(model) or helper(model)")
+        return model
+
+    def accumulation_hooks(
+        self, model: nn.Module | None = None, *, grad_scale: float = 1.0, distributed: bool | None = None
+    ) -> GradNormRecorder:
+        """Hooks that measure each micro-batch's gradient inside gradient accumulation (and, under DDP,
+        each rank's local gradient); see :class:`GradNormRecorder`."""
+        return GradNormRecorder(self, self._model(model), grad_scale=grad_scale, distributed=distributed)
+
+    def per_example_hooks(
+        self,
+        model: nn.Module | None = None,
+        *,
+        modules: Iterable[nn.Module] | None = None,
+        grad_scale: float = 1.0,
+        distributed: bool | None = None,
+    ):
+        """Hooks that measure exact per-example gradient norms of the Linear layers (``b = 1``); see
+        :class:`gradkit.scaling.per_example.PerExampleRecorder`."""
+        from gradkit.scaling.per_example import PerExampleRecorder
+
+        return PerExampleRecorder(
+            self, self._model(model), modules=modules, grad_scale=grad_scale, distributed=distributed
+        )
+
+    # -- resume ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the smoothed estimates exactly."""
+        return {
+            "beta": self.beta,
+            "step": self.step,
+            "ema_grad_sq_norm": self._ema_g2,
+            "ema_trace_sigma": self._ema_s,
+            "last": dict(self.last),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        try:
+            self.beta, self.step = float(state["beta"]), int(state["step"])
+            self._ema_g2, self._ema_s = float(state["ema_grad_sq_norm"]), float(state["ema_trace_sigma"])
+        except KeyError as err:
+            raise GradkitError(
+                f"NoiseScale state lacks {err}; pass a dict saved by NoiseScale.state_dict()"
+            ) from None
+        self.last = dict(state.get("last", {}))
+
+    def __repr__(self) -> str:
+        return f"NoiseScale(beta={self.beta}, step={self.step}, b_simple={self.b_simple})"
+
+
+def _world(distributed: bool | None) -> int:
+    """World size when the gradients are all-reduced across processes, else 1."""
+    import torch.distributed as dist
+
+    available = dist.is_available() and dist.is_initialized()
+    if distributed and not available:
+        raise GradkitError(
+            "distributed=True but torch.distributed is not initialised; call init_process_group"
+        )
+    if distributed is False or not available:
+        return 1
+    return dist.get_world_size()
+
+
+def _all_reduce_sum(values: list[torch.Tensor | float], world: int, device: torch.device) -> list[float]:
+    """One collective for a handful of scalars (the only extra communication of the DDP source)."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":
+            t = t.cuda()
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm in float32 at least (float64 stays float64), as a device scalar."""
+    t = t.detach()
+    return (t if t.dtype == torch.float64 else t.float()).pow(2).sum()
+
+
+def _trainable(model: nn.Module) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+class GradNormRecorder:
+    """Measure micro-batch gradients inside gradient accumulation and, under DDP, local vs global.
+
+    A tensor hook on every trainable parameter sees the gradient each backward pass adds before it
+    is accumulated into ``.grad`` (and before DDP all-reduces it), and adds its squared norm to a
+    running device scalar (no host sync, no gradient copy). The usual loop::
+
+        rec = gns.accumulation_hooks(model)
+        for micro in micro_batches:                 # k micro-batches of the step
+            (loss_fn(model, micro) / k).backward()  # grads zeroed before the first one
+            rec.micro_step(batch_size=len(micro))
+        rec.step()                                  # before clipping: reads the accumulated .grad
+        optimizer.step(); optimizer.zero_grad()
+
+    Conventions: after the last backward, ``.grad`` is ``grad_scale`` times the mean gradient of the
+    whole batch (``grad_scale=1`` for ``loss / k`` with equal micro-batches, or ``loss·b_i/B``; pass
+    ``k`` if you do not divide, or the AMP loss scale). A micro-batch of size ``b_i`` then contributed
+    ``grad_scale·(b_i/B)·G_{b_i}``, which :meth:`step` rescales. Small sizes are combined with their
+    harmonic mean, which keeps the estimators unbiased.
+
+    Under DDP (``torch.distributed`` initialised, or ``distributed=True``) ``.grad`` after the synced
+    backward is the mean over ranks, so ``B = world × local batch``; the small-batch norms of every
+    rank are averaged with one all-reduce of three numbers. One micro-batch per step is then enough.
+    Use it as a context manager (or call :meth:`remove`) to take the hooks off.
+    """
+
+    def __init__(
+        self, gns: NoiseScale, model: nn.Module, *, grad_scale: float = 1.0, distributed: bool | None = None
+    ) -> None:
+        if not grad_scale > 0:
+            raise GradkitError(f"grad_scale must be > 0, got {grad_scale}")
+        self.gns, self.grad_scale, self.distributed = gns, float(grad_scale), distributed
+        self.params = _trainable(model)
+        if not self.params:
+            raise GradkitError("the model has no trainable parameters to measure; set requires_grad first")
+        self._running: torch.Tensor | None = None  # squared norm added since the last micro_step
+        self._micro: list[tuple[torch.Tensor, int]] = []  # (squared norm of the increment, batch size)
+        self._handles = [p.register_hook(self._hook) for p in self.params]
+
+    def _hook(self, grad: torch.Tensor) -> None:
+        sq = _sq_norm(grad)
+        self._running = sq if self._running is None else self._running + sq.to(self._running.device)
+
+    def micro_step(self, batch_size: int) -> None:
+        """Mark the end of one micro-batch's backward pass (``batch_size`` examples on this rank)."""
+        if not batch_size > 0:
+            raise GradkitError(f"micro_step batch_size must be > 0, got {batch_size}")
+        if self._running is None:
+            raise GradkitError("micro_step() found no gradient since the last call; call it after backward()")
+        self._micro.append((self._running, int(batch_size)))
+        self._running = None
+
+    def step(self) -> float | None:
+        """Read the accumulated ``.grad``, update the :class:`NoiseScale`, forget the micro-batches.
+
+        Call it after the last backward of the step and before clipping or ``zero_grad``. Returns
+        ``B_simple`` (None while not yet measurable).
+        """
+        if self._running is not None:
+            raise GradkitError(
+                "a backward pass was not closed with micro_step(batch_size); call it before step()"
+            )
+        if not self._micro:
+            raise GradkitError(
+                "step() found no micro-batches; call micro_step(batch_size) after each backward"
+            )
+        micro, self._micro = self._micro, []
+        world = _world(self.distributed)
+        if len(micro) < 2 and world < 2:
+            raise GradkitError(
+                "one micro-batch gives one batch size only; accumulate over >= 2 micro-batches "
+                "(or run under DDP) to measure the noise scale"
+            )
+        b_local = sum(b for _, b in micro)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        device = grads[0].device
+        big = torch.stack([_sq_norm(g) for g in grads]).sum() / self.grad_scale**2
+        # increment of micro-batch i is grad_scale·(b_i/B_local)·G_{b_i}
+        small_sum = sum(sq.to(device) * (b_local / (b * self.grad_scale)) ** 2 for sq, b in micro)
+        inv_b = sum(1.0 / b for _, b in micro)
+        small_sum, inv_b, count = _all_reduce_sum([small_sum, inv_b, float(len(micro))], world, device)
+        b_small = count / inv_b  # harmonic mean: E[mean |G_b_i|^2] = |G|^2 + tr(Sigma)·mean(1/b_i)
+        return self.gns.update(small_sum / count, big, b_small, b_local * world)
+
+    def remove(self) -> None:
+        """Take the hooks off the parameters."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> GradNormRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+# -- Hessian-aware noise scale ---------------------------------------------------------------------
+@dataclass
+class HessianNoiseScale:
+    """Result of :func:`b_noise_hessian` (all quantities for the per-example loss)."""
+
+    b_noise: float | None  # tr(HΣ)/(GᵀHG), None when GᵀHG <= 0 (not at a locally convex point)
+    b_simple: float | None  # tr(Σ)/|G|² on the same data
+    trace_h_sigma: float
+    g_h_g: float
+    grad_sq_norm: float
+    trace_sigma: float
+    eta_max: float | None  # |G|²/(GᵀHG): the optimal SGD step size for a very large batch
+
+
+def b_noise_hessian(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    batches: Sequence[Any],
+    batch_size: int,
+) -> HessianNoiseScale:
+    """Hessian-aware ``B_noise = tr(HΣ)/(GᵀHG)`` on a held batch (McCandlish et al. 2018, eq. 2.6).
+
+    ``batches`` are ``k >= 2`` disjoint chunks of the held data, each of ``batch_size`` examples, and
+    ``loss_fn(model, chunk)`` their mean loss. With chunk gradients ``g_i`` (mean ``ḡ``) and ``H`` the
+    Hessian of the mean loss over all chunks (Hessian-vector products by double backward, ``k + 1`` of
+    them; never formed):
+
+    - ``tr(HΣ) ≈ b/(k−1) · Σ_i (g_i − ḡ)ᵀ H (g_i − ḡ)``     (``Cov(g_i) = Σ/b``)
+    - ``GᵀHG ≈ ḡᵀHḡ − tr(HΣ)/(k·b)``                        (removes the noise in ``ḡ``)
+
+    and ``tr(Σ)``, ``|G|²`` the same way without ``H``. Cost: a few backward passes; for occasional use.
+    """
+    k, b = len(batches), int(batch_size)
+    if k < 2 or b < 1:
+        raise GradkitError(f"b_noise_hessian needs >= 2 chunks of >= 1 example, got {k} chunks of {b}")
+    params = _trainable(model)
+    if not params:
+        raise GradkitError("the model has no trainable parameters; set requires_grad first")
+
+    def flat(ts: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        return torch.cat(
+            [
+                (t if t is not None else torch.zeros_like(p)).reshape(-1)
+                for t, p in zip(ts, params, strict=True)
+            ]
+        )
+
+    chunk_grads = []
+    for chunk in batches:
+        grads = torch.autograd.grad(loss_fn(model, chunk), params, allow_unused=True)
+        chunk_grads.append(flat(grads).detach())
+    g = torch.stack(chunk_grads)  # k x P
+    mean = g.mean(0)
+    total = sum(loss_fn(model, chunk) for chunk in batches) / k
+    first = torch.autograd.grad(total, params, create_graph=True, allow_unused=True)
+    first = [t if t is not None else torch.zeros_like(p) for t, p in zip(first, params, strict=True)]
+
+    def quad(v: torch.Tensor) -> float:
+        """vᵀHv through one Hessian-vector product."""
+        pieces, start = [], 0
+        for p in params:
+            pieces.append(v[start : start + p.numel()].view_as(p))
+            start += p.numel()
+        dot = sum((f * piece).sum() for f, piece in zip(first, pieces, strict=True))
+        hv = torch.autograd.grad(dot, params, retain_graph=True, allow_unused=True)
+        return float((flat(hv) * v).sum())
+
+    dev = g - mean
+    tr_h_sigma = b / (k - 1) * sum(quad(d) for d in dev)
+    g_h_g = quad(mean) - tr_h_sigma / (k * b)
+    tr_sigma = b / (k - 1) * float(dev.pow(2).sum())
+    g2 = float(mean.pow(2).sum()) - tr_sigma / (k * b)
+    return HessianNoiseScale(
+        b_noise=tr_h_sigma / g_h_g if g_h_g > 0 and tr_h_sigma > 0 else None,
+        b_simple=tr_sigma / g2 if g2 > 0 else None,
+        trace_h_sigma=tr_h_sigma,
+        g_h_g=g_h_g,
+        grad_sq_norm=g2,
+        trace_sigma=tr_sigma,
+        eta_max=g2 / g_h_g if g_h_g > 0 and g2 > 0 else None,
+    )
