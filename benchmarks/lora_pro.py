@@ -358,8 +358,8 @@ def main() -> None:
                 f"{light['opt_step_s'] / base['opt_step_s']:.2f}x).",
                 f"Cost: {args.rounds} timed rounds after 2 warm-up rounds, batch {args.batch_size}; took {cost_s:.0f} s. "
                 "One torch thread; the 2 CPU cores were shared with other work during the run: compare ratios, not absolute times.",
-                "The quality protocol (3 seeds, learning-rate sweep, train loss and test accuracy per method) was not "
-                "run in this session: too expensive on the shared CPU.",
+                "Training quality (train loss and test accuracy of each form at its best learning rate, 3 seeds) is "
+                "measured by benchmarks/lora_quality.py: its own section.",
             ],
             "raw": {
                 "layers": names,
