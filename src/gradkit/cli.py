@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", default=",".join(DEFAULT_METHODS), help="comma-separated (default %(default)s)"
     )
     _common(p)
+    from gradkit.scaling.cli import add_arguments as noise_scale_arguments
+
+    p = sub.add_parser(
+        "noise-scale",
+        help="measure the gradient noise scale while training; suggest learning rates per batch size",
+    )
+    noise_scale_arguments(p)
     return parser
 
 
@@ -151,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
 
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
             compare(_config(args, methods[0] if methods else "lora"), methods)
+        elif args.command == "noise-scale":
+            from gradkit.scaling.cli import run_noise_scale
+
+            run_noise_scale(args)
     except GradkitError as err:
         print(f"gradkit: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,276 @@
+"""``gradkit noise-scale``: train for a while, measure ``B_simple``, and turn it into batch-size advice.
+
+It fine-tunes the harness' classifier (a local Hugging Face encoder with a head, the bundled SST-2
+sample by default) with each step's batch split into micro-batches (gradient accumulation), measures
+the gradient noise scale from those micro-batches (:class:`gradkit.NoiseScale`), and writes a run
+folder: ``config.json``, ``metrics.jsonl`` (loss and ``B_simple`` per step), ``summary.json`` (the
+final ``B_simple`` and the learning-rate table), ``noise_scale.png``, ``lr_vs_batch.png`` and
+``steps_examples.png``. This module imports only argparse at load time; the work imports lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from gradkit.errors import GradkitError
+
+TABLE_BATCHES = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``gradkit noise-scale`` options."""
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="local Hugging Face encoder folder (default: bundled all-MiniLM-L6-v2)")
+    g.add_argument("--train", help="training file: TSV, CSV or JSON lines (default: bundled SST-2 sample)")
+    g.add_argument("--text-col", help="text column: name or 0-based index")
+    g.add_argument("--label-col", help="label column: name or 0-based index")
+    g.add_argument("--max-length", type=int, default=64, help="tokens per example (default %(default)s)")
+    g = p.add_argument_group("training and measurement")
+    g.add_argument("--steps", type=int, default=100, help="optimiser steps (default %(default)s)")
+    g.add_argument(
+        "--batch-size", type=int, default=32, help="known-good batch size, trained with (default %(default)s)"
+    )
+    g.add_argument("--lr", type=float, default=5e-5, help="known-good learning rate at --batch-size")
+    g.add_argument(
+        "--micro-batches",
+        type=int,
+        default=4,
+        help="micro-batches per step: the small batch is batch-size/micro-batches (default %(default)s)",
+    )
+    g.add_argument(
+        "--optimizer", choices=["adam", "sgd"], default="adam", help="optimiser of the measuring run"
+    )
+    g.add_argument(
+        "--trainable", choices=["full", "head"], default="full", help="train every weight or the head only"
+    )
+    g.add_argument(
+        "--beta", type=float, default=0.95, help="EMA coefficient of the estimates (default %(default)s)"
+    )
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", help="run folder (default: runs/noise-scale-<time>)")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.steps < 1:
+        raise GradkitError(f"--steps {args.steps} must be at least 1")
+    if args.micro_batches < 2:
+        raise GradkitError(
+            f"--micro-batches {args.micro_batches} must be at least 2 (two batch sizes are needed)"
+        )
+    if args.batch_size < args.micro_batches or args.batch_size % args.micro_batches:
+        raise GradkitError(
+            f"--batch-size {args.batch_size} must be a multiple of --micro-batches {args.micro_batches}; "
+            "e.g. --batch-size 32 --micro-batches 4"
+        )
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise GradkitError(f"--lr {args.lr} must be a positive learning rate, e.g. --lr 5e-5")
+    if not 0.0 <= args.beta < 1.0:
+        raise GradkitError(f"--beta {args.beta} must be in [0, 1), e.g. --beta 0.95")
+    if args.max_length < 2:
+        raise GradkitError(f"--max-length {args.max_length} must be at least 2 tokens")
+
+
+def advice_table(
+    b_simple: float, batch: int, lr: float, batches: list[int] = TABLE_BATCHES
+) -> list[dict[str, float]]:
+    """Suggested learning rates and predicted costs per batch size, from one known-good (batch, lr).
+
+    SGD: McCandlish et al. (2018) with ``B_noise ≈ B_simple``. Adam: Li et al. (2024) mean-field sign
+    rule with ``κ² ≈ B_simple`` and the peak at ``B_simple``. Steps and examples relative to their
+    minima: ``S/S_min = 1 + B_simple/B``, ``E/E_min = 1 + B/B_simple`` (``B_crit ≈ B_simple``).
+    """
+    from gradkit.scaling.laws import lr_for_batch
+
+    rows = []
+    for b in batches:
+        rows.append(
+            {
+                "batch": b,
+                "sgd_lr": lr_for_batch(lr, batch, b, optimizer="sgd", b_noise=b_simple),
+                "adam_lr": lr_for_batch(
+                    lr, batch, b, optimizer="adam", kappa=math.sqrt(b_simple), b_noise=b_simple
+                ),
+                "steps_over_min": 1.0 + b_simple / b,
+                "examples_over_min": 1.0 + b / b_simple,
+            }
+        )
+    return rows
+
+
+def _plots(
+    out: Path, steps: list[int], values: list[float | None], b_simple: float | None, args
+) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gradkit.train.io import atomic_path
+
+    written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        with atomic_path(out / name) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+        written.append(name)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    pts = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None]
+    if pts:
+        ax.plot(*zip(*pts, strict=True), color="C0", linewidth=1.6, label="B_simple (smoothed)")
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("B_simple = tr(Σ)/|G|²")
+    ax.set_title("gradient noise scale during training (gaps: not yet measurable)")
+    ax.grid(alpha=0.3)
+    ax.legend() if pts else None
+    save(fig, "noise_scale.png")
+    if b_simple is None:
+        return written
+
+    rows = advice_table(b_simple, args.batch_size, args.lr, [2**i for i in range(0, 15)])
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot([r["batch"] for r in rows], [r["sgd_lr"] for r in rows], "o-", label="SGD (McCandlish et al.)")
+    ax.plot([r["batch"] for r in rows], [r["adam_lr"] for r in rows], "s-", label="Adam (Li et al., surge)")
+    ax.axvline(b_simple, color="grey", linestyle=":", label=f"B_simple = {b_simple:.3g}")
+    ax.plot([args.batch_size], [args.lr], "k*", markersize=12, label="known-good (batch, lr)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("suggested learning rate η*(B)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    save(fig, "lr_vs_batch.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+    bs = [b_simple * 2.0**k for k in [i / 8 for i in range(-80, 81)]]
+    ax.plot([1 + b / b_simple for b in bs], [1 + b_simple / b for b in bs], color="C2")
+    for b in TABLE_BATCHES:
+        ax.plot(1 + b / b_simple, 1 + b_simple / b, "o", color="C3")
+        ax.annotate(
+            str(b),
+            (1 + b / b_simple, 1 + b_simple / b),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("examples E / E_min")
+    ax.set_ylabel("steps S / S_min")
+    ax.set_title(f"(S/S_min − 1)(E/E_min − 1) = 1, B_crit ≈ {b_simple:.3g}")
+    ax.grid(alpha=0.3, which="both")
+    save(fig, "steps_examples.png")
+    return written
+
+
+def run_noise_scale(args: argparse.Namespace, *, progress: bool = True) -> dict[str, Any]:
+    """Run ``gradkit noise-scale`` with parsed ``args``; prints the table and returns the summary."""
+    _check(args)
+    import torch
+    from tqdm.auto import tqdm
+
+    from gradkit.data import load_text_classification, shuffled_order
+    from gradkit.scaling.noise_scale import NoiseScale
+    from gradkit.train.io import write_json
+    from gradkit.train.loop import _column, make_collate
+    from gradkit.train.model import load_classifier, load_tokenizer
+
+    data = load_text_classification(
+        args.train, split="train", text_col=_column(args.text_col), label_col=_column(args.label_col)
+    )
+    if len(data) < args.batch_size:
+        raise GradkitError(f"--batch-size {args.batch_size} is larger than the {len(data)} training examples")
+    tokenizer = load_tokenizer(args.model)
+    model = load_classifier(args.model, data.num_classes, seed=args.seed)
+    if args.trainable == "head":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_cls = torch.optim.AdamW if args.optimizer == "adam" else torch.optim.SGD
+    optimizer = opt_cls(params, lr=args.lr)
+    collate = make_collate(tokenizer, args.max_length)
+    out = Path(args.out) if args.out else Path("runs") / f"noise-scale-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k != "command"}
+    write_json(out / "config.json", config)
+
+    order: list[int] = []
+    epoch = 0
+    while len(order) < args.steps * args.batch_size:
+        order.extend(shuffled_order(len(data), args.seed, epoch))
+        epoch += 1
+    gns = NoiseScale(model, beta=args.beta)
+    k, micro = args.micro_batches, args.batch_size // args.micro_batches
+    steps, values = [], []
+    bar = tqdm(total=args.steps, desc="noise-scale", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    model.train()
+    with gns.accumulation_hooks() as rec, open(out / "metrics.jsonl", "w") as log:
+        for step in range(1, args.steps + 1):
+            idx = order[(step - 1) * args.batch_size : step * args.batch_size]
+            total = 0.0
+            for i in range(k):
+                chunk = [(data.texts[j], data.labels[j]) for j in idx[i * micro : (i + 1) * micro]]
+                loss = model(**collate(chunk)).loss
+                (loss / k).backward()  # .grad ends as the mean gradient over the whole batch
+                rec.micro_step(micro)
+                total += loss.item() / k
+            if not math.isfinite(total):
+                raise GradkitError(f"the train loss became {total} at step {step}; lower --lr and run again")
+            rec.step()  # before the optimiser step: reads the accumulated gradient
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            m = gns.metrics()
+            steps.append(step)
+            values.append(m["b_simple"])
+            log.write(
+                json.dumps(
+                    {"step": step, "loss": total, **m, "seconds": round(time.perf_counter() - start, 3)}
+                )
+                + "\n"
+            )
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{total:.3f}", b_simple="n/a" if m["b_simple"] is None else f"{m['b_simple']:.3g}"
+            )
+    bar.close()
+
+    b_simple = gns.b_simple
+    summary: dict[str, Any] = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        **gns.metrics(),
+    }
+    summary["status"] = gns.status
+    if b_simple is not None:
+        summary["table"] = advice_table(b_simple, args.batch_size, args.lr)
+    summary["plots"] = _plots(out, steps, values, b_simple, args)
+    write_json(out / "summary.json", summary)
+    if b_simple is None:
+        print(f"B_simple after {args.steps} steps: {gns.status}. Run folder {out}")
+    else:
+        print(
+            f"B_simple = {b_simple:.4g} after {args.steps} steps (tr(Σ) = {gns.trace_sigma:.4g}, |G|² = {gns.grad_sq_norm:.4g})"
+        )
+        print(f"suggested learning rates from the known-good lr {args.lr:g} at batch {args.batch_size}:")
+        print(f"{'batch':>6} {'SGD lr':>11} {'Adam lr':>11} {'S/S_min':>8} {'E/E_min':>8}")
+        for r in summary["table"]:
+            print(
+                f"{r['batch']:>6} {r['sgd_lr']:>11.4g} {r['adam_lr']:>11.4g} "
+                f"{r['steps_over_min']:>8.3g} {r['examples_over_min']:>8.3g}"
+            )
+        print(
+            f"SGD: lr·(1+B_s/B)/(1+B_s/B'); Adam: sign-descent surge with κ²≈B_s and the peak at B_s. Run folder {out}"
+        )
+    summary["out"] = str(out)
+    return summary
