@@ -105,3 +105,26 @@ def test_per_example_misuse():
     model(torch.randn(1, 3)).sum().backward()
     with pytest.raises(GradkitError, match=">= 2 examples"):
         rec.step()
+
+
+def test_linear_used_without_calling_it_is_left_out_of_both_norms():
+    """MultiheadAttention uses out_proj.weight without calling out_proj: no per-example norm for it,
+    so its gradient must not enter the batch norm either."""
+
+    class _Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.called = nn.Linear(4, 4)
+            self.bypassed = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return nn.functional.linear(torch.tanh(self.called(x)), self.bypassed.weight)
+
+    model = _Functional()
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+    gns = NoiseScale(model)
+    with gns.per_example_hooks() as rec:
+        model(x).pow(2).mean().backward()
+        rec.step()
+    called = sum(p.grad.pow(2).sum() for p in model.called.parameters()).item()
+    assert gns.last["big_sq_norm"] == pytest.approx(called, rel=1e-6)

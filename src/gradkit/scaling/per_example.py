@@ -64,7 +64,7 @@ class PerExampleRecorder:
     afterwards does not matter (this is what a Hugging Face Trainer callback needs). Each forward
     pass of the model is one micro-batch; several before :meth:`step` are accumulation.
 
-    Only the Linear layers' parameters are measured (both norms on the same parameters, so the noise
+    Only the called Linear layers' parameters are measured (both norms on the same parameters, so the noise
     scale is that of the Linear weights, usually nearly all of a transformer). Conventions as for
     :class:`gradkit.scaling.noise_scale.GradNormRecorder`: after the step's backward passes ``.grad``
     is ``grad_scale`` times the mean gradient over the step's examples, so an example's gradient is
@@ -90,15 +90,21 @@ class PerExampleRecorder:
             raise GradkitError(
                 "no trainable nn.Linear layer to measure; use accumulation_hooks for other models"
             )
-        self.params = []
-        for m in self.linears:
-            self.params.append(m.weight)
-            if m.bias is not None and m.bias.requires_grad:
-                self.params.append(m.bias)
+        self.params, self._owner = [], []  # parameter, index of its Linear
+        for j, m in enumerate(self.linears):
+            for p in (m.weight, m.bias):
+                if p is not None and p.requires_grad:
+                    self.params.append(p)
+                    self._owner.append(j)
+        # Linears whose per-example norms were measured this step: the batch norm covers exactly
+        # these (a Linear whose weight is used without calling it, e.g. MultiheadAttention's
+        # out_proj, is left out of both)
+        self._seen: set[int] = set()
         self._sums: list[torch.Tensor | None] = []  # one per-example vector per forward pass
         self._grad_sq: dict[int, torch.Tensor] = {}  # latest |.grad|^2 per parameter
         self.last_per_example: torch.Tensor | None = None  # per-example |g_n|^2 of the last step
         self._handles = [model.register_forward_pre_hook(self._new_pass)]
+        self._index = {id(m): j for j, m in enumerate(self.linears)}
         self._handles += [m.register_forward_hook(self._forward) for m in self.linears]
         self._handles += [
             p.register_post_accumulate_grad_hook(self._make_grad_hook(i)) for i, p in enumerate(self.params)
@@ -113,7 +119,7 @@ class PerExampleRecorder:
             return
         if not self._sums:  # the Linear ran outside the model's forward: its own pass
             self._sums.append(None)
-        slot, x = len(self._sums) - 1, inputs[0].detach()
+        slot, x, j = len(self._sums) - 1, inputs[0].detach(), self._index[id(module)]
         has_bias = module.bias is not None and module.bias.requires_grad
 
         def on_grad(dy: torch.Tensor) -> None:
@@ -125,6 +131,7 @@ class PerExampleRecorder:
                     "forward pass; per-example hooks need batch-first inputs"
                 )
             self._sums[slot] = sq if prev is None else prev + sq
+            self._seen.add(j)
 
         output.register_hook(on_grad)
 
@@ -138,6 +145,8 @@ class PerExampleRecorder:
         """Update the :class:`NoiseScale` from this step's backward passes and reset. Returns B_simple."""
         sums, self._sums = [s for s in self._sums if s is not None], []
         grad_sq, self._grad_sq = self._grad_sq, {}
+        seen, self._seen = self._seen, set()
+        grad_sq = {i: v for i, v in grad_sq.items() if self._owner[i] in seen}
         if not sums or not grad_sq:
             raise GradkitError(
                 "step() found no backward pass through the Linear layers; call it after backward()"
