@@ -9,7 +9,9 @@ Reported per method at its best learning rate: the mean train loss over steps 1.
 N (mean of the last 10 steps), test accuracy, each as mean ± sd over seeds, and the gaps to full
 fine-tuning. Each run is a child process (``gradkit compare``).
 
-Methods are harness names, optionally with options: ``lora-pro:pro_moments=factor``.
+Methods are harness names, optionally with options: ``lora-pro:pro_moments=factor``. Runs are kept
+under ``--out``; a rerun reuses every finished run with the same settings (so an interrupted benchmark
+resumes where it stopped).
 
     python benchmarks/lora_quality.py                               # 100 steps, seeds 0 1 2
     python benchmarks/lora_quality.py --methods lora,lora-ga --steps 30 --seeds 0 --name smoke
@@ -43,7 +45,7 @@ GRIDS = {
     "peft-lora-ga": (5e-4, 1e-3, 2e-3),  # its B holds the (small) singular values: LoRA's scale
 }
 # in order of interest: the result file is rewritten after every method, so a cut-short run still reports
-DEFAULT_METHODS = "full,lora,lora-ga,lora-pro,lora-ga-pro,peft-lora-ga,lora-plus,lora-pro:pro_moments=factor"
+DEFAULT_METHODS = "full,lora,lora-ga,lora-pro,peft-lora-ga,lora-ga-pro,lora-plus"
 
 
 def parse_method(spec: str) -> tuple[str, str, dict]:
@@ -59,7 +61,11 @@ def run(cfg, label: str, name: str, options: dict, lr: float, seed: int, out: Pa
     from gradkit.train.compare import compare
 
     run_cfg = dataclasses.replace(cfg, lr=lr, seed=seed, out=str(out), options={**cfg.options, **options})
-    summary = compare(run_cfg, [name])[0]
+    done = out / name / "summary.json"
+    if done.exists() and json.loads((out / name / "config.json").read_text())["options"] == run_cfg.options:
+        summary = json.loads(done.read_text())  # resumable: a finished run of the same settings is reused
+    else:
+        summary = compare(run_cfg, [name])[0]
     if "error" in summary:
         raise SystemExit(f"{label} failed at lr {lr:g}, seed {seed}: {summary['error']}")
     lines = (out / name / "metrics.jsonl").read_text().splitlines()
