@@ -33,6 +33,7 @@ PLUGIN_MODULES: list[str] = [
     "gradkit.train.method_lora_ga",
     "gradkit.train.method_lora_pro",
     "gradkit.train.method_peft_lora_ga",
+    "gradkit.train.method_zeroth_order",
 ]
 
 

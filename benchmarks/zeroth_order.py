@@ -1,0 +1,332 @@
+"""zeroth_order: what a ZerothOrder (MeZO-style) step costs next to plain inference and a backprop
+AdamW step — peak memory and time — on all-MiniLM-L6-v2 with a batch of 32 SST-2 sentences; and,
+with ``--quality``, test accuracy against forward passes for mezo (LoRA + head, every weight) and
+backprop LoRA, with an lr / eps sweep.
+
+Each cost row runs in a child process of its own (this script with ``--child MODE``), so its peak
+memory is its own: after the model and batch are loaded the child resets its peak-RSS mark (Linux
+``/proc/self/clear_refs``; where refused, the current RSS is the baseline), runs the operation
+``--repeats`` times, and reports ``ru_maxrss`` (absolute) and its rise above that baseline. Time is
+the median over the repeats after one warm-up. Modes:
+
+  inference     model.eval(), torch.no_grad(), one forward with labels (the loss)
+  zo-lora       one ZerothOrder step (2 forwards, exact restore) on PEFT LoRA factors + head
+  zo-full       one ZerothOrder step on every weight (MeZO proper)
+  adamw-lora    forward, backward, AdamW step on PEFT LoRA factors + head
+  adamw-full    forward, backward, AdamW step on every weight
+
+Goals (issue 4): ZerothOrder peak memory <= 1.10 x inference; step time <= 2.3 x one forward.
+
+    python benchmarks/zeroth_order.py               # cost rows (a minute or two on 2 CPU cores)
+    python benchmarks/zeroth_order.py --quality     # also the quality sweep (long: tens of minutes)
+    python benchmarks/zeroth_order.py --quick       # smoke run: a tiny random BERT, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine, write_result  # noqa: E402
+
+SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
+MODES = ("inference", "zo-lora", "zo-full", "adamw-lora", "adamw-full")
+LABELS = {
+    "inference": "plain inference (no_grad forward)",
+    "zo-lora": "ZerothOrder step, LoRA + head (exact restore)",
+    "zo-full": "ZerothOrder step, every weight (exact restore)",
+    "adamw-lora": "backprop + AdamW step, LoRA + head",
+    "adamw-full": "backprop + AdamW step, every weight",
+}
+
+
+# ---------------------------------------------------------------------------------------------- child
+def _rss_reset() -> int:
+    """Reset the peak-RSS mark to the current RSS where Linux allows; returns the baseline (KiB)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except OSError:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def _tiny_model_dir() -> str:
+    """A 2-layer random BERT (hidden 32) with MiniLM's tokenizer files, for --quick."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from gradkit.train.model import default_model_path
+
+    path = Path(tempfile.mkdtemp(prefix="zo-tiny-"))
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    src = Path(default_model_path())
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, path / name)
+    return str(path)
+
+
+def child(mode: str, model_dir: str | None, batch_size: int, max_length: int, repeats: int) -> dict[str, Any]:
+    import torch
+
+    from gradkit.data import load_text_classification
+    from gradkit.train.model import load_classifier, load_tokenizer
+
+    data = load_text_classification(str(SST2) if SST2.is_file() else None)
+    tokenizer = load_tokenizer(model_dir)
+    batch = dict(
+        tokenizer(
+            data.texts[:batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+    )
+    batch["labels"] = torch.tensor(data.labels[:batch_size])
+    model = load_classifier(model_dir, num_labels=2, seed=0)
+    if mode.endswith("lora"):
+        from peft import LoraConfig, get_peft_model
+
+        from gradkit.train.model import lora_target_names
+
+        targets = lora_target_names(model, "all-linear")
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, modules_to_save=["head"])
+        )
+    elif mode.endswith("full"):
+        model.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer: Any = None
+    if mode.startswith("zo"):
+        from gradkit import ZerothOrder
+
+        optimizer = ZerothOrder(params, lr=1e-6, eps=1e-3)
+        model.eval()  # as the mezo method does: no dropout in the two evaluations
+
+        def op() -> None:
+            optimizer.step(lambda: model(**batch).loss)
+
+    elif mode.startswith("adamw"):
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        model.train()
+
+        def op() -> None:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    else:
+        model.eval()
+
+        def op() -> None:
+            with torch.no_grad():
+                _ = model(**batch).loss
+
+    baseline = _rss_reset()
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up (AdamW allocates its moments there)
+        start = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    largest_module = max(
+        (
+            sum(p.numel() * p.element_size() for p in m.parameters(recurse=False) if p.requires_grad)
+            for m in model.modules()
+        ),
+        default=0,
+    )
+    state = 0
+    if optimizer is not None and not mode.startswith("zo"):
+        state = sum(
+            v.numel() * v.element_size()
+            for s in optimizer.state.values()
+            for v in s.values()
+            if torch.is_tensor(v)
+        )
+    return {
+        "mode": mode,
+        "peak_rss_mib": peak / 1024,
+        "baseline_rss_mib": baseline / 1024,
+        "rise_mib": (peak - baseline) / 1024,
+        "seconds": statistics.median(times[1:]) if repeats else times[0],
+        "trainable_parameters": sum(p.numel() for p in params) if mode != "inference" else 0,
+        "optimizer_state_bytes": state,
+        "largest_perturbed_module_bytes": largest_module if mode.startswith("zo") else 0,
+        "tokens": int(batch["input_ids"].numel()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_child(mode: str, args: argparse.Namespace, model_dir: str | None) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", mode, "--batch-size", str(args.batch_size)]
+    cmd += ["--max-length", str(args.max_length), "--repeats", str(args.repeats)]
+    if model_dir:
+        cmd += ["--model", model_dir]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if result.returncode:
+        raise SystemExit(f"child {mode} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# -------------------------------------------------------------------------------------------- quality
+def quality(args: argparse.Namespace, model_dir: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Test accuracy against forward passes: mezo (LoRA + head, every weight) over an lr x eps grid,
+    and backprop LoRA, the same data order and seed (gradkit's harness)."""
+    from gradkit.train.config import TrainConfig
+    from gradkit.train.loop import finetune
+
+    runs = [("lora", {}, 1e-3, args.bp_steps)]
+    for lr in args.lora_lrs:
+        for eps in args.eps:
+            runs.append(("mezo", {"zo_params": "lora", "zo_eps": eps}, lr, args.zo_steps))
+    for lr in args.full_lrs:
+        runs.append(("mezo", {"zo_params": "all", "zo_eps": 1e-3}, lr, args.zo_steps))
+    rows, raw = [], []
+    out = Path(tempfile.mkdtemp(prefix="zo-quality-"))
+    for i, (method, options, lr, steps) in enumerate(runs):
+        cfg = TrainConfig(
+            method=method,
+            model=model_dir,
+            steps=steps,
+            batch_size=args.batch_size,
+            lr=lr,
+            weight_decay=0.0,
+            options=options,
+            out=str(out / f"run{i}"),
+            max_length=args.max_length,
+        )
+        summary = finetune(cfg, progress=False)
+        forwards = 2 * steps if method == "mezo" else steps
+        label = f"{method} {options.get('zo_params', 'lora')}" + (
+            f" eps {options['zo_eps']:g}" if options else ""
+        )
+        rows.append(
+            [
+                label,
+                f"{lr:g}",
+                steps,
+                forwards,
+                f"{100 * summary['test_accuracy']:.1f}",
+                f"{summary['train_seconds']:.0f}",
+            ]
+        )
+        raw.append({"method": method, "options": options, "lr": lr, "steps": steps, **summary})
+    table = {
+        "caption": "Test accuracy (SST-2 dev) against forward passes (backprop rows: one forward + one backward per step)",
+        "columns": ["run", "lr", "steps", "forward passes", "test accuracy %", "train seconds"],
+        "rows": rows,
+    }
+    return table, raw
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", choices=MODES)
+    parser.add_argument("--model", help="local Hugging Face folder (default: bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny random BERT, seconds")
+    parser.add_argument("--quality", action="store_true", help="also run the quality sweep (long)")
+    parser.add_argument("--zo-steps", type=int, default=4000)
+    parser.add_argument("--bp-steps", type=int, default=300)
+    parser.add_argument(
+        "--lora-lrs", type=lambda s: [float(x) for x in s.split(",")], default=[3e-5, 1e-4, 3e-4]
+    )
+    parser.add_argument("--full-lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-6, 3e-6])
+    parser.add_argument("--eps", type=lambda s: [float(x) for x in s.split(",")], default=[1e-3, 1e-2])
+    parser.add_argument("--name", default="zeroth_order")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.model, args.batch_size, args.max_length, args.repeats)))
+        return
+    model_dir = args.model
+    if args.quick:
+        model_dir = model_dir or _tiny_model_dir()
+        args.batch_size, args.max_length, args.repeats = 8, 32, 1
+        args.zo_steps, args.bp_steps, args.lora_lrs, args.full_lrs, args.eps = 3, 3, [1e-4], [1e-6], [1e-3]
+    results = {mode: run_child(mode, args, model_dir) for mode in MODES}
+    for mode, r in results.items():
+        print(
+            f"{mode:12s} peak {r['peak_rss_mib']:8.1f} MiB  rise {r['rise_mib']:7.1f} MiB  {r['seconds']:.3f} s"
+        )
+    inf = results["inference"]
+    rows = [
+        [
+            LABELS[mode],
+            f"{r['peak_rss_mib']:.0f}",
+            f"{r['peak_rss_mib'] / inf['peak_rss_mib']:.2f}x",
+            f"{r['rise_mib']:.0f}",
+            f"{1000 * r['seconds']:.0f}",
+            f"{r['seconds'] / inf['seconds']:.2f}x",
+            f"{r['optimizer_state_bytes'] / 2**20:.1f}",
+        ]
+        for mode, r in results.items()
+    ]
+    tables = [
+        {
+            "caption": f"One step on a batch of {args.batch_size} SST-2 sentences (padded to the longest, "
+            f"at most {args.max_length} tokens), each row in its own process",
+            "columns": [
+                "operation",
+                "peak RSS MiB",
+                "vs inference",
+                "rise over loaded model MiB",
+                "ms",
+                "vs one forward",
+                "optimizer state MiB",
+            ],
+            "rows": rows,
+        }
+    ]
+    raw: dict[str, Any] = {"cost": results}
+    if args.quality:
+        table, raw["quality"] = quality(args, model_dir)
+        tables.append(table)
+    zo = results["zo-full"]
+    notes = [
+        f"zo-full peak memory {zo['peak_rss_mib'] / inf['peak_rss_mib']:.2f}x inference (goal <= 1.10x); step time "
+        f"{zo['seconds'] / inf['seconds']:.2f}x one forward (goal <= 2.3x, two forwards are the floor).",
+        "ZerothOrder keeps no per-parameter state; its extra memory is the perturbed copy of one module's own "
+        f"parameters at a time (largest here: {zo['largest_perturbed_module_bytes'] / 2**20:.1f} MiB, the word "
+        "embedding for every-weight runs) plus one z buffer.",
+    ]
+    if args.quick:
+        notes.append(
+            "--quick: a tiny random BERT and batch of 8, a smoke run of the code path, not a measurement."
+        )
+    result = {
+        "title": "Zeroth order (MeZO-style): memory and time of a step vs inference and backprop",
+        "claim": "A ZerothOrder step fits in the memory of inference and costs about two forwards.",
+        "tables": tables,
+        "notes": notes,
+        "raw": raw,
+    }
+    if args.quick:  # never into benchmarks/results/, which docs/benchmarks.md is rendered from
+        path = Path(tempfile.gettempdir()) / f"{args.name}_quick.json"
+        path.write_text(json.dumps({"name": f"{args.name}_quick", "machine": machine(), **result}, indent=2))
+        print(f"wrote {path} (quick run: not a result)")
+    else:
+        write_result(args.name, result)
+
+
+if __name__ == "__main__":
+    main()

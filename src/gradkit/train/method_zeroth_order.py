@@ -1,0 +1,202 @@
+"""Harness methods without backprop through the objective: ``mezo`` (zeroth order, MeZO:
+Malladi et al. 2023, arXiv 2305.17333) and ``policy-gradient`` (REINFORCE, Williams 1992).
+
+``mezo`` trains with :class:`gradkit.ZerothOrder`: two forward passes per step, no backward, so
+training needs the memory of inference. ``--objective accuracy`` or ``f1`` optimises the batch
+metric of argmax predictions directly (the closure returns ``1 - metric``), something no
+gradient reaches. ``policy-gradient`` samples labels from ``softmax(logits / T)``, rewards the
+correct ones and follows the REINFORCE gradient with AdamW: the same kind of objective, seen from
+the score-function side (``docs/zeroth_order.md`` shows the two agree).
+
+Under data parallelism (``accelerate launch`` / ``torchrun``) every rank builds ``ZerothOrder``
+with the run's seed, so every rank draws the same directions; the closure all-reduces only scalars
+(the loss, or the metric's counts), so every rank computes the same step. ``policy-gradient`` uses
+the ordinary DDP gradient all-reduce.
+
+The logged "loss" is what each method optimises: the cross-entropy for ``--objective loss``,
+``1 - accuracy`` or ``1 - F1`` of the batch for the metric objectives, and ``1 - mean reward`` (the
+error rate of the sampled labels) for ``policy-gradient``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradkit.errors import GradkitError
+from gradkit.train.config import TrainConfig
+from gradkit.train.methods import Lora, Method, register_method
+
+ZO_PARAMS = ("lora", "all", "head")
+OBJECTIVES = ("loss", "accuracy", "f1")
+
+
+def _prepare_params(method: Lora, model: nn.Module, cfg: TrainConfig, which: str) -> nn.Module:
+    """``lora``: PEFT LoRA (like the ``lora`` method) with the head trainable; ``head``: the head
+    only; ``all``: every weight. ``requires_grad`` marks what trains (no gradient is ever taken by
+    ``mezo``; the flag is how the harness counts and saves the trained tensors)."""
+    if which not in ZO_PARAMS:
+        raise GradkitError(f"unknown parameter set {which!r}; choose one of: {', '.join(ZO_PARAMS)}")
+    if which == "lora":
+        return Lora.prepare(method, model, cfg, [])
+    for name, param in model.named_parameters():
+        param.requires_grad_(which == "all" or name.startswith("head."))
+    return model
+
+
+def _save(method: Lora, model: nn.Module, out_dir) -> None:
+    """A PEFT model saves its adapter (like ``lora``); otherwise the trained tensors (like ``head``)."""
+    if hasattr(model, "peft_config"):
+        Lora.save(method, model, out_dir)
+    else:
+        Method.save(method, model, out_dir)
+
+
+def objective_value(
+    logits: torch.Tensor, labels: torch.Tensor, objective: str, accelerator: Any, loss: torch.Tensor | None
+) -> torch.Tensor:
+    """The value to minimise on this batch, identical on every rank: the loss (mean over ranks,
+    whose slices are equal-sized), or ``1 - metric`` of argmax predictions computed from counts
+    summed over ranks (a global F1 needs global counts, not a mean of per-rank F1s)."""
+    if objective == "loss":
+        return accelerator.reduce(loss.detach().float(), reduction="mean")
+    preds = logits.argmax(-1)
+    if objective == "accuracy":
+        counts = torch.stack([(preds == labels).sum(), torch.tensor(labels.numel(), device=labels.device)])
+        counts = accelerator.reduce(counts.float(), reduction="sum")
+        return 1.0 - counts[0] / counts[1]
+    num_classes = logits.shape[-1]
+    classes = torch.arange(num_classes, device=labels.device)
+    hit_pred = preds.unsqueeze(0) == classes.unsqueeze(1)  # (C, B)
+    hit_true = labels.unsqueeze(0) == classes.unsqueeze(1)
+    counts = torch.stack(
+        [(hit_pred & hit_true).sum(1), (hit_pred & ~hit_true).sum(1), (~hit_pred & hit_true).sum(1)]
+    )
+    tp, fp, fn = accelerator.reduce(counts.float(), reduction="sum")
+    denom = 2 * tp + fp + fn
+    present = denom > 0  # a class absent from predictions and labels has no F1 (left out, as in macro_f1)
+    f1 = (2 * tp[present] / denom[present]).mean() if present.any() else torch.tensor(0.0)
+    return 1.0 - f1
+
+
+@register_method
+class Mezo(Lora):
+    """Zeroth-order fine-tuning (MeZO): two forwards per step along a seeded random direction, no
+    backward; LoRA + head by default."""
+
+    name = "mezo"
+    default_lr = 1e-4  # SGD on a noisy n-dim estimate: far below AdamW's; sweep it (see docs)
+    summary = "zeroth-order (MeZO): two forwards per step, no backward, memory of inference"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group(
+            "zeroth order (--method mezo) and policy gradient (--method policy-gradient)"
+        )
+        g.add_argument(
+            "--zo-params",
+            choices=ZO_PARAMS,
+            default="lora",
+            help="what trains: lora (LoRA factors and head, default), all (every weight) or head",
+        )
+        g.add_argument(
+            "--zo-eps", type=float, default=1e-3, help="perturbation scale eps (default %(default)s)"
+        )
+        g.add_argument("--zo-samples", type=int, default=1, help="directions per step (default %(default)s)")
+        g.add_argument(
+            "--objective",
+            choices=OBJECTIVES,
+            default="loss",
+            help="mezo minimises the loss (default), or 1 - accuracy / 1 - macro-F1 of argmax predictions",
+        )
+        g.add_argument(
+            "--pg-temperature",
+            type=float,
+            default=1.0,
+            help="policy-gradient: labels are sampled from softmax(logits / T) (default %(default)s)",
+        )
+
+    def prepare(self, model, cfg, batches):
+        return _prepare_params(self, model, cfg, cfg.options.get("zo_params") or "lora")
+
+    def save(self, model, out_dir):
+        _save(self, model, out_dir)
+
+    def make_optimizer(self, model, cfg, lr):
+        from gradkit.optim.zeroth_order import ZerothOrder
+
+        options = cfg.options
+        params = [p for p in model.parameters() if p.requires_grad]
+        return ZerothOrder(
+            params,
+            lr=lr,
+            eps=options.get("zo_eps") or 1e-3,
+            n_samples=options.get("zo_samples") or 1,
+            weight_decay=cfg.weight_decay,
+            seed=cfg.seed,  # the same on every rank: the same directions everywhere
+        )
+
+    def train_step(self, model, batch, optimizer, accelerator, cfg):
+        objective = cfg.options.get("objective") or "loss"
+        if objective not in OBJECTIVES:
+            raise GradkitError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+        labels = batch["labels"]
+
+        def closure() -> torch.Tensor:
+            out = model(**batch)
+            return objective_value(out.logits, labels, objective, accelerator, out.loss)
+
+        was_training = model.training
+        # no dropout during the two evaluations (as in MeZO): with different masks, f+ - f- would be noise
+        model.eval()
+        try:
+            optimizer.step(closure)  # accelerate's wrapper returns None; the loss is kept on the optimiser
+        finally:
+            model.train(was_training)
+        return getattr(optimizer, "optimizer", optimizer).last_loss.detach()
+
+
+@register_method
+class PolicyGradient(Lora):
+    """REINFORCE on the classifier: sample a label from softmax(logits / T), reward 1 if correct,
+    AdamW on the policy-gradient surrogate (LoRA + head by default, ``--zo-params head`` for the head)."""
+
+    name = "policy-gradient"
+    default_lr = 1e-3
+    summary = "REINFORCE: sample labels from softmax(logits/T), reward correctness (optimises accuracy)"
+
+    def prepare(self, model, cfg, batches):
+        return _prepare_params(self, model, cfg, cfg.options.get("zo_params") or "lora")
+
+    def save(self, model, out_dir):
+        _save(self, model, out_dir)
+
+    def make_optimizer(self, model, cfg, lr):
+        return Method.make_optimizer(self, model, cfg, lr)
+
+    def train_step(self, model, batch, optimizer, accelerator, cfg):
+        from gradkit.estimators import policy_gradient_loss
+
+        temperature = cfg.options.get("pg_temperature") or 1.0
+        if not temperature > 0:
+            raise GradkitError(f"--pg-temperature must be > 0, got {temperature}")
+        if not hasattr(self, "_generator"):
+            # private sampling stream, different on every rank (each rank samples its own slice)
+            self._generator = torch.Generator(device=batch["labels"].device).manual_seed(
+                cfg.seed * 1_000_003 + accelerator.process_index
+            )
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits.float() / temperature
+        with torch.no_grad():
+            actions = torch.multinomial(torch.softmax(logits, -1), 1, generator=self._generator).squeeze(-1)
+            rewards = (actions == batch["labels"]).float()
+        loss = policy_gradient_loss(logits, actions, rewards, baseline="mean")
+        accelerator.backward(loss)
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return 1.0 - rewards.mean()

@@ -1,0 +1,290 @@
+"""ZerothOrder: exact restore in every dtype, the seed trick and the global RNG, the update formula,
+resume, bad input, and a loss that goes down."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from gradkit import GradkitError, ZerothOrder
+
+
+class Net(nn.Module):
+    """Embedding, LayerNorm, a block called twice (shared weights), and a parameter of the root."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.norm = nn.LayerNorm(16)
+        self.block = nn.Linear(16, 16)
+        self.scale = nn.Parameter(torch.ones(16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.embed(tokens).mean(1))
+        h = torch.tanh(self.block(torch.tanh(self.block(h)))) * self.scale
+        return self.head(h)
+
+
+def make_problem(dtype: torch.dtype = torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = Net().to(dtype)
+    tokens = torch.randint(0, 50, (64, 5), generator=g)
+    labels = torch.randint(0, 3, (64,), generator=g)
+
+    def closure() -> torch.Tensor:
+        return nn.functional.cross_entropy(net(tokens).float(), labels)
+
+    return net, closure
+
+
+def bits(module: nn.Module) -> list[torch.Tensor]:
+    """Raw bit patterns (so -0.0 vs 0.0 and NaN payloads count as differences)."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return [p.detach().clone().view(ints[p.element_size()]) for p in module.parameters()]
+
+
+@pytest.fixture(params=["whole", "chunked"])
+def chunking(request, monkeypatch):
+    """Run a test as is (these small parameters fit one chunk of z) and with z generated in chunks
+    of 10 elements, the path every parameter over a million elements takes."""
+    if request.param == "chunked":
+        monkeypatch.setattr("gradkit.optim.zeroth_order._CHUNK", 10)
+    return request.param
+
+
+def same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_lr_zero_step_with_exact_restore_is_bit_identical(dtype, chunking):
+    net, closure = make_problem(dtype)
+    with torch.no_grad():
+        net.head.bias[0] = -0.0  # signed zeros survive too
+    before = bits(net)
+    opt = ZerothOrder(net.parameters(), lr=0.0, eps=1e-2, n_samples=3, weight_decay=0.1, restore="exact")
+    for _ in range(3):
+        loss = opt.step(closure)
+        assert torch.isfinite(loss) and loss.shape == ()
+    assert same_bits(before, bits(net))
+    assert all(abs(d) > 0 for d in opt.last_projected_grads)  # the perturbation did change the loss
+
+
+def test_subtract_restore_is_not_exact_in_bf16():
+    """The classic add-then-subtract loses bits in bf16: the exactness test above can fail."""
+    net, closure = make_problem(torch.bfloat16)
+    before = bits(net)
+    opt = ZerothOrder(net.parameters(), lr=0.0, eps=1e-2, restore="subtract")
+    opt.step(closure)
+    assert not same_bits(before, bits(net))
+
+
+def test_exact_and_subtract_evaluate_the_same_points_in_fp32(chunking):
+    """Same seed, same directions: the hook-based perturbation sees the same losses as in-place."""
+    results = {}
+    for restore in ("exact", "subtract"):
+        net, closure = make_problem(torch.float64)
+        opt = ZerothOrder(net.parameters(), lr=1e-2, eps=1e-3, n_samples=2, restore=restore, seed=5)
+        for _ in range(3):
+            opt.step(closure)
+        results[restore] = (opt.last_projected_grads, [p.detach().clone() for p in net.parameters()])
+    assert results["exact"][0] == pytest.approx(results["subtract"][0], rel=1e-6, abs=1e-9)
+    for a, b in zip(results["exact"][1], results["subtract"][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("restore", ["exact", "subtract"])
+def test_a_step_leaves_the_global_rng_untouched(restore):
+    net, closure = make_problem()
+    state = torch.get_rng_state()
+    opt = ZerothOrder(net.parameters(), lr=1e-3, n_samples=2, restore=restore)
+    opt.step(closure)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+class Linear1D(nn.Module):
+    """f(θ) = c·θ: the directional derivative is exact, so the update is easy to predict."""
+
+    def __init__(self, c: torch.Tensor):
+        super().__init__()
+        self.c = c
+        self.w = nn.Parameter(torch.zeros_like(c))
+
+    def forward(self) -> torch.Tensor:
+        return (self.w * self.c).sum()
+
+
+def test_update_is_unbiased_with_n_samples_and_per_group_eps(chunking):
+    c1 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    c2 = torch.tensor([3.0, 0.0], dtype=torch.float64)
+    a, b = Linear1D(c1), Linear1D(c2)
+    lr = 1e-3
+    opt = ZerothOrder([{"params": [a.w]}, {"params": [b.w], "eps": 2e-3}], lr=lr, eps=1e-3, n_samples=4000)
+    opt.step(lambda: a() + b())
+    # E[(c·z) z] = c: each group moves by about -lr * c; the sampling error per coordinate is about
+    # |ε_h c_h / ε_g| / sqrt(n) summed over groups h (here at most 0.1)
+    torch.testing.assert_close(a.w.detach() / -lr, c1, atol=0.4, rtol=0)
+    torch.testing.assert_close(b.w.detach() / -lr, c2, atol=0.4, rtol=0)
+
+
+def test_weight_decay_skips_one_dimensional_parameters(chunking):
+    net, _ = make_problem()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = ZerothOrder(net.parameters(), lr=0.1, weight_decay=0.5)
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    opt.step(lambda: net(tokens).sum() * 0 + 1)  # constant loss: the update is the decay alone
+    for name, param in net.named_parameters():
+        factor = 1 - 0.1 * 0.5 if param.ndim >= 2 else 1.0
+        torch.testing.assert_close(param.detach(), before[name] * factor, msg=name)
+
+
+def test_resumed_run_takes_exactly_the_same_steps(chunking):
+    net, closure = make_problem()
+    opt = ZerothOrder(net.parameters(), lr=1e-2, eps=1e-3, n_samples=2, weight_decay=0.01)
+    for _ in range(3):
+        opt.step(closure)
+    buffer = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buffer)
+    for _ in range(3):
+        opt.step(closure)
+    straight = bits(net)
+
+    net2, closure2 = make_problem(seed=0)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    net2.load_state_dict(saved["model"])
+    opt2 = ZerothOrder(net2.parameters(), lr=1e-2, eps=1e-3, n_samples=2, weight_decay=0.01, seed=123)
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.steps == 3
+    for _ in range(3):
+        opt2.step(closure2)
+    assert same_bits(straight, bits(net2))
+
+
+def test_learning_rate_lives_in_param_groups_for_schedulers():
+    net, closure = make_problem()
+    opt = ZerothOrder(net.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if step >= 1 else 1.0)
+    opt.step(closure)
+    sched.step()
+    before = bits(net)
+    opt.step(closure)  # lr is now 0
+    assert same_bits(before, bits(net))
+
+
+def test_loss_goes_down_on_a_small_classifier():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 10, generator=g)
+    y = (x @ torch.randn(10, 3, generator=g)).argmax(1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def closure() -> torch.Tensor:
+        return nn.functional.cross_entropy(model(x), y)
+
+    first = closure().item()
+    opt = ZerothOrder(model.parameters(), lr=2e-2, eps=1e-3, n_samples=4)
+    for _ in range(600):
+        opt.step(closure)
+    assert closure().item() < 0.4 * first  # 1.10 -> 0.27 with these seeds
+
+
+@pytest.mark.parametrize("restore", ["exact", "subtract"])
+def test_non_scalar_closure_is_a_clear_error_and_weights_are_restored(restore):
+    net, _ = make_problem()
+    before = bits(net)
+    opt = ZerothOrder(net.parameters(), restore=restore)
+    tokens = torch.zeros(4, 5, dtype=torch.long)
+    with pytest.raises(GradkitError, match="shape"):
+        opt.step(lambda: net(tokens))
+    if restore == "exact":
+        assert same_bits(before, bits(net))
+    else:  # put back by subtraction: equal up to fp32 rounding
+        for a, p in zip(before, net.parameters(), strict=True):
+            torch.testing.assert_close(a.view(torch.float32), p.detach())
+
+
+@pytest.mark.parametrize("restore", ["exact", "subtract"])
+def test_non_finite_loss_skips_warns_once_then_fails(restore):
+    net, closure = make_problem()
+    before = bits(net)
+    opt = ZerothOrder(net.parameters(), lr=1e-2, restore=restore, max_bad_steps=3)
+    with pytest.warns(UserWarning, match="non-finite"):
+        loss = opt.step(lambda: closure() * float("nan"))
+    assert torch.isnan(loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is given once only
+        opt.step(lambda: closure() + float("inf"))
+        assert opt.skipped_steps == 2 and opt.steps == 0
+        if restore == "exact":
+            assert same_bits(before, bits(net))
+        opt.step(closure)  # a good step resets the count in a row
+        assert opt.bad_steps_in_row == 0 and opt.steps == 1
+        opt.step(lambda: closure() * float("nan"))
+        opt.step(lambda: closure() * float("nan"))
+        with pytest.raises(GradkitError, match="3 steps in a row"):
+            opt.step(lambda: closure() * float("nan"))
+    assert opt.skipped_steps == 5
+
+
+def test_bad_arguments_are_clear_errors():
+    net, _ = make_problem()
+    with pytest.raises(GradkitError, match="eps must be > 0"):
+        ZerothOrder(net.parameters(), eps=0.0)
+    with pytest.raises(GradkitError, match="eps must be > 0"):
+        ZerothOrder([{"params": [net.scale], "eps": -1.0}])
+    with pytest.raises(GradkitError, match="empty parameter list"):
+        ZerothOrder([])
+    with pytest.raises(GradkitError, match="empty parameter list"):
+        ZerothOrder(p for p in net.parameters() if p.ndim > 5)
+    with pytest.raises(GradkitError, match="restore"):
+        ZerothOrder(net.parameters(), restore="undo")
+    with pytest.raises(GradkitError, match="n_samples"):
+        ZerothOrder(net.parameters(), n_samples=0)
+    with pytest.raises(GradkitError, match="closure"):
+        ZerothOrder(net.parameters()).step()
+
+
+def test_unused_parameter_warns_once_and_is_not_updated_with_exact_restore():
+    net, closure = make_problem()
+    spare = nn.Parameter(torch.ones(4, 4))
+    opt = ZerothOrder([*net.parameters(), spare], lr=1e-2)
+    with pytest.warns(UserWarning, match="not perturbed"):
+        opt.step(closure)
+    assert torch.equal(spare.detach(), torch.ones(4, 4))
+
+
+def test_exact_restore_reaches_peft_lora_layers(tiny_classifier):
+    """Every LoRA factor and the head are perturbed inside their modules' forwards: the hook-based
+    evaluation gives the same losses as perturbing in place."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_classifier, LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["head"])
+    ).double()
+    model.eval()
+    batch = {
+        "input_ids": torch.randint(1000, 2000, (4, 8), generator=torch.Generator().manual_seed(0)),
+        "labels": torch.tensor([0, 1, 1, 0]),
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = {}
+    for restore in ("exact", "subtract"):
+        clone = copy.deepcopy(model)
+        params = [p for p in clone.parameters() if p.requires_grad]
+        opt = ZerothOrder(params, lr=0.0, eps=1e-3, restore=restore, seed=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "not perturbed" warning: every factor was reached
+            opt.step(lambda clone=clone: clone(**batch).loss)
+        grads[restore] = opt.last_projected_grads[0]
+    assert len(trainable) > 4 and grads["exact"] != 0.0
+    assert grads["exact"] == pytest.approx(grads["subtract"], rel=1e-6)
