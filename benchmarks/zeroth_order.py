@@ -1,7 +1,8 @@
 """zeroth_order: what a ZerothOrder (MeZO-style) step costs next to plain inference and a backprop
 AdamW step — peak memory and time — on all-MiniLM-L6-v2 with a batch of 32 SST-2 sentences; and,
 with ``--quality``, test accuracy against forward passes for mezo (LoRA + head, every weight) and
-backprop LoRA, with an lr / eps sweep.
+backprop LoRA, with an lr / eps sweep; with ``--direct``, accuracy and F1 optimised directly (mezo
+``--objective accuracy|f1`` and policy-gradient) from a loss-trained LoRA checkpoint.
 
 Each cost row runs in a child process of its own (this script with ``--child MODE``), so its peak
 memory is its own: after the model and batch are loaded the child resets its peak-RSS mark (Linux
@@ -19,6 +20,7 @@ Goals (issue 4): ZerothOrder peak memory <= 1.10 x inference; step time <= 2.3 x
 
     python benchmarks/zeroth_order.py               # cost rows (a minute or two on 2 CPU cores)
     python benchmarks/zeroth_order.py --quality     # also the quality sweep (long: tens of minutes)
+    python benchmarks/zeroth_order.py --direct      # also accuracy / F1 optimised directly from a checkpoint
     python benchmarks/zeroth_order.py --quick       # smoke run: a tiny random BERT, seconds
 """
 
@@ -214,8 +216,10 @@ def quality(args: argparse.Namespace, model_dir: str | None) -> tuple[dict[str, 
         )
         summary = finetune(cfg, progress=False)
         forwards = 2 * steps if method == "mezo" else steps
-        label = f"{method} {options.get('zo_params', 'lora')}" + (
-            f" eps {options['zo_eps']:g}" if options else ""
+        label = (
+            "backprop LoRA + head"
+            if method == "lora"
+            else f"mezo {options['zo_params']}, eps {options['zo_eps']:g}"
         )
         rows.append(
             [
@@ -236,6 +240,87 @@ def quality(args: argparse.Namespace, model_dir: str | None) -> tuple[dict[str, 
     return table, raw
 
 
+# --------------------------------------------------------------------------------- direct metrics
+class _OneProcess:
+    """The few accelerate calls a harness method's ``train_step`` makes, for one process."""
+
+    process_index = 0
+
+    def reduce(self, tensor, reduction="mean"):
+        return tensor.clone()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm_(self, params, max_norm):
+        import torch
+
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def direct(args: argparse.Namespace, model_dir: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train LoRA + head on the loss with backprop (the checkpoint), then continue from it with the
+    harness's own methods optimising accuracy or F1 directly: mezo --objective accuracy / f1, and
+    policy-gradient. Reports the test metrics before and after."""
+    import copy
+
+    import torch
+
+    from gradkit.train.config import TrainConfig
+    from gradkit.train.loop import _Ordered, evaluate, load_datasets, make_collate
+    from gradkit.train.methods import get_method
+    from gradkit.train.model import load_classifier, load_tokenizer
+
+    base_cfg = TrainConfig(model=model_dir, max_length=args.max_length, weight_decay=0.0, seed=0)
+    train, test = load_datasets(base_cfg)
+    collate = make_collate(load_tokenizer(model_dir), args.max_length)
+
+    def batches(steps: int, seed: int):
+        stream = _Ordered(train, steps * args.batch_size, seed)
+        return torch.utils.data.DataLoader(stream, batch_size=args.batch_size, collate_fn=collate)
+
+    lora = get_method("lora")
+    model = lora.prepare(load_classifier(model_dir, train.num_classes, seed=0), base_cfg, [])
+    opt = lora.make_optimizer(model, base_cfg, 1e-3)
+    model.train()
+    for batch in batches(args.bp_steps, 0):
+        lora.train_step(model, batch, opt, _OneProcess(), base_cfg)
+    checkpoint = evaluate(model, test, collate, 128, torch.device("cpu"))
+    rows = [["checkpoint: backprop LoRA on the loss", args.bp_steps, "", *_metrics(checkpoint)]]
+    raw = [{"run": "checkpoint", **checkpoint}]
+    runs = [
+        (
+            "mezo --objective accuracy",
+            "mezo",
+            {"objective": "accuracy", "zo_eps": args.eps[0]},
+            args.direct_zo_lr,
+        ),
+        ("mezo --objective f1", "mezo", {"objective": "f1", "zo_eps": args.eps[0]}, args.direct_zo_lr),
+        ("policy-gradient (T = 1)", "policy-gradient", {"pg_temperature": 1.0}, args.direct_pg_lr),
+    ]
+    for label, name, options, lr in runs:
+        method = get_method(name)
+        cfg = TrainConfig(**{**base_cfg.to_dict(), "method": name, "options": options})
+        continued = copy.deepcopy(model)
+        opt = method.make_optimizer(continued, cfg, lr)
+        continued.train()
+        for batch in batches(args.direct_steps, 1):  # a different data order than the checkpoint's
+            method.train_step(continued, batch, opt, _OneProcess(), cfg)
+        after = evaluate(continued, test, collate, 128, torch.device("cpu"))
+        rows.append([label, args.direct_steps, f"{lr:g}", *_metrics(after)])
+        raw.append({"run": label, "lr": lr, "steps": args.direct_steps, **after})
+    table = {
+        "caption": "Optimising the metric directly, continuing from a loss-trained checkpoint (SST-2 dev)",
+        "columns": ["run", "steps", "lr", "test accuracy %", "test macro-F1 %"],
+        "rows": rows,
+    }
+    return table, raw
+
+
+def _metrics(result: dict[str, float]) -> list[str]:
+    return [f"{100 * result['test_accuracy']:.1f}", f"{100 * result['test_macro_f1']:.1f}"]
+
+
 # ----------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -253,6 +338,10 @@ def main() -> None:
     )
     parser.add_argument("--full-lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-6, 3e-6])
     parser.add_argument("--eps", type=lambda s: [float(x) for x in s.split(",")], default=[1e-3, 1e-2])
+    parser.add_argument("--direct", action="store_true", help="also optimise accuracy / F1 from a checkpoint")
+    parser.add_argument("--direct-steps", type=int, default=500)
+    parser.add_argument("--direct-zo-lr", type=float, default=1e-4)
+    parser.add_argument("--direct-pg-lr", type=float, default=1e-4)
     parser.add_argument("--name", default="zeroth_order")
     args = parser.parse_args()
     if args.child:
@@ -263,6 +352,7 @@ def main() -> None:
         model_dir = model_dir or _tiny_model_dir()
         args.batch_size, args.max_length, args.repeats = 8, 32, 1
         args.zo_steps, args.bp_steps, args.lora_lrs, args.full_lrs, args.eps = 3, 3, [1e-4], [1e-6], [1e-3]
+        args.direct_steps = 3
     results = {mode: run_child(mode, args, model_dir) for mode in MODES}
     for mode, r in results.items():
         print(
@@ -300,6 +390,9 @@ def main() -> None:
     raw: dict[str, Any] = {"cost": results}
     if args.quality:
         table, raw["quality"] = quality(args, model_dir)
+        tables.append(table)
+    if args.direct:
+        table, raw["direct"] = direct(args, model_dir)
         tables.append(table)
     zo = results["zo-full"]
     notes = [

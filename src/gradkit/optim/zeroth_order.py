@@ -33,6 +33,8 @@ What gradkit does differently from the reference MeZO code:
   elsewhere (e.g. a penalty computed in the closure, or a parent reading a child's weight) is not
   perturbed. Parameters never perturbed in a step are not updated in that step, and a one-time
   warning names them; use ``restore="subtract"`` for such models.
+  The hooks are process-wide while the closure runs: do not run other models' forwards in other
+  threads meanwhile.
 - **restore="subtract"** is the classic in-place ``+ε z``, ``-2ε z``, ``+ε z`` (arithmetic in fp32,
   stored in the parameter's dtype): exact in fp32 only up to rounding, not exact in bf16/fp16.
 - **Bad losses.** A non-finite loss skips the step (weights restored, no update), counts it in
@@ -225,7 +227,7 @@ class ZerothOrder(torch.optim.Optimizer):
             plus_minus = []
             for sign in (1.0, -1.0):
                 if self.restore == "subtract":
-                    # +ε z from θ, then -2ε z; the finally puts +ε z back (after the minus pass)
+                    # +ε z from θ, then -2ε z, then +ε z back after the minus pass (or on an error)
                     self._shift(entries, seed, sign if sign > 0 else -2.0)
                     try:
                         plus_minus.append(self._evaluate(closure, entries, seed, sign, seen))
