@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from helpers import peft_lora as _peft
 
 from gradkit.errors import GradkitError
 from gradkit.optim.lora_pro import (
@@ -132,22 +133,6 @@ def test_bf16_inputs_do_r_by_r_algebra_in_fp32():
 
 
 # --- the optimiser on a tiny model --------------------------------------------------------------
-
-
-def _peft(model, r=4, alpha=8.0, **kwargs):
-    from peft import LoraConfig, get_peft_model
-
-    from gradkit.train.model import lora_target_names
-
-    cfg = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        target_modules=lora_target_names(model),
-        modules_to_save=["head"],
-        **kwargs,
-    )
-    return get_peft_model(model, cfg)
 
 
 def _randomise_B(model, seed=0, std=0.1):

@@ -9,27 +9,12 @@ import math
 
 import pytest
 import torch
+from helpers import peft_lora as _peft
 
 from gradkit.errors import GradkitError
 from gradkit.lora.export import _export_config, _resolve, save_adapter
 from gradkit.lora.ga import lora_ga_init
 from gradkit.lora.pairs import lora_pairs
-
-
-def _peft(model, r=4, alpha=8.0, adapter="default", **kwargs):
-    from peft import LoraConfig, get_peft_model
-
-    from gradkit.train.model import lora_target_names
-
-    cfg = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        target_modules=lora_target_names(model),
-        modules_to_save=["head"],
-        **kwargs,
-    )
-    return get_peft_model(model, cfg, adapter_name=adapter)
 
 
 def _batch(seed=0, n=4, length=12):

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import peft_lora as _peft
 
 from gradkit.errors import GradkitError
 from gradkit.lora.ga import (
@@ -23,22 +24,6 @@ from gradkit.lora.ga import (
 from gradkit.lora.pairs import lora_pairs
 
 F64 = torch.float64
-
-
-def _peft(model, r=4, alpha=8.0, **kwargs):
-    from peft import LoraConfig, get_peft_model
-
-    from gradkit.train.model import lora_target_names
-
-    cfg = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        target_modules=lora_target_names(model),
-        modules_to_save=["head"],
-        **kwargs,
-    )
-    return get_peft_model(model, cfg)
 
 
 def _batches(n=3, seed=0, size=4, length=12):
