@@ -100,3 +100,13 @@ def test_compare_runs_each_method_and_writes_table_and_plot(tmp_path, tiny_model
     assert all("test_accuracy" in s for s in comparison["summaries"])
     for name in ("table.md", "loss.png", "head/summary.json", "lora/adapter/adapter_config.json"):
         assert (out / name).is_file(), name
+
+
+def test_default_compare_methods_are_registered_and_include_lora_ga():
+    from gradkit.cli import build_parser
+    from gradkit.train.methods import available_methods
+
+    args = build_parser().parse_args(["compare"])
+    methods = args.methods.split(",")
+    assert methods == ["head", "lora", "lora-ga", "full"]
+    assert set(methods) <= set(available_methods())
