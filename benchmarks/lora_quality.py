@@ -32,8 +32,8 @@ from finetune_quality import mean_sd, plot  # noqa: E402
 
 # learning-rate grids: around each method's default, a factor 2 apart unless said
 GRIDS = {
-    "full": (2e-5, 5e-5, 1e-4),
-    "lora": (5e-4, 1e-3, 2e-3),
+    "full": (2e-5, 5e-5, 1e-4, 2e-4),
+    "lora": (5e-4, 1e-3, 2e-3, 4e-3),
     "lora-plus": (2.5e-4, 5e-4, 1e-3),
     "lora-pro": (5e-5, 1e-4, 2e-4),
     "lora-ga": (
