@@ -27,6 +27,21 @@ def mean_sd(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def finished_run(folder: Path, cfg) -> dict | None:
+    """The summary of a run already finished in ``folder`` with the same budget, data, seed and EMA, else None.
+
+    Makes the benchmark resumable: rerunning it after a cut only runs what is missing, and rerunning
+    it after a change to the report only rewrites the report.
+    """
+    if not (folder / "summary.json").exists():
+        return None
+    done = json.loads((folder / "config.json").read_text())
+    keys = ("steps", "batch_size", "seed", "train", "ema", "lr")
+    if any(done.get(k) != getattr(cfg, k) for k in keys if k != "lr" or cfg.lr is not None):
+        return None
+    return json.loads((folder / "summary.json").read_text())
+
+
 def plot(curves: dict[str, list[list[float]]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -74,6 +89,7 @@ def main() -> None:
 
     from gradkit.train.compare import compare
     from gradkit.train.config import TrainConfig
+    from gradkit.train.metrics import window_mean
 
     methods = args.methods.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -89,7 +105,8 @@ def main() -> None:
             ema=args.ema or None,
             train=args.train,
         )
-        for summary in compare(cfg, methods):
+        for method in methods:
+            summary = finished_run(out / method, cfg) or compare(cfg, [method])[0]
             if "error" in summary:
                 raise SystemExit(f"{summary['method']} failed at seed {seed}: {summary['error']}")
             runs[summary["method"]].append(summary)
@@ -119,7 +136,7 @@ def main() -> None:
             [
                 method,
                 f"{summaries[0]['lr']:g}",
-                *[mean_sd([s["train_loss_at"][str(c)] for s in summaries]) for c in checkpoints],
+                *[mean_sd([window_mean(curve, c) for curve in curves[method]]) for c in checkpoints],
                 mean_sd([s["test_accuracy"] for s in summaries], 100, 2),
                 ", ".join(f"{100 * s['test_accuracy']:.2f}" for s in summaries),
                 *(
@@ -136,6 +153,16 @@ def main() -> None:
                 f"{summaries[0]['optimizer_state_bytes'] / 2**20:.2f}",
             ]
         )
+    verdicts = []
+    for method in ("full", "lora"):
+        if method in runs:
+            accs = [100 * s["test_accuracy"] for s in runs[method]]
+            reached = sum(a >= 85 for a in accs)
+            verdicts.append(
+                f"{method}: {reached} of {len(accs)} seeds at or above 85% test accuracy "
+                f"(mean {statistics.mean(accs):.2f}%, lowest {min(accs):.2f}%); goal "
+                f"{'met' if reached == len(accs) else 'not met'} at this budget."
+            )
     plot_path = IMAGES / f"{args.name}.png"
     plot(curves, plot_path, f"MiniLM-L6 on SST-2: {args.steps} steps of batch {args.batch_size}")
     write_result(
@@ -155,6 +182,7 @@ def main() -> None:
             ],
             "plots": [str(plot_path.relative_to(ROOT))],
             "notes": [
+                *verdicts,
                 "Each method at its default learning rate (head 2e-3, LoRA 1e-3 with r=8, alpha=16 on every encoder "
                 "Linear, full 5e-5), AdamW, weight decay 0.01, 10% linear warmup then linear decay, grad-norm clip 1.0, "
                 "max length 128, mean pooling.",

@@ -243,6 +243,7 @@ def main() -> None:
     import peft
 
     table_settings = QUICK if args.quick else SETTINGS
+    load_before = os.getloadavg()[0]  # other work on the machine skews wall times: say how much there was
     tables, raw, notes = [], {}, []
     for key in [s.strip() for s in args.settings.split(",") if s.strip()]:
         setting = table_settings[key]
@@ -305,6 +306,9 @@ def main() -> None:
         "products. Its bytes are (k + l)(in + out) + 8 out floats per layer, k = 2r + 8, l = 2k + 1.",
         "Peak RSS increase: ru_maxrss after the initialisation minus the RSS after model and batches were "
         "loaded, each method in a fresh child process (baseline method per run in the raw data).",
+        f"Torch threads per child: {args.threads or 'torch default'}; 1-minute load average "
+        f"{load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
+        f"(above the child's own share it means other processes shared the {os.cpu_count()} cores).",
     ]
     if args.quick:
         notes.insert(0, "QUICK smoke run (tiny sizes): the numbers say nothing about cost.")

@@ -64,6 +64,7 @@ def run(cfg, label: str, name: str, options: dict, lr: float, seed: int, out: Pa
     done = out / name / "summary.json"
     if done.exists() and json.loads((out / name / "config.json").read_text())["options"] == run_cfg.options:
         summary = json.loads(done.read_text())  # resumable: a finished run of the same settings is reused
+        summary["reused"] = True
     else:
         summary = compare(run_cfg, [name])[0]
     if "error" in summary:
@@ -137,6 +138,10 @@ def report(args, seeds, sweeps, best, started, planned) -> None:
             ]
         )
 
+    all_runs = [
+        *(s for sw in sweeps.values() for s in sw.values()),
+        *(s for r in best.values() for s in r[1:]),
+    ]
     notes = []
     if "full" in best and "lora" in best:
         full_mean, lora_mean = avg("full", "mean_loss"), avg("lora", "mean_loss")
@@ -183,8 +188,9 @@ def report(args, seeds, sweeps, best, started, planned) -> None:
                 "lora-pro: gradkit.LoRAPro AdamW (projected moments unless named), X = sylvester; lora-ga: gradkit's "
                 "LoRA-GA init on the first 8 training batches (the harness defaults); peft-lora-ga: PEFT's "
                 "preprocess_loraga + init_lora_weights='lora_ga' on the same 8 batches; lora-ga-pro: both.",
-                f"One torch thread per run; {sum(len(sw) for sw in sweeps.values()) + sum(len(r) - 1 for r in best.values())} "
-                f"runs took {(time.perf_counter() - started) / 60:.0f} min.",
+                f"One torch thread per run, two runs at a time on the 2 cores; {len(all_runs)} runs "
+                f"({sum(bool(s.get('reused')) for s in all_runs)} of them finished by an earlier invocation and reused); "
+                f"this invocation took {(time.perf_counter() - started) / 60:.0f} min.",
                 *(
                     [
                         f"Not measured yet (the run was stopped before them): {', '.join(m for m in planned if m not in best)}."
@@ -194,7 +200,7 @@ def report(args, seeds, sweeps, best, started, planned) -> None:
                 ),
             ],
             "raw": {
-                label: [{k: v for k, v in s.items() if k not in ("out", "losses")} for s in runs]
+                label: [{k: v for k, v in s.items() if k not in ("out", "losses", "reused")} for s in runs]
                 for label, runs in best.items()
             },
             "sweeps": {
