@@ -55,7 +55,13 @@ def parse_method(spec: str) -> tuple[str, str, dict]:
     return spec, name, options
 
 
-def run(cfg, label: str, name: str, options: dict, lr: float, seed: int, out: Path) -> dict:
+class NotRun(Exception):
+    """A run that ``--report-only`` would have had to start."""
+
+
+def run(
+    cfg, label: str, name: str, options: dict, lr: float, seed: int, out: Path, report_only: bool
+) -> dict:
     import dataclasses
 
     from gradkit.train.compare import compare
@@ -65,6 +71,8 @@ def run(cfg, label: str, name: str, options: dict, lr: float, seed: int, out: Pa
     if done.exists() and json.loads((out / name / "config.json").read_text())["options"] == run_cfg.options:
         summary = json.loads(done.read_text())  # resumable: a finished run of the same settings is reused
         summary["reused"] = True
+    elif report_only:
+        raise NotRun(label)
     else:
         summary = compare(run_cfg, [name])[0]
     if "error" in summary:
@@ -75,6 +83,22 @@ def run(cfg, label: str, name: str, options: dict, lr: float, seed: int, out: Pa
     return summary
 
 
+def measure(args, spec: str, base, seeds: list[int]) -> tuple[dict[float, dict], list[dict]]:
+    """One method: its learning-rate sweep on the first seed, then its best lr on the other seeds."""
+    label, name, options = parse_method(spec)
+    tag = label.replace(":", "-").replace("=", "-").replace(";", "-")
+    sweep = {}
+    for lr in GRIDS[name]:
+        out = Path(args.out) / tag / f"lr{lr:g}-seed{seeds[0]}"
+        sweep[lr] = run(base, label, name, options, lr, seeds[0], out, args.report_only)
+    lr_best = min(sweep, key=lambda lr: sweep[lr]["mean_loss"])
+    best = [sweep[lr_best]]
+    for seed in seeds[1:]:
+        out = Path(args.out) / tag / f"lr{lr_best:g}-seed{seed}"
+        best.append(run(base, label, name, options, lr_best, seed, out, args.report_only))
+    return sweep, best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=DEFAULT_METHODS)
@@ -82,6 +106,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "runs" / "lora_quality"))
+    parser.add_argument(
+        "--note", action="append", default=[], help="a line for the result's notes (how it ran)"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="start no run: report the methods whose runs are all finished",
+    )
     parser.add_argument("--name", default="lora_quality")
     args = parser.parse_args()
 
@@ -92,19 +124,13 @@ def main() -> None:
     base = TrainConfig(steps=args.steps, batch_size=args.batch_size)
     sweeps: dict[str, dict[float, dict]] = {}
     best: dict[str, list[dict]] = {}
-    for spec in args.methods.split(","):
-        label, name, options = parse_method(spec)
-        tag = label.replace(":", "-").replace("=", "-").replace(";", "-")
-        sweeps[label] = {}
-        for lr in GRIDS[name]:
-            out = Path(args.out) / tag / f"lr{lr:g}-seed{seeds[0]}"
-            sweeps[label][lr] = run(base, label, name, options, lr, seeds[0], out)
-        lr_best = min(sweeps[label], key=lambda lr: sweeps[label][lr]["mean_loss"])
-        best[label] = [sweeps[label][lr_best]]
-        for seed in seeds[1:]:
-            out = Path(args.out) / tag / f"lr{lr_best:g}-seed{seed}"
-            best[label].append(run(base, label, name, options, lr_best, seed, out))
-        report(args, seeds, sweeps, best, started, args.methods.split(","))
+    planned = args.methods.split(",")
+    for spec in planned:
+        try:
+            sweeps[spec], best[spec] = measure(args, spec, base, seeds)
+        except NotRun:
+            continue
+        report(args, seeds, sweeps, best, started, planned)
 
 
 def report(args, seeds, sweeps, best, started, planned) -> None:
@@ -184,16 +210,17 @@ def report(args, seeds, sweeps, best, started, planned) -> None:
             "plots": [str(plot_path.relative_to(ROOT))],
             "notes": [
                 *notes,
+                *args.note,
                 "r = 8, alpha = 16 on all 36 encoder Linear layers; lora-plus: PEFT's create_loraplus_optimizer, ratio 16; "
                 "lora-pro: gradkit.LoRAPro AdamW (projected moments unless named), X = sylvester; lora-ga: gradkit's "
                 "LoRA-GA init on the first 8 training batches (the harness defaults); peft-lora-ga: PEFT's "
                 "preprocess_loraga + init_lora_weights='lora_ga' on the same 8 batches; lora-ga-pro: both.",
-                f"One torch thread per run, two runs at a time on the 2 cores; {len(all_runs)} runs "
+                f"{len(all_runs)} runs "
                 f"({sum(bool(s.get('reused')) for s in all_runs)} of them finished by an earlier invocation and reused); "
                 f"this invocation took {(time.perf_counter() - started) / 60:.0f} min.",
                 *(
                     [
-                        f"Not measured yet (the run was stopped before them): {', '.join(m for m in planned if m not in best)}."
+                        f"Not measured (their runs were not finished when this was written): {', '.join(m for m in planned if m not in best)}."
                     ]
                     if len(best) < len(planned)
                     else []
