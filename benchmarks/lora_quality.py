@@ -35,13 +35,13 @@ GRIDS = {
     "full": (2e-5, 5e-5, 1e-4, 2e-4),
     "lora": (5e-4, 1e-3, 2e-3, 4e-3),
     "lora-plus": (2.5e-4, 5e-4, 1e-3),
-    "lora-pro": (5e-5, 1e-4, 2e-4),
+    "lora-pro": (5e-5, 1e-4, 2e-4, 4e-4, 8e-4),
     "lora-ga": (
         5e-5,
         2e-4,
         8e-4,
     ),  # wider: where its best lr lies (LoRA's or full FT's scale) is the question
-    "lora-ga-pro": (5e-5, 1e-4, 2e-4),
+    "lora-ga-pro": (2e-4, 4e-4, 8e-4),
     "peft-lora-ga": (5e-4, 1e-3, 2e-3),  # its B holds the (small) singular values: LoRA's scale
 }
 # in order of interest: the result file is rewritten after every method, so a cut-short run still reports
