@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     result = {
         "name": name,
         "machine": machine(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         **result,
     }
     path = RESULTS / f"{name}.json"

@@ -56,8 +56,8 @@ def render(result: dict) -> str:
 
 def main() -> None:
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
-    order = {"finetune_quality": 0}
-    results.sort(key=lambda r: (order.get(r["name"], 1), r["name"]))
+    order = {"finetune_quality": 0, "finetune_quality_600": 1}
+    results.sort(key=lambda r: (order.get(r["name"], 2), r["name"]))
     text = HEADER + "\n" + "\n".join(render(r) for r in results)
     path = ROOT / "docs" / "benchmarks.md"
     tmp = path.with_suffix(".md.tmp")
