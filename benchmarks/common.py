@@ -63,3 +63,21 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     os.replace(tmp, path)
     print(f"wrote {path.relative_to(ROOT)}")
     return path
+
+
+def finished_run(folder: Path, cfg) -> dict[str, Any] | None:
+    """The summary of a harness run already finished in ``folder`` with every setting of ``cfg``, else None.
+
+    Makes a benchmark resumable: rerunning it after a cut only runs what is missing, and rerunning it
+    after a change to its report only rewrites the report. ``lr=None`` (the method's default) matches
+    whatever learning rate the run used; the run folder and method are where it lies, not settings.
+    """
+    if not (folder / "summary.json").exists():
+        return None
+    done = json.loads((folder / "config.json").read_text())
+    for key, value in cfg.to_dict().items():
+        if key in ("out", "method") or (key == "lr" and value is None):
+            continue
+        if done.get(key) != value:
+            return None
+    return json.loads((folder / "summary.json").read_text())

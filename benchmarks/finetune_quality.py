@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, write_result  # noqa: E402
+from common import IMAGES, ROOT, finished_run, write_result  # noqa: E402
 
 
 def mean_sd(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
@@ -25,21 +25,6 @@ def mean_sd(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def finished_run(folder: Path, cfg) -> dict | None:
-    """The summary of a run already finished in ``folder`` with the same budget, data, seed and EMA, else None.
-
-    Makes the benchmark resumable: rerunning it after a cut only runs what is missing, and rerunning
-    it after a change to the report only rewrites the report.
-    """
-    if not (folder / "summary.json").exists():
-        return None
-    done = json.loads((folder / "config.json").read_text())
-    keys = ("steps", "batch_size", "seed", "train", "ema", "lr")
-    if any(done.get(k) != getattr(cfg, k) for k in keys if k != "lr" or cfg.lr is not None):
-        return None
-    return json.loads((folder / "summary.json").read_text())
 
 
 def plot(curves: dict[str, list[list[float]]], path: Path, title: str) -> None:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, write_result  # noqa: E402
+from common import IMAGES, ROOT, finished_run, write_result  # noqa: E402
 from finetune_quality import mean_sd, plot  # noqa: E402
 
 # learning-rate grids: around each method's default, a factor 2 apart unless said
@@ -67,9 +67,8 @@ def run(
     from gradkit.train.compare import compare
 
     run_cfg = dataclasses.replace(cfg, lr=lr, seed=seed, out=str(out), options={**cfg.options, **options})
-    done = out / name / "summary.json"
-    if done.exists() and json.loads((out / name / "config.json").read_text())["options"] == run_cfg.options:
-        summary = json.loads(done.read_text())  # resumable: a finished run of the same settings is reused
+    summary = finished_run(out / name, run_cfg)
+    if summary is not None:
         summary["reused"] = True
     elif report_only:
         raise NotRun(label)
