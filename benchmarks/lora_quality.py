@@ -32,16 +32,15 @@ from finetune_quality import mean_sd, plot  # noqa: E402
 
 # learning-rate grids: around each method's default, a factor 2 apart unless said
 GRIDS = {
-    "full": (2e-5, 5e-5, 1e-4, 2e-4),
+    "full": (2e-5, 5e-5, 1e-4, 2e-4, 4e-4),
     "lora": (5e-4, 1e-3, 2e-3, 4e-3),
     "lora-plus": (2.5e-4, 5e-4, 1e-3),
-    "lora-pro": (5e-5, 1e-4, 2e-4, 4e-4, 8e-4),
-    "lora-ga": (
-        5e-5,
-        2e-4,
-        8e-4,
-    ),  # wider: where its best lr lies (LoRA's or full FT's scale) is the question
-    "lora-ga-pro": (2e-4, 4e-4, 8e-4),
+    "lora-pro": (5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3),
+    # around the projected form's best (8e-4): each run of the full moments costs several LoRA runs
+    "lora-pro:pro_moments=full": (4e-4, 8e-4, 1.6e-3),
+    # wider: where its best lr lies (LoRA's or full FT's scale) is the question
+    "lora-ga": (5e-5, 2e-4, 8e-4, 1.6e-3),
+    "lora-ga-pro": (4e-4, 8e-4, 1.6e-3),
     "peft-lora-ga": (5e-4, 1e-3, 2e-3),  # its B holds the (small) singular values: LoRA's scale
 }
 # in order of interest: the result file is rewritten after every method, so a cut-short run still reports
@@ -87,7 +86,7 @@ def measure(args, spec: str, base, seeds: list[int]) -> tuple[dict[float, dict],
     label, name, options = parse_method(spec)
     tag = label.replace(":", "-").replace("=", "-").replace(";", "-")
     sweep = {}
-    for lr in GRIDS[name]:
+    for lr in GRIDS.get(label, GRIDS[name]):
         out = Path(args.out) / tag / f"lr{lr:g}-seed{seeds[0]}"
         sweep[lr] = run(base, label, name, options, lr, seeds[0], out, args.report_only)
     lr_best = min(sweep, key=lambda lr: sweep[lr]["mean_loss"])

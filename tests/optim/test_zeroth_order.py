@@ -92,7 +92,9 @@ def test_exact_and_subtract_evaluate_the_same_points_in_fp32(chunking):
     results = {}
     for restore in ("exact", "subtract"):
         net, closure = make_problem(torch.float64)
-        opt = ZerothOrder(net.parameters(), lr=1e-2, eps=1e-3, n_samples=2, restore=restore, seed=5)
+        opt = ZerothOrder(
+            net.parameters(), lr=1e-2, eps=1e-3, n_samples=2, restore=restore, seed=5, sparse_embeddings=False
+        )
         for _ in range(3):
             opt.step(closure)
         results[restore] = (opt.last_projected_grads, [p.detach().clone() for p in net.parameters()])
@@ -288,3 +290,50 @@ def test_exact_restore_reaches_peft_lora_layers(tiny_classifier):
         grads[restore] = opt.last_projected_grads[0]
     assert len(trainable) > 4 and grads["exact"] != 0.0
     assert grads["exact"] == pytest.approx(grads["subtract"], rel=1e-6)
+
+
+class Lookup(nn.Module):
+    """f(E) = sum_i c_i · E[ids_i]: the gradient is known, and zero on rows never looked up."""
+
+    def __init__(self, rows: int, dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(rows, dim)
+
+    def forward(self, ids: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return (self.embed(ids) * c).sum()
+
+
+def test_sparse_embeddings_update_used_rows_without_bias_and_leave_the_rest_alone():
+    g = torch.Generator().manual_seed(0)
+    model = Lookup(20, 3).double()
+    ids = torch.tensor([2, 5, 5, 11])
+    c = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    grad = torch.zeros(20, 3, dtype=torch.float64).index_add_(0, ids, c)
+    before = model.embed.weight.detach().clone()
+    lr = 1e-3
+    opt = ZerothOrder(model.parameters(), lr=lr, eps=1e-3, n_samples=4000)
+    opt.step(lambda: model(ids, c))
+    moved = (model.embed.weight.detach() - before) / -lr
+    unused = torch.ones(20, dtype=torch.bool)
+    unused[ids] = False
+    assert torch.equal(moved[unused], torch.zeros_like(moved[unused]))  # exactly: no noise there
+    # E[(g·z) z] = g on the 3 used rows (9 coordinates): sampling error about |g| / sqrt(n) ≈ 0.05
+    torch.testing.assert_close(moved[~unused], grad[~unused], atol=0.25, rtol=0)
+
+
+def test_dense_embeddings_put_noise_on_every_row():
+    model = Lookup(20, 3).double()
+    ids = torch.tensor([2, 5])
+    before = model.embed.weight.detach().clone()
+    opt = ZerothOrder(model.parameters(), lr=1e-3, eps=1e-3, sparse_embeddings=False)
+    opt.step(lambda: model(ids, torch.ones(2, 3, dtype=torch.float64)))
+    assert bool((model.embed.weight.detach() != before).all())
+
+
+def test_sparse_embeddings_refuse_a_second_lookup_outside_the_steps_rows():
+    model = Lookup(20, 3)
+    calls = iter([torch.tensor([1, 2]), torch.tensor([7])])
+    opt = ZerothOrder(model.parameters(), lr=1e-3)
+    with pytest.raises(GradkitError, match="sparse_embeddings=False"):
+        opt.step(lambda: model(next(calls), torch.ones(1, 3)))
+    assert torch.isfinite(model.embed.weight).all()

@@ -102,3 +102,24 @@ def test_objective_values_match_the_metrics():
     assert f1.item() == pytest.approx(1 - macro_f1(preds, labels, 3))
     loss = torch.tensor(0.7)
     assert objective_value(logits, labels, "loss", _OneProcess(), loss).item() == pytest.approx(0.7)
+
+
+def test_mezo_run_survives_a_step_the_optimiser_skips(tiny_model_dir, tmp_path, monkeypatch):
+    """A non-finite loss inside a ZerothOrder step skips that step (counted), not the whole run."""
+    import gradkit.train.method_zeroth_order as zo_method
+
+    calls = {"n": 0}
+    real = zo_method.objective_value
+
+    def nan_on_step_two(*args, **kwargs):  # the closure runs twice per step: calls 3 and 4 are step 2
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(zo_method, "objective_value", nan_on_step_two)
+    cfg = small_config(tiny_model_dir, tmp_path, "mezo", zo_params="head")
+    with pytest.warns(UserWarning, match="step skipped"):
+        summary = finetune(cfg, progress=False)
+    assert summary["skipped_steps"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 3]

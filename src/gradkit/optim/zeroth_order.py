@@ -35,6 +35,15 @@ What gradkit does differently from the reference MeZO code:
   warning names them; use ``restore="subtract"`` for such models.
   The hooks are process-wide while the closure runs: do not run other models' forwards in other
   threads meanwhile.
+- **Sparse embeddings** (``sparse_embeddings=True``, the default, exact restore only). An
+  ``nn.Embedding`` row that the batch never looks up has gradient exactly 0, and perturbing it
+  cannot change the loss, so its share of ``proj · z`` is pure noise (mean 0). Only the rows the
+  step's first lookup uses are perturbed (in place, the originals saved and copied back bit for
+  bit) and updated, with ``z`` regenerated for exactly those rows: the estimate of every used row
+  has the same law as MeZO's, the unused rows get their true gradient (0) instead of noise, and the
+  word embedding (half of a small BERT's weights) costs neither a copy nor Gaussian draws per
+  step. Decoupled weight decay still shrinks the whole matrix. A later lookup in the same step of a
+  row outside that set raises an error (pass ``sparse_embeddings=False``).
 - **restore="subtract"** is the classic in-place ``+ε z``, ``-2ε z``, ``+ε z`` (arithmetic in fp32,
   stored in the parameter's dtype): exact in fp32 only up to rounding, not exact in bf16/fp16.
 - **Bad losses.** A non-finite loss skips the step (weights restored, no update), counts it in
@@ -96,6 +105,8 @@ class ZerothOrder(torch.optim.Optimizer):
         seed: seed of the private generator; use the same on every rank under data parallelism.
         decay_1d: also decay 1-D parameters (biases, norms).
         max_bad_steps: consecutive non-finite steps tolerated before raising.
+        sparse_embeddings: perturb and update only the embedding rows the step looks up (exact
+            restore only; see the module docstring).
     """
 
     def __init__(
@@ -110,6 +121,7 @@ class ZerothOrder(torch.optim.Optimizer):
         *,
         decay_1d: bool = False,
         max_bad_steps: int = 5,
+        sparse_embeddings: bool = True,
     ):
         params = list(params)
         if not params or all(isinstance(g, dict) and not list(g.get("params", [])) for g in params):
@@ -127,6 +139,8 @@ class ZerothOrder(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.n_samples = n_samples
         self.restore = restore
+        self.sparse_embeddings = bool(sparse_embeddings) and restore == "exact"
+        self._rows: dict[int, torch.Tensor] = {}  # parameter index -> embedding rows used this step
         self.max_bad_steps = max_bad_steps
         self.steps = 0  # steps that updated the parameters
         self.skipped_steps = 0  # steps skipped for a non-finite loss, in total
@@ -188,6 +202,16 @@ class ZerothOrder(torch.optim.Optimizer):
             start += part.numel()
         return out
 
+    def _row_noise(self, p: torch.Tensor, seed: int, index: int, rows: torch.Tensor) -> torch.Tensor:
+        """``z`` for the given (sorted, unique) embedding rows of parameter ``index``: N(0, I) of shape
+        ``(len(rows), dim)`` in the work dtype, regenerated identically from ``(seed, index)``."""
+        gen = self._device_generators.get(p.device)
+        if gen is None:
+            gen = self._device_generators[p.device] = torch.Generator(device=p.device)
+        gen.manual_seed(_mix(seed, index))
+        shape = (len(rows), *p.shape[1:])
+        return torch.randn(shape, generator=gen, device=p.device, dtype=_work_dtype(p.dtype))
+
     def _entries(self) -> list[tuple[dict[str, Any], torch.Tensor, int]]:
         entries, index = [], 0
         for group in self.param_groups:
@@ -219,6 +243,7 @@ class ZerothOrder(torch.optim.Optimizer):
                 "ZerothOrder.step needs a closure returning the loss: opt.step(lambda: loss_fn())"
             )
         entries = self._entries()
+        self._rows = {}
         seeds = [int(torch.randint(0, 2**62, (1,), generator=self._generator)) for _ in range(self.n_samples)]
         diffs: list[float] = []
         values: list[float] = []
@@ -277,6 +302,16 @@ class ZerothOrder(torch.optim.Optimizer):
             coefs = [-lr * d / (group["eps"] * n) for d in diffs]
             if decay == 0 and not any(coefs):
                 continue
+            rows = self._rows.get(index)
+            if rows is not None:  # a sparse embedding: decay everywhere, noise on the used rows only
+                if decay:
+                    p.data.copy_(p.data.to(_work_dtype(p.dtype)).mul_(1.0 - lr * decay))
+                work = p.data[rows].to(_work_dtype(p.dtype))
+                for seed, coef in zip(seeds, coefs, strict=True):
+                    if coef:
+                        work.add_(self._row_noise(p, seed, index, rows), alpha=coef)
+                p.data[rows] = work.to(p.dtype)
+                continue
             # chunk by chunk: the c-th chunk of every z_k, so nothing larger than a chunk is allocated
             # (bf16/fp16: plus one fp32 copy of the chunk)
             chunked = [self._chunks(p.data, seed, index) for seed in seeds]
@@ -320,6 +355,7 @@ class ZerothOrder(torch.optim.Optimizer):
             "bad_steps_in_row": self.bad_steps_in_row,
             "n_samples": self.n_samples,
             "restore": self.restore,
+            "sparse_embeddings": self.sparse_embeddings,
         }
         return state
 
@@ -334,6 +370,7 @@ class ZerothOrder(torch.optim.Optimizer):
             self.bad_steps_in_row = int(extra["bad_steps_in_row"])
             self.n_samples = int(extra["n_samples"])
             self.restore = extra["restore"]
+            self.sparse_embeddings = bool(extra.get("sparse_embeddings", False))
 
 
 def _scalar(value: Any) -> float:
@@ -371,10 +408,43 @@ class _PerturbInForward:
                 slot[1] += 1
                 continue
             group, _, index = self.targets[id(p)]
+            if (
+                self.opt.sparse_embeddings
+                and type(module) is nn.Embedding
+                and p is module.weight
+                and args
+                and torch.is_tensor(args[0])
+            ):
+                self._perturb_rows(p, args[0], group, index)
+                continue
             perturbed = self.opt._perturbed(p, self.seed, index, self.sign * group["eps"])
             self.saved[id(p)] = [p.data, 1]
             p.data = perturbed
             self.seen.add(index)
+
+    def _perturb_rows(self, p: torch.Tensor, ids: torch.Tensor, group: dict[str, Any], index: int) -> None:
+        """Perturb in place only the rows of the step's row set (the first lookup's unique ids)."""
+        rows = self.opt._rows.get(index)
+        used = torch.unique(ids.detach().reshape(-1).to(p.device))
+        if rows is None:
+            rows = self.opt._rows[index] = used
+        elif not bool(torch.isin(used, rows).all()):
+            raise GradkitError(
+                "ZerothOrder(sparse_embeddings=True): an embedding was looked up with rows outside the "
+                "step's first lookup (a different batch inside one step?); pass sparse_embeddings=False"
+            )
+        original = p.data[rows]  # a copy: the exact bits to put back
+        z = self.opt._row_noise(p, self.seed, index, rows)
+        p.data[rows] = z.mul_(self.sign * group["eps"]).add_(original).to(p.dtype)
+        self.saved[id(p)] = [(rows, original), 1]
+        self.seen.add(index)
+
+    def _put_back(self, p: torch.Tensor, saved: Any) -> None:
+        if isinstance(saved, tuple):  # sparse embedding rows
+            rows, original = saved
+            p.data[rows] = original
+        else:
+            p.data = saved
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
         for p in module._parameters.values():
@@ -385,7 +455,7 @@ class _PerturbInForward:
                 continue
             slot[1] -= 1
             if slot[1] == 0:
-                p.data = slot[0]
+                self._put_back(p, slot[0])
                 del self.saved[id(p)]
 
     def __enter__(self) -> _PerturbInForward:
@@ -402,5 +472,5 @@ class _PerturbInForward:
             handle.remove()
         # a forward that raised, or a module that never finished: put every original back
         for key, (original, _) in list(self.saved.items()):
-            self.targets[key][1].data = original
+            self._put_back(self.targets[key][1], original)
         self.saved.clear()

@@ -131,6 +131,12 @@ def default_out(method: str) -> Path:
     return Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _skipped_steps(optimizer: Any) -> int | None:
+    """Steps the optimiser chose to skip (ZerothOrder's count; None for optimisers that never skip),
+    looked up through accelerate's wrapper."""
+    return getattr(getattr(optimizer, "optimizer", optimizer), "skipped_steps", None)
+
+
 def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.train`` with ``cfg.method``, evaluate on ``cfg.test`` and
     write the run folder (config.json, labels.json, metrics.jsonl, summary.json, loss.png, the
@@ -196,6 +202,8 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         ema = EMA(model, decay=cfg.ema, warmup=cfg.ema_warmup)
 
     losses: list[float] = []
+    loss_steps: list[int] = []  # the step of each loss (a step an optimiser skipped has none)
+    skipped = 0
     metrics_path = out / "metrics.jsonl"
     log = open(metrics_path, "w") if main else None  # noqa: SIM115 (kept open across the loop)
     bar = tqdm(total=cfg.steps, desc=cfg.method, disable=not (progress and main), dynamic_ncols=True)
@@ -204,17 +212,29 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     try:
         for step, batch in enumerate(loader, 1):
             current_lr = scheduler.get_last_lr()[0]
+            skipped_before = _skipped_steps(optimizer)
             loss = method.train_step(model, batch, optimizer, accelerator, cfg)
             scheduler.step()
             if ema is not None:
                 ema.update(step)
             loss = accelerator.reduce(loss.float(), reduction="mean").item()
+            if (
+                not math.isfinite(loss)
+                and skipped_before is not None
+                and _skipped_steps(optimizer) > skipped_before
+            ):
+                # the optimiser (ZerothOrder) skipped the step itself: it warns once, counts, and raises
+                # after max_bad_steps in a row
+                skipped += 1
+                bar.update(1)
+                continue
             if not math.isfinite(loss):
                 raise GradkitError(
                     f"the train loss became {loss} at step {step} with lr {lr:g}; lower --lr "
                     f"(or raise --warmup-ratio) and run again"
                 )
             losses.append(loss)
+            loss_steps.append(step)
             if log and (step % cfg.log_every == 0 or step == cfg.steps):
                 seconds = time.perf_counter() - start
                 log.write(
@@ -250,6 +270,7 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             str(s): window_mean(losses, s) for s in (10, 50, 100, 200, 300, 500, 1000) if s <= len(losses)
         },
         **results,
+        "skipped_steps": skipped,
         "train_seconds": round(train_seconds, 2),
         "seconds_per_step": round(train_seconds / cfg.steps, 4),
         "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
@@ -265,7 +286,7 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         method.save(unwrapped, out)
         write_json(out / "summary.json", summary)
         plot_losses(
-            {cfg.method: (list(range(1, len(losses) + 1)), losses)},
+            {cfg.method: (loss_steps, losses)},
             out / "loss.png",
             title=f"{cfg.method}: train loss",
         )
