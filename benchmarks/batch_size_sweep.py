@@ -118,7 +118,10 @@ def train_to_target(
     every = max(1, math.ceil(args.eval_every_examples / batch))
     max_steps = int(min(max(1, args.max_examples // batch), step_cap + every))
     micro = 4 if monitor and batch >= 8 else 1
-    gns = NoiseScale(model, beta=args.beta) if monitor else None
+    # the EMA averages over about --monitor-examples examples whatever the batch: small batches give
+    # noisy single-step estimates (|G|^2 is a small difference of large norms) and need more steps
+    beta = max(0.5, 1.0 - batch / args.monitor_examples)
+    gns = NoiseScale(model, beta=beta) if monitor else None
     rec = gns.accumulation_hooks() if gns is not None else None
 
     def held_out() -> float:
@@ -310,7 +313,12 @@ def main() -> None:
     ap.add_argument("--max-examples", type=int, default=3_000_000)
     ap.add_argument("--eval-size", type=int, default=4096)
     ap.add_argument("--eval-every-examples", type=int, default=4096)
-    ap.add_argument("--beta", type=float, default=0.9, help="EMA coefficient of the NoiseScale monitor")
+    ap.add_argument(
+        "--monitor-examples",
+        type=int,
+        default=20_000,
+        help="the monitor's EMA spans about this many examples: beta = 1 - B / this",
+    )
     ap.add_argument("--precise-draws", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="batch_size_sweep")
@@ -429,7 +437,7 @@ def main() -> None:
         f"{precise['draws']} pairs of batches 32 and 1024) at the parameters of the tuned {ref_opt} run at B = "
         f"{ref_row['batch']} when it crossed the target; ratio {b_ref:.1f}.",
         "B_simple from the monitor (NoiseScale accumulation source, 4 micro-batches, EMA beta "
-        f"{args.beta}) at each tuned run's crossing: median {monitor_median:.0f}"
+        f"1 - B/{args.monitor_examples}) at each tuned run's crossing: median {monitor_median:.0f}"
         if monitor_median
         else "",
         f"Model: char MLP, context {args.context}, embedding {args.embed}, 2 tanh layers of {args.hidden}; "
