@@ -37,6 +37,7 @@ import argparse
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,11 @@ from common import IMAGES, ROOT, write_result  # noqa: E402
 
 from gradkit import NoiseScale, steps_examples_tradeoff  # noqa: E402
 from gradkit.errors import GradkitError  # noqa: E402
-from gradkit.scaling.noise_scale import grad_sq_norm_estimate, trace_sigma_estimate  # noqa: E402
+from gradkit.scaling.noise_scale import (  # noqa: E402
+    b_noise_hessian,
+    grad_sq_norm_estimate,
+    trace_sigma_estimate,
+)
 
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -152,6 +157,7 @@ def train_to_target(
                 result.update(reached=True, steps=crossing, examples=crossing * batch)
                 if gns is not None:
                     result["b_simple"] = gns.b_simple
+                if args.keep_state:
                     result["state"] = {k: v.clone() for k, v in model.state_dict().items()}
                 break
             prev_step, prev_loss = step, loss
@@ -208,7 +214,6 @@ def tune(args, data, vocab, opt_name: str, batch: int, lr_start: float, log) -> 
         "examples": best_run["examples"],
         "monitored_steps": monitored.get("steps"),
         "b_simple_monitor": monitored.get("b_simple"),
-        "state": monitored.get("state"),
         "sweep": {f"{k:g}": (v["steps"] if v["reached"] else None) for k, v in sorted(tried.items())},
     }
 
@@ -234,7 +239,18 @@ def precise_b_simple(args, data, vocab, state: dict[str, torch.Tensor]) -> dict[
         tr.append(trace_sigma_estimate(small, big, b_small, b_big))
     n = len(g2)
     g2m, trm = statistics.mean(g2), statistics.mean(tr)
+    # the Hessian-aware B_noise = tr(H Sigma)/(G^T H G) on held training batches (k chunks of b):
+    # McCandlish et al. predict B_crit ~ B_noise, and B_simple = B_noise only when H is a multiple of I
+    chunks = [train.sample(args.hessian_chunk, gen) for _ in range(args.hessian_chunks)]
+    hess = b_noise_hessian(
+        model, lambda m, c: nn.functional.cross_entropy(m(c[0]), c[1]), chunks, args.hessian_chunk
+    )
     return {
+        "b_noise_hessian": hess.b_noise,
+        "eta_max": hess.eta_max,
+        "trace_h_sigma": hess.trace_h_sigma,
+        "g_h_g": hess.g_h_g,
+        "hessian_chunks": f"{args.hessian_chunks} x {args.hessian_chunk}",
         "grad_sq_norm": g2m,
         "grad_sq_norm_se": statistics.stdev(g2) / math.sqrt(n),
         "trace_sigma": trm,
@@ -299,6 +315,14 @@ def plot(results: dict[str, Any], fits: dict[str, Any], b_ref: float, path: Path
     plt.close(fig)
 
 
+def _save_quick(out_dir: Path, name: str, result: dict[str, Any]) -> None:
+    import json
+
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {path} (a smoke run: not a result)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny budget, numbers mean nothing")
@@ -320,6 +344,12 @@ def main() -> None:
         help="the monitor's EMA spans about this many examples: beta = 1 - B / this",
     )
     ap.add_argument("--precise-draws", type=int, default=200)
+    ap.add_argument("--hessian-chunks", type=int, default=16, help="held chunks for the Hessian B_noise")
+    ap.add_argument("--hessian-chunk", type=int, default=512, help="examples per held chunk")
+    ap.add_argument(
+        "--from-result",
+        help="a result JSON of this script: reuse its tuned runs, redo only the measurement at the target",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="batch_size_sweep")
     args = ap.parse_args()
@@ -338,7 +368,16 @@ def main() -> None:
 
     results: dict[str, list[dict[str, Any]]] = {}
     fits = {}
-    for opt_name in args.optimizers.split(","):
+    args.keep_state = False
+    if args.from_result:  # the tuned runs of an earlier invocation; redo only the measurement at the target
+        import json
+
+        earlier = json.loads(Path(args.from_result).read_text())
+        results = earlier["raw"]["runs"]
+        log(
+            f"reusing the tuned runs of {args.from_result} ({earlier.get('machine', {}).get('date', 'no date')})"
+        )
+    for opt_name in [] if args.from_result else args.optimizers.split(","):
         lr = args.sgd_lr if opt_name == "sgd" else args.adam_lr
         rows = []
         for b in batches:
@@ -349,6 +388,7 @@ def main() -> None:
                 f"{opt_name} B={b}: best lr {lr:g}, {row['steps']:.1f} steps, B_simple(monitor) {row['b_simple_monitor']}"
             )
         results[opt_name] = rows
+    for opt_name, rows in results.items():
         try:
             fits[opt_name] = steps_examples_tradeoff([(r["steps"], r["examples"]) for r in rows])
         except GradkitError as err:  # reported, not hidden: the runs do not follow the hyperbola
@@ -360,7 +400,9 @@ def main() -> None:
     ref_opt = next((o for o in ("sgd", *results) if fits.get(o) is not None), next(iter(results)))
     centre = fits[ref_opt].b_crit if fits.get(ref_opt) is not None else statistics.median(batches)
     ref_row = min(results[ref_opt], key=lambda r: abs(math.log(r["batch"] / centre)))
-    precise = precise_b_simple(args, data, vocab, ref_row["state"])
+    args.keep_state = True  # the same run again (same seed and data): its parameters at the crossing
+    again = train_to_target(args, data, vocab, ref_opt, ref_row["batch"], ref_row["best_lr"], False)
+    precise = precise_b_simple(args, data, vocab, again["state"])
     b_ref = precise["b_simple"]
     log(f"precise B_simple at the target (from {ref_opt} B={ref_row['batch']}): {precise}")
 
@@ -383,6 +425,7 @@ def main() -> None:
                 ]
             )
     fit_rows = []
+    b_noise = precise["b_noise_hessian"]
     for opt_name, fit in fits.items():
         if fit is None:
             fit_rows.append(
@@ -394,6 +437,8 @@ def main() -> None:
                     f"{b_ref:.0f}",
                     "",
                     "not met",
+                    "",
+                    "",
                     "",
                 ]
             )
@@ -409,6 +454,8 @@ def main() -> None:
                 f"{ratio:.2f}",
                 "met" if 0.5 <= ratio <= 2.0 else "not met",
                 f"{fit.rms_log_error:.3f}",
+                "n/a" if b_noise is None else f"{b_noise:.0f}",
+                "n/a" if b_noise is None else f"{fit.b_crit / b_noise:.2f}",
             ]
         )
     adam_rows = results.get("adam")
@@ -424,6 +471,17 @@ def main() -> None:
             + f"). The mean-field prediction puts the peak at B_noise; B_simple at the target is {b_ref:.0f}."
         )
     sgd_rows = results.get("sgd")
+    if sgd_rows and precise["eta_max"] and b_noise:
+        notes.append(
+            "SGD, McCandlish et al.'s lr*(B) = eta_max / (1 + B_noise/B) with eta_max = |G|^2/(G^T H G) = "
+            f"{precise['eta_max']:.3g} and B_noise = {b_noise:.0f} measured at the target, against the tuned lr (grid a "
+            "factor 2 apart): "
+            + ", ".join(
+                f"B={r['batch']}: {precise['eta_max'] / (1 + b_noise / r['batch']):.3g} vs {r['best_lr']:g}"
+                for r in sgd_rows
+            )
+            + "."
+        )
     if sgd_rows:
         notes.append(
             "SGD: McCandlish et al. predict lr*(B) = lr_max / (1 + B_noise/B), rising linearly for B << B_noise "
@@ -443,11 +501,20 @@ def main() -> None:
         f"Model: char MLP, context {args.context}, embedding {args.embed}, 2 tanh layers of {args.hidden}; "
         f"target held-out loss {args.target} nats/char on {args.eval_size} fixed windows of the last 10% of the text; "
         f"lr grid a factor 2 apart; max {args.max_examples} examples per run; seed {args.seed}.",
-        f"The whole sweep took {(time.perf_counter() - started) / 60:.1f} min on one thread.",
+        (
+            f"The tuned runs are those of an earlier invocation ({args.from_result}); this one redid the run at "
+            f"B = {ref_row['batch']} to its crossing and the measurements there, in "
+            f"{(time.perf_counter() - started) / 60:.1f} min."
+            if args.from_result
+            else f"The whole sweep took {(time.perf_counter() - started) / 60:.1f} min on one thread."
+        ),
     ]
-    plot_path = IMAGES / f"{args.name}.png"
+    # a smoke run never goes into benchmarks/results/ or docs/ (docs/benchmarks.md is made from them)
+    out_dir = Path(tempfile.mkdtemp(prefix="batch-size-sweep-")) if args.quick else None
+    plot_path = (out_dir or IMAGES) / f"{args.name}.png"
     plot(results, fits, b_ref, plot_path)
-    write_result(
+    save = write_result if out_dir is None else lambda name, result: _save_quick(out_dir, name, result)
+    save(
         args.name,
         {
             "title": "Batch-size sweep vs the measured gradient noise scale (char MLP, Tiny Shakespeare)",
@@ -465,6 +532,8 @@ def main() -> None:
                         "B_crit / B_simple",
                         "goal (within 2x)",
                         "rms log error of fit",
+                        "B_noise (Hessian) at target",
+                        "B_crit / B_noise",
                     ],
                     "rows": fit_rows,
                 },
@@ -482,7 +551,7 @@ def main() -> None:
                     "rows": rows_out,
                 },
             ],
-            "plots": [str(plot_path.relative_to(ROOT))],
+            "plots": [str(plot_path.relative_to(ROOT) if out_dir is None else plot_path)],
             "notes": [n for n in notes if n]
             + (["--quick is a smoke run; its numbers mean nothing"] if args.quick else []),
             "raw": {
