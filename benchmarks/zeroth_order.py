@@ -1,8 +1,10 @@
 """zeroth_order: what a ZerothOrder (MeZO-style) step costs next to plain inference and a backprop
-AdamW step — peak memory and time — on all-MiniLM-L6-v2 with a batch of 32 SST-2 sentences; and,
-with ``--quality``, test accuracy against forward passes for mezo (LoRA + head, every weight) and
-backprop LoRA, with an lr / eps sweep; with ``--direct``, accuracy and F1 optimised directly (mezo
-``--objective accuracy|f1`` and policy-gradient) from a loss-trained LoRA checkpoint.
+AdamW step (peak memory and time) on all-MiniLM-L6-v2 with a batch of 32 SST-2 sentences; with
+``--quality``, test accuracy against forward passes under a CPU-time budget: a short lr sweep of mezo
+on LoRA + head, its best lr for ``--zo-cpu-minutes`` (30), full-parameter mezo, and backprop LoRA;
+with ``--direct``, accuracy and F1 optimised directly (mezo ``--objective accuracy|f1`` and
+policy-gradient) from the loss-trained backprop LoRA checkpoint. Cost rows go to
+``results/zeroth_order.json``, quality and direct runs to ``results/zeroth_order_quality.json``.
 
 Each cost row runs in a child process of its own (this script with ``--child MODE``), so its peak
 memory is its own: after the model and batch are loaded the child resets its peak-RSS mark (Linux
@@ -20,8 +22,7 @@ the median over the repeats after one warm-up. Modes:
 Goals (issue 4): ZerothOrder peak memory <= 1.10 x inference; step time <= 2.3 x one forward.
 
     python benchmarks/zeroth_order.py               # cost rows (a minute or two on 2 CPU cores)
-    python benchmarks/zeroth_order.py --quality     # also the quality sweep (long: tens of minutes)
-    python benchmarks/zeroth_order.py --direct      # also accuracy / F1 optimised directly from a checkpoint
+    python benchmarks/zeroth_order.py --no-cost --quality --direct   # about an hour of CPU
     python benchmarks/zeroth_order.py --quick       # smoke run: a tiny random BERT, seconds
 """
 
@@ -456,16 +457,16 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true", help="also run the quality sweep (long)")
     parser.add_argument("--sweep-steps", type=int, default=100, help="steps of each lr of the mezo sweep")
     parser.add_argument(
-        "--lora-lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4, 3e-4, 1e-3]
+        "--lora-lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-3, 4e-3, 1.6e-2]
     )
     parser.add_argument("--eps", type=float, default=1e-3, help="mezo's perturbation scale")
     parser.add_argument("--zo-cpu-minutes", type=float, default=30.0, help="CPU budget of mezo LoRA + head")
     parser.add_argument("--full-lr", type=float, default=1e-6, help="lr of full-parameter mezo (MeZO's)")
-    parser.add_argument("--full-cpu-minutes", type=float, default=10.0)
+    parser.add_argument("--full-cpu-minutes", type=float, default=5.0)
     parser.add_argument("--eval-every", type=int, default=250, help="mezo steps between test evaluations")
-    parser.add_argument("--bp-steps", type=int, default=200)
+    parser.add_argument("--bp-steps", type=int, default=150)
     parser.add_argument("--direct", action="store_true", help="also optimise accuracy / F1 from a checkpoint")
-    parser.add_argument("--direct-steps", type=int, default=300)
+    parser.add_argument("--direct-steps", type=int, default=150)
     parser.add_argument("--no-cost", action="store_true", help="skip the cost rows (their result is kept)")
     parser.add_argument(
         "--direct-eps",
