@@ -54,11 +54,18 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+def anchor(title: str) -> str:
+    """GitHub's heading anchor: lower case, punctuation dropped, spaces to hyphens."""
+    kept = "".join(c for c in title.lower() if c.isalnum() or c in " -_")
+    return kept.replace(" ", "-")
+
+
 def main() -> None:
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     order = {"finetune_quality": 0, "finetune_quality_600": 1}
     results.sort(key=lambda r: (order.get(r["name"], 2), r["name"]))
-    text = HEADER + "\n" + "\n".join(render(r) for r in results)
+    contents = [f"- [{r.get('title', r['name'])}](#{anchor(r.get('title', r['name']))})" for r in results]
+    text = HEADER + "\n" + "\n".join(contents) + "\n\n" + "\n".join(render(r) for r in results)
     path = ROOT / "docs" / "benchmarks.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(text)
