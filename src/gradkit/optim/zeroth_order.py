@@ -43,7 +43,9 @@ What gradkit does differently from the reference MeZO code:
   has the same law as MeZO's, the unused rows get their true gradient (0) instead of noise, and the
   word embedding (half of a small BERT's weights) costs neither a copy nor Gaussian draws per
   step. Decoupled weight decay still shrinks the whole matrix. A later lookup in the same step of a
-  row outside that set raises an error (pass ``sparse_embeddings=False``).
+  row outside that set raises an error (pass ``sparse_embeddings=False``). Under data parallelism
+  (an initialised process group of more than one process) the ranks look up different rows, so
+  embeddings get MeZO's dense ``z`` there and every rank still takes the same step.
 - **restore="subtract"** is the classic in-place ``+ε z``, ``-2ε z``, ``+ε z`` (arithmetic in fp32,
   stored in the parameter's dtype): exact in fp32 only up to rounding, not exact in bf16/fp16.
 - **Bad losses.** A non-finite loss skips the step (weights restored, no update), counts it in
@@ -141,6 +143,7 @@ class ZerothOrder(torch.optim.Optimizer):
         self.restore = restore
         self.sparse_embeddings = bool(sparse_embeddings) and restore == "exact"
         self._rows: dict[int, torch.Tensor] = {}  # parameter index -> embedding rows used this step
+        self._sparse_now = False
         self.max_bad_steps = max_bad_steps
         self.steps = 0  # steps that updated the parameters
         self.skipped_steps = 0  # steps skipped for a non-finite loss, in total
@@ -244,6 +247,9 @@ class ZerothOrder(torch.optim.Optimizer):
             )
         entries = self._entries()
         self._rows = {}
+        # under data parallelism each rank looks up other rows, and every rank must take the same step:
+        # dense z there (as MeZO), so the ranks need to exchange nothing but the losses
+        self._sparse_now = self.sparse_embeddings and not _data_parallel()
         seeds = [int(torch.randint(0, 2**62, (1,), generator=self._generator)) for _ in range(self.n_samples)]
         diffs: list[float] = []
         values: list[float] = []
@@ -373,6 +379,13 @@ class ZerothOrder(torch.optim.Optimizer):
             self.sparse_embeddings = bool(extra.get("sparse_embeddings", False))
 
 
+def _data_parallel() -> bool:
+    """True inside an initialised torch.distributed group of more than one process."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _scalar(value: Any) -> float:
     """The closure's loss as a Python float; a non-scalar is a user error."""
     if torch.is_tensor(value):
@@ -409,7 +422,7 @@ class _PerturbInForward:
                 continue
             group, _, index = self.targets[id(p)]
             if (
-                self.opt.sparse_embeddings
+                self.opt._sparse_now
                 and type(module) is nn.Embedding
                 and p is module.weight
                 and args
