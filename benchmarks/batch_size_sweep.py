@@ -34,6 +34,7 @@ fall with B (the surge), and where is its peak, against the mean-field predictio
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import statistics
 import sys
@@ -133,6 +134,7 @@ def train_to_target(
         with torch.no_grad():
             return nn.functional.cross_entropy(model(ex), ey).item()
 
+    recent: collections.deque = collections.deque(maxlen=args.precise_iterates)
     prev_step, prev_loss = 0, held_out()
     result: dict[str, Any] = {"batch": batch, "lr": lr, "reached": False}
     try:
@@ -146,6 +148,8 @@ def train_to_target(
                 rec.step()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if args.keep_state:  # the last few iterates, for the measurement at the crossing
+                recent.append({k: v.clone() for k, v in model.state_dict().items()})
             if step % every and step != max_steps:
                 continue
             loss = held_out()
@@ -158,7 +162,7 @@ def train_to_target(
                 if gns is not None:
                     result["b_simple"] = gns.b_simple
                 if args.keep_state:
-                    result["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+                    result["states"] = list(recent)
                 break
             prev_step, prev_loss = step, loss
     finally:
@@ -218,45 +222,55 @@ def tune(args, data, vocab, opt_name: str, batch: int, lr_start: float, log) -> 
     }
 
 
-def precise_b_simple(args, data, vocab, state: dict[str, torch.Tensor]) -> dict[str, float]:
-    """B_simple at fixed parameters: the unbiased two-batch estimators averaged over many draws."""
-    model = make_model(args, vocab)
-    model.load_state_dict(state)
-    train = data[0]
+def precise_b_simple(args, data, vocab, states: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """|G|^2, tr(Sigma), tr(H Sigma) and G^T H G at the iterates just before a crossing, each the mean of
+    its unbiased estimates pooled over ``states`` (``--precise-draws`` pairs of batches 32 and 1024 in
+    all, and ``--hessian-chunks`` held chunks per state); the noise scales are ratios of the pooled
+    means. Pooling several consecutive iterates matters: at a large SGD learning rate the gradient
+    norm swings from one iterate to the next, and the first iterate found below the target loss is
+    one where it is small."""
     gen = torch.Generator().manual_seed(args.seed + 7)
     b_small, b_big = 32, 1024
+    g2, tr, h_sigma, ghg = [], [], [], []
+    for state in states:
+        model = make_model(args, vocab)
+        model.load_state_dict(state)
 
-    def sq_norm(n: int) -> float:
-        model.zero_grad(set_to_none=True)
-        x, y = train.sample(n, gen)
-        nn.functional.cross_entropy(model(x), y).backward()
-        return sum(p.grad.pow(2).sum().item() for p in model.parameters())
+        def sq_norm(n: int, model=model) -> float:
+            model.zero_grad(set_to_none=True)
+            x, y = data[0].sample(n, gen)
+            nn.functional.cross_entropy(model(x), y).backward()
+            return sum(p.grad.pow(2).sum().item() for p in model.parameters())
 
-    g2, tr = [], []
-    for _ in range(args.precise_draws):
-        small, big = sq_norm(b_small), sq_norm(b_big)
-        g2.append(grad_sq_norm_estimate(small, big, b_small, b_big))
-        tr.append(trace_sigma_estimate(small, big, b_small, b_big))
+        for _ in range(max(2, args.precise_draws // len(states))):
+            small, big = sq_norm(b_small), sq_norm(b_big)
+            g2.append(grad_sq_norm_estimate(small, big, b_small, b_big))
+            tr.append(trace_sigma_estimate(small, big, b_small, b_big))
+        # the Hessian-aware B_noise = tr(H Sigma)/(G^T H G) on held training chunks: McCandlish et al.
+        # predict B_crit ~ B_noise; B_simple equals it only when H is a multiple of I
+        chunks = [data[0].sample(args.hessian_chunk, gen) for _ in range(args.hessian_chunks)]
+        hess = b_noise_hessian(
+            model, lambda m, c: nn.functional.cross_entropy(m(c[0]), c[1]), chunks, args.hessian_chunk
+        )
+        h_sigma.append(hess.trace_h_sigma)
+        ghg.append(hess.g_h_g)
     n = len(g2)
     g2m, trm = statistics.mean(g2), statistics.mean(tr)
-    # the Hessian-aware B_noise = tr(H Sigma)/(G^T H G) on held training batches (k chunks of b):
-    # McCandlish et al. predict B_crit ~ B_noise, and B_simple = B_noise only when H is a multiple of I
-    chunks = [train.sample(args.hessian_chunk, gen) for _ in range(args.hessian_chunks)]
-    hess = b_noise_hessian(
-        model, lambda m, c: nn.functional.cross_entropy(m(c[0]), c[1]), chunks, args.hessian_chunk
-    )
+    hsm, ghgm = statistics.mean(h_sigma), statistics.mean(ghg)
     return {
-        "b_noise_hessian": hess.b_noise,
-        "eta_max": hess.eta_max,
-        "trace_h_sigma": hess.trace_h_sigma,
-        "g_h_g": hess.g_h_g,
-        "hessian_chunks": f"{args.hessian_chunks} x {args.hessian_chunk}",
+        "iterates": len(states),
+        "b_simple": trm / g2m,
         "grad_sq_norm": g2m,
         "grad_sq_norm_se": statistics.stdev(g2) / math.sqrt(n),
         "trace_sigma": trm,
         "trace_sigma_se": statistics.stdev(tr) / math.sqrt(n),
-        "b_simple": trm / g2m,
         "draws": n,
+        "b_noise_hessian": hsm / ghgm if ghgm > 0 and hsm > 0 else None,
+        "eta_max": g2m / ghgm if ghgm > 0 else None,
+        "trace_h_sigma": hsm,
+        "g_h_g": ghgm,
+        "g_h_g_per_iterate": ghg,
+        "hessian_chunks": f"{args.hessian_chunks} x {args.hessian_chunk} per iterate",
     }
 
 
@@ -344,6 +358,7 @@ def main() -> None:
         help="the monitor's EMA spans about this many examples: beta = 1 - B / this",
     )
     ap.add_argument("--precise-draws", type=int, default=200)
+    ap.add_argument("--precise-iterates", type=int, default=8, help="iterates before the crossing, pooled")
     ap.add_argument("--hessian-chunks", type=int, default=16, help="held chunks for the Hessian B_noise")
     ap.add_argument("--hessian-chunk", type=int, default=512, help="examples per held chunk")
     ap.add_argument(
@@ -400,16 +415,18 @@ def main() -> None:
     ref_opt = next((o for o in ("sgd", *results) if fits.get(o) is not None), next(iter(results)))
     centre = fits[ref_opt].b_crit if fits.get(ref_opt) is not None else statistics.median(batches)
     ref_row = min(results[ref_opt], key=lambda r: abs(math.log(r["batch"] / centre)))
-    args.keep_state = True  # the same run again (same seed and data): its parameters at the crossing
-    again = train_to_target(args, data, vocab, ref_opt, ref_row["batch"], ref_row["best_lr"], False)
-    precise = precise_b_simple(args, data, vocab, again["state"])
-    b_ref = precise["b_simple"]
-    log(f"precise B_simple at the target (from {ref_opt} B={ref_row['batch']}): {precise}")
-
+    args.keep_state = True  # the same run again (same seed and data): its last iterates at the crossing
+    again = train_to_target(args, data, vocab, ref_opt, ref_row["batch"], ref_row["best_lr"], True)
+    precise = precise_b_simple(args, data, vocab, again["states"])
+    precise["monitor_at_crossing"] = again["b_simple"]
     monitor_values = [
         r["b_simple_monitor"] for rows in results.values() for r in rows if r["b_simple_monitor"]
     ]
-    monitor_median = statistics.median(monitor_values) if monitor_values else None
+    # "B_simple measured during training at that loss": the monitor, read at every tuned run's crossing
+    b_ref = statistics.median(monitor_values)
+    log(f"precise B_simple at the target (from {ref_opt} B={ref_row['batch']}): {precise}")
+
+    monitor_median = b_ref
     rows_out, notes = [], []
     for opt_name, rows in results.items():
         for r in rows:
@@ -440,6 +457,7 @@ def main() -> None:
                     "",
                     "",
                     "",
+                    "",
                 ]
             )
             continue
@@ -454,6 +472,7 @@ def main() -> None:
                 f"{ratio:.2f}",
                 "met" if 0.5 <= ratio <= 2.0 else "not met",
                 f"{fit.rms_log_error:.3f}",
+                f"{precise['b_simple']:.0f}",
                 "n/a" if b_noise is None else f"{b_noise:.0f}",
                 "n/a" if b_noise is None else f"{fit.b_crit / b_noise:.2f}",
             ]
@@ -490,14 +509,16 @@ def main() -> None:
             + "."
         )
     notes += [
-        f"B_simple at the target, precise: tr(Sigma) = {precise['trace_sigma']:.4g} ± {precise['trace_sigma_se']:.2g}, "
-        f"|G|^2 = {precise['grad_sq_norm']:.4g} ± {precise['grad_sq_norm_se']:.2g} (means ± standard errors over "
-        f"{precise['draws']} pairs of batches 32 and 1024) at the parameters of the tuned {ref_opt} run at B = "
-        f"{ref_row['batch']} when it crossed the target; ratio {b_ref:.1f}.",
-        "B_simple from the monitor (NoiseScale accumulation source, 4 micro-batches, EMA beta "
-        f"1 - B/{args.monitor_examples}) at each tuned run's crossing: median {monitor_median:.0f}"
-        if monitor_median
-        else "",
+        "B_simple at the target = the monitor (NoiseScale accumulation source, 4 micro-batches, EMA beta "
+        f"1 - B/{args.monitor_examples}) read at each tuned run's crossing: median {monitor_median:.0f} over the "
+        f"{len(monitor_values)} runs (range {min(monitor_values):.0f}-{max(monitor_values):.0f}).",
+        f"Pooled at fixed parameters (the last {precise['iterates']} iterates of the tuned {ref_opt} run at B = "
+        f"{ref_row['batch']} before it crossed, run again): tr(Sigma) = {precise['trace_sigma']:.4g} ± "
+        f"{precise['trace_sigma_se']:.2g}, |G|^2 = {precise['grad_sq_norm']:.4g} ± {precise['grad_sq_norm_se']:.2g} "
+        f"(means ± standard errors over {precise['draws']} pairs of batches 32 and 1024), B_simple "
+        f"{precise['b_simple']:.0f}; the monitor read {precise['monitor_at_crossing']:.0f} in that run. G^T H G per "
+        "iterate: " + ", ".join(f"{v:.3g}" for v in precise["g_h_g_per_iterate"]) + " (the swings of a large "
+        "learning rate: one iterate alone can give a very different |G|^2).",
         f"Model: char MLP, context {args.context}, embedding {args.embed}, 2 tanh layers of {args.hidden}; "
         f"target held-out loss {args.target} nats/char on {args.eval_size} fixed windows of the last 10% of the text; "
         f"lr grid a factor 2 apart; max {args.max_examples} examples per run; seed {args.seed}.",
@@ -522,7 +543,7 @@ def main() -> None:
             "target loss; Adam's tuned lr peaks (surge) near B_noise.",
             "tables": [
                 {
-                    "caption": "S-E fit per optimiser against the precise B_simple at the target loss",
+                    "caption": "S-E fit per optimiser against B_simple measured during training at the target loss",
                     "columns": [
                         "optimiser",
                         "S_min",
@@ -532,7 +553,8 @@ def main() -> None:
                         "B_crit / B_simple",
                         "goal (within 2x)",
                         "rms log error of fit",
-                        "B_noise (Hessian) at target",
+                        "B_simple pooled at fixed iterates",
+                        "B_noise (Hessian) at those iterates",
                         "B_crit / B_noise",
                     ],
                     "rows": fit_rows,
