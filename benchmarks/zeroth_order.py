@@ -642,9 +642,10 @@ def quality_and_direct(args: argparse.Namespace, model_dir: str | None) -> None:
         f"bundled SST-2 sample, GLUE dev as test. This invocation took {(time.perf_counter() - started) / 60:.0f} "
         "min of wall time while other benchmarks shared the 2 cores."
     )
+    suffix = "_quality" if args.quality else "_direct"  # --quality --direct together: one file
     save(
         args,
-        f"{args.name}_quality",
+        f"{args.name}{suffix}",
         {
             "title": "Zeroth order (MeZO-style) and policy gradient: accuracy per forward pass, and metrics optimised directly",
             "claim": "mezo reaches 80% SST-2 test accuracy within 30 CPU minutes; optimising accuracy or F1 directly "
