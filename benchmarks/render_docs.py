@@ -64,7 +64,13 @@ def main() -> None:
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     order = {"finetune_quality": 0, "finetune_quality_600": 1}
     results.sort(key=lambda r: (order.get(r["name"], 2), r["name"]))
-    contents = [f"- [{r.get('title', r['name'])}](#{anchor(r.get('title', r['name']))})" for r in results]
+    contents, seen = [], {}
+    for r in results:
+        title = r.get("title", r["name"])
+        base = anchor(title)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        contents.append(f"- [{title}](#{base if n == 0 else f'{base}-{n}'})")  # GitHub numbers repeats
     text = HEADER + "\n" + "\n".join(contents) + "\n\n" + "\n".join(render(r) for r in results)
     path = ROOT / "docs" / "benchmarks.md"
     tmp = path.with_suffix(".md.tmp")
