@@ -40,7 +40,7 @@ GRIDS = {
     "lora-pro:pro_moments=full": (2e-4, 4e-4, 8e-4, 1.6e-3),
     # wider: where its best lr lies (LoRA's or full FT's scale) is the question
     "lora-ga": (5e-5, 2e-4, 8e-4, 1.6e-3),
-    "lora-ga-pro": (4e-4, 8e-4, 1.6e-3),
+    "lora-ga-pro": (4e-4, 8e-4, 1.6e-3, 3.2e-3),
     "peft-lora-ga": (5e-4, 1e-3, 2e-3),  # its B holds the (small) singular values: LoRA's scale
 }
 # in order of interest: the result file is rewritten after every method, so a cut-short run still reports
