@@ -38,8 +38,8 @@ GRIDS = {
     "lora-pro": (5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3),
     # from the projected form's scale down (each run of the full moments costs more than a LoRA run)
     "lora-pro:pro_moments=full": (2e-4, 4e-4, 8e-4, 1.6e-3),
-    # wider: where its best lr lies (LoRA's or full FT's scale) is the question (1.6e-3 not run yet)
-    "lora-ga": (5e-5, 2e-4, 8e-4),
+    # wider: where its best lr lies (LoRA's or full FT's scale) is the question
+    "lora-ga": (5e-5, 2e-4, 8e-4, 1.6e-3),
     "lora-ga-pro": (4e-4, 8e-4, 1.6e-3, 3.2e-3),
     "peft-lora-ga": (5e-4, 1e-3, 2e-3),  # its B holds the (small) singular values: LoRA's scale
 }
