@@ -14,7 +14,7 @@ Defaults, and why:
   4 % of optimal on MiniLM) for models where full gradients do not fit.
 - ``default_lr = 8e-4``: measured, not assumed. LoRA-GA's authors report its best learning rate near
   full fine-tuning's, not LoRA's; on MiniLM + SST-2 (benchmarks/lora_quality.py, 100 steps) the best of
-  5e-5, 2e-4 and 8e-4 was 8e-4, the top of the grid, nearer LoRA's best (2e-3) than full
+  5e-5, 2e-4, 8e-4 and 1.6e-3 was 8e-4, nearer LoRA's best (2e-3) than full
   fine-tuning's (2e-4). With ``--rslora`` s grows by sqrt(r): divide the learning rate by about sqrt(r).
 """
 
