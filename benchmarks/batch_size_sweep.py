@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, write_result  # noqa: E402
+from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
 
 from gradkit import NoiseScale, steps_examples_tradeoff  # noqa: E402
 from gradkit.errors import GradkitError  # noqa: E402
@@ -327,10 +327,7 @@ def plot(
     ax.set_title("optimal lr vs batch size")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _save_quick(out_dir: Path, name: str, result: dict[str, Any]) -> None:

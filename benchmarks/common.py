@@ -65,6 +65,18 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     return path
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write ``path`` as PNG atomically (a temporary name, then a rename), and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    from gradkit.train.io import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def finished_run(folder: Path, cfg) -> dict[str, Any] | None:
     """The summary of a harness run already finished in ``folder`` with every setting of ``cfg``, else None.
 

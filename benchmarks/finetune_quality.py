@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, finished_run, write_result  # noqa: E402
+from common import IMAGES, ROOT, finished_run, save_figure, write_result  # noqa: E402
 
 
 def mean_sd(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
@@ -49,10 +49,7 @@ def plot(curves: dict[str, list[list[float]]], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, write_result  # noqa: E402
+from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
 
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 CHECKPOINTS = (1, 10, 50, 100)
@@ -254,10 +254,7 @@ def plot(per_step, path: Path) -> None:
         ax.set_title(title + " (mean of 36 layers)", fontsize=9)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

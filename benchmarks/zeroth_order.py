@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, machine, write_result  # noqa: E402
+from common import IMAGES, ROOT, machine, save_figure, write_result  # noqa: E402
 
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
 MODES = ("inference", "inference-lora", "zo-lora", "zo-full", "adamw-lora", "adamw-full")
@@ -354,10 +354,7 @@ def plot_quality(runs: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("all-MiniLM-L6-v2 on SST-2: zeroth order vs backprop")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------- direct metrics
