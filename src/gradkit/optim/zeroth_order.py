@@ -169,15 +169,20 @@ class ZerothOrder(torch.optim.Optimizer):
                 )
 
     # -- z, regenerated from a seed ------------------------------------------------------------
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        """This optimiser's generator for ``device`` (reseeded before every use, never the global one)."""
+        gen = self._device_generators.get(device)
+        if gen is None:
+            gen = self._device_generators[device] = torch.Generator(device=device)
+        return gen
+
     def _chunks(
         self, data: torch.Tensor, seed: int, index: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(view, z)`` pairs covering ``data``: this parameter's slice of the direction for ``seed``,
         N(0, I) in the work dtype, regenerated chunk by chunk (``_CHUNK`` elements), so no z buffer
         is ever larger than a chunk. Chunk c of parameter i is seeded with ``mix(mix(seed, i), c)``."""
-        gen = self._device_generators.get(data.device)
-        if gen is None:
-            gen = self._device_generators[data.device] = torch.Generator(device=data.device)
+        gen = self._generator_on(data.device)
         dtype = _work_dtype(data.dtype)
         base = _mix(seed, index)
         if data.numel() <= _CHUNK or not data.is_contiguous():
@@ -208,9 +213,7 @@ class ZerothOrder(torch.optim.Optimizer):
     def _row_noise(self, p: torch.Tensor, seed: int, index: int, rows: torch.Tensor) -> torch.Tensor:
         """``z`` for the given (sorted, unique) embedding rows of parameter ``index``: N(0, I) of shape
         ``(len(rows), dim)`` in the work dtype, regenerated identically from ``(seed, index)``."""
-        gen = self._device_generators.get(p.device)
-        if gen is None:
-            gen = self._device_generators[p.device] = torch.Generator(device=p.device)
+        gen = self._generator_on(p.device)
         gen.manual_seed(_mix(seed, index))
         shape = (len(rows), *p.shape[1:])
         return torch.randn(shape, generator=gen, device=p.device, dtype=_work_dtype(p.dtype))
@@ -310,8 +313,8 @@ class ZerothOrder(torch.optim.Optimizer):
                 continue
             rows = self._rows.get(index)
             if rows is not None:  # a sparse embedding: decay everywhere, noise on the used rows only
-                if decay:
-                    p.data.copy_(p.data.to(_work_dtype(p.dtype)).mul_(1.0 - lr * decay))
+                if decay:  # in place: no parameter-sized copy (bf16/fp16 round the product once)
+                    p.data.mul_(1.0 - lr * decay)
                 work = p.data[rows].to(_work_dtype(p.dtype))
                 for seed, coef in zip(seeds, coefs, strict=True):
                     if coef:
