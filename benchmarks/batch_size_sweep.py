@@ -108,7 +108,15 @@ def make_model(args, vocab: int) -> CharMLP:
 
 
 def train_to_target(
-    args, data, vocab, opt_name: str, batch: int, lr: float, monitor: bool, step_cap: float = math.inf
+    args,
+    data,
+    vocab,
+    opt_name: str,
+    batch: int,
+    lr: float,
+    monitor: bool,
+    step_cap: float = math.inf,
+    keep_states: bool = False,
 ) -> dict[str, Any]:
     """Train until the held-out loss reaches ``args.target``; the crossing step (interpolated), the
     examples, and (with ``monitor``) the accumulation-source B_simple at the crossing. A run still
@@ -148,7 +156,7 @@ def train_to_target(
                 rec.step()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if args.keep_state:  # the last few iterates, for the measurement at the crossing
+            if keep_states:  # the last few iterates, for the measurement at the crossing
                 recent.append({k: v.clone() for k, v in model.state_dict().items()})
             if step % every and step != max_steps:
                 continue
@@ -161,7 +169,7 @@ def train_to_target(
                 result.update(reached=True, steps=crossing, examples=crossing * batch)
                 if gns is not None:
                     result["b_simple"] = gns.b_simple
-                if args.keep_state:
+                if keep_states:
                     result["states"] = list(recent)
                 break
             prev_step, prev_loss = step, loss
@@ -384,7 +392,6 @@ def main() -> None:
 
     results: dict[str, list[dict[str, Any]]] = {}
     fits = {}
-    args.keep_state = False
     if args.from_result:  # the tuned runs of an earlier invocation; redo only the measurement at the target
         import json
 
@@ -416,8 +423,10 @@ def main() -> None:
     ref_opt = next((o for o in ("sgd", *results) if fits.get(o) is not None), next(iter(results)))
     centre = fits[ref_opt].b_crit if fits.get(ref_opt) is not None else statistics.median(batches)
     ref_row = min(results[ref_opt], key=lambda r: abs(math.log(r["batch"] / centre)))
-    args.keep_state = True  # the same run again (same seed and data): its last iterates at the crossing
-    again = train_to_target(args, data, vocab, ref_opt, ref_row["batch"], ref_row["best_lr"], True)
+    # the same run again (same seed and data), keeping its last iterates before the crossing
+    again = train_to_target(
+        args, data, vocab, ref_opt, ref_row["batch"], ref_row["best_lr"], True, keep_states=True
+    )
     precise = precise_b_simple(args, data, vocab, again["states"])
     precise["monitor_at_crossing"] = again["b_simple"]
     monitor_values = [
