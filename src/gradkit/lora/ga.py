@@ -14,11 +14,9 @@ them into B and scales only B, which changes that first step).
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +24,8 @@ import torch
 from torch import nn
 
 from gradkit.errors import GradkitError
+from gradkit.lora.estimate import estimate_gradients, estimate_sketches
 from gradkit.lora.pairs import LoraPair, lora_pairs
-from gradkit.lora.sketch import GradientSketch
 
 DIRECTIONS = ("ArB2r", "ArBr", "A2rBr")
 SCALES = ("stable", "unit", "gd")
@@ -119,7 +117,8 @@ def truncated_svd(G: torch.Tensor, rank: int, *, niter: int = 6, seed: int = 0):
 @dataclass
 class LayerReport:
     """One target layer: the 2r singular values kept, the share of ||G||_F^2 they hold (estimated from
-    the sketches for the sketch estimator), the seconds of its SVD and init, its estimator bytes."""
+    the sketches for the sketch estimator), the seconds of its SVD and init, and the bytes its estimate
+    held at its peak (a sketch's one-update workspace not included: see :class:`LoraGAReport`)."""
 
     name: str
     shape: tuple[int, int]
@@ -132,7 +131,9 @@ class LayerReport:
 
 @dataclass
 class LoraGAReport:
-    """What :func:`lora_ga_init` did. ``bytes_held`` counts the estimator's tensors exactly."""
+    """What :func:`lora_ga_init` did. ``bytes_held`` counts the estimator's tensors exactly: every layer's
+    estimate at its peak plus, for the sketch, the largest single update's workspace (updates run one
+    layer at a time, so only one workspace is ever live)."""
 
     estimator: str
     direction: str
@@ -183,202 +184,6 @@ class LoraGAReport:
             f"estimator held {self.bytes_held / 2**20:.1f} MiB, {self.seconds:.1f} s "
             f"({self.estimate_seconds:.1f} s estimating)"
         )
-
-
-# ---------------------------------------------------------------------------------------- estimation
-@contextlib.contextmanager
-def _estimation_mode(model: nn.Module, trainable: list[nn.Parameter]) -> Iterator[None]:
-    """Eval mode (no dropout: the init depends on the weights and batches only) with only ``trainable``
-    requiring grad; every flag is restored afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    # gradients the caller already had on the estimated weights are put aside, not mixed into G
-    stashed = {p: p.grad for p in trainable}
-    try:
-        model.eval()
-        for p in flags:
-            p.requires_grad_(False)
-        for p in trainable:
-            p.grad = None
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, grad in stashed.items():
-            p.grad = grad
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        for m, mode in modes.items():
-            m.training = mode
-
-
-def _run_batches(model, batches, loss_fn, num_batches, progress, desc) -> int:
-    """Forward and backward on each batch; returns how many ran on this process."""
-    from tqdm.auto import tqdm
-
-    total = num_batches
-    if total is None and hasattr(batches, "__len__"):
-        total = len(batches)
-    if num_batches is not None:
-        batches = itertools.islice(batches, num_batches)
-    bar = tqdm(batches, total=total, desc=desc, disable=not progress or _rank() != 0, dynamic_ncols=True)
-    count = 0
-    for batch in bar:
-        loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
-        loss.backward()
-        count += 1
-    return count
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
-    """Sum over processes in place when torch.distributed is initialised (NCCL gets CUDA copies)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    nccl = dist.get_backend() == "nccl"
-    for t in tensors:
-        if nccl and not t.is_cuda:
-            tmp = t.cuda()
-            dist.all_reduce(tmp)
-            t.copy_(tmp.cpu())
-        else:
-            dist.all_reduce(t)
-
-
-def _global_count(count: int, device) -> int:
-    t = torch.tensor([float(count)], dtype=torch.float64, device=device)
-    _all_reduce_sum([t])
-    return int(t.item())
-
-
-def estimate_gradients(
-    model: nn.Module,
-    batches: Iterable,
-    pairs: list[LoraPair],
-    *,
-    loss_fn: Callable | None = None,
-    num_batches: int | None = None,
-    progress: bool = True,
-    offload: bool = False,
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Mean fp32 gradient (out x in) of every pair's base weight over the batches, all-reduced over
-    processes; returns ({name: G}, total batches). Only the base weights require grad; each batch's
-    gradient is added to an fp32 sum by a post-accumulate hook and ``.grad`` is freed at once
-    (``offload=True`` keeps the sums on CPU)."""
-    sums: dict[str, torch.Tensor] = {}
-
-    def hook(p: torch.Tensor, name: str) -> None:
-        grad = p.grad
-        p.grad = None
-        if offload:
-            grad = grad.to("cpu", torch.float32)
-        acc = sums.get(name)
-        if acc is None:  # an fp32 gradient on the right device becomes the sum itself
-            sums[name] = grad.float() if grad.dtype != torch.float32 else grad
-        else:
-            acc.add_(grad.float())
-
-    weights = [pair.layer.get_base_layer().weight for pair in pairs]
-    handles = []
-    try:
-        with _estimation_mode(model, weights):
-            for pair, weight in zip(pairs, weights, strict=True):
-                handles.append(
-                    weight.register_post_accumulate_grad_hook(lambda p, name=pair.name: hook(p, name))
-                )
-            count = _run_batches(model, batches, loss_fn, num_batches, progress, "LoRA-GA gradients")
-    finally:
-        for h in handles:
-            h.remove()
-    device = weights[0].device if not offload else torch.device("cpu")
-    total = _global_count(count, device)
-    grads: dict[str, torch.Tensor] = {}
-    for pair, weight in zip(pairs, weights, strict=True):
-        g = sums.pop(pair.name, None)
-        if g is None:  # no batch here, or the layer does not reach the loss
-            g = torch.zeros(weight.shape, device=device)
-        _all_reduce_sum([g])
-        g.div_(max(total, 1))
-        grads[pair.name] = g.T if getattr(pair.layer, "fan_in_fan_out", False) else g
-    return grads, total
-
-
-def estimate_sketches(
-    model: nn.Module,
-    batches: Iterable,
-    pairs: list[LoraPair],
-    *,
-    loss_fn: Callable | None = None,
-    num_batches: int | None = None,
-    progress: bool = True,
-    seed: int = 0,
-    oversample: int | None = None,
-    passes: int = 2,
-) -> tuple[dict[str, GradientSketch], int]:
-    """Sketches of every pair's mean base-weight gradient (:class:`~gradkit.lora.sketch.GradientSketch`),
-    from forward-input and output-grad hooks: no weight gradient is ever formed (nothing but hooked
-    inputs requires grad). All-reduced over processes after each pass; returns ({name: sketch}, total
-    batches). With ``passes=2`` the batches are kept (a list of the first ``num_batches``) for pass 2."""
-    sketches: dict[str, GradientSketch] = {}
-    handles = []
-
-    def pre_hook(module, args):
-        # a leaf here makes the output require grad, so its gradient is computed; nothing upstream
-        # required grad, so no gradient path is cut
-        if torch.is_grad_enabled() and not args[0].requires_grad:
-            return (args[0].detach().requires_grad_(True), *args[1:])
-        return None
-
-    for index, pair in enumerate(pairs):
-        base = pair.layer.get_base_layer()
-        out_f, in_f = pair.base_weight.shape
-        sketch = GradientSketch(
-            out_f,
-            in_f,
-            2 * pair.rank,
-            seed=seed * 1_000_003 + index,
-            device=base.weight.device,
-            oversample=oversample,
-            passes=passes,
-        )
-        sketches[pair.name] = sketch
-
-        def forward_hook(module, args, out, sketch=sketch):
-            if out.requires_grad:
-                x = args[0]
-                out.register_hook(lambda dy: sketch.update(dy, x))
-
-        handles.append(base.register_forward_pre_hook(pre_hook))
-        handles.append(base.register_forward_hook(forward_hook))
-    if passes > 1:
-        batches = list(batches if num_batches is None else itertools.islice(batches, num_batches))
-    device = next(iter(sketches.values())).device
-    try:
-        with _estimation_mode(model, []):
-            for pass_index in range(passes):
-                desc = "LoRA-GA sketch" + (f" pass {pass_index + 1}/{passes}" if passes > 1 else "")
-                count = _run_batches(model, batches, loss_fn, num_batches, progress, desc)
-                if pass_index == 0:
-                    total = _global_count(count, device)
-                    if total == 0:
-                        break
-                for sketch in sketches.values():
-                    _all_reduce_sum(sketch.tensors())
-                    if pass_index + 1 < passes:
-                        sketch.next_pass()
-    finally:
-        for h in handles:
-            h.remove()
-    for sketch in sketches.values():
-        sketch.scale_(1.0 / max(total, 1))
-    return sketches, total
 
 
 # -------------------------------------------------------------------------------------------- driver
@@ -466,7 +271,7 @@ def lora_ga_init(
     seed: int = 0,
     offload: bool = False,
     sketch_oversample: int | None = None,
-    sketch_passes: int = 2,
+    sketch_passes: int = 1,
 ) -> LoraGAReport:
     """Initialise every LoRA layer of ``peft_model`` with LoRA-GA (arXiv 2407.05000), in place.
 
@@ -474,10 +279,13 @@ def lora_ga_init(
        weight, in fp32, in eval mode, everything else frozen (``loss_fn(model, batch)``, or
        ``model(**batch).loss``). Under torch.distributed the sums and batch counts are all-reduced, so
        every rank gets the init of the union of all ranks' batches. ``estimator="exact"`` holds one fp32
-       gradient per layer (on CPU with ``offload=True``); ``"sketch"`` never forms it and holds
-       O((k + l)(in + out)) floats per layer, k = 2r + ``sketch_oversample`` (default max(8, r)),
-       l = 2k + 1 (:mod:`gradkit.lora.sketch`). ``sketch_passes=2`` (default) runs the batches twice
-       for a near-optimal rank-2r approximation; ``1`` is the cheaper single-pass sketch (coarser).
+       gradient per layer (on CPU with ``offload=True``); ``"sketch"`` never forms it
+       (:mod:`gradkit.lora.sketch`). ``sketch_passes=1`` (default) streams a truncated SVD of the sum
+       through one pass, holding ``w (in + out)`` floats per layer, w = 2r + ``sketch_oversample``
+       (default max(8, 2r)); ``sketch_passes=2`` runs the batches twice, holds ``(k + l)(in + out)``
+       floats, k = 2r + ``sketch_oversample`` (default max(8, r)), l = 2k + 1, and is linear in G, so under
+       torch.distributed it equals the single-process sketch exactly (the one-pass sketch is merged
+       across ranks, equal to the single-process one up to its approximation error).
     2. Top-2r SVD of G, split by ``direction`` (:func:`split_svd`), both factors times
        :func:`factor_scale` (``scale`` "stable" | "unit" | "gd").
     3. ``W0 <- W0 - s B0 A0`` (fp32, then cast), so the output is unchanged; (A0, B0) are recorded so
@@ -542,6 +350,8 @@ def lora_ga_init(
             "with gradients enabled (check loss_fn, or that model(**batch).loss is set)"
         )
     bytes_held = sum(_nbytes(e) for e in estimates.values())
+    if estimator == "sketch":
+        bytes_held += max(e.work_nbytes for e in estimates.values())
     report = LoraGAReport(estimator, direction, scale, total, estimate_seconds, 0.0, bytes_held)
     for pair in pairs:
         t0 = time.perf_counter()
@@ -576,8 +386,7 @@ def _finite(estimate) -> bool:
 
 
 def _is_zero(estimate) -> bool:
-    tensors = [estimate] if torch.is_tensor(estimate) else estimate.tensors()
-    return not any(bool(t.any()) for t in tensors)
+    return not bool(estimate.any()) if torch.is_tensor(estimate) else estimate.is_zero()
 
 
 def _nbytes(estimate) -> int:

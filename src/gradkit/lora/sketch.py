@@ -1,25 +1,26 @@
-"""Randomized sketch of a Linear layer's gradient, built from activations and output gradients only:
-the gradient itself is never formed.
+"""Low-rank sketches of a Linear layer's summed gradient, built from activations and output gradients
+only: the gradient itself is never formed.
 
-For a Linear layer ``y = x W^T`` (W: out x in) the gradient of one batch is ``G_b = dY_b^T X_b``
-(rows of X and dY are tokens). The two-sketch method of Tropp, Yurtsever, Udell & Cevher, "Practical
-sketching algorithms for low-rank matrix approximation" (SIAM J. Matrix Anal. Appl. 38(4), 2017)
-keeps, for ``M = sum_b P_b^T Q_b``,
+For a Linear layer ``y = x W^T`` (W: out x in) the gradient of one batch is ``G_b = dY_b^T X_b`` (rows of
+X and dY are tokens), so ``G_b v = dY_b^T (X_b v)`` and ``G_b^T q = X_b^T (dY_b q)`` cost
+``tokens * (in + out)`` per column instead of the ``tokens * in * out`` of forming G_b. Two estimators of
+the top singular triplets of ``G = sum_b G_b`` use only such products:
 
-    range sketch     Y = M Omega   (rows(M) x k),   Omega ~ N(0, 1)^{cols x k}
-    co-range sketch  Z = Psi M     (l x cols(M)),   Psi   ~ N(0, 1)^{l x rows}
+- :class:`StreamingSketch` (one pass, the default): a truncated SVD of the running sum, updated batch by
+  batch with one randomized range-finder step warm-started from the current right singular vectors
+  (:func:`streaming_update`). It is not linear in G, so it is merged across processes by stacking the
+  factorizations (:func:`lowrank_svd`), a mergeable summary in the sense of Frequent Directions.
+- :class:`TwoPassSketch`: pass 1 keeps the range and co-range sketches ``Y = G Omega``, ``Z = Psi G``
+  (Tropp, Yurtsever, Udell & Cevher, SIAM J. Matrix Anal. Appl. 38(4), 2017); pass 2 multiplies G
+  exactly by the bases they give (:func:`bilateral_update`, :func:`bilateral_svd`). Everything it sums
+  is linear in G, so an all-reduce gives exactly the single-process result.
 
-Both are linear in M, so they accumulate batch by batch: ``Y += P^T (Q Omega)``, ``Z += (P Psi^T)^T Q``.
-Single-pass recovery (their Algorithms 3 and 7): ``Q = orth(Y)``, ``X = (Psi Q)^+ Z``, ``M ~ Q [[X]]_r``.
-M is G (P = dY, Q = X) or G^T (P = X, Q = dY), whichever puts the larger size l on the smaller dimension.
-The test matrices are regenerated from a per-layer seed whenever they are needed, never stored.
-
-Measured on all-MiniLM-L6-v2 SST-2 gradients (r = 8, so rank 16), the single-pass rank-16 error is
-30-90 % above the optimal ||G - G_16||_F even with k = 96: the gradients' spectra have heavy tails, and
-a one-pass linear sketch needs size ~rank/eps for a (1 + eps) error (Clarkson & Woodruff, STOC 2009).
-The default is therefore a second pass that multiplies G exactly by the two bases found in pass 1
-(:func:`bilateral_update`, :func:`bilateral_svd`): error ``(I - QQ^T) G (I - PP^T)``, measured 2-4 %
-above optimal with k = 24, l = 49, and still O((k + l)(in + out)) memory per layer.
+Why not Tropp et al.'s single-pass recovery ``Q (Psi Q)^+ Z``: on all-MiniLM-L6-v2's SST-2 gradients
+(r = 8, so rank 16) its error was 30-90 % above the optimal ``||G - G_16||_F`` even at sketch size 96.
+The gradients have heavy spectral tails, and an oblivious linear sketch needs size ~rank/eps for a
+(1 + eps) error (Clarkson & Woodruff, STOC 2009). The streaming sketch is adaptive (each batch is
+multiplied by bases found from the earlier ones, as in block power iteration), which a linear sketch
+cannot be; measured on the same gradients it is 2-4 % above optimal with state width 2 * rank.
 """
 
 from __future__ import annotations
@@ -28,16 +29,209 @@ import math
 
 import torch
 
-PROBE = 8  # columns of pass 2's residual probe (only for the energy-captured figure)
+PROBE = 8  # columns of the Gaussian probe G Theta (only for the ||G||_F^2 in the energy figure)
 
 
-def sketch_sizes(rank: int, rows: int, cols: int, oversample: int | None = None) -> tuple[int, int]:
-    """Sketch sizes (k, l) to recover the top ``rank`` singular triplets of a rows x cols matrix.
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
-    k = rank + oversample (default oversample = max(8, rank // 2)), l = 2k + 1 (Tropp et al. 2017,
-    section 5.4: with l ~ 2k the co-range error factor k / (l - k - 1) stays near 1), each capped at
-    the matrix size.
+
+def _orth(Y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(Y)[0]
+
+
+def lowrank_svd(L: torch.Tensor, R: torch.Tensor, rank: int):
+    """Top-``rank`` singular triplets (U, S, Vh) of ``L R^T`` (L: m x c, R: n x c) without forming it:
+    ``L = Q_l R_l``, ``R = Q_r R_r``, SVD of the c x c core ``R_l R_r^T``. Exact (in float64)."""
+    Ql, Rl = torch.linalg.qr(L.double())
+    Qr, Rr = torch.linalg.qr(R.double())
+    Uc, S, Vhc = torch.linalg.svd(Rl @ Rr.T)
+    U, Vh = Ql @ Uc[:, :rank], Vhc[:rank] @ Qr.T
+    return U.to(L.dtype), S[:rank].to(L.dtype), Vh.to(L.dtype)
+
+
+# ---------------------------------------------------------------------------------- one pass (default)
+def streaming_sizes(rank: int, rows: int, cols: int, oversample: int | None = None) -> tuple[int, int]:
+    """(state width w, range-finder columns k) for recovering the top ``rank`` triplets of a rows x cols
+    matrix: w = rank + o, k = rank + 2o, o = ``oversample`` (default max(8, rank)), capped at min(rows,
+    cols). The w - rank spare directions keep candidates that may still climb into the top ``rank``; the
+    k - w fresh random columns look for directions the state has not seen."""
+    o = max(8, rank) if oversample is None else oversample
+    cap = min(rows, cols)
+    return min(rank + o, cap), min(rank + 2 * o, cap)
+
+
+def streaming_update(
+    U: torch.Tensor,
+    s: torch.Tensor,
+    V: torch.Tensor,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    omega: torch.Tensor,
+    width: int,
+    power: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of a streaming truncated SVD: the top-``width`` triplets of ``M = U diag(s) V^T + dy^T x``.
+
+    U: out x w, s: w, V: in x w (the running sum's truncated SVD; w = 0 for the first batch),
+    dy: tokens x out, x: tokens x in, omega: in x k test matrix whose first w columns are V (the warm
+    start). With ``apply(v) = M v`` and ``apply_t(q) = M^T q`` evaluated through the factors:
+
+        Q = orth(M omega)   [then ``power`` subspace-iteration steps Q = orth(M orth(M^T Q))]
+        B = Q^T M  (exact),  B = U_b S V_b^T,  new state (Q U_b[:, :w], S[:w], V_b[:, :w])
+
+    Because omega contains V, the state's own span is kept exactly (``Q Q^T U = U``); what is dropped
+    is the part of the new batch outside span(Q) and the triplets past w. This is one block power step
+    per batch on the growing sum (Halko, Martinsson & Tropp 2011, Alg. 4.3/4.4, streamed). Returns
+    (U, s, V) and the batch's own product ``dy^T x omega`` (for callers that fold a probe into omega).
     """
+    Us = U * s
+
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        return Us @ (V.T @ v) + dy.T @ (x @ v)
+
+    def apply_t(q: torch.Tensor) -> torch.Tensor:
+        return V @ (Us.T @ q) + x.T @ (dy @ q)
+
+    batch_part = dy.T @ (x @ omega)  # the batch's product once; the state's part is w-dimensional
+    Q = _orth(Us @ (V.T @ omega) + batch_part)
+    for _ in range(power):
+        Q = _orth(apply(_orth(apply_t(Q))))
+    Ub, S, Vbh = torch.linalg.svd(apply_t(Q).T, full_matrices=False)
+    w = min(width, S.numel())
+    return Q @ Ub[:, :w], S[:w].clone(), Vbh[:w].T.contiguous(), batch_part
+
+
+class StreamingSketch:
+    """One-pass sketch of one layer's summed gradient G (out x in): a truncated SVD of the running sum,
+    updated per batch by :func:`streaming_update` (its first batch with one subspace-iteration step, so a
+    single batch is recovered as well as many), plus a Gaussian probe ``G Theta`` (in x 8, exact and
+    linear) for the ||G||_F^2 estimate.
+
+    Held between batches: ``w (in + out + 1) + 8 (in + out)`` floats (:attr:`nbytes`); one update also
+    allocates about ``(k + 8)(3 in + 3 out + 2 tokens)`` floats of workspace (:attr:`work_nbytes`, the
+    largest seen), freed before the next layer's update. Under torch.distributed, :meth:`reduce` gathers every
+    rank's factors and takes the exact top-w SVD of their sum (:func:`lowrank_svd`): all ranks get the
+    same result, which approximates the sum of all batches as well as one process's stream does.
+    """
+
+    passes = 1
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        rank: int,
+        seed: int,
+        device=None,
+        oversample: int | None = None,
+        first_power: int = 1,
+    ):
+        self.rank, self.first_power = rank, first_power
+        self.width, self.k = streaming_sizes(rank, out_features, in_features, oversample)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.U = torch.zeros(out_features, self.width, device=self.device)
+        self.s = torch.zeros(self.width, device=self.device)
+        self.V = torch.zeros(in_features, self.width, device=self.device)
+        self.theta = torch.randn(in_features, PROBE, generator=self.generator, device=self.device)
+        self.probe = torch.zeros(out_features, PROBE, device=self.device)
+        self.updates, self.finite, self.work_nbytes = 0, True, 0
+
+    def _test_matrix(self) -> torch.Tensor:
+        """[V (the warm start), fresh Gaussian columns, Theta (the probe, also searching)]."""
+        if self.updates == 0:
+            head = [torch.randn(self.V.shape[0], self.k, generator=self.generator, device=self.device)]
+        else:
+            fresh = torch.randn(
+                self.V.shape[0], self.k - self.width, generator=self.generator, device=self.device
+            )
+            head = [self.V, fresh]
+        return torch.cat([*head, self.theta], dim=1)
+
+    def update(self, dy: torch.Tensor, x: torch.Tensor) -> None:
+        """Add ``G_b = dy^T x`` (dy: ... x out, x: ... x in; leading dimensions are tokens)."""
+        if not self.finite:
+            return
+        dy = dy.reshape(-1, dy.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1]).float()
+        omega = self._test_matrix()
+        first = self.updates == 0
+        w = 0 if first else self.width  # the state starts empty, not as zeros taking up columns
+        try:
+            U, s, V, batch_part = streaming_update(
+                self.U[:, :w],
+                self.s[:w],
+                self.V[:, :w],
+                dy,
+                x,
+                omega,
+                self.width,
+                self.first_power if first else 0,
+            )
+        except torch.linalg.LinAlgError:  # NaN/Inf in this batch; the caller names the layer
+            self.finite = False
+            return
+        self.probe.add_(batch_part[:, -PROBE:])
+        self.U.zero_()
+        self.s.zero_()
+        self.V.zero_()
+        width = s.numel()
+        self.U[:, :width], self.s[:width], self.V[:, :width] = U, s, V
+        self.updates += 1
+        out_f, in_f, cols = self.U.shape[0], self.V.shape[0], omega.shape[1]
+        # omega, x omega, M omega, Q, dy Q, M^T Q and the SVD's factors, at their largest
+        self.work_nbytes = max(self.work_nbytes, 4 * cols * (3 * in_f + 3 * out_f + 2 * x.shape[0]))
+        self.finite = bool(torch.isfinite(s).all())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held between batches (exact count of the state's tensors)."""
+        return _nbytes(self.U, self.s, self.V, self.theta, self.probe)
+
+    peak_nbytes = nbytes
+
+    def reduce(self) -> None:
+        """Combine the ranks' states under torch.distributed (identical result on every rank)."""
+        from gradkit.lora.distributed import all_gather, all_reduce_sum, world_size
+
+        if world_size() == 1:
+            return
+        all_reduce_sum([self.probe])
+        left = torch.cat(all_gather(self.U * self.s), dim=1)
+        right = torch.cat(all_gather(self.V), dim=1)
+        U, s, Vh = lowrank_svd(left, right, self.width)
+        self.U, self.s, self.V = U.contiguous(), s, Vh.T.contiguous()
+        self.finite = bool(torch.isfinite(self.s).all())
+
+    def scale_(self, factor: float) -> None:
+        self.s.mul_(factor)
+        self.probe.mul_(factor)
+
+    def isfinite(self) -> bool:
+        return self.finite
+
+    def is_zero(self) -> bool:
+        return not bool(self.s.any())
+
+    def frobenius_sq(self) -> float:
+        """Estimate of ||G||_F^2: the state's ``||s||^2`` plus the part of G outside span(U), from the probe:
+        ``||(I - U U^T) G Theta||^2 / 8`` (unbiased for ``||(I - U U^T) G||_F^2``)."""
+        U = self.U.double()
+        outside = self.probe.double() - U @ (U.T @ self.probe.double())
+        return float(self.s.double().square().sum() + outside.square().sum() / PROBE)
+
+    def svd(self, rank: int):
+        """Top-``rank`` singular triplets (U: out x rank, S, Vh: rank x in) of the sketched G."""
+        if rank > self.width:
+            raise ValueError(f"rank {rank} exceeds the sketch's state width {self.width}")
+        return self.U[:, :rank].contiguous(), self.s[:rank].clone(), self.V[:, :rank].T.contiguous()
+
+
+# ------------------------------------------------------------------------------------------- two passes
+def sketch_sizes(rank: int, rows: int, cols: int, oversample: int | None = None) -> tuple[int, int]:
+    """Two-pass sketch sizes (k, l): k = rank + oversample (default max(8, rank // 2)), l = 2k + 1 (Tropp
+    et al. 2017, section 5.4), each capped at the matrix size (rows: the side l runs along)."""
     if oversample is None:
         oversample = max(8, rank // 2)
     k = min(rank + oversample, rows, cols)
@@ -55,26 +249,10 @@ def gaussian_pair(seed: int, cols: int, k: int, l: int, rows: int, device, dtype
 def sketch_update(
     Y: torch.Tensor, Z: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, omega: torch.Tensor, psi: torch.Tensor
 ) -> None:
-    """Add the sketches of ``M_b = P^T Q`` in place: ``Y += P^T (Q Omega)``, ``Z += (P Psi^T)^T Q``.
-
-    P: tokens x rows, Q: tokens x cols. Costs ``tokens * (k + l) * (rows + cols)`` multiply-adds
-    against ``tokens * rows * cols`` for forming M_b.
-    """
+    """Add the sketches of ``M_b = P^T Q`` in place: ``Y += P^T (Q Omega)``, ``Z += (P Psi^T)^T Q``
+    (P: tokens x rows, Q: tokens x cols)."""
     Y.addmm_(P.T, Q @ omega)
     Z.addmm_((P @ psi.T).T, Q)
-
-
-def sketch_svd(Y: torch.Tensor, Z: torch.Tensor, psi: torch.Tensor, rank: int):
-    """Top-``rank`` singular triplets (U, S, Vh) of M recovered from its sketches (Tropp et al. 2017).
-
-    ``Q = orth(Y)``, ``X = argmin ||(Psi Q) X - Z||_F``, ``X = U_x S V^T``; then ``U = Q U_x``. The result
-    ``U diag(S) Vh`` is the rank-``rank`` truncation of the sketch's reconstruction ``Q X``.
-    """
-    Qy, _ = torch.linalg.qr(Y.double())
-    X = torch.linalg.lstsq(psi.double() @ Qy, Z.double()).solution
-    Ux, S, Vh = torch.linalg.svd(X, full_matrices=False)
-    U = Qy @ Ux[:, :rank]
-    return U.to(Y.dtype), S[:rank].to(Y.dtype), Vh[:rank].to(Y.dtype)
 
 
 def bilateral_update(
@@ -89,31 +267,26 @@ def bilateral_update(
 def bilateral_svd(Q: torch.Tensor, P: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rank: int):
     """Top-``rank`` triplets of ``G_hat = Q Q^T G + (I - Q Q^T) G P P^T`` from ``A = G P``, ``B = G^T Q``.
 
-    ``G - G_hat = (I - Q Q^T) G (I - P P^T)``: the error is projected away on both sides, so bases that are
-    only range-finder quality (one multiplication by G) give an approximation near the optimal one (the
-    bilateral form of the two-pass randomized SVD; Halko, Martinsson & Tropp 2011, section 5.5, applied to
-    exact products). ``G_hat = L R^T`` with ``L = [Q, (I - Q Q^T) A]``, ``R = [B, P]``.
+    ``G - G_hat = (I - Q Q^T) G (I - P P^T)``: the error is projected away on both sides, so bases of
+    range-finder quality give a near-optimal approximation (the bilateral two-pass randomized SVD; Halko,
+    Martinsson & Tropp 2011, section 5.5). ``G_hat = L R^T``, ``L = [Q, (I - Q Q^T) A]``, ``R = [B, P]``.
     """
-    Q, P, A, B = (t.double() for t in (Q, P, A, B))
     L = torch.cat([Q, A - Q @ (Q.T @ A)], dim=1)
-    R = torch.cat([B, P], dim=1)
-    Ql, Rl = torch.linalg.qr(L)
-    Qr, Rr = torch.linalg.qr(R)
-    Uc, S, Vhc = torch.linalg.svd(Rl @ Rr.T)
-    U, Vh = Ql @ Uc[:, :rank], Vhc[:rank] @ Qr.T
-    return U.float(), S[:rank].float(), Vh.float()
+    return lowrank_svd(L, torch.cat([B, P], dim=1), rank)
 
 
-class GradientSketch:
-    """Sketch of one layer's summed gradient G (out x in) over one or two passes over the batches.
+class TwoPassSketch:
+    """Two-pass sketch of one layer's summed gradient G (out x in); linear in G at every stage.
 
-    ``update(dy, x)`` adds ``G_b = dy^T x`` without forming it. Pass 1 keeps the range and co-range
-    sketches (Y, Z) of Tropp et al. 2017. With ``passes=1``, :meth:`svd` recovers from them directly.
-    With ``passes=2`` (:meth:`next_pass` between the passes) the sketches give orthonormal bases
-    Q (out x k_q) and P (in x k_p), and pass 2 accumulates the exact products ``A = G P`` and ``B = G^T Q``
-    (:func:`bilateral_update`); :meth:`svd` then uses :func:`bilateral_svd`. Memory: pass 1
-    ``k * max + l * min`` floats, pass 2 ``(k + l) * (in + out)``; :attr:`peak_nbytes` keeps the larger.
+    Pass 1 keeps (Y, Z) of Tropp et al. 2017 for ``M`` = G, or G^T when in > out (so the larger size l
+    runs along the smaller dimension). :meth:`next_pass` turns them into orthonormal bases Q (out x k_q)
+    and P (in x k_p); pass 2 accumulates ``A = G P``, ``B = G^T Q`` and a probe ``T = G Theta``
+    (:func:`bilateral_update`); :meth:`svd` uses :func:`bilateral_svd`. Memory: pass 1
+    ``k * max + l * min`` floats, pass 2 ``(k + l)(in + out) + 8 out``; :attr:`peak_nbytes` keeps the
+    larger. Test matrices are regenerated from the seed, never stored.
     """
+
+    passes = 2
 
     def __init__(
         self,
@@ -123,80 +296,75 @@ class GradientSketch:
         seed: int,
         device=None,
         oversample: int | None = None,
-        passes: int = 2,
     ):
-        if passes not in (1, 2):
-            raise ValueError(f"passes must be 1 or 2, got {passes}")
-        # M = G^T when in > out, so the larger sketch (l) runs along the smaller dimension
         self.transposed = in_features > out_features
         self.rows, self.cols = (in_features, out_features) if self.transposed else (out_features, in_features)
         self.k, self.l = sketch_sizes(rank, self.rows, self.cols, oversample)
-        self.rank, self.seed, self.passes, self.phase = rank, seed, passes, 1
+        self.rank, self.seed, self.phase = rank, seed, 1
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.Y = torch.zeros(self.rows, self.k, device=self.device)
         self.Z = torch.zeros(self.l, self.cols, device=self.device)
         self.peak_nbytes = self.nbytes
-        self.norm_sq: float | None = None
+        self.work_nbytes = 0
 
     def test_matrices(self):
         return gaussian_pair(self.seed, self.cols, self.k, self.l, self.rows, self.device)
 
-    def probe(self) -> torch.Tensor:
-        """Pass 2's small Gaussian probe Theta (in x t), regenerated: ``G Theta`` measures the residual."""
+    def _theta(self) -> torch.Tensor:
+        """Pass 2's Gaussian probe Theta (in x 8), regenerated: ``G Theta`` measures the residual."""
         generator = torch.Generator(device=self.device).manual_seed(self.seed + 1)
-        return torch.randn(self.P.shape[0], self.T.shape[1], generator=generator, device=self.device)
+        return torch.randn(self.P.shape[0], PROBE, generator=generator, device=self.device)
 
     def update(self, dy: torch.Tensor, x: torch.Tensor) -> None:
         dy = dy.reshape(-1, dy.shape[-1]).float()
         x = x.reshape(-1, x.shape[-1]).float()
+        tokens = x.shape[0]
         if self.phase == 2:
             bilateral_update(self.A, self.B, dy, x, self.P, self.Q)
-            self.T.addmm_(dy.T, x @ self.probe())
-            return
-        P, Q = (x, dy) if self.transposed else (dy, x)
-        omega, psi = self.test_matrices()
-        sketch_update(self.Y, self.Z, P, Q, omega, psi)
+            self.T.addmm_(dy.T, x @ self._theta())
+            work = self.P.shape[0] * PROBE + tokens * (self.P.shape[1] + self.Q.shape[1] + PROBE)
+        else:
+            P, Q = (x, dy) if self.transposed else (dy, x)
+            omega, psi = self.test_matrices()
+            sketch_update(self.Y, self.Z, P, Q, omega, psi)
+            work = omega.numel() + psi.numel() + tokens * (self.k + self.l)
+        self.work_nbytes = max(self.work_nbytes, 4 * work)
 
     def tensors(self) -> list[torch.Tensor]:
         """The accumulated state of the current pass (what an all-reduce must sum)."""
         return [self.Y, self.Z] if self.phase == 1 else [self.A, self.B, self.T]
 
+    def reduce(self) -> None:
+        from gradkit.lora.distributed import all_reduce_sum
+
+        all_reduce_sum(self.tensors())
+
     @property
     def nbytes(self) -> int:
         held = [self.Y, self.Z] if self.phase == 1 else [self.Q, self.P, self.A, self.B, self.T]
-        return sum(t.numel() * t.element_size() for t in held)
+        return _nbytes(*held)
 
     def scale_(self, factor: float) -> None:
         for t in self.tensors():
             t.mul_(factor)
-        self.norm_sq = None
 
     def frobenius_sq(self) -> float:
-        """Estimate of ||G||_F^2. Pass 1: unbiased from the sketches (E||M Omega||^2 = k ||M||^2,
-        E||Psi M||^2 = l ||M||^2; relative standard deviation about sqrt(2 / (k + l))). Pass 2: exact for
-        the approximation, ``||G_hat||^2 = ||B||^2 + ||(I - QQ^T) A||^2``, plus the orthogonal residual
-        ``E = (I - QQ^T) G (I - PP^T)`` estimated from the probe, ``||E Theta||^2 / t``."""
-        if self.phase == 2:
-            A = self.A.double()
-            QtA = self.Q.double().T @ A
-            residual = self.T.double() - A @ (self.P.double().T @ self.probe().double())
-            residual = residual - self.Q.double() @ (self.Q.double().T @ residual)
-            return float(
-                self.B.double().square().sum()
-                + A.square().sum()
-                - QtA.square().sum()
-                + residual.square().sum() / self.T.shape[1]
-            )
-        if self.norm_sq is None:
-            self.norm_sq = float(
-                (self.Y.double().square().sum() + self.Z.double().square().sum()) / (self.k + self.l)
-            )
-        return self.norm_sq
+        """Estimate of ||G||_F^2 after pass 2: exact for the approximation, ``||B||^2 + ||(I - QQ^T) A||^2``,
+        plus the residual ``(I - QQ^T) G (I - PP^T)`` estimated from the probe, ``||E Theta||^2 / 8``."""
+        A, Q = self.A.double(), self.Q.double()
+        residual = self.T.double() - A @ (self.P.double().T @ self._theta().double())
+        residual = residual - Q @ (Q.T @ residual)
+        return float(
+            self.B.double().square().sum()
+            + A.square().sum()
+            - (Q.T @ A).square().sum()
+            + residual.square().sum() / PROBE
+        )
 
     def next_pass(self) -> None:
         """Turn the pass-1 sketches into the bases Q (column side) and P (row side) for pass 2."""
-        range_basis = torch.linalg.qr(self.Y.double())[0].float()
-        corange_basis = torch.linalg.qr(self.Z.T.double())[0].float()
+        range_basis = _orth(self.Y.double()).float()
+        corange_basis = _orth(self.Z.T.double()).float()
         self.Q, self.P = (corange_basis, range_basis) if self.transposed else (range_basis, corange_basis)
         del self.Y, self.Z
         self.A = torch.zeros(self.Q.shape[0], self.P.shape[1], device=self.device)
@@ -208,16 +376,16 @@ class GradientSketch:
     def isfinite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in self.tensors())
 
+    def is_zero(self) -> bool:
+        return not any(bool(t.any()) for t in self.tensors())
+
     def svd(self, rank: int):
-        """Top-``rank`` singular triplets (U: out x rank, S, Vh: rank x in) of the sketched G."""
+        """Top-``rank`` singular triplets (U: out x rank, S, Vh: rank x in) of the sketched G (pass 2 done)."""
         if rank > self.k:
             raise ValueError(f"rank {rank} exceeds the sketch size k = {self.k}")
-        if self.phase == 2:
-            return bilateral_svd(self.Q, self.P, self.A, self.B, rank)
-        _, psi = self.test_matrices()
-        U, S, Vh = sketch_svd(self.Y, self.Z, psi, rank)
-        if self.transposed:  # G = M^T = V S U^T
-            U, Vh = Vh.T, U.T
+        if self.phase != 2:
+            raise RuntimeError("TwoPassSketch.svd needs pass 2: call next_pass() and run the batches again")
+        U, S, Vh = bilateral_svd(self.Q, self.P, self.A, self.B, rank)
         return U.contiguous(), S, Vh.contiguous()
 
 
