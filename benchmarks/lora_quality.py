@@ -39,12 +39,17 @@ GRIDS = {
     # from the projected form's scale down (each run of the full moments costs more than a LoRA run)
     "lora-pro:pro_moments=full": (2e-4, 4e-4, 8e-4, 1.6e-3),
     # wider: where its best lr lies (LoRA's or full FT's scale) is the question
-    "lora-ga": (5e-5, 2e-4, 8e-4, 1.6e-3),
+    "lora-ga": (5e-5, 2e-4, 4e-4, 8e-4, 1.6e-3),
+    # the same init up to the sketch's few per cent: at lora-ga's best lr, to compare the runs seed by seed
+    "lora-ga:ga_estimator=sketch": (8e-4,),
     "lora-ga-pro": (4e-4, 8e-4, 1.6e-3, 3.2e-3),
     "peft-lora-ga": (5e-4, 1e-3, 2e-3),  # its B holds the (small) singular values: LoRA's scale
 }
 # in order of interest: the result file is rewritten after every method, so a cut-short run still reports
-DEFAULT_METHODS = "full,lora,lora-ga,lora-pro,peft-lora-ga,lora-ga-pro,lora-plus"
+DEFAULT_METHODS = (
+    "full,lora,lora-ga,lora-pro,peft-lora-ga,lora-ga-pro,lora-plus,lora-pro:pro_moments=full,"
+    "lora-ga:ga_estimator=sketch"
+)
 
 
 def parse_method(spec: str) -> tuple[str, str, dict]:

@@ -308,13 +308,15 @@ def test_method_registers_with_options_and_lora_ga_pro(tiny_classifier):
             "sketch",
             "--ga-scale",
             "gd",
+            "--ga-sketch-passes",
+            "2",
         ]
     )
-    assert (args.ga_batches, args.ga_estimator, args.ga_scale, args.ga_gamma) == (2, "sketch", "gd", 16.0)
+    parsed = (args.ga_batches, args.ga_estimator, args.ga_scale, args.ga_gamma, args.ga_sketch_passes)
+    assert parsed == (2, "sketch", "gd", 16.0, 2)
     method = get_method("lora-ga")
-    cfg = TrainConfig(
-        method="lora-ga", rank=2, options={"ga_batches": 2, "ga_estimator": "sketch", "ga_scale": "gd"}
-    )
+    options = {"ga_batches": 2, "ga_estimator": "sketch", "ga_scale": "gd", "ga_sketch_passes": 2}
+    cfg = TrainConfig(method="lora-ga", rank=2, options=options)
     batches = iter(_batches(5))
     model = method.prepare(tiny_classifier, cfg, batches)
     assert method.report.num_batches == 2 and method.report.estimator == "sketch"

@@ -136,7 +136,11 @@ class StreamingSketch:
         self.V = torch.zeros(in_features, self.width, device=self.device)
         self.theta = torch.randn(in_features, PROBE, generator=self.generator, device=self.device)
         self.probe = torch.zeros(out_features, PROBE, device=self.device)
-        self.updates, self.finite, self.work_nbytes = 0, True, 0
+        self.updates, self.work_nbytes = 0, 0
+        # NaN/Inf: a LAPACK error flags it at once (CPU); otherwise a device-side flag, read at the end,
+        # so that a GPU run does not synchronise once per layer and batch
+        self.failed = False
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
 
     def _test_matrix(self) -> torch.Tensor:
         """[V (the warm start), fresh Gaussian columns, Theta (the probe, also searching)]."""
@@ -151,7 +155,7 @@ class StreamingSketch:
 
     def update(self, dy: torch.Tensor, x: torch.Tensor) -> None:
         """Add ``G_b = dy^T x`` (dy: ... x out, x: ... x in; leading dimensions are tokens)."""
-        if not self.finite:
+        if self.failed:
             return
         dy = dy.reshape(-1, dy.shape[-1]).float()
         x = x.reshape(-1, x.shape[-1]).float()
@@ -170,7 +174,7 @@ class StreamingSketch:
                 self.first_power if first else 0,
             )
         except torch.linalg.LinAlgError:  # NaN/Inf in this batch; the caller names the layer
-            self.finite = False
+            self.failed = True
             return
         self.probe.add_(batch_part[:, -PROBE:])
         self.U.zero_()
@@ -182,7 +186,7 @@ class StreamingSketch:
         out_f, in_f, cols = self.U.shape[0], self.V.shape[0], omega.shape[1]
         # omega, x omega, M omega, Q, dy Q, M^T Q and the SVD's factors, at their largest
         self.work_nbytes = max(self.work_nbytes, 4 * cols * (3 * in_f + 3 * out_f + 2 * x.shape[0]))
-        self.finite = bool(torch.isfinite(s).all())
+        self.finite &= torch.isfinite(s).all()
 
     @property
     def nbytes(self) -> int:
@@ -197,19 +201,24 @@ class StreamingSketch:
 
         if world_size() == 1:
             return
-        all_reduce_sum([self.probe])
+        # a batch with NaN/Inf on any rank fails the layer on every rank (all raise the same error)
+        failed = torch.tensor([float(self.failed or not bool(self.finite))], device=self.device)
+        all_reduce_sum([self.probe, failed])
+        if failed.item() > 0:
+            self.failed = True
+            return
         left = torch.cat(all_gather(self.U * self.s), dim=1)
         right = torch.cat(all_gather(self.V), dim=1)
         U, s, Vh = lowrank_svd(left, right, self.width)
         self.U, self.s, self.V = U.contiguous(), s, Vh.T.contiguous()
-        self.finite = bool(torch.isfinite(self.s).all())
+        self.finite &= torch.isfinite(self.s).all()
 
     def scale_(self, factor: float) -> None:
         self.s.mul_(factor)
         self.probe.mul_(factor)
 
     def isfinite(self) -> bool:
-        return self.finite
+        return not self.failed and bool(self.finite)
 
     def is_zero(self) -> bool:
         return not bool(self.s.any())

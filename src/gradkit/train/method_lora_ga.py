@@ -10,8 +10,8 @@ Defaults, and why:
   the one its ablation pairs with the gradient init for its best results, and PEFT's default, so a
   comparison with PEFT's LoRA-GA differs in the faithful split alone.
 - ``--ga-estimator exact``: the reference (one fp32 gradient per target weight, what the paper does);
-  ``sketch`` holds a fraction of that memory (two passes over the batches, rank-2r error measured within
-  4 % of optimal on MiniLM) for models where full gradients do not fit.
+  ``sketch`` holds a fraction of that memory (one pass over the batches; rank-2r error measured a few
+  per cent above optimal on MiniLM, see docs/lora_ga.md) for models where full gradients do not fit.
 - ``default_lr = 8e-4``: measured, not assumed. LoRA-GA's authors report its best learning rate near
   full fine-tuning's, not LoRA's; on MiniLM + SST-2 (benchmarks/lora_quality.py, 100 steps) the best of
   5e-5, 2e-4, 8e-4 and 1.6e-3 was 8e-4, nearer LoRA's best (2e-3) than full
@@ -69,7 +69,15 @@ class LoraGA(Lora):
             choices=ESTIMATORS,
             default="exact",
             help="exact (one fp32 gradient per target weight, default) or sketch (never forms it; "
-            "O(r (in + out)) memory per layer, two passes over the batches)",
+            "O(r (in + out)) memory per layer)",
+        )
+        g.add_argument(
+            "--ga-sketch-passes",
+            type=int,
+            choices=(1, 2),
+            default=1,
+            help="passes of the sketch estimator: 1 (streaming, default) or 2 (linear in the gradient: "
+            "under torchrun it equals the one-process sketch exactly)",
         )
         g.add_argument(
             "--ga-scale",
@@ -94,6 +102,7 @@ class LoraGA(Lora):
             peft_model,
             _rank_share(batches, count),
             estimator=options.get("ga_estimator") or "exact",
+            sketch_passes=options.get("ga_sketch_passes") or 1,
             scale=options.get("ga_scale") or "stable",
             stable_gamma=options.get("ga_gamma") or 16.0,
             seed=cfg.seed,
