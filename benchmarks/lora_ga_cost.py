@@ -4,9 +4,11 @@ PEFT's own ``preprocess_loraga`` + ``LoraConfig(init_lora_weights="lora_ga")``, 
 Each run happens in a child process of its own (this script with ``--child``), so its peak memory is
 its own: after the model and batches are loaded the child resets its peak-RSS mark (Linux
 ``/proc/self/clear_refs``; where that is refused, the current RSS is the baseline) and reports
-``ru_maxrss`` after the initialisation minus that baseline. Wall time covers the estimation and the
-initialisation (SVDs, offsets). "Estimator bytes" is an exact count of the tensors each estimator holds
-at its peak: PEFT's and gradkit exact's per-layer fp32 gradients, gradkit sketch's largest sketch state.
+``ru_maxrss`` after the initialisation minus that baseline. Wall time and the process's CPU time cover
+the estimation and the initialisation (SVDs, offsets); with one torch thread the CPU time is the one that
+other work sharing the machine inflates least. "Estimator bytes" is an exact count of the tensors each
+estimator holds at its peak: PEFT's and gradkit exact's per-layer fp32 gradients, gradkit sketch's
+states (plus one layer update's workspace for the one-pass sketch).
 A reference row runs the same forward and backward passes with every weight requiring grad (what any
 gradient estimate costs at least, with full backward).
 
@@ -201,7 +203,7 @@ def child(method: str, setting: dict[str, Any], threads: int | None) -> dict[str
         model = get_peft_model(model, _lora_config(model))
     gc.collect()
     baseline, how = _rss_reset()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if method == "peft":
         from peft import LoraGAConfig, get_peft_model, preprocess_loraga
         from peft.tuners.lora.loraga import get_target_modules
@@ -236,6 +238,7 @@ def child(method: str, setting: dict[str, Any], threads: int | None) -> dict[str
         out["estimator_bytes"] = report.bytes_held
         out["energy_captured"] = report.energy_captured
     out["seconds"] = time.perf_counter() - start
+    out["cpu_seconds"] = time.process_time() - cpu_start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out["peak_increase_mb"] = (peak - baseline) / 1024
     out["baseline_rss_mb"] = baseline / 1024
@@ -286,7 +289,7 @@ def main() -> None:
             runs[method] = run_child(method, setting, args.threads)
             r = runs[method]
             print(
-                f"  {r['seconds']:.1f} s, peak +{r['peak_increase_mb']:.0f} MB, "
+                f"  {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s CPU), peak +{r['peak_increase_mb']:.0f} MB, "
                 f"estimator {r['estimator_bytes'] / 2**20:.1f} MiB",
                 flush=True,
             )
@@ -299,6 +302,8 @@ def main() -> None:
                     LABELS[method],
                     f"{r['seconds']:.1f}",
                     _ratio(r["seconds"], peft_run["seconds"]),
+                    f"{r['cpu_seconds']:.1f}",
+                    _ratio(r["cpu_seconds"], peft_run["cpu_seconds"]),
                     f"{r['peak_increase_mb']:.0f}",
                     _ratio(r["peak_increase_mb"], peft_run["peak_increase_mb"]),
                     f"{r['estimator_bytes'] / 2**20:.1f}",
@@ -307,8 +312,8 @@ def main() -> None:
             )
             if method != "peft":
                 print(
-                    f"{setting['title']}: {method} / PEFT: time {rows[-1][2]}, peak increase {rows[-1][4]}, "
-                    f"estimator bytes {rows[-1][6]}"
+                    f"{setting['title']}: {method} / PEFT: wall {rows[-1][2]}, CPU {rows[-1][4]}, "
+                    f"peak increase {rows[-1][6]}, estimator bytes {rows[-1][8]}"
                 )
         shape = (
             f"{setting['batches']} batches of {setting['size']} x {setting['length']} tokens, "
@@ -320,7 +325,9 @@ def main() -> None:
                 "columns": [
                     "initialisation",
                     "wall s",
-                    "time / PEFT",
+                    "wall / PEFT",
+                    "CPU s",
+                    "CPU / PEFT",
                     "peak RSS increase MB",
                     "peak / PEFT",
                     "estimator MiB",

@@ -135,15 +135,15 @@ def test_one_pass_flags_a_non_finite_batch_instead_of_raising():
 
 
 def test_sizes_and_bytes():
-    assert streaming_sizes(16, 384, 1536) == (32, 48)  # w = 2 * rank, k = 3 * rank for rank >= 8
-    assert streaming_sizes(4, 384, 1536) == (12, 20)  # oversample at least 8
-    assert streaming_sizes(16, 40, 1536) == (32, 40)  # capped at the matrix
+    assert streaming_sizes(16, 384, 1536) == (24, 48)  # w = 1.5 rank, k = 3 rank for rank >= 16
+    assert streaming_sizes(4, 384, 1536) == (12, 36)  # oversample at least 8
+    assert streaming_sizes(16, 40, 1536) == (24, 40)  # capped at the matrix
     one = StreamingSketch(512, 256, 8, seed=0)
     w = one.width
-    assert one.nbytes == 4 * (512 * w + w + 256 * w + 256 * PROBE + 512 * PROBE) == one.peak_nbytes
+    assert one.nbytes == 4 * (512 * w + w + 256 * w + 512 * PROBE) == one.peak_nbytes
     pairs, _ = _stream(512, 256, batches=1)
     one.update(*pairs[0])
-    assert one.nbytes == 4 * (512 * w + w + 256 * w + 256 * PROBE + 512 * PROBE)  # no growth
+    assert one.nbytes == 4 * (512 * w + w + 256 * w + 512 * PROBE)  # no growth
     assert 0 < one.work_nbytes < 4 * 512 * 256  # one update's workspace: less than a gradient
     assert sketch_sizes(16, 384, 1536) == (24, 49)  # two-pass: k = 2r + max(8, r), l = 2k + 1
     assert sketch_sizes(16, 384, 1536, oversample=4) == (20, 41)

@@ -282,7 +282,7 @@ def lora_ga_init(
        gradient per layer (on CPU with ``offload=True``); ``"sketch"`` never forms it
        (:mod:`gradkit.lora.sketch`). ``sketch_passes=1`` (default) streams a truncated SVD of the sum
        through one pass, holding ``w (in + out)`` floats per layer, w = 2r + ``sketch_oversample``
-       (default max(8, 2r)); ``sketch_passes=2`` runs the batches twice, holds ``(k + l)(in + out)``
+       (default max(8, r)); ``sketch_passes=2`` runs the batches twice, holds ``(k + l)(in + out)``
        floats, k = 2r + ``sketch_oversample`` (default max(8, r)), l = 2k + 1, and is linear in G, so under
        torch.distributed it equals the single-process sketch exactly (the one-pass sketch is merged
        across ranks, equal to the single-process one up to its approximation error).
