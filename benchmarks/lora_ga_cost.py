@@ -258,6 +258,14 @@ def run_child(method: str, setting: dict[str, Any], threads: int | None) -> dict
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each measured figure over repeated runs of one method (bytes are exact: the same)."""
+    import statistics
+
+    keys = ("seconds", "cpu_seconds", "peak_increase_mb")
+    return {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in keys}}
+
+
 def _ratio(x: float, y: float) -> str:
     return f"{x / y:.2f}x" if y else "n/a"
 
@@ -269,6 +277,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, the same code path (a smoke run)")
     parser.add_argument("--settings", default="a,b", help="comma-separated: a, b (default %(default)s)")
     parser.add_argument("--threads", type=int, help="torch threads in each child (default: torch's)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each method; the table shows medians (default 1)"
+    )
     parser.add_argument("--child", choices=(*METHODS, ACCURACY), help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -283,16 +294,18 @@ def main() -> None:
     tables, raw, notes = [], {}, []
     for key in [s.strip() for s in args.settings.split(",") if s.strip()]:
         setting = table_settings[key]
-        runs = {}
-        for method in METHODS:
-            print(f"{setting['title']}: {LABELS[method]} ...", flush=True)
-            runs[method] = run_child(method, setting, args.threads)
-            r = runs[method]
-            print(
-                f"  {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s CPU), peak +{r['peak_increase_mb']:.0f} MB, "
-                f"estimator {r['estimator_bytes'] / 2**20:.1f} MiB",
-                flush=True,
-            )
+        repeats: dict[str, list[dict[str, Any]]] = {method: [] for method in METHODS}
+        for rep in range(args.repeats):  # round robin, so a drift in the machine's load hits every method
+            for method in METHODS:
+                print(f"{setting['title']}: {LABELS[method]} (run {rep + 1}/{args.repeats}) ...", flush=True)
+                r = run_child(method, setting, args.threads)
+                repeats[method].append(r)
+                print(
+                    f"  {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s CPU), peak +{r['peak_increase_mb']:.0f} MB, "
+                    f"estimator {r['estimator_bytes'] / 2**20:.1f} MiB",
+                    flush=True,
+                )
+        runs = {method: _median_run(done) for method, done in repeats.items()}
         peft_run = runs["peft"]
         rows = []
         for method in METHODS:
@@ -306,6 +319,7 @@ def main() -> None:
                     _ratio(r["cpu_seconds"], peft_run["cpu_seconds"]),
                     f"{r['peak_increase_mb']:.0f}",
                     _ratio(r["peak_increase_mb"], peft_run["peak_increase_mb"]),
+                    ", ".join(f"{x['peak_increase_mb']:.0f}" for x in repeats[method]),
                     f"{r['estimator_bytes'] / 2**20:.1f}",
                     _ratio(r["estimator_bytes"], peft_run["estimator_bytes"]),
                 ]
@@ -313,7 +327,7 @@ def main() -> None:
             if method != "peft":
                 print(
                     f"{setting['title']}: {method} / PEFT: wall {rows[-1][2]}, CPU {rows[-1][4]}, "
-                    f"peak increase {rows[-1][6]}, estimator bytes {rows[-1][8]}"
+                    f"peak increase {rows[-1][6]}, estimator bytes {rows[-1][9]}"
                 )
         shape = (
             f"{setting['batches']} batches of {setting['size']} x {setting['length']} tokens, "
@@ -330,13 +344,14 @@ def main() -> None:
                     "CPU / PEFT",
                     "peak RSS increase MB",
                     "peak / PEFT",
+                    "peak MB, each run",
                     "estimator MiB",
                     "bytes / PEFT",
                 ],
                 "rows": rows,
             }
         )
-        raw[key] = {"setting": setting, "runs": runs}
+        raw[key] = {"setting": setting, "runs": repeats}
         if key == "a":
             print(f"{setting['title']}: sketch accuracy against the exact gradients ...", flush=True)
             acc = run_child(ACCURACY, setting, args.threads)
@@ -368,7 +383,9 @@ def main() -> None:
         "products with the bases found) and holds (k + l)(in + out) + 8 out floats per layer, k = 2r + 8, "
         "l = 2k + 1.",
         "Peak RSS increase: ru_maxrss after the initialisation minus the RSS after model and batches were "
-        "loaded, each method in a fresh child process (baseline method per run in the raw data).",
+        "loaded, each method in a fresh child process (baseline method per run in the raw data). It varies "
+        "by tens of MB between runs of the same method (the allocator's heap), so with --repeats the table "
+        f"shows the median of {args.repeats} runs per method (run round robin) and the raw data every run.",
         f"Torch threads per child: {args.threads or 'torch default'}; 1-minute load average "
         f"{load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
         f"(above the child's own share it means other processes shared the {os.cpu_count()} cores).",

@@ -128,15 +128,42 @@ def main() -> None:
     sweeps: dict[str, dict[float, dict]] = {}
     best: dict[str, list[dict]] = {}
     planned = args.methods.split(",")
+    matched: dict[str, list[str]] = {}
     for spec in planned:
         try:
             sweeps[spec], best[spec] = measure(args, spec, base, seeds)
         except NotRun:
             continue
-        report(args, seeds, sweeps, best, started, planned)
+        matched[spec] = against_plain(args, spec, base, best[spec])
+        report(args, seeds, sweeps, best, started, planned, matched)
 
 
-def report(args, seeds, sweeps, best, started, planned) -> None:
+def against_plain(args, spec: str, base, runs: list[dict]) -> list[str]:
+    """A variant (``name:option=value``) against its plain method's finished runs at the same lr and
+    seeds, run by run (nothing is started for this): the variant's effect without the seed noise."""
+    label, name, options = parse_method(spec)
+    if not options:
+        return []
+    pairs = []
+    for variant in runs:
+        out = Path(args.out) / name / f"lr{variant['lr']:g}-seed{variant['seed']}"
+        try:
+            plain = run(base, name, name, {}, variant["lr"], variant["seed"], out, report_only=True)
+        except NotRun:
+            continue
+        pairs.append((variant, plain))
+    if not pairs:
+        return []
+    loss = [v["mean_loss"] - p["mean_loss"] for v, p in pairs]
+    acc = [100 * (v["test_accuracy"] - p["test_accuracy"]) for v, p in pairs]
+    return [
+        f"{label} against {name} at the same lr and seeds (seeds {', '.join(str(v['seed']) for v, _ in pairs)}, "
+        f"lr {pairs[0][0]['lr']:g}): mean train loss differences {', '.join(f'{d:+.4f}' for d in loss)}, "
+        f"test accuracy differences {', '.join(f'{d:+.2f}' for d in acc)} points."
+    ]
+
+
+def report(args, seeds, sweeps, best, started, planned, matched) -> None:
     def avg(label: str, key: str) -> float:
         return statistics.mean(s[key] if key != "final" else s["final_train_loss"] for s in best[label])
 
@@ -229,6 +256,7 @@ def report(args, seeds, sweeps, best, started, planned) -> None:
             "plots": [str(plot_path.relative_to(ROOT))],
             "notes": [
                 *notes,
+                *(line for lines in matched.values() for line in lines),
                 *args.note,
                 "r = 8, alpha = 16 on all 36 encoder Linear layers; lora-plus: PEFT's create_loraplus_optimizer, ratio 16; "
                 "lora-pro: gradkit.LoRAPro AdamW (projected moments unless named), X = sylvester; lora-ga: gradkit's "
