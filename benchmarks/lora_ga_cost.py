@@ -4,7 +4,8 @@ PEFT's own ``preprocess_loraga`` + ``LoraConfig(init_lora_weights="lora_ga")``, 
 Each run happens in a child process of its own (this script with ``--child``), so its peak memory is
 its own: after the model and batches are loaded the child resets its peak-RSS mark (Linux
 ``/proc/self/clear_refs``; where that is refused, the current RSS is the baseline) and reports
-``ru_maxrss`` after the initialisation minus that baseline. Wall time and the process's CPU time cover
+``ru_maxrss`` after the initialisation minus that baseline (the "live peak" from one extra run per method
+with a fixed malloc mmap threshold, so that it tracks live bytes; see LIVE_PEAK_ENV). Wall time and the process's CPU time cover
 the estimation and the initialisation (SVDs, offsets); with one torch thread the CPU time is the one that
 other work sharing the machine inflates least. "Estimator bytes" is an exact count of the tensors each
 estimator holds at its peak: PEFT's and gradkit exact's per-layer fp32 gradients, gradkit sketch's
@@ -247,11 +248,22 @@ def child(method: str, setting: dict[str, Any], threads: int | None) -> dict[str
 
 
 # --------------------------------------------------------------------------------------------- parent
-def run_child(method: str, setting: dict[str, Any], threads: int | None) -> dict[str, Any]:
+# glibc's malloc keeps freed heap memory and moves its mmap threshold as it goes, so ru_maxrss varies by
+# +-50 MB between runs of the same method; with a fixed threshold every tensor above it is its own mapping,
+# returned on free, and the peak RSS tracks the live bytes (measured: identical across repeated runs). It
+# slows allocation (fresh pages are zeroed), so those runs give the peak and the timed runs the time.
+LIVE_PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run_child(
+    method: str, setting: dict[str, Any], threads: int | None, live_peak: bool = False
+) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", method, "--setting", json.dumps(setting)]
     if threads:
         cmd += ["--threads", str(threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if live_peak:
+        env.update(LIVE_PEAK_ENV)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{result.stderr[-3000:]}")
@@ -278,7 +290,10 @@ def main() -> None:
     parser.add_argument("--settings", default="a,b", help="comma-separated: a, b (default %(default)s)")
     parser.add_argument("--threads", type=int, help="torch threads in each child (default: torch's)")
     parser.add_argument(
-        "--repeats", type=int, default=1, help="runs of each method; the table shows medians (default 1)"
+        "--repeats",
+        type=int,
+        default=2,
+        help="timed runs of each method, medians shown (default %(default)s)",
     )
     parser.add_argument("--child", choices=(*METHODS, ACCURACY), help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
@@ -295,11 +310,17 @@ def main() -> None:
     for key in [s.strip() for s in args.settings.split(",") if s.strip()]:
         setting = table_settings[key]
         repeats: dict[str, list[dict[str, Any]]] = {method: [] for method in METHODS}
-        for rep in range(args.repeats):  # round robin, so a drift in the machine's load hits every method
+        live: dict[str, dict[str, Any]] = {}
+        for rep in range(args.repeats + 1):  # round robin, so a drift in the machine's load hits every method
             for method in METHODS:
-                print(f"{setting['title']}: {LABELS[method]} (run {rep + 1}/{args.repeats}) ...", flush=True)
-                r = run_child(method, setting, args.threads)
-                repeats[method].append(r)
+                live_run = rep == args.repeats
+                kind = "live peak" if live_run else f"timed run {rep + 1}/{args.repeats}"
+                print(f"{setting['title']}: {LABELS[method]} ({kind}) ...", flush=True)
+                r = run_child(method, setting, args.threads, live_peak=live_run)
+                if live_run:
+                    live[method] = r
+                else:
+                    repeats[method].append(r)
                 print(
                     f"  {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s CPU), peak +{r['peak_increase_mb']:.0f} MB, "
                     f"estimator {r['estimator_bytes'] / 2**20:.1f} MiB",
@@ -317,8 +338,8 @@ def main() -> None:
                     _ratio(r["seconds"], peft_run["seconds"]),
                     f"{r['cpu_seconds']:.1f}",
                     _ratio(r["cpu_seconds"], peft_run["cpu_seconds"]),
-                    f"{r['peak_increase_mb']:.0f}",
-                    _ratio(r["peak_increase_mb"], peft_run["peak_increase_mb"]),
+                    f"{live[method]['peak_increase_mb']:.0f}",
+                    _ratio(live[method]["peak_increase_mb"], live["peft"]["peak_increase_mb"]),
                     ", ".join(f"{x['peak_increase_mb']:.0f}" for x in repeats[method]),
                     f"{r['estimator_bytes'] / 2**20:.1f}",
                     _ratio(r["estimator_bytes"], peft_run["estimator_bytes"]),
@@ -342,16 +363,16 @@ def main() -> None:
                     "wall / PEFT",
                     "CPU s",
                     "CPU / PEFT",
-                    "peak RSS increase MB",
-                    "peak / PEFT",
-                    "peak MB, each run",
+                    "live peak increase MB",
+                    "live peak / PEFT",
+                    "RSS peak increase MB, timed runs",
                     "estimator MiB",
                     "bytes / PEFT",
                 ],
                 "rows": rows,
             }
         )
-        raw[key] = {"setting": setting, "runs": repeats}
+        raw[key] = {"setting": setting, "runs": repeats, "live_peak_runs": live}
         if key == "a":
             print(f"{setting['title']}: sketch accuracy against the exact gradients ...", flush=True)
             acc = run_child(ACCURACY, setting, args.threads)
@@ -378,14 +399,17 @@ def main() -> None:
         "weight; gradkit estimates in eval mode. PEFT folds the singular values into B and scales only B; "
         "gradkit's factors are the paper's (orthonormal, both scaled), so the two inits differ by design.",
         "gradkit sketch (one pass) streams a truncated SVD of each layer's gradient sum: it holds w (in + out + 1) "
-        "+ 8 (in + out) floats per layer, w = 4r = 32, plus one layer update's workspace; no weight-gradient "
+        "+ 8 out floats per layer, w = 3r = 24, plus one layer update's workspace; no weight-gradient "
         "product is formed. sketch_passes=2 runs the batches twice (range/co-range sketches, then exact "
         "products with the bases found) and holds (k + l)(in + out) + 8 out floats per layer, k = 2r + 8, "
         "l = 2k + 1.",
-        "Peak RSS increase: ru_maxrss after the initialisation minus the RSS after model and batches were "
-        "loaded, each method in a fresh child process (baseline method per run in the raw data). It varies "
-        "by tens of MB between runs of the same method (the allocator's heap), so with --repeats the table "
-        f"shows the median of {args.repeats} runs per method (run round robin) and the raw data every run.",
+        "Peak increase: ru_maxrss after the initialisation minus the RSS after model and batches were loaded, "
+        "each run a fresh child process (baseline method per run in the raw data). With glibc's default "
+        "allocator it varies by tens of MB between runs of the same method (freed heap memory is kept, the "
+        "mmap threshold moves), so each method also runs once with MALLOC_MMAP_THRESHOLD_=131072: every "
+        "tensor above 128 KiB is then its own mapping, returned when freed, and the peak tracks the live "
+        "bytes (the 'live peak' columns; repeated runs gave the same figure to the MB). Times are medians of "
+        f"{args.repeats} timed runs with the default allocator, run round robin over the methods.",
         f"Torch threads per child: {args.threads or 'torch default'}; 1-minute load average "
         f"{load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
         f"(above the child's own share it means other processes shared the {os.cpu_count()} cores).",
