@@ -186,11 +186,8 @@ class StreamingSketch:
             self.failed = True
             return
         self.probe.add_(batch_part[:, -PROBE:])
-        self.U.zero_()
-        self.s.zero_()
-        self.V.zero_()
-        width = s.numel()
-        self.U[:, :width], self.s[:width], self.V[:, :width] = U, s, V
+        # always the full width: Q has min(out, k + 8) >= w columns, so the step returns w triplets
+        self.U, self.s, self.V = U, s, V
         self.updates += 1
         out_f, in_f, cols = self.U.shape[0], self.V.shape[0], omega.shape[1]
         # omega, x omega, M omega, Q, dy Q, M^T Q and the SVD's factors, at their largest
