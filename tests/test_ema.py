@@ -261,3 +261,137 @@ def test_dtype_and_device_options():
     ema.update()
     with ema.swapped():
         assert model.weight.dtype == torch.bfloat16
+
+
+# -- half precision (issue 12, item 4) ------------------------------------------------------------
+HALF = [torch.bfloat16, torch.float16]
+
+
+def _constant_target_model(dtype, init=1.0):
+    model = nn.Linear(4, 3).to(dtype)
+    with torch.no_grad():
+        model.weight.fill_(init)
+        model.bias.fill_(init)
+    return model
+
+
+def _exact_towards(target, init, coeffs):
+    """Θ_n = target + (init − target)·∏ a_s, in float64: the EMA of a constant sequence."""
+    return target + (init - target) * math.prod(coeffs)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("warmup", [None, "power", "bias_corrected"])
+def test_half_precision_average_moves_and_matches_fp64_closed_form(dtype, warmup):
+    """Weights 1.0 at step 1, then 1.5: Θ_n = 1.5 + (Θ_1 − 1.5)·∏_{s=2}^{n} a_s. With decay 0.999 the
+    step (1 − a)·Δ ≤ 5e-4 is below half an ulp of bf16 (and fp16) at 1.0, so a shadow kept in the
+    parameter's dtype never moves (issue 12: 1.0000 after 1,000 updates, exact 1.3162); the default fp32
+    shadow follows the fp64 closed form, and rounds to it in the model's dtype, at every checkpoint."""
+    model = _constant_target_model(dtype)
+    ema = EMA(model, decay=0.999, warmup=warmup)
+    assert all(s.dtype == torch.float32 for s in ema.shadow)
+    coeffs = [ema_decay(s, 0.999, warmup) for s in range(1, 1002)]
+    ema.update()  # step 1 at the initial weights 1.0: Θ_1 = 1.0 whatever a_1 is
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.5)
+    for step in range(2, 1002):
+        ema.update()
+        if step not in (2, 10, 100, 1001):
+            continue
+        exact = _exact_towards(1.5, 1.0, coeffs[1:step])
+        ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(exact))
+        for s in ema.shadow:
+            assert (s.double() - exact).abs().max().item() < ulp / 8, step  # fp32 rounding only
+            assert torch.equal(s.to(dtype), torch.full_like(s, exact, dtype=torch.float64).to(dtype))
+        # the export in the model's dtype is the closed form rounded once to that dtype
+        for k, v in ema.averaged_state_dict().items():
+            assert v.dtype == dtype, k
+            assert torch.equal(v, torch.full_like(v, exact, dtype=torch.float64).to(dtype)), (k, step)
+    if warmup is None:
+        assert exact == pytest.approx(1.5 - 0.5 * 0.999**1000) and abs(exact - 1.3162) < 1e-4
+    full = ema.averaged_state_dict(full_precision=True)
+    assert all(v.dtype == torch.float32 for v in full.values())
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_swapped_casts_in_and_restores_bit_exact(dtype):
+    model = _constant_target_model(dtype)
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.5)
+    for _ in range(1000):
+        ema.update()
+    with torch.no_grad():
+        model.weight.add_(torch.randn(model.weight.shape).to(dtype) * 1e-2)  # distinct training weights
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    exact = _exact_towards(1.5, 1.0, [0.999] * 1000)
+    with ema.swapped() as m:
+        for k, v in m.state_dict().items():
+            assert v.dtype == dtype
+            assert torch.equal(v, torch.full_like(v, exact, dtype=torch.float64).to(dtype)), k
+    for k, v in model.state_dict().items():
+        assert v.dtype == dtype and torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_shadow_dtype_param_keeps_the_memory_and_the_documented_stall(dtype):
+    """shadow_dtype="param" halves the EMA memory; the price is the documented rounding: the average
+    cannot move by less than half an ulp per update."""
+    model = _constant_target_model(dtype)
+    ema = EMA(model, decay=0.999, shadow_dtype="param")
+    assert all(s.dtype == dtype for s in ema.shadow)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.5)
+    for _ in range(1000):
+        ema.update()
+    # the stall of issue 12 item 4: bf16 stays at 1.0, fp16 stops at 1.0117; exact is 1.3162
+    exact = _exact_towards(1.5, 1.0, [0.999] * 1000)
+    assert all((s.double() - exact).abs().min().item() > 0.3 for s in ema.shadow)
+    assert ema.shadow_bytes == sum(p.numel() * p.element_size() for p in model.parameters())
+    fp32 = EMA(model, decay=0.999)
+    assert fp32.shadow_bytes == 2 * ema.shadow_bytes
+
+
+def test_shadow_dtype_options_and_fp32_models_unchanged():
+    model = nn.Linear(3, 3)
+    assert all(s.dtype == torch.float32 for s in EMA(model).shadow)
+    assert all(s.dtype == torch.float64 for s in EMA(model, shadow_dtype=torch.float64).shadow)
+    assert all(s.dtype == torch.float64 for s in EMA(model, dtype=torch.float64).shadow)  # old name
+    with pytest.raises(GradkitError, match="shadow_dtype"):
+        EMA(model, shadow_dtype="half")
+    with pytest.raises(GradkitError, match="shadow_dtype"):
+        EMA(model, shadow_dtype=torch.float64, dtype=torch.float32)
+    with pytest.raises(GradkitError, match="floating"):
+        EMA(model, shadow_dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_state_dict_resume_and_buffers(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).to(dtype)
+    ema = EMA(model, decay=0.9, warmup="power")
+    seq = _scripted(model, 8, seed=5)
+    for w in seq[:4]:
+        _set(model, w)
+        ema.update()
+    state = ema.state_dict()
+    assert all(v.dtype == torch.float32 for k, v in state["shadow"].items() if "num_batches" not in k)
+    assert state["shadow"]["1.num_batches_tracked"].dtype == torch.int64
+    resumed = EMA(model, decay=0.5)
+    resumed.load_state_dict(state)
+    for w in seq[4:]:
+        _set(model, w)
+        ema.update()
+        resumed.update()
+    for x, y in zip(ema.shadow, resumed.shadow, strict=True):
+        assert torch.equal(x, y)
+    # the average of the half-precision sequence is the fp64 closed form up to fp32 rounding
+    coeffs = [ema_decay(s, 0.9, "power") for s in range(1, 9)]
+    start = {n: seq[0][n].double() for n in seq[0]}  # a_1 = 0: the start does not matter
+    want = _closed_form(start, seq, coeffs)
+    got = ema.averaged_state_dict(full_precision=True)
+    for n in want:
+        torch.testing.assert_close(got[n].double(), want[n], atol=1e-6, rtol=0)

@@ -9,6 +9,11 @@ It never touches the training trajectory: the optimiser only ever sees ``θ``. E
 "Acceleration of stochastic approximation by averaging"; the warmup schedule follows the
 ``1 − (1 + t/γ)^(−p)`` form popularised by TensorFlow's and timm's model EMAs; the bias-corrected form
 is Adam's first-moment correction (Kingma & Ba, 2015) applied to weights.
+
+Precision: the average of a half-precision (bf16/fp16) model is kept in float32 by default. In the
+parameter's own dtype a step ``(1 − a)·(θ − Θ)`` below half an ulp of ``Θ`` rounds away: at
+``a = 0.999`` a bf16 average moves only while ``|θ − Θ|`` exceeds about 2-4 times ``|Θ|`` (fp16: about
+0.25-0.5 times), so in practice it never moves.
 """
 
 from __future__ import annotations
@@ -25,6 +30,16 @@ from gradkit.errors import GradkitError
 __all__ = ["EMA", "ema_decay", "interval_decay", "unwrap_model"]
 
 _WARMUPS = (None, "power", "bias_corrected")
+_SHADOW_DTYPES = ("auto", "param")
+
+
+def _shadow_dtype(choice: str | torch.dtype, t: torch.Tensor) -> torch.dtype:
+    """The dtype the average of tensor ``t`` is kept in."""
+    if not t.is_floating_point() or choice == "param":
+        return t.dtype
+    if choice == "auto":  # half precision (bf16, fp16, fp8) is averaged in float32
+        return torch.float32 if torch.finfo(t.dtype).bits < 32 else t.dtype
+    return choice
 
 
 def ema_decay(
@@ -117,7 +132,14 @@ class EMA:
     """Exponential moving average of a model's parameters and buffers, updated in place.
 
     ``Θ ← a·Θ + (1 − a)·θ`` with ``a`` from :func:`ema_decay` (``decay`` or a warmup schedule), one fused
-    ``torch._foreach_lerp_`` per (device, dtype) group; non-floating buffers are copied.
+    ``torch._foreach_lerp_`` per (device, dtype) group (``_foreach_mul_`` + ``_foreach_add_``, which
+    promote in the kernel, where the average is kept in a wider dtype than the model: no cast copy of
+    the model is made); non-floating buffers are copied.
+
+    Guarantees: for every floating tensor, after ``n`` updates the average equals the closed form
+    ``(∏ a_s)·θ_0 + Σ_s (1 − a_s)·(∏_{u>s} a_u)·θ_s`` up to rounding in the average's dtype (float32 for
+    fp32, bf16 and fp16 models by default); :meth:`swapped` and :meth:`copy_to` put it into the model
+    rounded once to the model's dtype, and :meth:`swapped` restores the training weights bit for bit.
 
     Args:
         model: the training model; DDP, torch.compile and accelerate wrappers are unwrapped. The EMA
@@ -128,7 +150,15 @@ class EMA:
         buffers: ``"average"`` averages floating buffers (BatchNorm running statistics) like parameters;
             ``"copy"`` copies the current buffers at every update. Integer buffers are always copied.
         device: keep the average on another device (e.g. ``"cpu"`` to save accelerator memory).
-        dtype: keep the floating average in this dtype (e.g. ``torch.float32`` for a bf16 model).
+        shadow_dtype: the dtype of the floating average. ``"auto"`` (default): float32 for half-precision
+            tensors (bf16, fp16), the tensor's own dtype otherwise, so the average of a half-precision
+            model is exact to float32 rounding; it costs 4 bytes per element, 2x the bf16 parameter
+            bytes (see :attr:`shadow_bytes`). ``"param"``: the tensor's own dtype, half the memory, but
+            an update moves an element only when ``(1 − a)·|θ − Θ|`` exceeds half an ulp of ``Θ``: with
+            ``decay=0.999`` a bf16 average stays put unless ``|θ − Θ|`` exceeds about 2-4 times
+            ``|Θ|`` (fp16: 0.25-0.5 times), i.e. it stalls.
+            A ``torch.dtype`` (e.g. ``torch.float64``): that dtype for every floating tensor.
+        dtype: the former name of ``shadow_dtype`` (a ``torch.dtype``); kept for compatibility.
         every: average only every ``every``-th optimiser step, with the product of the per-step
             coefficients (:func:`interval_decay`), so the horizon in steps stays the same.
 
@@ -146,6 +176,7 @@ class EMA:
         *,
         gamma: float = 1.0,
         power: float = 2 / 3,
+        shadow_dtype: str | torch.dtype = "auto",
         dtype: torch.dtype | None = None,
     ) -> None:
         if not 0.0 <= decay < 1.0:
@@ -158,6 +189,23 @@ class EMA:
             raise GradkitError(f"EMA every must be a positive integer, got {every!r}")
         if gamma <= 0 or power <= 0:
             raise GradkitError(f"EMA warmup needs gamma > 0 and power > 0, got gamma={gamma}, power={power}")
+        if dtype is not None:
+            if shadow_dtype != "auto" and shadow_dtype != dtype:
+                raise GradkitError(
+                    f"EMA got shadow_dtype={shadow_dtype!r} and dtype={dtype!r}; pass only shadow_dtype "
+                    "(dtype is its former name)"
+                )
+            shadow_dtype = dtype
+        if isinstance(shadow_dtype, torch.dtype):
+            if not shadow_dtype.is_floating_point:
+                raise GradkitError(
+                    f"EMA shadow_dtype must be a floating dtype, got {shadow_dtype}; e.g. torch.float32"
+                )
+        elif shadow_dtype not in _SHADOW_DTYPES:
+            raise GradkitError(
+                f"EMA shadow_dtype must be 'auto', 'param' or a floating torch.dtype, got {shadow_dtype!r}"
+            )
+        self.shadow_dtype = shadow_dtype
         self.decay, self.warmup, self.buffers, self.every = float(decay), warmup, buffers, int(every)
         self.gamma, self.power = float(gamma), float(power)
         self.device = torch.device(device) if device is not None else None
@@ -169,7 +217,7 @@ class EMA:
         self.shadow: list[torch.Tensor] = []
         with torch.no_grad():
             for t in self._live():
-                cast = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+                cast = _shadow_dtype(shadow_dtype, t)
                 self.shadow.append(t.detach().to(device=self.device or t.device, dtype=cast, copy=True))
         self._build_groups()
 
@@ -213,13 +261,21 @@ class EMA:
         self.last_update = self.step
         live = self._live()
         for (device, dtype), idx, shadows in self._groups:
-            src = [
-                live[i]
-                if (live[i].device == device and live[i].dtype == dtype)
-                else live[i].to(device=device, dtype=dtype)
-                for i in idx
-            ]
-            torch._foreach_lerp_(shadows, src, 1.0 - a)
+            same, same_src, wide, wide_src = [], [], [], []
+            for i, s in zip(idx, shadows, strict=True):
+                t = live[i] if live[i].device == device else live[i].to(device=device)
+                if t.dtype == dtype:
+                    same.append(s)
+                    same_src.append(t)
+                else:
+                    wide.append(s)
+                    wide_src.append(t)
+            if same:
+                torch._foreach_lerp_(same, same_src, 1.0 - a)
+            if wide:
+                # Θ ← a·Θ + (1 − a)·θ; add_ promotes θ in the kernel: no float32 copy of the model
+                torch._foreach_mul_(wide, a)
+                torch._foreach_add_(wide, wide_src, alpha=1.0 - a)
         for i in self._copied:
             self.shadow[i].copy_(live[i])
         return True
@@ -268,9 +324,25 @@ class EMA:
                 for t, b in zip(self._live(), backup, strict=True):
                     t.copy_(b)
 
-    def averaged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The averaged weights keyed like the unwrapped model's ``state_dict()`` (for saving)."""
-        return dict(zip(self.names, self.shadow, strict=True))
+    def averaged_state_dict(self, *, full_precision: bool = False) -> dict[str, torch.Tensor]:
+        """The averaged weights keyed like the unwrapped model's ``state_dict()`` (for saving).
+
+        By default each tensor is in the tracked model's current dtype, i.e. exactly what
+        :meth:`swapped` and :meth:`copy_to` put into the model (the float32 average of a bf16 model is
+        rounded once to bf16; tensors already in the model's dtype are returned as they are, not
+        copied). ``full_precision=True``: the average as kept (``shadow_dtype``), e.g. float32.
+        """
+        if full_precision:
+            return dict(zip(self.names, self.shadow, strict=True))
+        return {
+            n: s if s.dtype == t.dtype else s.to(t.dtype)
+            for n, s, t in zip(self.names, self.shadow, self._live(), strict=True)
+        }
+
+    @property
+    def shadow_bytes(self) -> int:
+        """Memory held by the average, in bytes (float32 for a bf16 model: 2x its parameter bytes)."""
+        return sum(s.numel() * s.element_size() for s in self.shadow)
 
     # -- resume ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -310,5 +382,5 @@ class EMA:
         n = sum(s.numel() for s in self.shadow)
         return (
             f"EMA(decay={self.decay}, warmup={self.warmup!r}, buffers={self.buffers!r}, every={self.every}, "
-            f"step={self.step}, tensors={len(self.shadow)}, numel={n})"
+            f"step={self.step}, tensors={len(self.shadow)}, numel={n}, shadow_dtype={self.shadow_dtype!r})"
         )
