@@ -128,3 +128,162 @@ def test_linear_used_without_calling_it_is_left_out_of_both_norms():
         rec.step()
     called = sum(p.grad.pow(2).sum() for p in model.called.parameters()).item()
     assert gns.last["big_sq_norm"] == pytest.approx(called, rel=1e-6)
+
+
+# -- a Linear called several times per forward pass (issue 12, item 5) ------------------------------
+def _reference_fn(model, loss_one, *inputs):
+    """|g_n|^2 over all parameters with torch.func: vmap over examples of grad of one example's loss."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    grads = vmap(grad(loss_one), in_dims=(None, *[0] * len(inputs)))(params, *inputs)
+    n = len(inputs[0])
+    return sum(g.reshape(n, -1).pow(2).sum(1) for g in grads.values())
+
+
+class _Twice(nn.Module):
+    """One square Linear applied twice (a reused block), then a head."""
+
+    def __init__(self, d=6, classes=3):
+        super().__init__()
+        self.block = nn.Linear(d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.block(x))
+        h = torch.tanh(self.block(h))
+        if h.dim() == 3:
+            h = h.mean(1)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("shape", [(10, 6), (10, 3, 6), (10, 7, 6)])
+def test_linear_called_twice_equals_torch_func(shape):
+    gen = torch.Generator().manual_seed(4)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        model = _Twice()
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (shape[0],), generator=gen)
+    model.double()
+
+    def loss_one(p, xi, yi):
+        return nn.functional.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    gns = NoiseScale(model)
+    with gns.per_example_hooks() as rec:
+        nn.functional.cross_entropy(model(x), y).backward()
+        rec.step()
+    ref = _reference_fn(model, loss_one, x, y)
+    torch.testing.assert_close(rec.last_per_example, ref, rtol=1e-10, atol=0)
+    big = sum(p.grad.pow(2).sum() for p in model.parameters())
+    assert gns.last["big_sq_norm"] == pytest.approx(big.item(), rel=1e-10)
+
+
+class _ThreeLengths(nn.Module):
+    """One Linear called on sequences of 3 and 5 tokens and on a plain (N, d) batch, plus a fourth call
+    whose output never reaches the loss (its output gradient never arrives)."""
+
+    def __init__(self, d=5):
+        super().__init__()
+        self.shared = nn.Linear(d, d)
+        self.head = nn.Linear(d, 1, bias=False)
+
+    def forward(self, a, b, c):
+        ha = torch.tanh(self.shared(a)).mean(1)
+        hb = torch.tanh(self.shared(b)).sum(1)
+        hc = torch.tanh(self.shared(c))
+        self.shared(c)  # unused: contributes nothing to the gradient
+        return self.head(ha * hb + hc).squeeze(-1)
+
+
+def test_linear_called_three_times_with_different_sequence_lengths_equals_torch_func():
+    gen = torch.Generator().manual_seed(5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = _ThreeLengths().double()
+    n = 7
+    a = torch.randn(n, 3, 5, generator=gen, dtype=torch.float64)
+    b = torch.randn(n, 5, 5, generator=gen, dtype=torch.float64)
+    c = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(n, generator=gen, dtype=torch.float64)
+
+    def loss_one(p, ai, bi, ci, yi):
+        out = functional_call(model, p, (ai.unsqueeze(0), bi.unsqueeze(0), ci.unsqueeze(0)))
+        return (out - yi).pow(2).sum()
+
+    gns = NoiseScale(model)
+    with gns.per_example_hooks() as rec:
+        (model(a, b, c) - y).pow(2).mean().backward()
+        rec.step()
+    ref = _reference_fn(model, loss_one, a, b, c, y)
+    torch.testing.assert_close(rec.last_per_example, ref, rtol=1e-10, atol=0)
+
+
+class _Tied(nn.Module):
+    """Two Linear modules sharing one weight (own biases): the shared weight's per-example gradient is
+    the sum of both modules' parts."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.enc = nn.Linear(d, d)
+        self.dec = nn.Linear(d, d)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.enc(x))).sum(-1)
+
+
+def test_linears_sharing_a_weight_equal_torch_func_and_count_it_once():
+    gen = torch.Generator().manual_seed(6)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(6)
+        model = _Tied().double()
+    x = torch.randn(9, 2, 4, generator=gen, dtype=torch.float64)
+
+    def loss_one(p, xi):
+        return functional_call(model, p, (xi.unsqueeze(0),)).pow(2).sum()
+
+    gns = NoiseScale(model)
+    with gns.per_example_hooks() as rec:
+        model(x).pow(2).sum(-1).mean().backward()
+        rec.step()
+    ref = _reference_fn(model, loss_one, x)
+    torch.testing.assert_close(rec.last_per_example, ref, rtol=1e-10, atol=0)
+    big = sum(p.grad.pow(2).sum() for p in model.parameters())  # parameters() lists the tied weight once
+    assert gns.last["big_sq_norm"] == pytest.approx(big.item(), rel=1e-10)
+
+
+class _TiedToEmbedding(nn.Module):
+    def __init__(self, vocab=7, d=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.body = nn.Linear(d, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.lm_head(torch.tanh(self.body(self.embed(ids))))
+
+
+def test_linear_weight_tied_to_a_non_linear_module_is_refused_or_left_out():
+    model = _TiedToEmbedding()
+    with pytest.raises(GradkitError, match="lm_head"):
+        NoiseScale(model).per_example_hooks(modules=[model.body, model.lm_head])
+    with pytest.warns(UserWarning, match="lm_head"):
+        rec = NoiseScale(model).per_example_hooks()
+    assert rec.linears == [model.body]
+    rec.remove()
+
+
+def test_calls_with_different_batch_sizes_are_refused_with_the_module_name():
+    class _Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.proj(self.proj(x).reshape(-1, 3)).sum()  # second call sees N*T rows
+
+    model = _Flat()
+    with NoiseScale(model).per_example_hooks() as rec, pytest.raises(GradkitError, match="proj"):
+        model(torch.randn(4, 2, 3)).backward()
+        rec.step()

@@ -10,10 +10,19 @@ Goodfellow 2015, "Efficient per-example gradient computations", extended to sequ
 
 costs ``O(T²·(in + out))`` per example; when ``T·(in + out) > in·out`` forming the ``out × in``
 per-example gradient (``O(T·in·out)``) is cheaper and is used instead. The bias adds ``||Σ_t δ_t||²``.
+
+A Linear called ``k`` times in one forward pass (a reused block), or several Linear modules sharing one
+weight, give example ``n`` the gradient ``Σ_c Σ_t δ^{(c)}_t x^{(c)ᵀ}_t``: the calls' tokens are one
+longer sequence. The recorder keeps each call's input and output gradient until the output gradients of
+all calls of that forward pass have arrived (backward reaches them in reverse call order), concatenates
+them along the token axis (sequence lengths may differ) and applies the formula once, so the cross
+terms between calls are included and the norms stay exact. Calls whose output never reaches the loss
+add nothing (their gradient is zero); they are closed at :meth:`PerExampleRecorder.step`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -58,14 +67,25 @@ class PerExampleRecorder:
     """Per-example gradient norms (``b = 1``) of every trainable ``nn.Linear`` versus the batch gradient.
 
     A forward hook on each Linear keeps a reference to its input (autograd keeps it anyway) and hooks
-    the output's gradient; in backward the per-example squared norms of that layer are added to the
-    current forward pass's vector. A post-accumulate-grad hook on the Linear parameters reads
-    ``|.grad|²`` as soon as backward has accumulated it, so gradient clipping or an optimiser step
-    afterwards does not matter (this is what a Hugging Face Trainer callback needs). Each forward
-    pass of the model is one micro-batch; several before :meth:`step` are accumulation.
+    the output's gradient; in backward, once the output gradients of every call of that Linear (and of
+    every Linear sharing its weight) in the forward pass have arrived, the per-example squared norms of
+    their parameters are added to the forward pass's vector. Exact (equal to ``torch.func`` per-sample
+    gradients up to float rounding) for Linears called once or several times per forward pass, with
+    any sequence lengths, and for Linears sharing parameters with each other. Memory: a Linear called
+    ``k`` times keeps its ``k`` inputs and up to ``k − 1`` output gradients until backward reaches its
+    first call. A post-accumulate-grad hook on the Linear parameters reads ``|.grad|²`` as soon as
+    backward has accumulated it, so gradient clipping or an optimiser step afterwards does not matter
+    (this is what a Hugging Face Trainer callback needs). Each forward pass of the model is one
+    micro-batch; several before :meth:`step` are accumulation.
 
     Only the called Linear layers' parameters are measured (both norms on the same parameters, so the noise
-    scale is that of the Linear weights, usually nearly all of a transformer). Conventions as for
+    scale is that of the Linear weights, usually nearly all of a transformer). Not measurable exactly,
+    hence refused: a Linear whose weight or bias is also held by another kind of module (an
+    ``nn.Embedding`` tied to an output layer): passed in ``modules`` it raises :class:`GradkitError`;
+    found by the default search it is left out with a warning. A Linear whose weight is used without
+    calling the module (``F.linear(x, lin.weight)``, MultiheadAttention's ``out_proj``) is left out of
+    both norms; if it is also called, the functional use is not seen, so keep such modules out of
+    ``modules``. Every call must be batch-first with the same batch size. Conventions as for
     :class:`gradkit.scaling.noise_scale.GradNormRecorder`: after the step's backward passes ``.grad``
     is ``grad_scale`` times the mean gradient over the step's examples, so an example's gradient is
     ``B_local/grad_scale`` times what its output gradients hold. Under DDP each rank's estimates (at
@@ -84,23 +104,77 @@ class PerExampleRecorder:
         if not grad_scale > 0:
             raise GradkitError(f"grad_scale must be > 0, got {grad_scale}")
         self.gns, self.grad_scale, self.distributed = gns, float(grad_scale), distributed
+        names = {id(m): n or "<model>" for n, m in model.named_modules(remove_duplicate=False)}
         candidates = list(modules) if modules is not None else list(model.modules())
-        self.linears = [m for m in candidates if isinstance(m, nn.Linear) and m.weight.requires_grad]
+        linears = []
+        for m in candidates:
+            if isinstance(m, nn.Linear) and m.weight.requires_grad and m not in linears:
+                linears.append(m)
+        self._names = {id(m): names.get(id(m), type(m).__name__) for m in linears}
+        # a parameter also held by a module that is not a measured Linear (an Embedding tied to the
+        # output layer): its gradient has parts the hooks never see, so its norm cannot be exact
+        measured = {id(m) for m in linears}
+        foreign = {
+            id(p)
+            for m in model.modules()
+            if id(m) not in measured
+            for p in m._parameters.values()
+            if p is not None
+        }
+        tied = [m for m in linears if any(id(p) in foreign for p in (m.weight, m.bias) if p is not None)]
+        if tied:
+            listed = ", ".join(repr(self._names[id(m)]) for m in tied)
+            if modules is not None:
+                raise GradkitError(
+                    f"Linear {listed} shares its weight with a module that is not a measured Linear (e.g. a "
+                    "tied embedding): its per-example gradient has parts these hooks never see; pass "
+                    "modules= without it"
+                )
+            warnings.warn(
+                f"per-example noise scale: Linear {listed} shares its weight with a module that is not a "
+                "measured Linear (e.g. a tied embedding); left out of both norms",
+                stacklevel=3,
+            )
+            linears = [m for m in linears if m not in tied]
+        self.linears = linears
         if not self.linears:
             raise GradkitError(
                 "no trainable nn.Linear layer to measure; use accumulation_hooks for other models"
             )
-        self.params, self._owner = [], []  # parameter, index of its Linear
+        # groups: Linears connected by a shared parameter are measured together (their calls' tokens
+        # are one sequence for the shared weight)
+        parent = list(range(len(self.linears)))  # union-find over Linear indices
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                i = parent[i]
+            return i
+
+        first_owner: dict[int, int] = {}  # id(parameter) -> the first Linear holding it
         for j, m in enumerate(self.linears):
             for p in (m.weight, m.bias):
-                if p is not None and p.requires_grad:
+                if p is None:
+                    continue
+                if id(p) in first_owner:
+                    parent[find(j)] = find(first_owner[id(p)])
+                else:
+                    first_owner[id(p)] = j
+        self._group = [find(j) for j in range(len(self.linears))]  # Linear index -> group
+        self.params, self._owner = [], []  # distinct trainable parameters, the group of each
+        seen_params: set[int] = set()
+        for j, m in enumerate(self.linears):
+            for p in (m.weight, m.bias):
+                if p is not None and p.requires_grad and id(p) not in seen_params:
+                    seen_params.add(id(p))
                     self.params.append(p)
-                    self._owner.append(j)
-        # Linears whose per-example norms were measured this step: the batch norm covers exactly
+                    self._owner.append(self._group[j])
+        # groups whose per-example norms were measured this step: the batch norm covers exactly
         # these (a Linear whose weight is used without calling it, e.g. MultiheadAttention's
         # out_proj, is left out of both)
         self._seen: set[int] = set()
         self._sums: list[torch.Tensor | None] = []  # one per-example vector per forward pass
+        # (forward pass, group) -> the calls of this pass: inputs, modules, output gradients received
+        self._open: dict[tuple[int, int], dict] = {}
         self._grad_sq: dict[int, torch.Tensor] = {}  # latest |.grad|^2 per parameter
         self.last_per_example: torch.Tensor | None = None  # per-example |g_n|^2 of the last step
         self._handles = [model.register_forward_pre_hook(self._new_pass)]
@@ -119,21 +193,75 @@ class PerExampleRecorder:
             return
         if not self._sums:  # the Linear ran outside the model's forward: its own pass
             self._sums.append(None)
-        slot, x, j = len(self._sums) - 1, inputs[0].detach(), self._index[id(module)]
-        has_bias = module.bias is not None and module.bias.requires_grad
+        slot, j = len(self._sums) - 1, self._index[id(module)]
+        key = (slot, self._group[j])
+        entry = self._open.setdefault(key, {"x": [], "modules": [], "dy": {}})
+        call = len(entry["x"])
+        entry["x"].append(inputs[0].detach())
+        entry["modules"].append(module)
 
         def on_grad(dy: torch.Tensor) -> None:
-            sq = linear_per_example_sq_norms(x, dy.detach(), bias=has_bias)
-            prev = self._sums[slot]
-            if prev is not None and prev.shape != sq.shape:
+            current = self._open.get(key)
+            if current is not entry:
                 raise GradkitError(
-                    f"a Linear layer saw batch size {sq.shape[0]} and another {prev.shape[0]} in the same "
-                    "forward pass; per-example hooks need batch-first inputs"
+                    f"Linear {self._names[id(module)]!r}: a second backward through the same forward "
+                    "pass; per-example hooks need one backward per forward"
                 )
-            self._sums[slot] = sq if prev is None else prev + sq
-            self._seen.add(j)
+            entry["dy"][call] = dy.detach()
+            if len(entry["dy"]) == len(entry["x"]):  # all calls of this pass are in: exact from here
+                self._close(key)
 
         output.register_hook(on_grad)
+
+    def _close(self, key: tuple[int, int]) -> None:
+        """Per-example squared norms of one group's parameters over all its calls in one forward pass."""
+        entry = self._open.pop(key)
+        slot, group = key
+        calls = sorted(entry["dy"])  # calls whose output never reached the loss have zero gradient
+        if not calls:
+            return
+        xs, dys, mods = [entry["x"][c] for c in calls], [entry["dy"][c] for c in calls], entry["modules"]
+        batch = {x.shape[0] if x.dim() >= 2 else None for x in xs}
+        if len(batch) != 1 or None in batch:
+            listed = ", ".join(sorted({repr(self._names[id(mods[c])]) for c in calls}))
+            raise GradkitError(
+                f"Linear {listed} was called with inputs {[tuple(x.shape) for x in xs]} in one forward pass: "
+                "per-example norms need every call batch-first with the same batch size; pass modules= "
+                "without it (or use accumulation_hooks)"
+            )
+        n = batch.pop()
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(n, -1, t.shape[-1])
+
+        sq = None
+        by_weight: dict[int, list[int]] = {}
+        by_bias: dict[int, list[int]] = {}
+        for i, c in enumerate(calls):
+            m = mods[c]
+            by_weight.setdefault(id(m.weight), []).append(i)
+            if m.bias is not None and m.bias.requires_grad:
+                by_bias.setdefault(id(m.bias), []).append(i)
+        for idx in by_weight.values():
+            if len(idx) == 1:
+                x, dy = xs[idx[0]], dys[idx[0]]
+            else:  # the calls' tokens as one sequence per example: the cross terms are kept
+                x = torch.cat([tokens(xs[i]) for i in idx], 1)
+                dy = torch.cat([tokens(dys[i]) for i in idx], 1)
+            part = linear_per_example_sq_norms(x, dy)
+            sq = part if sq is None else sq + part
+        for idx in by_bias.values():
+            dtype = torch.float64 if dys[idx[0]].dtype == torch.float64 else torch.float32
+            total = sum(tokens(dys[i]).to(dtype).sum(1) for i in idx)
+            sq = sq + total.pow(2).sum(-1)
+        prev = self._sums[slot]
+        if prev is not None and prev.shape != sq.shape:
+            raise GradkitError(
+                f"a Linear layer saw batch size {sq.shape[0]} and another {prev.shape[0]} in the same "
+                "forward pass; per-example hooks need batch-first inputs"
+            )
+        self._sums[slot] = sq if prev is None else prev + sq
+        self._seen.add(group)
 
     def _make_grad_hook(self, i: int):
         def hook(p: torch.Tensor) -> None:
@@ -143,6 +271,8 @@ class PerExampleRecorder:
 
     def step(self) -> float | None:
         """Update the :class:`NoiseScale` from this step's backward passes and reset. Returns B_simple."""
+        for key in list(self._open):  # calls whose output gradient never came contribute zero
+            self._close(key)
         sums, self._sums = [s for s in self._sums if s is not None], []
         grad_sq, self._grad_sq = self._grad_sq, {}
         seen, self._seen = self._seen, set()
@@ -166,6 +296,7 @@ class PerExampleRecorder:
 
     def remove(self) -> None:
         """Take every hook off."""
+        self._open.clear()
         for h in self._handles:
             h.remove()
         self._handles = []
