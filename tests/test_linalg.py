@@ -1,16 +1,11 @@
-"""Small dense kernels: damped inverses of Gram matrices and the symmetric Sylvester solver."""
+"""Small dense kernels: rank-revealing SVDs of LoRA factors and the symmetric Sylvester solver."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gradkit.optim.linalg import (
-    damped_inverse,
-    eig_inverse_sqrt,
-    solve_sylvester_sym,
-    sym_eig,
-)
+from gradkit.optim.linalg import default_rtol, factor_svd, solve_sylvester_sym
 
 
 def _gram(rows: int, r: int, dtype=torch.float64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,45 +14,50 @@ def _gram(rows: int, r: int, dtype=torch.float64, seed: int = 0) -> tuple[torch.
     return F, F.mT @ F
 
 
-def test_damped_inverse_matches_inverse_when_well_conditioned():
-    _, M = _gram(50, 6)
-    inv = damped_inverse(M, damping=1e-14)
-    torch.testing.assert_close(inv, torch.linalg.inv(M), rtol=1e-9, atol=1e-12)
-    # the default relative damping moves a well-conditioned inverse by about damping * cond(M)
-    default = damped_inverse(M)
-    assert (default - inv).norm() / inv.norm() < 1e-4
+def test_factor_svd_is_an_orthonormal_basis_and_reconstructs():
+    F, _ = _gram(50, 6)
+    svd = factor_svd(F)
+    assert bool(svd.keep.all()) and int(svd.rank) == 6
+    torch.testing.assert_close(svd.U.mT @ svd.U, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close((svd.U * svd.S) @ svd.V.mT, F, rtol=0, atol=1e-12)
+    torch.testing.assert_close(svd.U_kept @ svd.U_kept.mT, F @ torch.linalg.pinv(F), rtol=0, atol=1e-12)
+    torch.testing.assert_close(svd.V @ torch.diag(svd.inv**2) @ svd.V.mT, torch.linalg.inv(F.mT @ F))
 
 
-def test_damped_inverse_of_zero_is_zero_and_half_types_run_in_fp32():
-    assert torch.equal(damped_inverse(torch.zeros(4, 4)), torch.zeros(4, 4))
-    _, M = _gram(30, 4, dtype=torch.float32)
-    out = damped_inverse(M.bfloat16())
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, torch.linalg.inv(M.bfloat16().float()), rtol=1e-3, atol=1e-5)
+def test_factor_svd_rank_tolerance_is_dtype_aware():
+    U, _ = torch.linalg.qr(
+        torch.randn(40, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    )
+    F = U * torch.tensor([1.0, 1e-4, 1e-9], dtype=torch.float64)
+    assert factor_svd(F).keep.tolist() == [True, True, True]  # fp64: 40 * 2.2e-16 * 1 < 1e-9
+    assert factor_svd(F.float()).keep.tolist() == [True, True, False]  # fp32: 40 * 1.2e-7 > 1e-9
+    assert factor_svd(F.bfloat16()).S.dtype == torch.float32  # half types run in fp32
+    assert factor_svd(F, rtol=1e-3).keep.tolist() == [True, False, False]
+    assert default_rtol(40, 3, torch.bfloat16) == 40 * torch.finfo(torch.float32).eps
 
 
-def test_damped_inverse_of_rank_deficient_gram_is_bounded_pseudo_inverse():
-    gen = torch.Generator().manual_seed(1)
+def test_factor_svd_zero_tiny_and_rank_deficient_factors():
+    zero = factor_svd(torch.zeros(8, 3))
+    assert (
+        int(zero.rank) == 0
+        and torch.equal(zero.inv, torch.zeros(3))
+        and torch.equal(zero.U_kept, torch.zeros(8, 3))
+    )
+    gen = torch.Generator().manual_seed(2)
+    tiny = factor_svd(1e-20 * torch.randn(8, 3, generator=gen))  # sigma^2 would be subnormal in fp32
+    assert int(tiny.rank) == 0 and torch.isfinite(tiny.inv).all()
+    F = torch.randn(8, 3, generator=gen)
+    F[:, 0] *= 1e-20
+    part = factor_svd(F)
+    assert int(part.rank) == 2 and torch.isfinite(part.inv).all()
     F = torch.randn(40, 2, generator=gen, dtype=torch.float64) @ torch.randn(
         2, 5, generator=gen, dtype=torch.float64
     )
-    M = F.mT @ F  # rank 2 of 5
-    inv = damped_inverse(M)
-    assert torch.isfinite(inv).all()
-    proj = F @ inv @ F.mT  # eigenvalues l/(l+delta): a projector onto col(F) up to the damping
-    eigs = torch.linalg.eigvalsh(proj)
-    assert eigs.min() > -1e-9 and eigs.max() < 1.0
-    torch.testing.assert_close(proj, F @ torch.linalg.pinv(M) @ F.mT, rtol=0, atol=1e-5)
-
-
-def test_inverse_sqrt_gives_orthonormal_polar_factor():
-    F, M = _gram(30, 5)
-    U = F @ eig_inverse_sqrt(sym_eig(M), damping=1e-14)
-    torch.testing.assert_close(U.mT @ U, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-10)
-    # polar factor: the orthonormal matrix closest to F, and U^T F is symmetric positive definite
-    S = U.mT @ F
-    torch.testing.assert_close(S, S.mT, rtol=0, atol=1e-10)
-    assert torch.linalg.eigvalsh(S).min() > 0
+    low = factor_svd(F)  # rank 2 of 5
+    assert int(low.rank) == 2
+    torch.testing.assert_close(low.U_kept @ low.U_kept.mT, F @ torch.linalg.pinv(F), rtol=0, atol=1e-10)
+    batched = factor_svd(torch.stack([F, torch.zeros_like(F)]))
+    assert batched.rank.tolist() == [2, 0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -69,7 +69,7 @@ def test_sylvester_residual_is_small(dtype):
     residual = (M @ X + X @ N - C).norm() / C.norm()
     assert residual <= 1e-5
     if dtype == torch.float64:
-        X = solve_sylvester_sym(M, N, C, damping=0.0)
+        X = solve_sylvester_sym(M, N, C, rtol=0.0)
         assert (M @ X + X @ N - C).norm() / C.norm() <= 1e-12
 
 
@@ -77,7 +77,7 @@ def test_sylvester_matches_kronecker_reference_for_rectangular_blocks():
     _, M = _gram(20, 3, seed=5)
     _, N = _gram(20, 5, seed=6)
     C = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    X = solve_sylvester_sym(M, N, C, damping=0.0)
+    X = solve_sylvester_sym(M, N, C, rtol=0.0)
     # vec(M X + X N) = (I (x) M + N^T (x) I) vec(X) with column-major vec
     K = torch.kron(torch.eye(5, dtype=torch.float64), M) + torch.kron(
         N.mT.contiguous(), torch.eye(3, dtype=torch.float64)

@@ -1,20 +1,26 @@
-"""Small dense kernels for r x r algebra: damped inverses of Gram matrices and a symmetric Sylvester
-solver, both through symmetric eigendecompositions.
+"""Small dense kernels for LoRA factors: rank-revealing orthonormal bases of a factor's column space
+(thin SVD) and a symmetric Sylvester solver, for LoRA-Pro (arXiv 2407.18242).
 
-Everything runs in at least fp32 (bf16/fp16 inputs are promoted; fp64 stays fp64): the matrices are
-r x r with r the LoRA rank, so the cost is negligible and the precision of half types is not enough
-for inverting a Gram matrix, whose condition number is the square of its factor's.
+Everything runs in at least fp32 (bf16/fp16 inputs are promoted; fp64 stays fp64): the factors are
+thin (m x r with r the LoRA rank), so an SVD costs O(m r^2), and half precision is not enough for it.
 
-Damping. A Gram matrix ``M = F^T F`` of a rank-deficient (or zero) factor F is singular. Every
-inverse here is the damped pseudo-inverse
+Why an SVD of the factor and not an eigendecomposition of its Gram matrix ``F^T F``: the Gram matrix
+squares the condition number, so in fp32 every direction of F with ``sigma_i / sigma_max`` below
+about 3e-4 is lost in it, and a tiny factor (``F ~ 1e-20`` in fp32) has a subnormal Gram matrix whose
+inverse overflows. The thin SVD ``F = U diag(sigma) V^T`` keeps each direction to ``eps * sigma_max``
+(backward stable), and the pseudo-inverses LoRA-Pro needs are diagonal scalings in that basis:
 
-    M^+_delta = P diag(1 / (l_i + delta)) P^T,   delta = damping * max_i l_i,
+    P_F = U_k U_k^T,   (F^T F)^+ = V diag(1/sigma^2)_k V^T,   F (F^T F)^+ = (F^+)^T = U diag(1/sigma)_k V^T
 
-with ``M = P diag(l) P^T`` (eigenvalues clamped at 0 first: rounding can make them slightly negative)
-and ``M^+_delta = 0`` when ``M = 0``. Relative damping is scale-free (the same for a LoRA factor of
-norm 1e-4 as of norm 1e2) and removes only directions below ``damping`` of the strongest one, which in
-fp32 are rounding noise anyway (the Gram matrix itself carries errors of about 1e-7 * l_max). Sandwiched
-products stay bounded whatever the rank: ``F M^+_delta F^T`` has eigenvalues ``l/(l + delta)`` in [0, 1).
+where ``k`` counts the directions kept. Rank tolerance: a direction is kept when
+
+    sigma_i > max(rtol * sigma_max, sqrt(tiny)),   rtol = max(m, r) * eps   (by default)
+
+with ``eps`` and ``tiny`` (the smallest normal number) of the compute dtype: the first bound is the
+usual numerical-rank rule (LAPACK / NumPy's ``matrix_rank``), the second drops directions whose
+``sigma^2`` would be subnormal (in fp32, ``sigma < 1.1e-19``), so a factor that is tiny but not zero
+counts as rank-deficient (all of it tiny: rank 0, as if it were zero) and nothing overflows.
+Above the tolerance every result is exact up to the rounding of the compute dtype.
 """
 
 from __future__ import annotations
@@ -23,96 +29,105 @@ from typing import NamedTuple
 
 import torch
 
-DEFAULT_DAMPING = 1e-6
 
+class FactorSVD(NamedTuple):
+    """Thin SVD ``F = U diag(S) V^T`` of an m x r factor (leading batch dimensions allowed), singular
+    values descending, with ``keep`` marking the directions above the rank tolerance (the first
+    ``rank`` ones). ``U`` has orthonormal columns and ``V`` is r x r orthogonal, kept or not."""
 
-class SymEig(NamedTuple):
-    """Eigendecomposition ``M = vectors @ diag(values) @ vectors^T`` of a symmetric PSD matrix
-    (values clamped at 0, ascending; leading batch dimensions allowed)."""
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    keep: torch.Tensor
 
-    values: torch.Tensor
-    vectors: torch.Tensor
+    @property
+    def inv(self) -> torch.Tensor:
+        """``1/S`` on the kept directions, 0 on the others (the singular values of ``F^+``)."""
+        return torch.where(self.keep, 1.0 / torch.where(self.keep, self.S, 1.0), 0.0)
+
+    @property
+    def S_kept(self) -> torch.Tensor:
+        """``S`` with the dropped directions set to 0."""
+        return torch.where(self.keep, self.S, 0.0)
+
+    @property
+    def U_kept(self) -> torch.Tensor:
+        """``U`` with the dropped columns set to 0: an orthonormal basis of the numerical column space
+        (padded with zero columns), so ``U_kept U_kept^T`` is the projector onto it."""
+        return self.U * self.keep.unsqueeze(-2).to(self.U.dtype)
+
+    @property
+    def rank(self) -> torch.Tensor:
+        return self.keep.sum(-1)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half types and fp32, fp64 for fp64: the precision r x r algebra runs in."""
+    """fp32 for half types and fp32, fp64 for fp64: the precision the factor algebra runs in."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def sym_eig(M: torch.Tensor) -> SymEig:
-    """Symmetric eigendecomposition of a PSD matrix (or a batch of them) in at least fp32.
+def default_rtol(rows: int, cols: int, dtype: torch.dtype) -> float:
+    """``max(rows, cols) * eps`` of the compute dtype: the relative rank tolerance of an SVD."""
+    return max(rows, cols) * torch.finfo(compute_dtype(dtype)).eps
 
-    The input is symmetrised first, ``(M + M^T) / 2``, so tiny asymmetries from a matmul do not
-    leak into the result; eigenvalues below zero (rounding) are clamped to zero.
+
+def factor_svd(F: torch.Tensor, rtol: float | None = None) -> FactorSVD:
+    """Rank-revealing thin SVD of a tall factor F (m x r, or a batch of them), in at least fp32.
+
+    ``F = U diag(S) V^T`` via ``torch.linalg.svd``; direction i is kept when
+    ``S_i > max(rtol * S_max, sqrt(tiny))`` (``rtol`` defaults to :func:`default_rtol`; ``tiny`` is the
+    compute dtype's smallest normal number). A zero or tiny factor has rank 0. Used by LoRA-Pro
+    (arXiv 2407.18242) for ``P_B``, ``P_A``, ``(B^T B)^+`` and ``(A A^T)^+`` (with ``F = B`` and
+    ``F = A^T``).
     """
-    M = M.to(compute_dtype(M.dtype))
-    values, vectors = torch.linalg.eigh((M + M.mT) / 2)
-    return SymEig(values.clamp_min(0), vectors)
+    cd = compute_dtype(F.dtype)
+    F = F.to(cd)
+    if rtol is None:
+        rtol = default_rtol(F.shape[-2], F.shape[-1], cd)
+    U, S, Vh = torch.linalg.svd(F, full_matrices=False)
+    floor = torch.finfo(cd).tiny ** 0.5
+    cut = (rtol * S[..., :1]).clamp_min(floor)
+    keep = torch.gt(S, cut)
+    return FactorSVD(U, S, Vh.mT, keep)
 
 
-def _damped(eig: SymEig, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eigenvalues + delta, mask of matrices that are not exactly zero)."""
-    top = eig.values[..., -1:]
-    return eig.values + damping * top, top > 0
-
-
-def eig_inverse(eig: SymEig, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
-    """Damped pseudo-inverse ``P diag(1/(l + delta)) P^T`` from an eigendecomposition (0 for M = 0)."""
-    shifted, nonzero = _damped(eig, damping)
-    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, shifted, 1.0), 0.0)
-    return (eig.vectors * inv.unsqueeze(-2)) @ eig.vectors.mT
-
-
-def eig_inverse_sqrt(eig: SymEig, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
-    """Damped ``M^(-1/2) = P diag(1/sqrt(l + delta)) P^T`` (0 for M = 0).
-
-    For ``M = F^T F`` the product ``F M^(-1/2)`` is the orthonormal polar factor of F: an
-    orthonormal basis of F's column space that moves continuously with F (unlike a QR basis, whose
-    columns can flip sign or order when F changes a little).
-    """
-    shifted, nonzero = _damped(eig, damping)
-    inv = torch.where(nonzero, torch.where(nonzero, shifted, 1.0).rsqrt(), 0.0)
-    return (eig.vectors * inv.unsqueeze(-2)) @ eig.vectors.mT
-
-
-def damped_inverse(M: torch.Tensor, damping: float = DEFAULT_DAMPING) -> torch.Tensor:
-    """Damped pseudo-inverse of a symmetric PSD matrix (an r x r Gram matrix such as ``B^T B``).
-
-    ``M^+ = P diag(1/(l_i + delta)) P^T`` with ``delta = damping * l_max`` and ``M^+ = 0`` for
-    ``M = 0``; computed in at least fp32 through ``torch.linalg.eigh``. Used by LoRA-Pro
-    (arXiv 2407.18242) for ``(B^T B)^-1`` and ``(A A^T)^-1``.
-    """
-    return eig_inverse(sym_eig(M), damping)
-
-
-def sylvester_from_eig(
-    eig_M: SymEig, eig_N: SymEig, C: torch.Tensor, damping: float = DEFAULT_DAMPING
+def sylvester_diag(
+    P: torch.Tensor, l: torch.Tensor, Q: torch.Tensor, m: torch.Tensor, C: torch.Tensor
 ) -> torch.Tensor:
-    """Solve ``M X + X N = C`` given ``M = P diag(l) P^T`` and ``N = Q diag(m) Q^T``.
+    """Solve ``M X + X N = C`` given ``M = P diag(l) P^T`` and ``N = Q diag(m) Q^T`` (l, m >= 0).
 
     In the eigenbases the equation is diagonal: ``(l_i + m_j) Y_ij = (P^T C Q)_ij`` with
-    ``X = P Y Q^T``. The denominators are damped by ``delta = damping * (l_max + m_max)`` so that
-    directions where both matrices vanish give 0 instead of a division by zero.
+    ``X = P Y Q^T``. Where ``l_i + m_j = 0`` (both matrices singular in those directions) ``Y_ij = 0``:
+    the minimum-norm (pseudo-inverse) solution. No damping: pass eigenvalues already cut at a rank
+    tolerance (set to exactly 0).
     """
-    P, Q = eig_M.vectors, eig_N.vectors
-    l, m = eig_M.values, eig_N.values
     denom = l.unsqueeze(-1) + m.unsqueeze(-2)
-    scale = l[..., -1:].unsqueeze(-1) + m[..., -1:].unsqueeze(-2)
-    denom = denom + damping * scale
-    Y = (P.mT @ C.to(P.dtype) @ Q) / torch.where(denom > 0, denom, 1.0)
-    Y = torch.where(denom > 0, Y, 0.0)
-    return P @ Y @ Q.mT
+    nonzero = denom > 0
+    Y = (P.mT @ C.to(P.dtype) @ Q) / torch.where(nonzero, denom, 1.0)
+    return P @ torch.where(nonzero, Y, 0.0) @ Q.mT
 
 
 def solve_sylvester_sym(
-    M: torch.Tensor, N: torch.Tensor, C: torch.Tensor, damping: float = DEFAULT_DAMPING
+    M: torch.Tensor, N: torch.Tensor, C: torch.Tensor, rtol: float | None = None
 ) -> torch.Tensor:
     """Solve the Sylvester equation ``M X + X N = C`` for symmetric PSD ``M`` (p x p) and ``N`` (q x q).
 
     Two symmetric eigendecompositions ``M = P diag(l) P^T``, ``N = Q diag(m) Q^T`` give
-    ``X = P [(P^T C Q)_ij / (l_i + m_j + delta)] Q^T`` with ``delta = damping * (l_max + m_max)``
-    (the unique solution when ``l_i + m_j > 0`` for all i, j, up to the damping). This is the
-    equation LoRA-Pro (arXiv 2407.18242) solves for its free r x r matrix X, with
-    ``M = B^T B`` and ``N = A A^T``. Runs in at least fp32; returns that dtype.
+    ``X = P [(P^T C Q)_ij / (l_i + m_j)] Q^T`` (the unique solution when all ``l_i + m_j > 0``).
+    Eigenvalues at most ``rtol * max(l_max, m_max)`` (default ``max(p, q) * eps``) count as 0, and
+    entries with ``l_i + m_j = 0`` are 0 (the pseudo-inverse solution). This is the equation LoRA-Pro
+    (arXiv 2407.18242) solves for its free r x r matrix X, with ``M = B^T B`` and ``N = A A^T``
+    (:mod:`gradkit.optim.lora_pro_math` solves it from the factors' SVDs instead, without forming the
+    Gram matrices). Runs in at least fp32; returns that dtype.
     """
-    return sylvester_from_eig(sym_eig(M), sym_eig(N), C, damping)
+    cd = compute_dtype(M.dtype)
+    M, N = M.to(cd), N.to(cd)
+    l, P = torch.linalg.eigh((M + M.mT) / 2)
+    m, Q = torch.linalg.eigh((N + N.mT) / 2)
+    if rtol is None:
+        rtol = max(M.shape[-1], N.shape[-1]) * torch.finfo(cd).eps
+    top = torch.maximum(l[..., -1:], m[..., -1:])
+    cut = (rtol * top).clamp_min(torch.finfo(cd).tiny)
+    l = torch.where(l > cut, l, 0.0)
+    m = torch.where(m > cut, m, 0.0)
+    return sylvester_diag(P, l, Q, m, C)

@@ -10,12 +10,17 @@ the PEFT model, holds state and applies updates. Forms (``optimizer`` / ``moment
   (``d_A = s B^T D``, ``d_B = s D A^T``) and adjusted by the same formulas, so W moves by
   ``-lr (P_B D + (I - P_B) D P_A)``. State: 2 x out x in fp32 per layer, full fine-tuning's bill.
 - ``"adamw"``, ``moments="projected"`` (memory-light, the default): ``g̃`` is exactly
-  ``U K + L V^T`` with ``U``, ``V`` orthonormal bases of B's columns and A's rows (polar factors,
-  which move continuously with B and A), ``K = U^T G`` (r x in) and ``L = (I - U U^T) G V``
-  (out x r), both computable from ``g_A`` and ``g_B``. Adam runs on (K, L); when the bases move, the
-  moments are carried over by the r x r rotations ``U_new^T U_old``, ``V_new^T V_old`` (first moment
-  rotated, second by the squared rotation). W moves by ``-lr (U D_K + (I - U U^T) D_L V^T)``.
-  State: 3 r (in + out) floats per layer (moments plus the two bases), 1.5x LoRA+AdamW's.
+  ``U K + L V^T`` with ``U``, ``V`` orthonormal bases of B's columns and A's rows, ``K = U^T G``
+  (r x in) and ``L = (I - U U^T) G V`` (out x r), both computable from ``g_A`` and ``g_B``. The bases
+  are canonical: the singular vectors of the product ``B A`` (:func:`canonical_bases`), so the step
+  depends on W's adapter ``s B A`` and not on how it is factored (``(B, A) -> (BQ, Q^-1 A)`` leaves it
+  unchanged). Adam runs on (K, L), elementwise in those coordinates; when the bases move, the moments
+  are carried over by the r x r rotations ``U_new^T U_old``, ``V_new^T V_old`` (first moment rotated,
+  second by the squared rotation: exact for the sign flips and reorderings of singular vectors, an
+  approximation for a genuine rotation). W moves by ``-lr (U D_K + (I - U U^T) D_L V^T)``. It is its
+  own optimiser, not an approximation of the full-moment form: Adam's normalisation in r-dimensional
+  coordinates differs from the elementwise one on the out x in matrix. State: 3 r (in + out) floats
+  per layer (moments plus the two bases), 1.5x LoRA+AdamW's.
 - ``"adamw"``, ``moments="factor"`` (memory-light): Adam on the adjusted gradients ``(ĝ_A, ĝ_B)``
   themselves. State: 2 r (in + out) floats per layer, the same as LoRA+AdamW.
 
@@ -37,11 +42,13 @@ import torch
 from torch import nn
 
 from gradkit.errors import GradkitError
-from gradkit.optim.linalg import DEFAULT_DAMPING, SymEig, compute_dtype, eig_inverse_sqrt, sym_eig
+from gradkit.optim.linalg import compute_dtype
 from gradkit.optim.lora_pro_math import (
     X_SOLUTIONS,
     adjusted_lora_grads,
+    canonical_bases,
     equivalent_gradient,
+    factor_svds,
     lora_equivalent_update,
     tangent_projection,
 )
@@ -52,6 +59,7 @@ __all__ = [
     "equivalent_gradient",
     "lora_equivalent_update",
     "tangent_projection",
+    "canonical_bases",
     "MOMENTS",
     "DEFAULT_MOMENTS",
 ]
@@ -84,7 +92,8 @@ class LoRAPro(torch.optim.Optimizer):
             (the paper's out x in moments).
         x_solution: ``"sylvester"`` (the paper's), ``"symmetric"`` or ``"zero"``.
         adapter: adapter name (default: the active one).
-        damping: relative damping of the r x r inverses (see :mod:`gradkit.optim.linalg`).
+        rtol: relative rank tolerance of the factors' SVDs (default ``max(m, r) * eps`` of the compute
+            dtype, see :mod:`gradkit.optim.linalg`): factor directions below it count as absent.
     """
 
     def __init__(
@@ -99,15 +108,15 @@ class LoRAPro(torch.optim.Optimizer):
         x_solution: str = "sylvester",
         *,
         adapter: str | None = None,
-        damping: float = DEFAULT_DAMPING,
+        rtol: float | None = None,
     ):
         from gradkit.lora.pairs import lora_pairs
 
         _check_choice("optimizer", optimizer, OPTIMIZERS)
         _check_choice("moments", moments, MOMENTS)
         _check_choice("x_solution", x_solution, X_SOLUTIONS)
-        if lr < 0 or eps < 0 or weight_decay < 0 or damping < 0:
-            raise GradkitError("lr, eps, weight_decay and damping must be >= 0; pass non-negative values")
+        if lr < 0 or eps < 0 or weight_decay < 0 or (rtol is not None and rtol < 0):
+            raise GradkitError("lr, eps, weight_decay and rtol must be >= 0; pass non-negative values")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise GradkitError(f"betas {tuple(betas)} must lie in [0, 1); pass e.g. betas=(0.9, 0.999)")
         groups: list[dict[str, Any]] = []
@@ -155,7 +164,7 @@ class LoRAPro(torch.optim.Optimizer):
             optimizer=optimizer,
             moments=moments,
             x_solution=x_solution,
-            damping=damping,
+            rtol=rtol,
         )
         super().__init__(groups, defaults)
 
@@ -183,7 +192,7 @@ class LoRAPro(torch.optim.Optimizer):
                 group["optimizer"],
                 group["moments"],
                 group["x_solution"],
-                group["damping"],
+                group.get("rtol"),
             )
             by_kind[key].append((group, A, B))
         buckets = [_Bucket(members) for members in by_kind.values()]
@@ -211,22 +220,21 @@ class LoRAPro(torch.optim.Optimizer):
         sB = [self.state[B] for _, _, B in bucket.members]
         for state in sA:
             state["step"] = state.get("step", 0) + 1
-        a, b, gA, gB, s, eigs = bucket.a, bucket.b, bucket.gA, bucket.gB, bucket.s, bucket.eigs
+        a, b, gA, gB, s, svds = bucket.a, bucket.b, bucket.gA, bucket.gB, bucket.s, bucket.svds
         if bucket.optimizer == "sgd":
-            bucket.out = list(adjusted_lora_grads(a, b, gA, gB, s, bucket.x, bucket.damping, eigs=eigs))
+            bucket.out = list(adjusted_lora_grads(a, b, gA, gB, s, bucket.x, svds=svds))
         elif bucket.moments == "full":
-            bucket.inputs = [(sA, equivalent_gradient(a, b, gA, gB, s, bucket.damping, eigs=eigs))]
+            bucket.inputs = [(sA, equivalent_gradient(a, b, gA, gB, s, svds=svds))]
         elif bucket.moments == "factor":
-            hat_A, hat_B = adjusted_lora_grads(a, b, gA, gB, s, bucket.x, bucket.damping, eigs=eigs)
+            hat_A, hat_B = adjusted_lora_grads(a, b, gA, gB, s, bucket.x, svds=svds)
             bucket.inputs = [(sA, hat_A), (sB, hat_B)]
         else:
-            isq_B, isq_A = (
-                eig_inverse_sqrt(eigs[0], bucket.damping),
-                eig_inverse_sqrt(eigs[1], bucket.damping),
-            )
-            U, Vt = b @ isq_B, isq_A @ a  # orthonormal bases of col(B) and row(A), moving continuously
-            K = (isq_B @ gA) / s  # U^T G
-            L = ((gB - U @ (U.mT @ gB)) @ isq_A) / s  # (I - U U^T) G V
+            # canonical orthonormal bases of col(B) and row(A): U = U_B P, V = Z R (singular vectors of B A)
+            U, Vt, P, R = canonical_bases(a, b, svds=svds)
+            svd_B, svd_A = svds
+            K = (P.mT @ (svd_B.inv.unsqueeze(-1) * (svd_B.V.mT @ gA))) / s  # U^T G = P^T U_B^T G
+            GV = (((gB @ svd_A.V) * svd_A.inv.unsqueeze(-2)) @ R) / s  # G V = G Z R
+            L = GV - U @ (U.mT @ GV)  # (I - U U^T) G V
             _carry_moments(sA, sB, U, Vt)
             bucket.inputs = [(sA, K), (sB, L)]
             bucket.U, bucket.Vt = U, Vt
@@ -245,7 +253,7 @@ class LoRAPro(torch.optim.Optimizer):
             D_L = D_L - U @ (U.mT @ D_L)  # keep the L part orthogonal to col(B): D is a tangent vector
             d_A = s * ((b.mT @ U) @ D_K + (b.mT @ D_L) @ Vt)
             d_B = s * (U @ (D_K @ a.mT) + D_L @ (Vt @ a.mT))
-        return list(adjusted_lora_grads(a, b, d_A, d_B, s, bucket.x, bucket.damping, eigs=bucket.eigs))
+        return list(adjusted_lora_grads(a, b, d_A, d_B, s, bucket.x, svds=bucket.svds))
 
     # --- other trainable parameters: plain AdamW --------------------------------------------
 
@@ -312,7 +320,7 @@ class _Bucket:
         self.members = members
         group, A0, _ = members[0]
         self.optimizer, self.moments = group["optimizer"], group["moments"]
-        self.x, self.damping = group["x_solution"], group["damping"]
+        self.x = group["x_solution"]
         cd = compute_dtype(A0.dtype)
         self.a = torch.stack([A.detach() for _, A, _ in members]).to(cd)
         self.b = torch.stack([B.detach() for _, _, B in members]).to(cd)
@@ -321,9 +329,7 @@ class _Bucket:
         self.s = torch.tensor([g["scaling"] for g, _, _ in members], dtype=cd, device=A0.device).view(
             -1, 1, 1
         )
-        n = len(members)
-        eig = sym_eig(torch.cat([self.b.mT @ self.b, self.a @ self.a.mT]))  # one eigh for all Grams
-        self.eigs = (SymEig(eig.values[:n], eig.vectors[:n]), SymEig(eig.values[n:], eig.vectors[n:]))
+        self.svds = factor_svds(self.a, self.b, group.get("rtol"))  # two batched thin SVDs
         self.inputs: list[tuple[list[dict], torch.Tensor]] = []  # (per-pair states, stacked values)
         self.out: list[torch.Tensor] = []
         self.U = self.Vt = None
