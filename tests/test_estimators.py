@@ -58,6 +58,21 @@ def test_antithetic_on_a_quadratic_is_exactly_the_directional_derivative_times_u
     torch.testing.assert_close(est, (grad @ u) * u)
 
 
+def test_small_sigma_on_a_large_fp64_loss_keeps_the_difference():
+    """f = 1000 + c·θ in fp64 with sigma 1e-6: f(θ+σu) - f(θ-σu) is far below fp32's resolution of
+    1000 (6e-5) but exact in fp64, so each term is still (c·u) u."""
+    c = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    est = zo_gradient(
+        lambda t: 1000.0 + c @ t,
+        torch.zeros(3, dtype=torch.float64),
+        sigma=1e-6,
+        n=1,
+        generator=torch.Generator().manual_seed(7),
+    )
+    u = torch.randn(3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    torch.testing.assert_close(est, (c @ u) * u, rtol=1e-6, atol=0)
+
+
 def test_n_estimates_average_and_global_rng_is_untouched():
     f, theta, _ = quadratic()
     state = torch.get_rng_state()

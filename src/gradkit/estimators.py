@@ -19,14 +19,19 @@ from gradkit.errors import GradkitError
 __all__ = ["zo_gradient", "policy_gradient_loss"]
 
 
-def _value(result: Any) -> float:
+def scalar_value(result: Any, source: str) -> float:
+    """A scalar objective's value as a Python float (fp64), read in its own precision: an fp64
+    loss keeps every bit, so the difference of two nearby losses is not rounded away. ``source``
+    names the callable in the error for anything that is not a scalar."""
     if torch.is_tensor(result):
         if result.numel() != 1:
-            raise GradkitError(f"f returned a tensor of shape {tuple(result.shape)}; return a scalar")
-        return float(result.detach().float().item())
+            raise GradkitError(
+                f"{source} returned a tensor of shape {tuple(result.shape)}; return a scalar (e.g. loss.mean())"
+            )
+        return float(result.detach().item())
     if isinstance(result, (int, float)) and not isinstance(result, bool):
         return float(result)
-    raise GradkitError(f"f returned {type(result).__name__}; return a scalar (tensor or float)")
+    raise GradkitError(f"{source} returned {type(result).__name__}; return a scalar (tensor or float)")
 
 
 @torch.no_grad()
@@ -77,13 +82,15 @@ def zo_gradient(
         generator = torch.Generator(device=theta.device).manual_seed(0)
     theta = theta.detach()
     grad = torch.zeros_like(theta)
-    f0 = _value(f(theta)) if (baseline and not antithetic) else 0.0
+    f0 = scalar_value(f(theta), "f") if (baseline and not antithetic) else 0.0
     for _ in range(n):
         u = torch.randn(theta.shape, generator=generator, device=theta.device, dtype=theta.dtype)
         if antithetic:
-            coef = (_value(f(theta + sigma * u)) - _value(f(theta - sigma * u))) / (2.0 * sigma)
+            coef = (scalar_value(f(theta + sigma * u), "f") - scalar_value(f(theta - sigma * u), "f")) / (
+                2.0 * sigma
+            )
         else:
-            coef = (_value(f(theta + sigma * u)) - f0) / sigma
+            coef = (scalar_value(f(theta + sigma * u), "f") - f0) / sigma
         grad.add_(u, alpha=coef)
     return grad.div_(n)
 

@@ -11,43 +11,46 @@ With one ``ε`` for every group, ``d_k / ε`` is the usual projected gradient ``
 keeps the estimate of each group's gradient unbiased, but another group h adds variance in
 proportion to ``(ε_h / ε_g)²``, so keep the groups' ``ε`` within a small factor of each other. Weight decay ``λ`` is decoupled and skipped
 for 1-D parameters (biases, normalisation weights) unless the group says ``decay_1d=True``.
+The losses are read in their own precision (an fp64 loss stays fp64) and ``d_k`` is taken in fp64,
+so a small ``ε`` on a large loss is not rounded to a zero difference.
 
-What gradkit does differently from the reference MeZO code:
+What gradkit guarantees, beyond the reference MeZO code:
 
-- **Seed trick without the global RNG.** ``z`` is never stored. Each sample draws a seed from a
-  private ``torch.Generator``; each parameter's slice of ``z`` is regenerated from
-  ``mix(seed, parameter index)`` with a generator of its own device, so any parameter's ``z`` can be
-  rebuilt at any time, in any order. The global torch RNG is never read or reset.
+- **Seed trick without the global RNG.** ``z`` is never stored: :mod:`gradkit.optim.zo_directions`
+  rebuilds any parameter's slice of it from ``(seed, parameter index)`` with private generators,
+  in any order. The global torch RNG is never read or reset.
 - **n_samples > 1 without stored gradients.** Only the n scalars ``d_k`` and their seeds are kept;
-  the update regenerates each ``z_k`` per parameter, one parameter at a time. All n directions are
-  evaluated at the same ``θ`` (true n-SPSA), unlike updating after each sample.
-- **Exact restore** (``restore="exact"``, the default). Adding and then subtracting ``ε z`` in
-  bf16/fp16 rounds twice and does not give ``θ`` back. Here the stored parameters are never written
-  during the evaluations: while the closure runs, a global module forward pre-hook swaps each
-  optimised parameter's ``.data`` for a perturbed copy ``(θ + s ε z)`` (computed in fp32, cast to
-  the parameter's dtype) just for the forward of the module that owns it, and a forward hook swaps
-  the original storage back. The original bits are untouched, so they come back exactly in every
-  dtype, and the extra memory is the perturbed copy of one module's own parameters at a time (for
-  a Transformer: its largest Linear or embedding), never a model-sized copy. Caveats: a parameter is
-  perturbed only inside the forward of a module that holds it (the normal PyTorch pattern); one read
-  elsewhere (e.g. a penalty computed in the closure, or a parent reading a child's weight) is not
-  perturbed. Parameters never perturbed in a step are not updated in that step, and a one-time
-  warning names them; use ``restore="subtract"`` for such models.
-  The hooks are process-wide while the closure runs: do not run other models' forwards in other
-  threads meanwhile.
+  the update regenerates each ``z_k`` per parameter. All n directions are evaluated at the same
+  ``θ`` (true n-SPSA), unlike updating after each sample.
+- **One z per parameter, whatever reads it.** Every evaluation is ``f`` at exactly ``θ + ε z`` and
+  the update uses that same ``z``, for every use a parameter has in the closure: inside the forward
+  of the module that holds it, in several modules (tied weights), or outside any module (a bare
+  tensor in the closure, a penalty term, a parent reading a child's weight). ``ZerothOrder([p])``
+  optimises a plain tensor objective like any torch optimiser.
+- **Exact restore** (``restore="exact"``, the default): the stored parameters come back bit for bit
+  in every dtype (adding then subtracting ``ε z`` in bf16/fp16 would round twice). Nothing is
+  written into the original storage: while the closure runs, a module forward pre-hook swaps each
+  optimised parameter's ``.data`` for a perturbed copy ``θ + s ε z`` (computed in at least fp32,
+  cast to the parameter's dtype) for the forward of the module that holds it, and swaps the
+  original storage back when that forward ends, so the extra memory is one module's parameters at
+  a time. A read outside such a forward is caught by a torch function mode (reads of metadata such
+  as ``.dtype`` or ``.shape`` do not count): from then on that tensor stays swapped for the rest of
+  the evaluation, which costs one perturbed copy of it. The hooks and the mode are process-wide
+  while the closure runs: do not run other models' forwards in other threads meanwhile.
 - **Sparse embeddings** (``sparse_embeddings=True``, the default, exact restore only). An
-  ``nn.Embedding`` row that the batch never looks up has gradient exactly 0, and perturbing it
-  cannot change the loss, so its share of ``proj · z`` is pure noise (mean 0). Only the rows the
-  step's first lookup uses are perturbed (in place, the originals saved and copied back bit for
-  bit) and updated, with ``z`` regenerated for exactly those rows: the estimate of every used row
-  has the same law as MeZO's, the unused rows get their true gradient (0) instead of noise, and the
-  word embedding (half of a small BERT's weights) costs neither a copy nor Gaussian draws per
-  step. Decoupled weight decay still shrinks the whole matrix. A later lookup in the same step of a
-  row outside that set raises an error (pass ``sparse_embeddings=False``). Under data parallelism
-  (an initialised process group of more than one process) the ranks look up different rows, so
-  embeddings get MeZO's dense ``z`` there and every rank still takes the same step.
+  ``nn.Embedding`` row that nothing reads has gradient exactly 0, and its share of ``proj · z`` is
+  pure noise. When every use of an embedding matrix in a step is an ``nn.Embedding`` lookup, only
+  the rows looked up are perturbed (in place, their original bits saved and copied back) and
+  updated, and neither a matrix-sized copy nor matrix-sized Gaussian draws are made. When anything
+  also reads the whole matrix (a tied LM head, as in GPT-2, OPT and BERT's MLM head), the same
+  ``z`` is used there and every row is updated. This is decided in each step from what ran (see
+  :mod:`gradkit.optim.zo_directions`). Decoupled weight decay shrinks the whole matrix either way.
+  Under data parallelism (an initialised process group of more than one process) the ranks look up
+  different rows, so embeddings get MeZO's dense ``z`` there and every rank takes the same step.
 - **restore="subtract"** is the classic in-place ``+ε z``, ``-2ε z``, ``+ε z`` (arithmetic in fp32,
   stored in the parameter's dtype): exact in fp32 only up to rounding, not exact in bf16/fp16.
+- A parameter that no evaluation of a step reads has gradient exactly 0: it is not updated (no
+  noise, no decay) and a one-time warning names it.
 - **Bad losses.** A non-finite loss skips the step (weights restored, no update), counts it in
   ``skipped_steps``, warns once, and raises :class:`GradkitError` after ``max_bad_steps`` in a row.
 
@@ -65,27 +68,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from gradkit.errors import GradkitError
+from gradkit.estimators import scalar_value
+from gradkit.optim.zo_directions import Directions, work_dtype
 
 __all__ = ["ZerothOrder", "RESTORE_MODES"]
 
 RESTORE_MODES = ("exact", "subtract")
-_MASK64 = (1 << 64) - 1
-_CHUNK = 1 << 20  # elements of z generated at once (4 MiB in fp32): bounds every temporary buffer
-
-
-def _mix(seed: int, index: int) -> int:
-    """SplitMix64 of (seed, index): well-separated per-parameter seeds from one per-sample seed."""
-    x = (seed + 0x9E3779B97F4A7C15 * (index + 1)) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) & ((1 << 63) - 1)
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic precision for a parameter: at least fp32 (bf16/fp16 are computed in fp32)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 class ZerothOrder(torch.optim.Optimizer):
@@ -98,7 +89,7 @@ class ZerothOrder(torch.optim.Optimizer):
     ``(f+ - f-) / 2ε`` values.
 
     Args:
-        params: parameters or param groups (any set: a whole model, LoRA factors, a head).
+        params: tensors or param groups (any set: a whole model, LoRA factors, a head, plain tensors).
         lr: step size (SGD scale; MeZO uses 1e-6 to 1e-7 for full fine-tuning).
         eps: perturbation scale ε (> 0).
         n_samples: directions per step; their estimates are averaged.
@@ -107,8 +98,8 @@ class ZerothOrder(torch.optim.Optimizer):
         seed: seed of the private generator; use the same on every rank under data parallelism.
         decay_1d: also decay 1-D parameters (biases, norms).
         max_bad_steps: consecutive non-finite steps tolerated before raising.
-        sparse_embeddings: perturb and update only the embedding rows the step looks up (exact
-            restore only; see the module docstring).
+        sparse_embeddings: perturb and update only the embedding rows the step looks up when
+            nothing else reads the matrix (exact restore only; see the module docstring).
     """
 
     def __init__(
@@ -142,7 +133,7 @@ class ZerothOrder(torch.optim.Optimizer):
         self.n_samples = n_samples
         self.restore = restore
         self.sparse_embeddings = bool(sparse_embeddings) and restore == "exact"
-        self._rows: dict[int, torch.Tensor] = {}  # parameter index -> embedding rows used this step
+        self._directions = Directions()
         self._sparse_now = False
         self.max_bad_steps = max_bad_steps
         self.steps = 0  # steps that updated the parameters
@@ -151,7 +142,6 @@ class ZerothOrder(torch.optim.Optimizer):
         self.last_loss: torch.Tensor | None = None
         self.last_projected_grads: list[float] = []
         self._generator = torch.Generator().manual_seed(int(seed))
-        self._device_generators: dict[torch.device, torch.Generator] = {}
         self._warned_bad = False
         self._warned_unused = False
 
@@ -168,56 +158,6 @@ class ZerothOrder(torch.optim.Optimizer):
                     f"ZerothOrder got a {p.dtype} parameter; it optimises floating-point tensors only"
                 )
 
-    # -- z, regenerated from a seed ------------------------------------------------------------
-    def _generator_on(self, device: torch.device) -> torch.Generator:
-        """This optimiser's generator for ``device`` (reseeded before every use, never the global one)."""
-        gen = self._device_generators.get(device)
-        if gen is None:
-            gen = self._device_generators[device] = torch.Generator(device=device)
-        return gen
-
-    def _chunks(
-        self, data: torch.Tensor, seed: int, index: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(view, z)`` pairs covering ``data``: this parameter's slice of the direction for ``seed``,
-        N(0, I) in the work dtype, regenerated chunk by chunk (``_CHUNK`` elements), so no z buffer
-        is ever larger than a chunk. Chunk c of parameter i is seeded with ``mix(mix(seed, i), c)``."""
-        gen = self._generator_on(data.device)
-        dtype = _work_dtype(data.dtype)
-        base = _mix(seed, index)
-        if data.numel() <= _CHUNK or not data.is_contiguous():
-            gen.manual_seed(base)
-            yield data, torch.randn(data.shape, generator=gen, device=data.device, dtype=dtype)
-            return
-        flat = data.view(-1)
-        for c, start in enumerate(range(0, flat.numel(), _CHUNK)):
-            part = flat[start : start + _CHUNK]
-            gen.manual_seed(_mix(base, c))
-            yield part, torch.randn(part.shape, generator=gen, device=data.device, dtype=dtype)
-
-    def _perturbed(self, p: torch.Tensor, seed: int, index: int, scale: float) -> torch.Tensor:
-        """A new tensor ``θ + scale z`` (fp32 arithmetic, cast to the parameter's dtype)."""
-        data = p.detach()
-        if data.numel() <= _CHUNK or not data.is_contiguous():
-            # z's buffer is reused for the result: one parameter-sized allocation (two for bf16/fp16)
-            ((_, z),) = self._chunks(data, seed, index)
-            return z.mul_(scale).add_(data).to(data.dtype)
-        out = torch.empty_like(data)
-        flat = out.view(-1)
-        start = 0
-        for part, z in self._chunks(data, seed, index):
-            flat[start : start + part.numel()].copy_(z.mul_(scale).add_(part))
-            start += part.numel()
-        return out
-
-    def _row_noise(self, p: torch.Tensor, seed: int, index: int, rows: torch.Tensor) -> torch.Tensor:
-        """``z`` for the given (sorted, unique) embedding rows of parameter ``index``: N(0, I) of shape
-        ``(len(rows), dim)`` in the work dtype, regenerated identically from ``(seed, index)``."""
-        gen = self._generator_on(p.device)
-        gen.manual_seed(_mix(seed, index))
-        shape = (len(rows), *p.shape[1:])
-        return torch.randn(shape, generator=gen, device=p.device, dtype=_work_dtype(p.dtype))
-
     def _entries(self) -> list[tuple[dict[str, Any], torch.Tensor, int]]:
         entries, index = [], 0
         for group in self.param_groups:
@@ -231,14 +171,14 @@ class ZerothOrder(torch.optim.Optimizer):
         if self.restore == "subtract":
             value = closure()
         else:
-            with _PerturbInForward(self, entries, seed, sign, seen):
+            with _Perturbed(self._directions, entries, seed, sign, seen, self._sparse_now):
                 value = closure()
-        return _scalar(value)
+        return scalar_value(value, "the closure")
 
     def _shift(self, entries, seed: int, sign: float) -> None:
         """restore="subtract": θ += sign ε z in place, one parameter at a time."""
         for group, p, index in entries:
-            for part, z in self._chunks(p.data, seed, index):
+            for _, part, z in self._directions.chunks(p.data, seed, index):
                 part.copy_(z.mul_(sign * group["eps"]).add_(part))
 
     @torch.no_grad()
@@ -249,7 +189,7 @@ class ZerothOrder(torch.optim.Optimizer):
                 "ZerothOrder.step needs a closure returning the loss: opt.step(lambda: loss_fn())"
             )
         entries = self._entries()
-        self._rows = {}
+        self._directions.new_step()
         # under data parallelism each rank looks up other rows, and every rank must take the same step:
         # dense z there (as MeZO), so the ranks need to exchange nothing but the losses
         self._sparse_now = self.sparse_embeddings and not _data_parallel()
@@ -280,7 +220,7 @@ class ZerothOrder(torch.optim.Optimizer):
                 if self.restore == "exact" and k == 0 and sign > 0:
                     self._check_seen(entries, seen)
             values.extend(plus_minus)
-            diffs.append((plus_minus[0] - plus_minus[1]) / 2.0)
+            diffs.append((plus_minus[0] - plus_minus[1]) / 2.0)  # fp64: the losses' own precision
         self.bad_steps_in_row = 0
         self._update(entries, seeds, diffs, seen)
         self.steps += 1
@@ -295,14 +235,14 @@ class ZerothOrder(torch.optim.Optimizer):
             self._warned_unused = True
             shown = ", ".join(f"#{i} {list(s)}" for i, s in missing[:5])
             warnings.warn(
-                f"ZerothOrder(restore='exact'): {len(missing)} parameter(s) ({shown}) were not used in the "
-                "forward of a module holding them, so they were not perturbed and are not updated; "
-                "drop unused parameters, or use restore='subtract' if they are read outside their module",
+                f"ZerothOrder: {len(missing)} tensor(s) ({shown}) were not read by the closure, so they "
+                "were not perturbed and are not updated (their gradient is 0); drop them from the optimiser",
                 stacklevel=4,
             )
 
     def _update(self, entries, seeds: list[int], diffs: list[float], seen: set[int]) -> None:
         n = len(seeds)
+        directions = self._directions
         for group, p, index in entries:
             lr = group["lr"]
             if lr == 0 or (self.restore == "exact" and index not in seen):
@@ -311,25 +251,25 @@ class ZerothOrder(torch.optim.Optimizer):
             coefs = [-lr * d / (group["eps"] * n) for d in diffs]
             if decay == 0 and not any(coefs):
                 continue
-            rows = self._rows.get(index)
-            if rows is not None:  # a sparse embedding: decay everywhere, noise on the used rows only
+            rows = directions.sparse_rows(index)
+            if rows is not None:  # only lookups read it: decay everywhere, noise on the rows read
                 if decay:  # in place: no parameter-sized copy (bf16/fp16 round the product once)
                     p.data.mul_(1.0 - lr * decay)
-                work = p.data[rows].to(_work_dtype(p.dtype))
+                work = p.data[rows].to(work_dtype(p.dtype))
                 for seed, coef in zip(seeds, coefs, strict=True):
                     if coef:
-                        work.add_(self._row_noise(p, seed, index, rows), alpha=coef)
+                        work.add_(directions.on_rows(p.data, seed, index, rows), alpha=coef)
                 p.data[rows] = work.to(p.dtype)
                 continue
             # chunk by chunk: the c-th chunk of every z_k, so nothing larger than a chunk is allocated
             # (bf16/fp16: plus one fp32 copy of the chunk)
-            chunked = [self._chunks(p.data, seed, index) for seed in seeds]
+            chunked = [directions.chunks(p.data, seed, index) for seed in seeds]
             for pieces in zip(*chunked, strict=True):
-                part = pieces[0][0]
-                work = part if part.dtype == _work_dtype(part.dtype) else part.to(_work_dtype(part.dtype))
+                part = pieces[0][1]
+                work = part if part.dtype == work_dtype(part.dtype) else part.to(work_dtype(part.dtype))
                 if decay:
                     work.mul_(1.0 - lr * decay)
-                for (_, z), coef in zip(pieces, coefs, strict=True):
+                for (_, _, z), coef in zip(pieces, coefs, strict=True):
                     if coef:
                         work.add_(z, alpha=coef)
                 if work is not part:
@@ -389,73 +329,118 @@ def _data_parallel() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _scalar(value: Any) -> float:
-    """The closure's loss as a Python float; a non-scalar is a user error."""
-    if torch.is_tensor(value):
-        if value.numel() != 1:
-            raise GradkitError(
-                f"the closure returned a tensor of shape {tuple(value.shape)}; return a scalar loss "
-                "(e.g. loss.mean())"
-            )
-        return float(value.detach().float().item())
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raise GradkitError(
-        f"the closure returned {type(value).__name__}; return the scalar loss (tensor or float)"
-    )
+_Entry = tuple[dict[str, Any], torch.Tensor, int]
+
+# reads of a tensor's metadata only: they do not see its values, so they need no perturbation
+_METADATA_ATTRIBUTES = (
+    "dtype device requires_grad ndim layout is_cuda is_leaf grad grad_fn is_sparse is_quantized is_meta "
+    "itemsize nbytes"
+).split()
+_METADATA_METHODS = (
+    "size dim numel nelement stride is_contiguous is_floating_point is_complex element_size data_ptr "
+    "get_device storage_offset __len__ __hash__ requires_grad_ register_hook"
+).split()
+_METADATA_READS = frozenset(
+    [torch.Tensor.shape.__get__]
+    + [getattr(torch.Tensor, n).__get__ for n in _METADATA_ATTRIBUTES if hasattr(torch.Tensor, n)]
+    + [getattr(torch.Tensor, n) for n in _METADATA_METHODS if hasattr(torch.Tensor, n)]
+)
 
 
-class _PerturbInForward:
-    """While active, every module forward swaps the optimised parameters it holds for ``θ + sign ε z``
-    and swaps the untouched originals back when its forward ends (see the module docstring)."""
+def _tensor_args(args: tuple, kwargs: dict) -> Iterator[Any]:
+    """The arguments of a torch call, with one level of lists and tuples opened (``torch.cat``)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, (list, tuple)):
+            yield from value
+        else:
+            yield value
 
-    def __init__(self, opt: ZerothOrder, entries, seed: int, sign: float, seen: set[int]):
-        self.opt, self.seed, self.sign, self.seen = opt, seed, sign, seen
+
+class _Perturbed(TorchFunctionMode):
+    """While active, every optimised tensor reads as ``θ + sign ε z`` and its stored bits are untouched.
+
+    - In the forward of a module that holds it, a pre-hook swaps its ``.data`` for a perturbed copy
+      (or, for an embedding on the sparse path, perturbs the looked-up rows in place after saving
+      them) and a forward hook puts the original back when that forward ends.
+    - Read anywhere else (any torch call that takes it, found by this torch function mode), it is
+      swapped for a perturbed copy until the evaluation ends.
+    """
+
+    def __init__(
+        self,
+        directions: Directions,
+        entries: list[_Entry],
+        seed: int,
+        sign: float,
+        seen: set[int],
+        sparse: bool,
+    ):
+        super().__init__()
+        self.directions, self.seed, self.sign, self.seen, self.sparse = directions, seed, sign, seen, sparse
         self.targets = {id(p): (group, p, index) for group, p, index in entries}
-        self.saved: dict[int, list[Any]] = {}  # id -> [original data, depth]
+        self.in_forward: dict[int, list[Any]] = {}  # id -> [original, depth]: swapped for a module's forward
+        self.loose: dict[int, torch.Tensor] = {}  # id -> original data: swapped until the evaluation ends
         self.handles: list[Any] = []
+        self.busy = False  # our own hooks' reads are not the closure's
 
+    # -- reads outside a holding module's forward ------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.busy and func not in _METADATA_READS:
+            for value in _tensor_args(args, kwargs):
+                key = id(value)
+                if key in self.targets and key not in self.in_forward and key not in self.loose:
+                    group, p, index = self.targets[key]
+                    self.loose[key] = p.data
+                    p.data = self._whole(p, group, index)
+        return func(*args, **kwargs)
+
+    def _whole(self, p: torch.Tensor, group: dict[str, Any], index: int) -> torch.Tensor:
+        """``θ + sign ε z`` over the whole tensor, recorded as a use of the whole tensor."""
+        self.directions.note_whole_use(index)
+        self.seen.add(index)
+        return self.directions.perturbed(p.data, self.seed, index, self.sign * group["eps"])
+
+    # -- module forwards ---------------------------------------------------------------------------
     def _pre(self, module: nn.Module, args: Any) -> None:
-        for p in module._parameters.values():
-            if p is None or id(p) not in self.targets:
-                continue
-            slot = self.saved.get(id(p))
-            if slot is not None:  # nested call of a module holding the same parameter
-                slot[1] += 1
-                continue
-            group, _, index = self.targets[id(p)]
-            if (
-                self.opt._sparse_now
-                and type(module) is nn.Embedding
-                and p is module.weight
-                and args
-                and torch.is_tensor(args[0])
-            ):
-                self._perturb_rows(p, args[0], group, index)
-                continue
-            perturbed = self.opt._perturbed(p, self.seed, index, self.sign * group["eps"])
-            self.saved[id(p)] = [p.data, 1]
-            p.data = perturbed
-            self.seen.add(index)
+        self.busy = True
+        try:
+            for p in module._parameters.values():
+                key = id(p)
+                if p is None or key not in self.targets or key in self.loose:
+                    continue
+                slot = self.in_forward.get(key)
+                if slot is not None:  # nested call of a module holding the same parameter
+                    slot[1] += 1
+                    continue
+                group, _, index = self.targets[key]
+                if (
+                    self.sparse
+                    and type(module) is nn.Embedding
+                    and p is module.weight
+                    and index not in self.directions.plain
+                    and args
+                    and torch.is_tensor(args[0])
+                ):
+                    self._perturb_rows(p, args[0], group, index)
+                    continue
+                self.in_forward[key] = [p.data, 1]
+                p.data = self._whole(p, group, index)
+        finally:
+            self.busy = False
 
     def _perturb_rows(self, p: torch.Tensor, ids: torch.Tensor, group: dict[str, Any], index: int) -> None:
-        """Perturb in place only the rows of the step's row set (the first lookup's unique ids)."""
-        rows = self.opt._rows.get(index)
-        used = torch.unique(ids.detach().reshape(-1).to(p.device))
-        if rows is None:
-            rows = self.opt._rows[index] = used
-        elif not bool(torch.isin(used, rows).all()):
-            raise GradkitError(
-                "ZerothOrder(sparse_embeddings=True): an embedding was looked up with rows outside the "
-                "step's first lookup (a different batch inside one step?); pass sparse_embeddings=False"
-            )
+        """Perturb in place only the rows this lookup reads, saving their original bits."""
+        rows = torch.unique(ids.detach().reshape(-1).to(p.device))
+        self.directions.note_lookup(index, rows)
         original = p.data[rows]  # a copy: the exact bits to put back
-        z = self.opt._row_noise(p, self.seed, index, rows)
+        z = self.directions.on_rows(p.data, self.seed, index, rows)
         p.data[rows] = z.mul_(self.sign * group["eps"]).add_(original).to(p.dtype)
-        self.saved[id(p)] = [(rows, original), 1]
+        self.in_forward[id(p)] = [(rows, original), 1]
         self.seen.add(index)
 
-    def _put_back(self, p: torch.Tensor, saved: Any) -> None:
+    @staticmethod
+    def _put_back(p: torch.Tensor, saved: Any) -> None:
         if isinstance(saved, tuple):  # sparse embedding rows
             rows, original = saved
             p.data[rows] = original
@@ -463,30 +448,36 @@ class _PerturbInForward:
             p.data = saved
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        for p in module._parameters.values():
-            if p is None:
-                continue
-            slot = self.saved.get(id(p))
-            if slot is None:
-                continue
-            slot[1] -= 1
-            if slot[1] == 0:
-                self._put_back(p, slot[0])
-                del self.saved[id(p)]
+        self.busy = True
+        try:
+            for p in module._parameters.values():
+                slot = self.in_forward.get(id(p)) if p is not None else None
+                if slot is None:
+                    continue
+                slot[1] -= 1
+                if slot[1] == 0:
+                    self._put_back(p, slot[0])
+                    del self.in_forward[id(p)]
+        finally:
+            self.busy = False
 
-    def __enter__(self) -> _PerturbInForward:
+    def __enter__(self) -> _Perturbed:
         from torch.nn.modules import module as module_mod
 
         self.handles = [
             module_mod.register_module_forward_pre_hook(self._pre),
             module_mod.register_module_forward_hook(self._post, always_call=True),
         ]
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
         for handle in self.handles:
             handle.remove()
         # a forward that raised, or a module that never finished: put every original back
-        for key, (original, _) in list(self.saved.items()):
+        for key, (original, _) in list(self.in_forward.items()):
             self._put_back(self.targets[key][1], original)
-        self.saved.clear()
+        for key, original in self.loose.items():
+            self.targets[key][1].data = original
+        self.in_forward.clear()
+        self.loose.clear()
