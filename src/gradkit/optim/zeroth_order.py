@@ -332,14 +332,40 @@ def _data_parallel() -> bool:
 _Entry = tuple[dict[str, Any], torch.Tensor, int]
 
 # reads of a tensor's metadata only: they do not see its values, so they need no perturbation
-_METADATA_ATTRIBUTES = (
-    "dtype device requires_grad ndim layout is_cuda is_leaf grad grad_fn is_sparse is_quantized is_meta "
-    "itemsize nbytes"
-).split()
-_METADATA_METHODS = (
-    "size dim numel nelement stride is_contiguous is_floating_point is_complex element_size data_ptr "
-    "get_device storage_offset __len__ __hash__ requires_grad_ register_hook"
-).split()
+_METADATA_ATTRIBUTES = [
+    "dtype",
+    "device",
+    "requires_grad",
+    "ndim",
+    "layout",
+    "is_cuda",
+    "is_leaf",
+    "grad",
+    "grad_fn",
+    "is_sparse",
+    "is_quantized",
+    "is_meta",
+    "itemsize",
+    "nbytes",
+]
+_METADATA_METHODS = [
+    "size",
+    "dim",
+    "numel",
+    "nelement",
+    "stride",
+    "is_contiguous",
+    "is_floating_point",
+    "is_complex",
+    "element_size",
+    "data_ptr",
+    "get_device",
+    "storage_offset",
+    "__len__",
+    "__hash__",
+    "requires_grad_",
+    "register_hook",
+]
 _METADATA_READS = frozenset(
     [torch.Tensor.shape.__get__]
     + [getattr(torch.Tensor, n).__get__ for n in _METADATA_ATTRIBUTES if hasattr(torch.Tensor, n)]
