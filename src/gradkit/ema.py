@@ -133,8 +133,8 @@ class EMA:
 
     ``Θ ← a·Θ + (1 − a)·θ`` with ``a`` from :func:`ema_decay` (``decay`` or a warmup schedule), one fused
     ``torch._foreach_lerp_`` per (device, dtype) group (``_foreach_mul_`` + ``_foreach_add_``, which
-    promote in the kernel, where the average is kept in a wider dtype than the model: no cast copy of
-    the model is made); non-floating buffers are copied.
+    convert in the kernel, where the average is kept in another dtype than the model, e.g. float32 for
+    bf16: no cast copy of the model is made); non-floating buffers are copied.
 
     Guarantees: for every floating tensor, after ``n`` updates the average equals the closed form
     ``(∏ a_s)·θ_0 + Σ_s (1 − a_s)·(∏_{u>s} a_u)·θ_s`` up to rounding in the average's dtype (float32 for
@@ -261,21 +261,21 @@ class EMA:
         self.last_update = self.step
         live = self._live()
         for (device, dtype), idx, shadows in self._groups:
-            same, same_src, wide, wide_src = [], [], [], []
+            same, same_src, mixed, mixed_src = [], [], [], []
             for i, s in zip(idx, shadows, strict=True):
                 t = live[i] if live[i].device == device else live[i].to(device=device)
                 if t.dtype == dtype:
                     same.append(s)
                     same_src.append(t)
                 else:
-                    wide.append(s)
-                    wide_src.append(t)
+                    mixed.append(s)
+                    mixed_src.append(t)
             if same:
                 torch._foreach_lerp_(same, same_src, 1.0 - a)
-            if wide:
-                # Θ ← a·Θ + (1 − a)·θ; add_ promotes θ in the kernel: no float32 copy of the model
-                torch._foreach_mul_(wide, a)
-                torch._foreach_add_(wide, wide_src, alpha=1.0 - a)
+            if mixed:
+                # Θ ← a·Θ + (1 − a)·θ; add_ converts θ in the kernel: no float32 copy of the model
+                torch._foreach_mul_(mixed, a)
+                torch._foreach_add_(mixed, mixed_src, alpha=1.0 - a)
         for i in self._copied:
             self.shadow[i].copy_(live[i])
         return True
