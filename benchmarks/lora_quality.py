@@ -15,6 +15,11 @@ resumes where it stopped).
 
     python benchmarks/lora_quality.py                               # 100 steps, seeds 0 1 2
     python benchmarks/lora_quality.py --methods lora,lora-ga --steps 30 --seeds 0 --name smoke
+
+Re-measuring some methods after a change (``--merge`` keeps the other methods' rows of the existing
+result file, carried over as they were; ``--grid`` narrows a method's sweep around its known best):
+
+    python benchmarks/lora_quality.py --methods lora-pro --grid lora-pro=8e-4,1.6e-3,3.2e-3 --merge
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ def measure(args, spec: str, base, seeds: list[int]) -> tuple[dict[float, dict],
     label, name, options = parse_method(spec)
     tag = label.replace(":", "-").replace("=", "-").replace(";", "-")
     sweep = {}
-    for lr in GRIDS.get(label, GRIDS[name]):
+    for lr in args.grid.get(label) or GRIDS.get(label, GRIDS[name]):
         out = Path(args.out) / tag / f"lr{lr:g}-seed{seeds[0]}"
         sweep[lr] = run(base, label, name, options, lr, seeds[0], out, args.report_only)
     lr_best = min(sweep, key=lambda lr: sweep[lr]["mean_loss"])
@@ -119,7 +124,23 @@ def main() -> None:
         help="start no run: report the methods whose runs are all finished",
     )
     parser.add_argument("--name", default="lora_quality")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of methods not measured now from the existing result file (as they were)",
+    )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="METHOD=LR,LR,...",
+        help="this invocation's learning-rate grid for one method (e.g. a re-run around its best lr)",
+    )
     args = parser.parse_args()
+    args.grid = {
+        spec.rpartition("=")[0]: tuple(float(lr) for lr in spec.rpartition("=")[2].split(","))
+        for spec in args.grid
+    }
 
     from gradkit.train.config import TrainConfig
 
@@ -130,13 +151,37 @@ def main() -> None:
     best: dict[str, list[dict]] = {}
     planned = args.methods.split(",")
     matched: dict[str, list[str]] = {}
+    previous = load_previous(args, planned) if args.merge else None
     for spec in planned:
         try:
             sweeps[spec], best[spec] = measure(args, spec, base, seeds)
         except NotRun:
             continue
         matched[spec] = against_plain(args, spec, base, best[spec])
-        report(args, seeds, sweeps, best, started, planned, matched)
+        report(args, seeds, sweeps, best, started, planned, matched, previous)
+
+
+def load_previous(args, planned: list[str]) -> dict | None:
+    """The existing result file's methods that this invocation does not measure: their best-lr runs
+    (``raw``), sweeps, run-by-run notes and row order, to carry over unchanged (``--merge``)."""
+    from common import RESULTS
+
+    path = RESULTS / f"{args.name}.json"
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    carried = [label for label in old["raw"] if label not in planned]
+    return {
+        "order": [row[0] for row in old["tables"][0]["rows"]],
+        "best": {label: old["raw"][label] for label in carried},
+        "sweeps": {
+            label: {float(lr): {"mean_loss": v} for lr, v in old["sweeps"][label].items()}
+            for label in carried
+        },
+        "matched": [n for n in old["notes"] if any(n.startswith(f"{label} against ") for label in carried)],
+        "plots": old.get("plots", []),
+        "date": old.get("machine", {}).get("date", "?"),
+    }
 
 
 def against_plain(args, spec: str, base, runs: list[dict]) -> list[str]:
@@ -164,7 +209,14 @@ def against_plain(args, spec: str, base, runs: list[dict]) -> list[str]:
     ]
 
 
-def report(args, seeds, sweeps, best, started, planned, matched) -> None:
+def report(args, seeds, sweeps, best, started, planned, matched, previous=None) -> None:
+    measured = list(best)
+    if previous:  # carried-over rows in the old order, re-measured ones in their old place
+        order = [*previous["order"], *(m for m in measured if m not in previous["order"])]
+        merged = {**previous["best"], **best}
+        best = {label: merged[label] for label in order if label in merged}
+        sweeps = {**previous["sweeps"], **sweeps}
+
     def avg(label: str, key: str) -> float:
         return statistics.mean(s[key] if key != "final" else s["final_train_loss"] for s in best[label])
 
@@ -196,8 +248,8 @@ def report(args, seeds, sweeps, best, started, planned, matched) -> None:
         )
 
     all_runs = [
-        *(s for sw in sweeps.values() for s in sw.values()),
-        *(s for r in best.values() for s in r[1:]),
+        *(s for label in measured for s in sweeps[label].values()),
+        *(s for label in measured for s in best[label][1:]),
     ]
     notes = []
     if "full" in best and "lora" in best:
@@ -234,11 +286,22 @@ def report(args, seeds, sweeps, best, started, planned, matched) -> None:
                 f"|train loss @{n} - full's| = {abs(avg(label, 'final') - full_end):.4f} (LoRA's: {abs(lora_end - full_end):.4f}); "
                 f"test accuracy {100 * avg(label, 'test_accuracy'):.2f}% vs LoRA's {100 * lora_acc:.2f}%."
             )
-    plot_path = IMAGES / f"{args.name}.png"
+    plot_path = IMAGES / (f"{args.name}_rerun.png" if previous else f"{args.name}.png")
     plot(
-        {label: [s["losses"] for s in runs] for label, runs in best.items()},
+        {label: [s["losses"] for s in best[label]] for label in measured},
         plot_path,
-        f"MiniLM-L6 on SST-2, {n} steps of batch {args.batch_size}, each method at its best lr",
+        f"MiniLM-L6 on SST-2, {n} steps of batch {args.batch_size}, each method at its best lr"
+        + (" (re-run)" if previous else ""),
+    )
+    old_plots = [p for p in previous["plots"] if p != str(plot_path.relative_to(ROOT))] if previous else []
+    carried_note = (
+        [
+            f"Rows carried over unchanged from the previous result (measured {previous['date']}): "
+            f"{', '.join(m for m in best if m not in measured)}; re-measured by this invocation: "
+            f"{', '.join(measured)} ({plot_path.name} shows only those; the first plot is the previous one)."
+        ]
+        if previous
+        else []
     )
     write_result(
         args.name,
@@ -254,16 +317,18 @@ def report(args, seeds, sweeps, best, started, planned, matched) -> None:
                     "rows": rows,
                 }
             ],
-            "plots": [str(plot_path.relative_to(ROOT))],
+            "plots": [*old_plots, str(plot_path.relative_to(ROOT))],
             "notes": [
                 *notes,
                 *(line for lines in matched.values() for line in lines),
+                *(previous["matched"] if previous else []),
+                *carried_note,
                 *args.note,
                 "r = 8, alpha = 16 on all 36 encoder Linear layers; lora-plus: PEFT's create_loraplus_optimizer, ratio 16; "
                 "lora-pro: gradkit.LoRAPro AdamW (projected moments unless named), X = sylvester; lora-ga: gradkit's "
                 "LoRA-GA init on the first 8 training batches (the harness defaults); peft-lora-ga: PEFT's "
                 "preprocess_loraga + init_lora_weights='lora_ga' on the same 8 batches; lora-ga-pro: both.",
-                f"{len(all_runs)} runs "
+                f"{len(all_runs)} runs{' of the re-measured methods' if previous else ''} "
                 f"({sum(bool(s.get('reused')) for s in all_runs)} of them finished by an earlier invocation and reused); "
                 f"this invocation took {(time.perf_counter() - started) / 60:.0f} min.",
                 *(
