@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -373,15 +373,6 @@ _METADATA_READS = frozenset(
 )
 
 
-def _tensor_args(args: tuple, kwargs: dict) -> Iterator[Any]:
-    """The arguments of a torch call, with one level of lists and tuples opened (``torch.cat``)."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, (list, tuple)):
-            yield from value
-        else:
-            yield value
-
-
 class _Perturbed(TorchFunctionMode):
     """While active, every optimised tensor reads as ``θ + sign ε z`` and its stored bits are untouched.
 
@@ -407,19 +398,29 @@ class _Perturbed(TorchFunctionMode):
         self.in_forward: dict[int, list[Any]] = {}  # id -> [original, depth]: swapped for a module's forward
         self.loose: dict[int, torch.Tensor] = {}  # id -> original data: swapped until the evaluation ends
         self.handles: list[Any] = []
-        self.busy = False  # our own hooks' reads are not the closure's
 
     # -- reads outside a holding module's forward ------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not self.busy and func not in _METADATA_READS:
-            for value in _tensor_args(args, kwargs):
-                key = id(value)
-                if key in self.targets and key not in self.in_forward and key not in self.loose:
-                    group, p, index = self.targets[key]
-                    self.loose[key] = p.data
-                    p.data = self._whole(p, group, index)
+        if kwargs is None:
+            kwargs = {}
+        if func not in _METADATA_READS:
+            targets = self.targets
+            for value in (*args, *kwargs.values()) if kwargs else args:
+                if type(value) in (list, tuple):  # torch.cat, torch.stack, ...
+                    for item in value:
+                        if id(item) in targets:
+                            self._read_outside(item)
+                elif id(value) in targets:
+                    self._read_outside(value)
         return func(*args, **kwargs)
+
+    def _read_outside(self, p: torch.Tensor) -> None:
+        """A read outside the forward of a module holding ``p``: perturbed until the evaluation ends."""
+        key = id(p)
+        if key not in self.in_forward and key not in self.loose:
+            group, _, index = self.targets[key]
+            self.loose[key] = p.data
+            p.data = self._whole(p, group, index)
 
     def _whole(self, p: torch.Tensor, group: dict[str, Any], index: int) -> torch.Tensor:
         """``θ + sign ε z`` over the whole tensor, recorded as a use of the whole tensor."""
@@ -429,8 +430,7 @@ class _Perturbed(TorchFunctionMode):
 
     # -- module forwards ---------------------------------------------------------------------------
     def _pre(self, module: nn.Module, args: Any) -> None:
-        self.busy = True
-        try:
+        with torch._C.DisableTorchFunction():  # our own reads are not the closure's (and cost no dispatch)
             for p in module._parameters.values():
                 key = id(p)
                 if p is None or key not in self.targets or key in self.loose:
@@ -452,8 +452,6 @@ class _Perturbed(TorchFunctionMode):
                     continue
                 self.in_forward[key] = [p.data, 1]
                 p.data = self._whole(p, group, index)
-        finally:
-            self.busy = False
 
     def _perturb_rows(self, p: torch.Tensor, ids: torch.Tensor, group: dict[str, Any], index: int) -> None:
         """Perturb in place only the rows this lookup reads, saving their original bits."""
@@ -474,8 +472,7 @@ class _Perturbed(TorchFunctionMode):
             p.data = saved
 
     def _post(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.busy = True
-        try:
+        with torch._C.DisableTorchFunction():
             for p in module._parameters.values():
                 slot = self.in_forward.get(id(p)) if p is not None else None
                 if slot is None:
@@ -484,8 +481,6 @@ class _Perturbed(TorchFunctionMode):
                 if slot[1] == 0:
                     self._put_back(p, slot[0])
                     del self.in_forward[id(p)]
-        finally:
-            self.busy = False
 
     def __enter__(self) -> _Perturbed:
         from torch.nn.modules import module as module_mod
