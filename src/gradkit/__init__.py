@@ -37,13 +37,19 @@ _EXPORTS: dict[str, str] = {
     "capture": "gradkit.capture",
     "tap": "gradkit.capture",
     "truncated_normal_": "gradkit.init",
+    "audit_init": "gradkit.audit",
     "gradient_flow": "gradkit.diagnostics",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# public subpackages, imported on first attribute access (``gradkit.init.bert_init_`` after ``import gradkit``)
+_SUBMODULES = ("init", "models")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"gradkit.{name}")
     module_name = _EXPORTS.get(name)
     if module_name is None:
         raise AttributeError(f"module 'gradkit' has no attribute {name!r}")
