@@ -738,3 +738,36 @@ def test_adamw_sylvester_step_is_invariant_to_refactoring(moments):
         (p,) = lora_pairs(model)
         updates.append(lora_equivalent_update(*before, p.A.detach() - before[0], p.B.detach() - before[1], s))
     assert _rel(updates[1], updates[0]) <= 1e-5
+
+
+def test_projected_bases_are_carried_continuously_between_steps():
+    """After the first step the projected form's bases are the previous ones carried into the new
+    subspaces (orthogonal Procrustes): U_new^T U_old is symmetric positive definite and close to I after a
+    small step, even where B A has two nearly equal singular values (its singular vectors may turn
+    there), so the moments' carry stays nearly exact. The bases stay orthonormal bases of col(B), row(A)."""
+    gen = torch.Generator().manual_seed(8)
+    O, _ = torch.linalg.qr(torch.randn(10, 3, generator=gen, dtype=F64))
+    Z, _ = torch.linalg.qr(torch.randn(12, 3, generator=gen, dtype=F64))
+    B, A = O * torch.tensor([1.0, 1.0 + 1e-7, 0.5], dtype=F64), Z.mT  # B A: singular values 1, 1 + 1e-7, 0.5
+    model, pair = _single_layer(F64)
+    with torch.no_grad():
+        pair.A.copy_(A)
+        pair.B.copy_(B)
+    opt = LoRAPro(model, lr=1e-3, moments="projected")
+    s, bases = pair.scaling, []
+    for _ in range(4):
+        G = torch.randn(10, 12, generator=gen, dtype=F64)
+        factors = pair.A.detach().clone(), pair.B.detach().clone()
+        pair.A.grad, pair.B.grad = s * pair.B.detach().mT @ G, s * G @ pair.A.detach().mT
+        opt.step()  # stores the bases it used, those of the factors before the step
+        bases.append((opt.state[pair.B]["basis"].clone(), opt.state[pair.A]["basis"].clone()))
+    eye = torch.eye(3, dtype=F64)
+    for (U0, Vt0), (U1, Vt1) in zip(bases, bases[1:], strict=False):
+        for R in (U1.mT @ U0, Vt1 @ Vt0.mT):
+            torch.testing.assert_close(R, R.mT, rtol=0, atol=1e-10)
+            assert torch.linalg.eigvalsh(R).min() > 0 and (R - eye).norm() < 1e-2
+    U, Vt = bases[-1]
+    P_B, P_A = _projectors(*factors)
+    torch.testing.assert_close(U.mT @ U, eye, rtol=0, atol=1e-10)
+    torch.testing.assert_close(U @ U.mT, P_B, rtol=0, atol=1e-10)
+    torch.testing.assert_close(Vt.mT @ Vt, P_A, rtol=0, atol=1e-10)

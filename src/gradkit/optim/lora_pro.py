@@ -12,12 +12,14 @@ the PEFT model, holds state and applies updates. Forms (``optimizer`` / ``moment
 - ``"adamw"``, ``moments="projected"`` (memory-light, the default): ``g̃`` is exactly
   ``U K + L V^T`` with ``U``, ``V`` orthonormal bases of B's columns and A's rows, ``K = U^T G``
   (r x in) and ``L = (I - U U^T) G V`` (out x r), both computable from ``g_A`` and ``g_B``. The bases
-  are canonical: the singular vectors of the product ``B A`` (:func:`canonical_bases`), so the step
-  depends on W's adapter ``s B A`` and not on how it is factored (``(B, A) -> (BQ, Q^-1 A)`` leaves it
-  unchanged). Adam runs on (K, L), elementwise in those coordinates; when the bases move, the moments
-  are carried over by the r x r rotations ``U_new^T U_old``, ``V_new^T V_old`` (first moment rotated,
-  second by the squared rotation: exact for the sign flips and reorderings of singular vectors, an
-  approximation for a genuine rotation). W moves by ``-lr (U D_K + (I - U U^T) D_L V^T)``. It is its
+  depend on the subspaces only, never on how ``B A`` is factored, so ``(B, A) -> (BQ, Q^-1 A)`` leaves
+  every step unchanged: they start as the singular vectors of ``B A`` (:func:`canonical_bases`, also
+  whenever a factor or the previous basis is not of full rank, e.g. after ``B = 0``) and are then
+  carried from step to step into the new subspaces (:func:`transported_bases`, orthogonal
+  Procrustes), so they move continuously. Adam runs on (K, L), elementwise in those coordinates; the
+  moments are carried over by the r x r maps ``U_new^T U_old``, ``V_new^T V_old`` (first moment
+  mapped, second by the squared map: exact for sign flips and permutations, an approximation for a
+  rotation, which transported bases keep close to the identity). W moves by ``-lr (U D_K + (I - U U^T) D_L V^T)``. It is its
   own optimiser, not an approximation of the full-moment form: Adam's normalisation in r-dimensional
   coordinates differs from the elementwise one on the out x in matrix. State: 3 r (in + out) floats
   per layer (moments plus the two bases), 1.5x LoRA+AdamW's.
@@ -51,6 +53,7 @@ from gradkit.optim.lora_pro_math import (
     factor_svds,
     lora_equivalent_update,
     tangent_projection,
+    transported_bases,
 )
 
 __all__ = [
@@ -229,9 +232,19 @@ class LoRAPro(torch.optim.Optimizer):
             hat_A, hat_B = adjusted_lora_grads(a, b, gA, gB, s, bucket.x, svds=svds)
             bucket.inputs = [(sA, hat_A), (sB, hat_B)]
         else:
-            # canonical orthonormal bases of col(B) and row(A): U = U_B P, V = Z R (singular vectors of B A)
-            U, Vt, P, R = canonical_bases(a, b, svds=svds)
+            # orthonormal bases of col(B) and row(A), U = U_B P and V = Z R, independent of how B A is
+            # factored: the previous step's carried into the new subspaces, else the singular vectors of B A
+            bases = canonical_bases(a, b, svds=svds)
             svd_B, svd_A = svds
+            if any("basis" in state for state in sA):  # members on their first step: zeros, not carried
+                old = [
+                    torch.stack(
+                        [st.get("basis", torch.zeros_like(x)) for st, x in zip(states, new, strict=True)]
+                    )
+                    for states, new in ((sB, bases.U), (sA, bases.Vt))
+                ]
+                bases = transported_bases(svds, *old, bases)
+            U, Vt, P, R = bases
             K = (P.mT @ (svd_B.inv.unsqueeze(-1) * (svd_B.V.mT @ gA))) / s  # U^T G = P^T U_B^T G
             GV = (((gB @ svd_A.V) * svd_A.inv.unsqueeze(-2)) @ R) / s  # G V = G Z R
             L = GV - U @ (U.mT @ GV)  # (I - U U^T) G V

@@ -225,3 +225,34 @@ def canonical_bases(
     U, P = _fix_signs(svd_B.U_kept @ P, P)
     V, R = _fix_signs(svd_A.U_kept @ R, R)
     return TangentBases(U, V.mT, P, R)
+
+
+def transported_bases(
+    svds: tuple[FactorSVD, FactorSVD], U_old: torch.Tensor, Vt_old: torch.Tensor, start: TangentBases
+) -> TangentBases:
+    """The previous step's bases carried into the factors' new column and row spaces: the orthonormal
+    basis of ``col(B)`` closest to ``U_old`` (orthogonal Procrustes, ``U = U_B X Y^T`` for the SVD
+    ``U_B^T U_old = X Σ Y^T``) and likewise for ``row(A)``.
+
+    Like :func:`canonical_bases` this depends only on the subspaces (and on the previous bases), not on
+    how ``B A`` is factored, and it moves continuously with them: ``U^T U_old = Y Σ Y^T`` is symmetric
+    positive definite (the cosines of the principal angles), close to the identity after a small step,
+    whereas singular vectors of ``B A`` turn abruptly where two singular values nearly meet. Members
+    whose factors or previous bases are not of full rank r (a first step, ``B = 0``) take ``start``
+    (normally :func:`canonical_bases`) instead.
+    """
+    svd_B, svd_A = svds
+
+    def procrustes(basis: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        X, _, Yh = torch.linalg.svd(basis.mT @ old.to(basis.dtype))
+        return X @ Yh
+
+    P, R = procrustes(svd_B.U, U_old), procrustes(svd_A.U, Vt_old.mT)
+    old_full = (U_old.norm(dim=-2) > 0.5).all(-1) & (Vt_old.norm(dim=-1) > 0.5).all(-1)
+    ok = (old_full & svd_B.keep.all(-1) & svd_A.keep.all(-1))[..., None, None]
+    return TangentBases(
+        torch.where(ok, svd_B.U @ P, start.U),
+        torch.where(ok, (svd_A.U @ R).mT, start.Vt),
+        torch.where(ok, P, start.P),
+        torch.where(ok, R, start.R),
+    )
