@@ -73,6 +73,29 @@ def _inside(value: float, dtype: torch.dtype, toward: float) -> torch.Tensor:
     return v
 
 
+def _rejection_normal(shape, b: float, generator, dtype: torch.dtype, device) -> torch.Tensor:
+    """Standard normal draws in [−b, b]: the ones outside are redrawn (only those) until none is left."""
+    z = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    flat = z.view(-1)
+    redo = (flat.abs() > b).nonzero().squeeze(1)
+    while redo.numel():
+        fresh = torch.randn(redo.numel(), generator=generator, dtype=dtype, device=device)
+        keep = fresh.abs() <= b
+        flat[redo[keep]] = fresh[keep]
+        redo = redo[~keep]
+    return z
+
+
+def _inverse_cdf_normal(shape, b: float, generator, dtype: torch.dtype, device) -> torch.Tensor:
+    """Standard normal draws in [−b, b] by the inverse CDF on the lower half and a random sign."""
+    u = torch.rand(shape, generator=generator, dtype=dtype, device=device)
+    negative = u < 0.5
+    w = torch.where(negative, u * 2, u * 2 - 1)
+    lo = 0.5 * math.erfc(b / _SQRT2)  # Φ(−b), accurate even far in the tail
+    z = torch.special.ndtri(w.mul_(0.5 - lo).add_(lo))  # in [−b, 0)
+    return torch.where(negative, z, -z)
+
+
 def truncated_normal_(
     tensor: torch.Tensor,
     std: float,
@@ -90,14 +113,20 @@ def truncated_normal_(
     one BERT, Devlin et al. 2019, used) gives std 0.0176 and ``torch.nn.init.trunc_normal_(w,
     std=0.02)`` cuts at the absolute ±2 (±100σ: nothing). ``bound=math.inf`` is the plain normal.
 
-    Sampling is by the inverse CDF, in float32 (float64 for a float64 tensor): one uniform u gives the
-    sign (u < ½) and w ∈ [0, 1) (2u or 2u − 1); then |z| = −Φ⁻¹(Φ(−b) + (½ − Φ(−b))·w) with
-    ``torch.special.ndtri``. Working on the lower half keeps the tail exact in float32 (the
-    probabilities near Φ(−b) are small numbers, stored with full relative precision). The value
+    Sampling draws from the truncated law itself (to float32 resolution: float64 for a float64
+    tensor), in one of two ways. For
+    ``bound >= 1`` (the usual case), by rejection: standard normal draws outside ±bound are redrawn
+    until none is left (each draw is kept with probability 2Φ(b) − 1: 68 % at 1, 95 % at 2, so a few
+    short rounds; the whole fill costs a few ``torch.randn``). For ``bound < 1``, where rejection
+    would waste most draws, by the inverse CDF: one uniform u gives the sign (u < ½) and w ∈ [0, 1)
+    (2u or 2u − 1); then |z| = −Φ⁻¹(Φ(−b) + (½ − Φ(−b))·w) with ``torch.special.ndtri``, on the lower
+    half, whose probabilities near Φ(−b) float32 stores with full relative precision. The value
     mean + σ·z is then cast to the tensor's dtype and clamped to the cut: rounding to bf16 or fp16
     can carry a value just past mean ± bound·σ, and such a value becomes the representable number
     of that dtype nearest to the cut on its inside. So no value is ever outside the cut, in any
-    dtype; the clamp moves a fraction of about 2^-9 of the draws by under one ulp.
+    dtype; the clamp moves only values within one ulp of the cut, by less than one ulp. (A dtype too
+    coarse for the std asked, e.g. std 1e-3 around mean 0.25 in bf16, whose ulp there is 2e-3, still
+    keeps the cut, but its std is then the rounding's, not ``std``.)
 
     ``generator`` (on the tensor's device) is the only RNG used when given; with ``None`` the
     global RNG of the tensor's device is used and advanced, as ``torch.nn.init`` does. Returns
@@ -131,12 +160,10 @@ def truncated_normal_(
             z = torch.randn(tensor.shape, generator=generator, dtype=work, device=tensor.device)
             tensor.copy_(z.mul_(sigma).add_(mu))
             return tensor
-        u = torch.rand(tensor.shape, generator=generator, dtype=work, device=tensor.device)
-        negative = u < 0.5
-        w = torch.where(negative, u * 2, u * 2 - 1)
-        lo = 0.5 * math.erfc(b / _SQRT2)  # Φ(−b), accurate even far in the tail
-        z = torch.special.ndtri(w.mul_(0.5 - lo).add_(lo))  # in [−b, 0)
-        z = torch.where(negative, z, -z)
+        if b >= 1.0:
+            z = _rejection_normal(tensor.shape, b, generator, work, tensor.device)
+        else:
+            z = _inverse_cdf_normal(tensor.shape, b, generator, work, tensor.device)
         values = z.mul_(sigma).add_(mu).to(tensor.dtype)
         lower = _inside(mu - b * sigma, tensor.dtype, toward=mu).to(tensor.device)
         upper = _inside(mu + b * sigma, tensor.dtype, toward=mu).to(tensor.device)
