@@ -151,6 +151,8 @@ def test_public_names():
     assert gradkit.init.bert_init_ is bert_init_
     assert gradkit.init.truncation_std_factor is truncation_std_factor
     assert gradkit.audit_init is audit_init
+    assert gradkit.audit.to_markdown is to_markdown
+    assert {"audit", "init", "models", "audit_init", "truncated_normal_"} <= set(dir(gradkit))
 
 
 # ---------------------------------------------------------------- bert_init_
