@@ -771,3 +771,25 @@ def test_projected_bases_are_carried_continuously_between_steps():
     torch.testing.assert_close(U.mT @ U, eye, rtol=0, atol=1e-10)
     torch.testing.assert_close(U @ U.mT, P_B, rtol=0, atol=1e-10)
     torch.testing.assert_close(Vt.mT @ Vt, P_A, rtol=0, atol=1e-10)
+
+
+def test_canonical_bases_are_the_singular_vectors_of_the_product():
+    from gradkit.optim.lora_pro import canonical_bases
+
+    A, B, _ = _problem(seed=9)
+    U, Vt, _, _ = canonical_bases(A, B)
+    ref_U, _, ref_Vh = torch.linalg.svd(B @ A, full_matrices=False)
+    for basis, ref in ((U, ref_U[:, :4]), (Vt.mT, ref_Vh[:4].mT)):
+        torch.testing.assert_close(basis.abs(), ref.abs(), rtol=0, atol=1e-10)  # the same up to signs,
+        assert (basis.gather(0, basis.abs().argmax(0, keepdim=True)) > 0).all()  # largest entry positive
+    Q = _refactoring(4, seed=10)
+    U2, Vt2, _, _ = canonical_bases(torch.linalg.solve(Q, A), B @ Q)
+    torch.testing.assert_close(U2, U, rtol=0, atol=1e-10)
+    torch.testing.assert_close(Vt2, Vt, rtol=0, atol=1e-10)
+    # rank-deficient B (rank 2 of 4) and B = 0: bases of the kept directions, zero columns elsewhere
+    B2 = B[:, :2] @ torch.randn(2, 4, generator=torch.Generator().manual_seed(11), dtype=F64)
+    for Bk, rank in ((B2, 2), (torch.zeros_like(B), 0)):
+        U, Vt, _, _ = canonical_bases(A, Bk)
+        assert int((U.norm(dim=0) > 0.5).sum()) == rank and int((Vt.norm(dim=1) > 0.5).sum()) == 4
+        torch.testing.assert_close(U @ U.mT, _projectors(A, Bk)[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(Vt.mT @ Vt, _projectors(A, Bk)[1], rtol=0, atol=1e-10)
