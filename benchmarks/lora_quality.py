@@ -178,7 +178,15 @@ def load_previous(args, planned: list[str]) -> dict | None:
             label: {float(lr): {"mean_loss": v} for lr, v in old["sweeps"][label].items()}
             for label in carried
         },
-        "matched": [n for n in old["notes"] if any(n.startswith(f"{label} against ") for label in carried)],
+        # run-by-run comparisons whose variant and plain method both keep their old runs
+        "matched": [
+            n
+            for n in old["notes"]
+            if any(
+                n.startswith(f"{label} against ") and parse_method(label)[1] not in planned
+                for label in carried
+            )
+        ],
         "plots": old.get("plots", []),
         "date": old.get("machine", {}).get("date", "?"),
     }
@@ -215,7 +223,7 @@ def report(args, seeds, sweeps, best, started, planned, matched, previous=None) 
         order = [*previous["order"], *(m for m in measured if m not in previous["order"])]
         merged = {**previous["best"], **best}
         best = {label: merged[label] for label in order if label in merged}
-        sweeps = {**previous["sweeps"], **sweeps}
+        sweeps = {label: {**previous["sweeps"], **sweeps}[label] for label in best}
 
     def avg(label: str, key: str) -> float:
         return statistics.mean(s[key] if key != "final" else s["final_train_loss"] for s in best[label])
