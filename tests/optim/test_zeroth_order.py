@@ -503,3 +503,34 @@ def test_the_loss_difference_keeps_the_losses_own_precision():
     z = w / (-lr * proj)
     assert proj != 0.0
     assert proj == pytest.approx(float(c @ z), rel=1e-6)
+
+
+def test_tied_lm_head_of_a_transformers_gpt2():
+    """GPT-2's lm_head shares the token embedding: one step's slope equals ∇f·z for the z its update
+    used (up to the central difference's O(eps²)), and the rows only the head reads move too."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, tie_word_embeddings=True
+    )
+    model = GPT2LMHeadModel(config).double().eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = torch.randint(0, 20, (2, 8))  # rows 20..49 are never looked up; the head reads every row
+
+    def loss() -> torch.Tensor:  # in fp64 (the model's own loss upcasts the logits to fp32)
+        logits = model(input_ids=ids).logits[:, :-1]
+        return nn.functional.cross_entropy(logits.reshape(-1, 50), ids[:, 1:].reshape(-1))
+
+    params = list(model.parameters())
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss(), params)
+    before = [p.detach().clone() for p in params]
+    lr = 1e-7
+    opt = ZerothOrder(params, lr=lr, eps=1e-5, seed=0)
+    opt.step(loss)
+    (proj,) = opt.last_projected_grads
+    zs = [(p.detach() - b) / (-lr * proj) for p, b in zip(params, before, strict=True)]
+    predicted = sum(float((g * z).sum()) for g, z in zip(grads, zs, strict=True))
+    assert predicted == pytest.approx(proj, rel=1e-4)  # 9e-7 here; 9e-2 with the head's z apart
+    assert bool((zs[0] != 0).any(1).all())  # all 50 rows of the tied matrix moved (10 before)
