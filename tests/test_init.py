@@ -358,6 +358,17 @@ def test_auditor_rows_statistics_and_markdown():
     assert to_markdown(audit_init(layer), only_flagged=True).strip().count("\n") == 1
 
 
+def test_auditor_marks_meta_parameters():
+    with torch.device("meta"):
+        layer = nn.Linear(3, 4)
+    rows = audit_init(layer)
+    assert [(r.name, r.flags, r.rule) for r in rows] == [
+        ("weight", ("meta",), None),
+        ("bias", ("meta",), None),
+    ]
+    assert math.isnan(rows[0].std) and rows[0].fan_in == 3
+
+
 def test_auditor_bad_input():
     for bad_rule in ("he", "Xavier", ""):
         with pytest.raises(GradkitError) as info:

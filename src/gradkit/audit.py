@@ -166,12 +166,14 @@ def audit_init(model: nn.Module, rule: str = "auto") -> list[InitRow]:
 
     - ``"std"``: |std/expected − 1| > ``tolerance`` = max(10 %, 3 standard errors of a sample std,
       3/sqrt(2(n − 1))) — the standard error term only matters below ~450 values; for the constant
-      rules, any value off the constant by more than 1e-6 (relative to max(1, |c|));
-    - ``"mean"``: |mean − expected mean| > max(0.1·expected std, 4·expected std/sqrt(n)) (for the
-      constant rules, more than 1e-6);
+      rules ("one", "zero"), values not all equal (std above 1e-6·max(1, |c|));
+    - ``"mean"``: |mean − expected mean| > max(0.1·expected std, 4·expected std/sqrt(n)); for the
+      constant rules, a mean off the constant c by more than 1e-6·max(1, |c|);
     - ``"tail"``: a value beyond 6 measured std from the mean (a normal has that with probability
-      2e-9 per value; torch's ``trunc_normal_`` with a small std has produced 1,000σ outliers);
-    - ``"nonfinite"``: NaN or inf values (the statistics are then over the finite ones).
+      2e-9 per value; torch's ``trunc_normal_`` with a small std produced 1,000σ outliers in the
+      torch versions that sampled it by erfinv, pytorch issue 155588);
+    - ``"nonfinite"``: NaN or inf values (the statistics are then over the finite ones);
+    - ``"meta"``: a parameter on the meta device (not materialised; its statistics are NaN).
     """
     if not isinstance(model, nn.Module):
         raise GradkitError(f"audit_init takes an nn.Module, got {type(model).__name__}")
@@ -186,29 +188,9 @@ def audit_init(model: nn.Module, rule: str = "auto") -> list[InitRow]:
         shape = tuple(param.shape)
         fan = fans(shape) if sibling is None else fans(tuple(sibling.shape))
         fan_in, fan_out = fan if fan is not None else (None, None)
-        if param.is_meta:
-            nan = math.nan
-            rows.append(
-                InitRow(
-                    name,
-                    shape,
-                    role,
-                    fan_in,
-                    fan_out,
-                    param.numel(),
-                    nan,
-                    nan,
-                    nan,
-                    nan,
-                    nan,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    ("meta",),
-                )
-            )
+        if param.is_meta:  # not materialised: nothing to measure
+            unknown = (math.nan,) * 5 + (None,) * 5
+            rows.append(InitRow(name, shape, role, fan_in, fan_out, param.numel(), *unknown, ("meta",)))
             continue
         mean, std, max_z, beyond2, beyond4, finite = _stats(param)
         n = param.numel()
