@@ -101,7 +101,9 @@ def _config(args: argparse.Namespace, method: str):
     if known["ema_warmup"] == "none":
         known["ema_warmup"] = None
     options = {
-        k: v for k, v in values.items() if k not in _CONFIG_KEYS and k not in ("command", "method", "methods")
+        k: v
+        for k, v in values.items()
+        if k not in _CONFIG_KEYS and k not in ("command", "method", "methods", "debug")
     }
     return TrainConfig(method=method, options=options, **known)
 
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS), help="comma-separated (default %(default)s)"
     )
+    p.add_argument("--debug", action="store_true", help="print the full traceback of a method that fails")
     _common(p)
     from gradkit.scaling.cli import add_arguments as noise_scale_arguments
 
@@ -157,7 +160,14 @@ def main(argv: list[str] | None = None) -> int:
             from gradkit.train.compare import compare
 
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            compare(_config(args, methods[0] if methods else "lora"), methods)
+            summaries = compare(_config(args, methods[0] if methods else "lora"), methods, debug=args.debug)
+            failed = [s for s in summaries if "error" in s]
+            if failed:  # the table is written; the exit status tells scripts and CI
+                listed = "; ".join(f"{s['method']}: {s['error']}" for s in failed)
+                print(
+                    f"gradkit: {len(failed)} of {len(summaries)} methods failed ({listed})", file=sys.stderr
+                )
+                return 1
         elif args.command == "noise-scale":
             from gradkit.scaling.cli import run_noise_scale
 

@@ -248,6 +248,13 @@ def test_bad_arguments_are_clear_errors():
         ZerothOrder([])
     with pytest.raises(GradkitError, match="empty parameter list"):
         ZerothOrder(p for p in net.parameters() if p.ndim > 5)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(GradkitError, match="lr must be finite"):
+            ZerothOrder(net.parameters(), lr=bad)
+        with pytest.raises(GradkitError, match="weight_decay must be finite"):
+            ZerothOrder(net.parameters(), weight_decay=bad)
+    with pytest.raises(GradkitError, match="eps must be > 0"):
+        ZerothOrder(net.parameters(), eps=float("nan"))
     with pytest.raises(GradkitError, match="restore"):
         ZerothOrder(net.parameters(), restore="undo")
     with pytest.raises(GradkitError, match="n_samples"):

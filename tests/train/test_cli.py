@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -110,3 +111,45 @@ def test_default_compare_methods_are_registered_and_include_lora_ga():
     methods = args.methods.split(",")
     assert methods == ["head", "lora", "lora-ga", "full"]
     assert set(methods) <= set(available_methods())
+
+
+def test_compare_exits_non_zero_with_each_failure_in_one_line(tmp_path, tiny_model_dir):
+    """An lr whose first AdamW step overflows fails the method inside its child: the table and
+    comparison.json are still written with the reason, stderr has one line per failure and no
+    traceback, and the exit status is 1 so scripts and CI notice."""
+    out = tmp_path / "cmp"
+    result = gradkit(
+        "compare",
+        *("--methods", "head", "--model", str(tiny_model_dir), "--steps", "2", "--batch-size", "8"),
+        *("--max-length", "32", "--lr", "1e38", "--out", str(out)),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "gradkit: 1 of 1 methods failed (head: RuntimeError: " in result.stderr
+    (summary,) = json.loads((out / "comparison.json").read_text())["summaries"]
+    assert summary["method"] == "head" and summary["error"].startswith("RuntimeError: ")
+    assert "\n" not in summary["error"]
+    assert f"| head | failed: {summary['error']} |" in (out / "table.md").read_text()
+
+
+def test_json_files_hold_no_nan_or_infinity(tmp_path):
+    from gradkit.train.io import json_line, write_json
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
+
+    write_json(
+        tmp_path / "s.json", {"loss": float("nan"), "at": [1.0, float("inf")], "ema": {"acc": -math.inf}}
+    )
+    assert strict((tmp_path / "s.json").read_text()) == {
+        "loss": None,
+        "loss_not_finite": "nan",
+        "at": [1.0, None],
+        "ema": {"acc": None, "acc_not_finite": "-inf"},
+    }
+    assert strict(json_line({"lr": float("nan"), "step": 3})) == {
+        "lr": None,
+        "lr_not_finite": "nan",
+        "step": 3,
+    }

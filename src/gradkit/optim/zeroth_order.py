@@ -148,10 +148,13 @@ class ZerothOrder(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if not group["eps"] > 0:
+        if not (math.isfinite(group["eps"]) and group["eps"] > 0):
             raise GradkitError(f"eps must be > 0, got {group['eps']}; pass e.g. eps=1e-3")
-        if group["lr"] < 0 or group["weight_decay"] < 0:
-            raise GradkitError("lr and weight_decay must be >= 0; pass non-negative values")
+        for name in ("lr", "weight_decay"):  # NaN fails every comparison: it must not pass for >= 0
+            if not (math.isfinite(group[name]) and group[name] >= 0):
+                raise GradkitError(
+                    f"{name} must be finite and >= 0, got {group[name]}; pass e.g. {name}=1e-4"
+                )
         for p in group["params"]:
             if not p.is_floating_point():
                 raise GradkitError(

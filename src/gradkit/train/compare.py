@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,26 @@ from gradkit.train.io import atomic_path, write_json
 DEFAULT_METHODS = ("head", "lora", "lora-ga", "full")
 
 
-def _child(cfg: TrainConfig) -> None:
+def _child(cfg: TrainConfig, debug: bool, report: Any) -> None:
+    """Run one method; send ``None`` on success or the failure's one-line reason through ``report``."""
     from gradkit.train.loop import finetune
 
     try:
         finetune(cfg)
     except GradkitError as err:
-        raise SystemExit(f"gradkit: error: {err}") from None
+        reason, code = str(err), 2
+    except Exception as err:
+        reason, code = f"{type(err).__name__}: {err}", 1
+        if debug:  # the whole traceback, as the user asked
+            report.send(" ".join(reason.split()))
+            raise
+    else:
+        report.send(None)
+        return
+    reason = " ".join(reason.split())  # one line, whatever the exception's message held
+    report.send(reason)
+    print(f"gradkit: error: {cfg.method}: {reason}", file=sys.stderr)
+    raise SystemExit(code)
 
 
 def format_table(summaries: list[dict[str, Any]]) -> str:
@@ -67,8 +81,11 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def compare(cfg: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
-    """Run ``methods`` one after another with ``cfg`` (each at its default lr unless ``cfg.lr``)."""
+def compare(cfg: TrainConfig, methods: list[str], *, debug: bool = False) -> list[dict[str, Any]]:
+    """Run ``methods`` one after another with ``cfg`` (each at its default lr unless ``cfg.lr``).
+
+    A method that fails does not stop the others: its row says why (the error's one line; with
+    ``debug`` its child also prints the traceback) and its summary holds ``"error"``."""
     from gradkit.train.loop import load_datasets
     from gradkit.train.methods import get_method
     from gradkit.train.plots import plot_losses
@@ -83,12 +100,23 @@ def compare(cfg: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
     curves = {}
     for name in methods:
         run_dir = out / name
-        child = ctx.Process(target=_child, args=(dataclasses.replace(cfg, method=name, out=str(run_dir)),))
+        reader, writer = ctx.Pipe(duplex=False)
+        method_cfg = dataclasses.replace(cfg, method=name, out=str(run_dir))
+        child = ctx.Process(target=_child, args=(method_cfg, debug, writer))
         child.start()
+        writer.close()  # the child holds the only writer: recv() ends when it exits, whatever happens
+        try:
+            reason = reader.recv()
+        except EOFError:  # killed (out of memory, a signal) before it could say why
+            reason = None
         child.join()
+        reader.close()
         summary_path = run_dir / "summary.json"
         if child.exitcode != 0 or not summary_path.exists():
-            summaries.append({"method": name, "error": f"exit code {child.exitcode}"})
+            if reason is None:
+                code = child.exitcode
+                reason = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            summaries.append({"method": name, "error": reason})
             continue
         summary = json.loads(summary_path.read_text())
         summaries.append(summary)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,6 +43,30 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def json_safe(data: Any) -> Any:
+    """``data`` with every non-finite float replaced by ``None`` (strict JSON has no NaN or Infinity;
+    many parsers reject Python's bare ``NaN``). In a dict the key also gets a sibling
+    ``<key>_not_finite`` saying which value it was (``"nan"``, ``"inf"`` or ``"-inf"``)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        out: dict[Any, Any] = {}
+        for key, value in data.items():
+            out[key] = json_safe(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                out[f"{key}_not_finite"] = repr(value)
+        return out
+    if isinstance(data, (list, tuple)):
+        return [json_safe(value) for value in data]
+    return data
+
+
+def json_line(data: Any) -> str:
+    """One strict-JSON line (non-finite floats as in :func:`json_safe`)."""
+    return json.dumps(json_safe(data), allow_nan=False)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as strict JSON (non-finite floats as in :func:`json_safe`), atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n")

@@ -9,7 +9,6 @@ run sees the same examples in the same order whatever the number of processes.
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import time
@@ -20,7 +19,7 @@ import torch
 
 from gradkit.errors import GradkitError
 from gradkit.train.config import TrainConfig
-from gradkit.train.io import write_json
+from gradkit.train.io import json_line, write_json
 from gradkit.train.metrics import accuracy, macro_f1, window_mean
 
 
@@ -238,7 +237,7 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             if log and (step % cfg.log_every == 0 or step == cfg.steps):
                 seconds = time.perf_counter() - start
                 log.write(
-                    json.dumps({"step": step, "loss": loss, "lr": current_lr, "seconds": round(seconds, 4)})
+                    json_line({"step": step, "loss": loss, "lr": current_lr, "seconds": round(seconds, 4)})
                     + "\n"
                 )
                 log.flush()
@@ -249,6 +248,11 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         if log:
             log.close()
     train_seconds = time.perf_counter() - start
+    if not losses:  # every step was skipped for a non-finite loss: there is nothing to report or keep
+        raise GradkitError(
+            f"the train loss was not finite in any of the {cfg.steps} steps ({skipped} skipped by the "
+            "optimiser); lower --lr (or --zo-eps) and run again"
+        )
 
     unwrapped = accelerator.unwrap_model(model)
     agree = ranks_agree(unwrapped, accelerator) if accelerator.num_processes > 1 else True
