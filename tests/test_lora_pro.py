@@ -793,3 +793,24 @@ def test_canonical_bases_are_the_singular_vectors_of_the_product():
         assert int((U.norm(dim=0) > 0.5).sum()) == rank and int((Vt.norm(dim=1) > 0.5).sum()) == 4
         torch.testing.assert_close(U @ U.mT, _projectors(A, Bk)[0], rtol=0, atol=1e-10)
         torch.testing.assert_close(Vt.mT @ Vt, _projectors(A, Bk)[1], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(2, 16), (16, 3), (2, 3)], ids=["narrow-out", "narrow-in", "both"])
+def test_rank_above_the_layers_width_is_exact_and_every_form_steps(shape):
+    """A LoRA rank above a layer's width (r = 4 on a 2-class output layer): the factor bases are padded,
+    the projection is still exact, and every optimiser form takes finite steps (from B = 0 too)."""
+    out, inn = shape
+    A, B, G = _problem(out=out, inn=inn, r=4)
+    s = 2.0
+    g_A, g_B = s * B.mT @ G, s * G @ A.mT
+    for name, update in _all_forms(A, B, g_A, g_B, s).items():
+        assert _rel(update, _exact_equivalent(A, B, g_A, g_B, s)) < 1e-10, name
+    gen = torch.Generator().manual_seed(1)
+    for moments in ("projected", "full", "factor"):
+        Gs = [torch.randn(out, inn, generator=gen, dtype=F64) for _ in range(3)]
+        for B0 in (B, torch.zeros_like(B)):
+            moved = _run_fixed_gradients(B0, A, Gs, 1e-2, moments=moments)
+            assert all(torch.isfinite(m).all() and m.abs().sum() > 0 for m in moved), (
+                moments,
+                B0.abs().sum(),
+            )

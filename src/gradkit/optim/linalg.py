@@ -79,12 +79,20 @@ def factor_svd(F: torch.Tensor, rtol: float | None = None) -> FactorSVD:
     compute dtype's smallest normal number). A zero or tiny factor has rank 0. Used by LoRA-Pro
     (arXiv 2407.18242) for ``P_B``, ``P_A``, ``(B^T B)^+`` and ``(A A^T)^+`` (with ``F = B`` and
     ``F = A^T``).
+
+    A wide factor (m < r: a LoRA rank above the layer's width, e.g. on a 2-class output layer) is
+    padded to the same shapes as a tall one: ``U`` gets ``r - m`` zero columns, ``S`` zeros (never
+    kept) and ``V`` is a full r x r orthogonal matrix, so callers see ``U``: m x r, ``S``: r, ``V``: r x r.
     """
     cd = compute_dtype(F.dtype)
     F = F.to(cd)
     if rtol is None:
         rtol = default_rtol(F.shape[-2], F.shape[-1], cd)
-    U, S, Vh = torch.linalg.svd(F, full_matrices=False)
+    m, r = F.shape[-2], F.shape[-1]
+    U, S, Vh = torch.linalg.svd(F, full_matrices=m < r)
+    if m < r:
+        U = torch.cat([U, U.new_zeros(*U.shape[:-1], r - m)], dim=-1)
+        S = torch.cat([S, S.new_zeros(*S.shape[:-1], r - m)], dim=-1)
     floor = torch.finfo(cd).tiny ** 0.5
     cut = (rtol * S[..., :1]).clamp_min(floor)
     keep = torch.gt(S, cut)
