@@ -38,7 +38,10 @@ def _common(parser: argparse.ArgumentParser, method_options: bool = True) -> Non
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--out", help="run folder (default: runs/<method>-<time>)")
+    g.add_argument("--out", help="run folder, new or empty (default: a new runs/<method>-<time>)")
+    g.add_argument(
+        "--overwrite", action="store_true", help="allow --out to be a folder that holds files: it is cleared"
+    )
     g.add_argument(
         "--ema",
         type=float,
@@ -83,6 +86,7 @@ _CONFIG_KEYS = (
     "max_grad_norm",
     "seed",
     "out",
+    "overwrite",
     "rank",
     "alpha",
     "targets",

@@ -11,13 +11,12 @@ import dataclasses
 import json
 import multiprocessing
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from gradkit.errors import GradkitError
 from gradkit.train.config import TrainConfig
-from gradkit.train.io import atomic_path, write_json
+from gradkit.train.io import atomic_path, clear_folder, write_json
 
 DEFAULT_METHODS = ("head", "lora", "lora-ga", "full")
 
@@ -86,14 +85,21 @@ def compare(cfg: TrainConfig, methods: list[str], *, debug: bool = False) -> lis
 
     A method that fails does not stop the others: its row says why (the error's one line; with
     ``debug`` its child also prints the traceback) and its summary holds ``"error"``."""
-    from gradkit.train.loop import load_datasets
+    from gradkit.train.loop import default_out, load_datasets
     from gradkit.train.methods import get_method
     from gradkit.train.plots import plot_losses
+    from gradkit.train.validate import check_config, check_out
 
     for name in methods:
         get_method(name)  # unknown names fail before anything runs
-    load_datasets(cfg)  # so do data errors
-    out = Path(cfg.out) if cfg.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not methods:
+        raise GradkitError("--methods names no method; pass e.g. --methods head,lora")
+    check_config(dataclasses.replace(cfg, out=None))  # so do bad settings
+    load_datasets(cfg)  # and data errors
+    out = Path(cfg.out) if cfg.out else default_out("compare")
+    check_out(out, cfg.overwrite)
+    if cfg.overwrite and out.is_dir():
+        clear_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     summaries: list[dict[str, Any]] = []
@@ -101,7 +107,7 @@ def compare(cfg: TrainConfig, methods: list[str], *, debug: bool = False) -> lis
     for name in methods:
         run_dir = out / name
         reader, writer = ctx.Pipe(duplex=False)
-        method_cfg = dataclasses.replace(cfg, method=name, out=str(run_dir))
+        method_cfg = dataclasses.replace(cfg, method=name, out=str(run_dir), overwrite=False)
         child = ctx.Process(target=_child, args=(method_cfg, debug, writer))
         child.start()
         writer.close()  # the child holds the only writer: recv() ends when it exits, whatever happens

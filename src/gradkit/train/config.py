@@ -35,7 +35,8 @@ class TrainConfig:
     eval_batch_size: int = 128
     log_every: int = 1
     seed: int = 0
-    out: str | None = None  # run folder; None = runs/<method>-<time>
+    out: str | None = None  # run folder; None = runs/<method>-<time> (a new one)
+    overwrite: bool = False  # an existing non-empty ``out`` is refused unless this is set (then cleared)
     options: dict[str, Any] = field(default_factory=dict)  # method-specific CLI options
 
     def to_dict(self) -> dict[str, Any]:

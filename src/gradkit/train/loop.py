@@ -19,8 +19,9 @@ import torch
 
 from gradkit.errors import GradkitError
 from gradkit.train.config import TrainConfig
-from gradkit.train.io import json_line, write_json
+from gradkit.train.io import clear_folder, json_line, write_json
 from gradkit.train.metrics import accuracy, macro_f1, window_mean
+from gradkit.train.validate import check_config, check_model
 
 
 def load_datasets(cfg: TrainConfig):
@@ -127,7 +128,13 @@ def ranks_agree(model: torch.nn.Module, accelerator) -> bool:
 
 
 def default_out(method: str) -> Path:
-    return Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``runs/<method>-<time>``, with ``-2``, ``-3``, ... when a run of the same second has it."""
+    base = Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def _skipped_steps(optimizer: Any) -> int | None:
@@ -152,10 +159,7 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     from gradkit.train.plots import plot_losses
 
     method = get_method(cfg.method)
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise GradkitError(f"--steps ({cfg.steps}) and --batch-size ({cfg.batch_size}) must be at least 1")
-    if cfg.ema is not None and not 0.0 <= cfg.ema < 1.0:
-        raise GradkitError(f"--ema {cfg.ema} is not a decay in [0, 1); pass e.g. --ema 0.99")
+    check_config(cfg)  # every setting, before anything is loaded or written
     train_data, test_data = load_datasets(cfg)  # every data error surfaces before anything is written
     tokenizer = load_tokenizer(cfg.model)
 
@@ -173,24 +177,28 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     lr = cfg.lr if cfg.lr is not None else method.default_lr
     out = Path(cfg.out) if cfg.out else default_out(cfg.method)
     main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(
-            out / "config.json", {**cfg.to_dict(), "lr": lr, "num_processes": accelerator.num_processes}
-        )
-        save_label_map(train_data, out / "labels.json")
 
     collate = make_collate(tokenizer, cfg.max_length)
     stream = _Ordered(train_data, cfg.steps * cfg.batch_size, cfg.seed)
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
 
     model = load_classifier(cfg.model, train_data.num_classes, pooling=cfg.pooling, seed=cfg.seed)
+    check_model(cfg, model, tokenizer, cfg.model or "the bundled model")
     model.to(accelerator.device)
     # methods that look at data first (LoRA-GA) see the first training batches, whole, on every rank
     prep_batches = ({k: v.to(accelerator.device) for k, v in b.items()} for b in loader)
     model = method.prepare(model, cfg, prep_batches)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = method.make_optimizer(model, cfg, lr)
+    # the run folder is made only now: a setting, data, model or method that fails leaves nothing behind
+    if main:
+        if cfg.overwrite and out.is_dir():
+            clear_folder(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(
+            out / "config.json", {**cfg.to_dict(), "lr": lr, "num_processes": accelerator.num_processes}
+        )
+        save_label_map(train_data, out / "labels.json")
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     ema = None

@@ -160,12 +160,15 @@ class Lora(Method):
         from peft import LoraConfig
 
         from gradkit.train.model import lora_target_names
+        from gradkit.train.validate import check_lora_rank
 
+        targets = lora_target_names(model, cfg.targets)
+        check_lora_rank(cfg, model, targets)
         kwargs = dict(
             r=cfg.rank,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.lora_dropout,
-            target_modules=lora_target_names(model, cfg.targets),
+            target_modules=targets,
             use_rslora=cfg.rslora,
             modules_to_save=["head"],
         )

@@ -56,7 +56,16 @@ def load_tokenizer(path: str | None = None):
 
     path = path or default_model_path()
     _check_model_dir(path)
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise GradkitError(
+            f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}; the folder needs its tokenizer "
+            "files (tokenizer.json or vocab files)"
+        ) from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder-only models (GPT-2): pad with end-of-text
+    return tokenizer
 
 
 class SequenceClassifier(nn.Module):
@@ -141,7 +150,10 @@ def lora_target_names(model: nn.Module, targets: str = "all-linear") -> list[str
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
     if targets == "all-linear":
         if not suffixes:
-            raise GradkitError("the encoder has no nn.Linear layers to adapt; pass --targets explicitly")
+            raise GradkitError(
+                "the model has no nn.Linear layers for LoRA to adapt (GPT-2-style models use Conv1D); "
+                "use --method head or full with it"
+            )
         return suffixes
     wanted = [t.strip() for t in targets.split(",") if t.strip()]
     unknown = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in linear_names)]

@@ -1,0 +1,143 @@
+"""Every setting of a run checked before anything is written: one place, one line per problem.
+
+:func:`check_config` covers what the settings alone decide (ranges of numbers, the run folder);
+:func:`check_model` what needs the loaded model and tokenizer (the position limit, the padding token);
+:func:`check_lora_rank` the LoRA rank against the layers it adapts. Each raises
+:class:`~gradkit.errors.GradkitError` naming the option, the value, the allowed range and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from gradkit.errors import GradkitError
+from gradkit.train.config import TrainConfig
+
+# a warning (not an error) when LoRA would train more than this share of the model's parameters
+LORA_SHARE_WARNING = 0.25
+
+
+def _number(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    example: str,
+) -> None:
+    """``value`` finite and within [low, high] (open ends where asked), else one clear error."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        allowed = (
+            f"in {left}{low:g}, {high:g}{right}"
+            if math.isfinite(high)
+            else (f"> {low:g}" if low_open else f">= {low:g}")
+        )
+        raise GradkitError(
+            f"--{name} {value} is not allowed: it must be finite and {allowed}; pass e.g. --{name} {example}"
+        )
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """The settings' own ranges and the run folder; nothing is loaded and nothing is written."""
+    _number("steps", cfg.steps, low=1, example="300")
+    _number("batch-size", cfg.batch_size, low=1, example="32")
+    _number("eval-batch-size", cfg.eval_batch_size, low=1, example="128")
+    _number("max-length", cfg.max_length, low=1, example="128")
+    if cfg.lr is not None:
+        _number("lr", cfg.lr, low=0, low_open=True, example="1e-4")
+    _number("warmup-ratio", cfg.warmup_ratio, low=0, high=1, example="0.1")
+    _number("weight-decay", cfg.weight_decay, low=0, example="0.01")
+    if cfg.max_grad_norm is not None:  # 0 turns clipping off
+        _number("max-grad-norm", cfg.max_grad_norm, low=0, example="1.0 (or 0 for no clipping)")
+    _number("rank", cfg.rank, low=1, example="8")
+    _number("alpha", cfg.alpha, low=0, low_open=True, example="16")
+    _number("lora-dropout", cfg.lora_dropout, low=0, high=1, high_open=True, example="0.1")
+    _number("seed", cfg.seed, low=0, example="0")
+    if cfg.ema is not None:
+        _number("ema", cfg.ema, low=0, high=1, high_open=True, example="0.99")
+    if cfg.targets != "all-linear" and not [t for t in cfg.targets.split(",") if t.strip()]:
+        raise GradkitError(
+            f"--targets {cfg.targets!r} names no layer; pass comma-separated Linear names (e.g. query,value) "
+            "or all-linear"
+        )
+    if cfg.out is not None:
+        check_out(Path(cfg.out), cfg.overwrite)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """A run folder must be new or empty unless ``--overwrite`` (which clears it when the run starts)."""
+    if out.exists() and not out.is_dir():
+        raise GradkitError(f"--out {out} is a file; pass a folder path for the run")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise GradkitError(
+            f"--out {out} already holds files (an earlier run?); pass another folder, or --overwrite to "
+            "replace its contents"
+        )
+    parent = out.parent if not out.exists() else out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GradkitError(f"--out {out}: cannot write in {parent}; pass a folder you can write to")
+
+
+def position_limit(model: nn.Module, tokenizer: Any) -> int | None:
+    """The longest input the model accepts: its position embeddings, or the tokenizer's stated limit."""
+    config = getattr(getattr(model, "encoder", model), "config", None)
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [
+        int(x) for x in limits if isinstance(x, int) and 0 < x < 10**7
+    ]  # tokenizers say 1e30 for "none"
+    return min(limits) if limits else None
+
+
+def check_model(cfg: TrainConfig, model: nn.Module, tokenizer: Any, path: str) -> None:
+    """What needs the model and tokenizer: the position limit and the padding token."""
+    limit = position_limit(model, tokenizer)
+    if limit is not None and cfg.max_length > limit:
+        raise GradkitError(
+            f"--max-length {cfg.max_length} exceeds the {limit} positions of the model in {path}; "
+            f"pass --max-length 1..{limit} (longer texts are truncated to it)"
+        )
+    if tokenizer.pad_token is None:
+        raise GradkitError(
+            f"the tokenizer in {path} has no padding token and no end-of-text token to pad with; "
+            "gradkit pads each batch: add a pad_token to its tokenizer_config.json"
+        )
+
+
+def check_lora_rank(cfg: TrainConfig, model: nn.Module, targets: list[str]) -> None:
+    """The rank fits every targeted layer (1 .. min(in, out)); warn when LoRA would train a large share
+    of the model (a rank that large gives up what LoRA is for)."""
+    encoder = getattr(model, "encoder", model)
+    layers = [
+        m
+        for name, m in encoder.named_modules()
+        if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+    ]
+    if not layers:
+        return
+    largest = min(min(m.in_features, m.out_features) for m in layers)
+    if cfg.rank > largest:
+        raise GradkitError(
+            f"--rank {cfg.rank} exceeds min(in, out) = {largest} of the smallest targeted layer; pass --rank "
+            f"1..{largest}"
+        )
+    lora = sum(cfg.rank * (m.in_features + m.out_features) for m in layers)
+    total = sum(p.numel() for p in model.parameters())
+    if lora > LORA_SHARE_WARNING * total:
+        warnings.warn(
+            f"LoRA at --rank {cfg.rank} trains {lora / 1e6:.1f} M parameters, {100 * lora / total:.0f}% of the "
+            f"model's {total / 1e6:.1f} M (and AdamW keeps two more copies): a smaller rank is what LoRA is for",
+            stacklevel=2,
+        )

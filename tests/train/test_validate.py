@@ -1,0 +1,123 @@
+"""Every numeric and path option is checked before anything is loaded or written: one line naming the
+option, the value and the allowed range, exit status 2, no traceback, no run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from gradkit.cli import main
+
+TINY = ("--steps", "1", "--batch-size", "4", "--max-length", "16")
+
+BAD = {
+    "lr-negative": (("--lr", "-1"), "--lr -1.0 is not allowed: it must be finite and > 0"),
+    "lr-nan": (("--lr", "nan"), "--lr nan is not allowed"),
+    "lr-nan-mezo": (("--lr", "nan", "--method", "mezo"), "--lr nan is not allowed"),
+    "rank-zero": (("--rank", "0"), "--rank 0 is not allowed: it must be finite and >= 1"),
+    "rank-negative": (("--rank", "-1"), "--rank -1 is not allowed"),
+    "targets-empty": (("--targets", ""), "--targets '' names no layer"),
+    "targets-commas": (("--targets", ",,"), "--targets ',,' names no layer"),
+    "max-length-zero": (("--max-length", "0"), "--max-length 0 is not allowed"),
+    "max-grad-norm-negative": (("--max-grad-norm", "-1"), "--max-grad-norm -1.0 is not allowed"),
+    "warmup-ratio-above-one": (
+        ("--warmup-ratio", "2"),
+        "--warmup-ratio 2.0 is not allowed: it must be finite and in [0, 1]",
+    ),
+    "weight-decay-inf": (("--weight-decay", "inf"), "--weight-decay inf is not allowed"),
+    "alpha-zero": (("--alpha", "0"), "--alpha 0.0 is not allowed"),
+    "lora-dropout-one": (
+        ("--lora-dropout", "1"),
+        "--lora-dropout 1.0 is not allowed: it must be finite and in [0, 1)",
+    ),
+    "ema-one": (("--ema", "1"), "--ema 1.0 is not allowed"),
+    "steps-zero": (("--steps", "0"), "--steps 0 is not allowed"),
+    "seed-negative": (("--seed", "-3"), "--seed -3 is not allowed"),
+}
+
+
+def run(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def assert_one_line(code: int, err: str, fragment: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("gradkit: error: "), err
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+@pytest.mark.parametrize("command", ["finetune", "compare"])
+def test_bad_settings_stop_before_anything_is_written(tmp_path, monkeypatch, capsys, case, command):
+    monkeypatch.chdir(tmp_path)
+    args, fragment = BAD[case]
+    if command == "compare":
+        args = tuple(a if a != "--method" else "--methods" for a in args)
+    code, err = run(capsys, command, *TINY, *args, "--out", str(tmp_path / "run"))
+    assert_one_line(code, err, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("--max-length", "100000"), "--max-length 100000 exceeds the 128 positions of the model"),
+        (("--rank", "10000"), "--rank 10000 exceeds min(in, out) = 32 of the smallest targeted layer"),
+        (("--targets", "q_proj"), "--targets q_proj match no Linear layer"),
+    ],
+    ids=["max-length-beyond-positions", "rank-beyond-width", "unknown-target"],
+)
+def test_settings_the_model_decides_stop_before_anything_is_written(
+    tmp_path, monkeypatch, capsys, tiny_model_dir, args, fragment
+):
+    monkeypatch.chdir(tmp_path)
+    code, err = run(
+        capsys, "finetune", "--model", str(tiny_model_dir), *TINY, *args, "--out", str(tmp_path / "r")
+    )
+    assert_one_line(code, err, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_is_refused_when_it_holds_files_and_cleared_with_overwrite(tmp_path, capsys, tiny_model_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "adapter").mkdir()
+    (out / "adapter" / "adapter_model.safetensors").write_text("an earlier run's weights")
+    args = ("finetune", "--method", "head", "--model", str(tiny_model_dir), *TINY, "--out", str(out))
+    code, err = run(capsys, *args)
+    assert_one_line(code, err, "already holds files")
+    assert (out / "adapter" / "adapter_model.safetensors").read_text() == "an earlier run's weights"
+
+    code, err = run(capsys, *args, "--overwrite")
+    assert code == 0, err
+    assert not (out / "adapter").exists()  # the head run's weights cannot be mixed up with the old adapter
+    assert json.loads((out / "summary.json").read_text())["method"] == "head"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((out / "summary.json").stat().st_mode) == 0o666 & ~mask  # not owner-only
+
+    (tmp_path / "file").write_text("x")
+    code, err = run(capsys, *args[:-1], str(tmp_path / "file"))
+    assert_one_line(code, err, "is a file")
+
+
+def test_large_lora_rank_warns_and_a_small_one_does_not():
+    import warnings
+
+    from torch import nn
+
+    from gradkit.train.config import TrainConfig
+    from gradkit.train.validate import check_lora_rank
+
+    model = nn.Sequential(nn.Linear(64, 64))  # 4,160 parameters
+    with pytest.warns(UserWarning, match="trains 0.0 M parameters, 98% of the model"):
+        check_lora_rank(TrainConfig(rank=32), model, ["0"])  # 32 * (64 + 64) = 4,096
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_lora_rank(TrainConfig(rank=4), model, ["0"])  # 512: 12%
