@@ -10,7 +10,9 @@ run sees the same examples in the same order whatever the number of processes.
 from __future__ import annotations
 
 import math
+import os
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -137,6 +139,17 @@ def default_out(method: str) -> Path:
     return path
 
 
+def _warn_if_launched_alone(num_processes: int) -> None:
+    """``accelerate launch --num_processes N`` without ``--multi_gpu`` on a machine without GPUs sets the
+    rendezvous address for N processes but starts one: say so instead of silently training alone."""
+    if num_processes == 1 and "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ:
+        print(
+            "gradkit: warning: the launcher asked for several processes but runs as one; on a machine "
+            "without GPUs use `accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`",
+            file=sys.stderr,
+        )
+
+
 def _skipped_steps(optimizer: Any) -> int | None:
     """Steps the optimiser chose to skip (ZerothOrder's count; None for optimisers that never skip),
     looked up through accelerate's wrapper."""
@@ -168,6 +181,7 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     accelerator = Accelerator(
         dataloader_config=DataLoaderConfiguration(split_batches=True), cpu=not torch.cuda.is_available()
     )
+    _warn_if_launched_alone(accelerator.num_processes)
     if cfg.batch_size % accelerator.num_processes:
         raise GradkitError(
             f"--batch-size {cfg.batch_size} does not split evenly over {accelerator.num_processes} processes; "
