@@ -35,9 +35,19 @@ def _common(parser: argparse.ArgumentParser, method_options: bool = True) -> Non
     )
     g.add_argument("--lr", type=float, help="peak learning rate (default: each method's own)")
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="linear warmup share of steps")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=d.weight_decay,
+        help="decoupled weight decay (not on biases, norms)",
+    )
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 disables clipping")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seeds the data order, the new head and each method's randomness",
+    )
     g.add_argument("--out", help="run folder, new or empty (default: a new runs/<method>-<time>)")
     g.add_argument(
         "--overwrite", action="store_true", help="allow --out to be a folder that holds files: it is cleared"
@@ -56,15 +66,17 @@ def _common(parser: argparse.ArgumentParser, method_options: bool = True) -> Non
         help="EMA warmup schedule (default %(default)s: the average starts at the first step's weights)",
     )
     g = parser.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=d.rank)
-    g.add_argument("--alpha", type=float, default=d.alpha)
+    g.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r")
+    g.add_argument(
+        "--alpha", type=float, default=d.alpha, help="LoRA alpha: updates are scaled by alpha/rank"
+    )
     g.add_argument(
         "--targets",
         default=d.targets,
         help="comma-separated Linear names to adapt, or all-linear (default) for every encoder Linear",
     )
     g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(rank) instead of alpha/rank")
-    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="dropout on LoRA's input")
     if method_options:
         for cls in available_methods().values():
             cls.add_arguments(parser)
@@ -120,16 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradkit", description="Cheaper fine-tuning, measured.")
     sub = parser.add_subparsers(dest="command", required=True)
     listing = "; ".join(f"{name}: {cls.summary}" for name, cls in sorted(methods.items()))
+    defaults = argparse.ArgumentDefaultsHelpFormatter  # every option shows its default
     p = sub.add_parser(
         "finetune",
         help="fine-tune with one method and write a run folder",
         description=f"Methods — {listing}",
+        formatter_class=defaults,
     )
     p.add_argument(
         "--method", default="lora", help=f"one of {', '.join(sorted(methods))} (default %(default)s)"
     )
     _common(p)
-    p = sub.add_parser("compare", help="run several methods on the same budget and compare them")
+    p = sub.add_parser(
+        "compare", help="run several methods on the same budget and compare them", formatter_class=defaults
+    )
     p.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS), help="comma-separated (default %(default)s)"
     )
@@ -140,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "noise-scale",
         help="measure the gradient noise scale while training; suggest learning rates per batch size",
+        formatter_class=defaults,
     )
     noise_scale_arguments(p)
     return parser

@@ -153,3 +153,40 @@ def test_json_files_hold_no_nan_or_infinity(tmp_path):
         "lr_not_finite": "nan",
         "step": 3,
     }
+
+
+def _options():
+    import argparse
+
+    from gradkit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                yield command, parser, action
+
+
+def test_help_loads_no_torch_and_every_option_has_help_and_its_default():
+    """``gradkit --help`` stays fast: building the parser imports neither torch nor transformers (checked
+    in a fresh interpreter); every option says what it does and shows its default."""
+    import argparse
+
+    code = "import sys, gradkit.cli; gradkit.cli.build_parser(); print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+    for command, parser, action in _options():
+        assert action.help, f"gradkit {command} {action.option_strings[0]} has no help text"
+        # ArgumentDefaultsHelpFormatter appends "(default: ...)" to every option with help text
+        assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter, command
+
+
+def test_cli_choices_written_out_match_the_library():
+    from gradkit.lora import ga
+    from gradkit.optim import lora_pro, lora_pro_math
+    from gradkit.train import method_lora_ga, method_lora_pro
+
+    assert (method_lora_ga.ESTIMATORS, method_lora_ga.SCALES) == (ga.ESTIMATORS, ga.SCALES)
+    assert method_lora_pro.MOMENTS == lora_pro.MOMENTS and method_lora_pro.OPTIMIZERS == lora_pro.OPTIMIZERS
+    assert method_lora_pro.DEFAULT_MOMENTS == lora_pro.DEFAULT_MOMENTS
+    assert method_lora_pro.X_SOLUTIONS == lora_pro_math.X_SOLUTIONS

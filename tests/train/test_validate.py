@@ -121,3 +121,16 @@ def test_large_lora_rank_warns_and_a_small_one_does_not():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_lora_rank(TrainConfig(rank=4), model, ["0"])  # 512: 12%
+
+
+def test_a_run_says_what_it_read(tmp_path, capsys, tiny_model_dir):
+    code = main(
+        ["finetune", "--method", "head", "--model", str(tiny_model_dir), *TINY, "--out", str(tmp_path / "r")]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert (
+        "data: train " in out
+        and "(4,000 rows), test " in out
+        and "(872 rows); 2 classes: 0 = '0', 1 = '1'" in out
+    )

@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--beta", type=float, default=0.95, help="EMA coefficient of the estimates (default %(default)s)"
     )
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the data order and the new head")
     g.add_argument("--out", help="run folder (default: runs/noise-scale-<time>)")
 
 

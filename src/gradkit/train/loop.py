@@ -36,6 +36,16 @@ def load_datasets(cfg: TrainConfig):
     return train, test
 
 
+def describe_data(train, test, shown: int = 10) -> str:
+    """One line saying what a run read: rows per split and the label map (id = label as in the file)."""
+    labels = ", ".join(f"{i} = {name!r}" for i, name in enumerate(train.label_names[:shown]))
+    more = f", ... ({train.num_classes - shown} more)" if train.num_classes > shown else ""
+    return (
+        f"data: train {train.path} ({len(train.texts):,} rows), test {test.path} ({len(test.texts):,} rows); "
+        f"{train.num_classes} classes: {labels}{more}"
+    )
+
+
 def _column(value: str | int | None) -> str | int | None:
     return int(value) if isinstance(value, str) and value.isdigit() else value
 
@@ -174,6 +184,8 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     method = get_method(cfg.method)
     check_config(cfg)  # every setting, before anything is loaded or written
     train_data, test_data = load_datasets(cfg)  # every data error surfaces before anything is written
+    if progress and int(os.environ.get("RANK", "0")) == 0:
+        print(describe_data(train_data, test_data))
     tokenizer = load_tokenizer(cfg.model)
 
     # the global batch is split across processes; recent accelerate silently ignores the old

@@ -25,14 +25,19 @@ import argparse
 import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from gradkit.errors import GradkitError
-from gradkit.lora.ga import ESTIMATORS, SCALES
 from gradkit.train.config import TrainConfig
 from gradkit.train.methods import Lora, register_method
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# gradkit.lora.ga's ESTIMATORS and SCALES, written out so that building the CLI imports no torch
+# (tests/train/test_cli.py checks they stay equal)
+ESTIMATORS = ("exact", "sketch")
+SCALES = ("stable", "unit", "gd")
 
 DEFAULT_GA_BATCHES = 8
 

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from gradkit.optim.lora_pro import DEFAULT_MOMENTS, MOMENTS, OPTIMIZERS
-from gradkit.optim.lora_pro_math import X_SOLUTIONS
 from gradkit.train.config import TrainConfig
 from gradkit.train.methods import METHODS, Lora, register_method
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# gradkit.optim.lora_pro's MOMENTS, DEFAULT_MOMENTS and OPTIMIZERS and lora_pro_math's X_SOLUTIONS,
+# written out so that building the CLI imports no torch (tests/train/test_cli.py checks they stay equal)
+MOMENTS = ("full", "projected", "factor")
+DEFAULT_MOMENTS = "projected"
+OPTIMIZERS = ("adamw", "sgd")
+X_SOLUTIONS = ("sylvester", "symmetric", "zero")
 
 
 def lora_pro_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -93,6 +100,7 @@ class LoraPlus(Lora):
         )
 
     def make_optimizer(self, model, cfg, lr):
+        import torch
         from peft.optimizers import create_loraplus_optimizer
 
         ratio = cfg.options.get("loraplus_ratio") or 16.0

@@ -21,14 +21,15 @@ error rate of the sampled labels) for ``policy-gradient``.
 from __future__ import annotations
 
 import argparse
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from gradkit.errors import GradkitError
 from gradkit.train.config import TrainConfig
 from gradkit.train.methods import Lora, Method, register_method
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 ZO_PARAMS = ("lora", "all", "head")
 OBJECTIVES = ("loss", "accuracy", "f1")
@@ -61,6 +62,8 @@ def objective_value(
     """The value to minimise on this batch, identical on every rank: the loss (mean over ranks,
     whose slices are equal-sized), or ``1 - metric`` of argmax predictions computed from counts
     summed over ranks (a global F1 needs global counts, not a mean of per-rank F1s)."""
+    import torch
+
     if objective == "loss":
         return accelerator.reduce(loss.detach().float(), reduction="mean")
     preds = logits.argmax(-1)
@@ -183,6 +186,8 @@ class PolicyGradient(Lora):
         temperature = cfg.options.get("pg_temperature") or 1.0
         if not temperature > 0:
             raise GradkitError(f"--pg-temperature must be > 0, got {temperature}")
+        import torch
+
         if not hasattr(self, "_generator"):
             # private sampling stream, different on every rank (each rank samples its own slice)
             self._generator = torch.Generator(device=batch["labels"].device).manual_seed(

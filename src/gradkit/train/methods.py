@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from gradkit.errors import GradkitError
 from gradkit.train.config import TrainConfig
+
+if TYPE_CHECKING:  # torch is imported where it is used, so `gradkit --help` does not load it
+    import torch
+    from torch import nn
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -78,6 +79,8 @@ class Method:
         return model
 
     def make_optimizer(self, model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+        import torch
+
         return torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=lr)
 
     def train_step(
