@@ -69,7 +69,7 @@ def save_figure(fig, path: Path) -> None:
     """Lay out, write ``path`` as PNG atomically (a temporary name, then a rename), and close ``fig``."""
     import matplotlib.pyplot as plt
 
-    from gradkit.train.io import atomic_path
+    from gradkit.files import atomic_path
 
     fig.tight_layout()
     with atomic_path(path) as tmp:

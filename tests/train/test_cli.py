@@ -134,7 +134,7 @@ def test_compare_exits_non_zero_with_each_failure_in_one_line(tmp_path, tiny_mod
 
 
 def test_json_files_hold_no_nan_or_infinity(tmp_path):
-    from gradkit.train.io import json_line, write_json
+    from gradkit.files import json_line, write_json
 
     def strict(text: str):
         return json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))

@@ -139,7 +139,7 @@ def shuffled_order(n: int, seed: int, epoch: int = 0) -> list[int]:
 def save_label_map(data: TextClassificationData, path: str | os.PathLike) -> None:
     """Write ``{"label_names": [...], "label_to_id": {...}}`` to ``path`` atomically (labels.json in
     a run folder); :func:`load_label_map` reads it back for ``label_names=``."""
-    from gradkit.train.io import write_json
+    from gradkit.files import write_json
 
     write_json(path, {"label_names": list(data.label_names), "label_to_id": data.label_to_id})
 

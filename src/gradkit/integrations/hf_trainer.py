@@ -127,7 +127,7 @@ class EMACallback(_Base):
     def _write(self, folder: str, with_state: bool) -> None:
         from safetensors.torch import save_file
 
-        from gradkit.train.io import atomic_path
+        from gradkit.files import atomic_path
 
         os.makedirs(folder, exist_ok=True)
         weights = {k: v.detach().contiguous().cpu() for k, v in self.ema.averaged_state_dict().items()}

@@ -90,7 +90,7 @@ class NoiseScaleCallback(_Base):
 
     def on_save(self, args, state, control, **kwargs):
         if self.gns is not None and state.is_world_process_zero:
-            from gradkit.train.io import write_json
+            from gradkit.files import write_json
 
             write_json(
                 os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE),
@@ -102,7 +102,7 @@ class NoiseScaleCallback(_Base):
             self.recorder.remove()
             self.recorder = None
         if self.write_history and state.is_world_process_zero:
-            from gradkit.train.io import atomic_path
+            from gradkit.files import atomic_path
 
             os.makedirs(args.output_dir, exist_ok=True)
             with atomic_path(os.path.join(args.output_dir, HISTORY_FILE)) as tmp:

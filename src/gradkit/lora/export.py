@@ -163,7 +163,7 @@ def save_adapter(peft_model: nn.Module, path: str | os.PathLike, *, adapter: str
     """
     from peft import LoraConfig, PeftModel
 
-    from gradkit.train.io import atomic_dir
+    from gradkit.files import atomic_dir
 
     model = _unwrap(peft_model)
     if not isinstance(model, PeftModel):

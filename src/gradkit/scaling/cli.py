@@ -110,7 +110,7 @@ def _plots(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gradkit.train.io import atomic_path
+    from gradkit.files import atomic_path
 
     written = []
 
@@ -178,8 +178,8 @@ def run_noise_scale(args: argparse.Namespace, *, progress: bool = True) -> dict[
     from tqdm.auto import tqdm
 
     from gradkit.data import load_text_classification, shuffled_order
+    from gradkit.files import write_json
     from gradkit.scaling.noise_scale import NoiseScale
-    from gradkit.train.io import write_json
     from gradkit.train.loop import _column, make_collate
     from gradkit.train.model import load_classifier, load_tokenizer
 

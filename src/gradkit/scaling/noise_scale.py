@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from gradkit.errors import GradkitError
+from gradkit.scaling.collectives import all_reduce_sum, sq_norm, world_size
 
 __all__ = [
     "NoiseScale",
@@ -228,42 +229,6 @@ class NoiseScale:
         return f"NoiseScale(beta={self.beta}, step={self.step}, b_simple={self.b_simple})"
 
 
-def _world(distributed: bool | None) -> int:
-    """World size when the gradients are all-reduced across processes, else 1."""
-    import torch.distributed as dist
-
-    available = dist.is_available() and dist.is_initialized()
-    if distributed and not available:
-        raise GradkitError(
-            "distributed=True but torch.distributed is not initialised; call init_process_group"
-        )
-    if distributed is False or not available:
-        return 1
-    return dist.get_world_size()
-
-
-def _all_reduce_sum(values: list[torch.Tensor | float], world: int, device: torch.device) -> list[float]:
-    """One collective for a handful of scalars (the only extra communication of the DDP source)."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
-    if world > 1:
-        import torch.distributed as dist
-
-        if dist.get_backend() == "nccl" and t.device.type != "cuda":
-            t = t.cuda()
-        dist.all_reduce(t)
-    return t.cpu().tolist()
-
-
-def _sq_norm(t: torch.Tensor) -> torch.Tensor:
-    """Squared L2 norm in float32 at least (float64 stays float64), as a device scalar."""
-    t = t.detach()
-    # one fused reduction, no squared temporary: 2-3x faster than pow(2).sum() on CPU, and it runs in
-    # a hook on every parameter of every micro-batch
-    return torch.linalg.vector_norm(
-        t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32
-    ).square()
-
-
 def _trainable(model: nn.Module) -> list[torch.Tensor]:
     seen, out = set(), []
     for p in model.parameters():
@@ -313,7 +278,7 @@ class GradNormRecorder:
         self._handles = [p.register_hook(self._hook) for p in self.params]
 
     def _hook(self, grad: torch.Tensor) -> None:
-        sq = _sq_norm(grad)
+        sq = sq_norm(grad)
         self._running = sq if self._running is None else self._running + sq.to(self._running.device)
 
     def micro_step(self, batch_size: int) -> None:
@@ -340,7 +305,7 @@ class GradNormRecorder:
                 "step() found no micro-batches; call micro_step(batch_size) after each backward"
             )
         micro, self._micro = self._micro, []
-        world = _world(self.distributed)
+        world = world_size(self.distributed)
         if len(micro) < 2 and world < 2:
             raise GradkitError(
                 "one micro-batch gives one batch size only; accumulate over >= 2 micro-batches "
@@ -349,11 +314,11 @@ class GradNormRecorder:
         b_local = sum(b for _, b in micro)
         grads = [p.grad for p in self.params if p.grad is not None]
         device = grads[0].device
-        big = torch.stack([_sq_norm(g) for g in grads]).sum() / self.grad_scale**2
+        big = torch.stack([sq_norm(g) for g in grads]).sum() / self.grad_scale**2
         # increment of micro-batch i is grad_scale·(b_i/B_local)·G_{b_i}
         small_sum = sum(sq.to(device) * (b_local / (b * self.grad_scale)) ** 2 for sq, b in micro)
         inv_b = sum(1.0 / b for _, b in micro)
-        small_sum, inv_b, count = _all_reduce_sum([small_sum, inv_b, float(len(micro))], world, device)
+        small_sum, inv_b, count = all_reduce_sum([small_sum, inv_b, float(len(micro))], world, device)
         b_small = count / inv_b  # harmonic mean: E[mean |G_b_i|^2] = |G|^2 + tr(Sigma)·mean(1/b_i)
         return self.gns.update(small_sum / count, big, b_small, b_local * world)
 

@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from gradkit.errors import GradkitError
-from gradkit.scaling.noise_scale import NoiseScale, _all_reduce_sum, _sq_norm, _world
+from gradkit.scaling.collectives import all_reduce_sum, sq_norm, world_size
+
+if TYPE_CHECKING:  # the recorder feeds a NoiseScale, which imports this module lazily
+    from gradkit.scaling.noise_scale import NoiseScale
 
 __all__ = ["PerExampleRecorder", "linear_per_example_sq_norms"]
 
@@ -265,7 +269,7 @@ class PerExampleRecorder:
 
     def _make_grad_hook(self, i: int):
         def hook(p: torch.Tensor) -> None:
-            self._grad_sq[i] = _sq_norm(p.grad)
+            self._grad_sq[i] = sq_norm(p.grad)
 
         return hook
 
@@ -288,8 +292,8 @@ class PerExampleRecorder:
         per_example = per_example * (b_local / self.grad_scale) ** 2
         self.last_per_example = per_example.detach()
         big = torch.stack(list(grad_sq.values())).sum() / self.grad_scale**2
-        world = _world(self.distributed)
-        small_sum, big_sum, count = _all_reduce_sum(
+        world = world_size(self.distributed)
+        small_sum, big_sum, count = all_reduce_sum(
             [per_example.mean(), big.to(per_example.device), 1.0], world, per_example.device
         )
         return self.gns.update(small_sum / count, big_sum / count, 1, b_local)

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from gradkit.errors import GradkitError
+from gradkit.files import atomic_path, clear_folder, write_json
 from gradkit.train.config import TrainConfig
-from gradkit.train.io import atomic_path, clear_folder, write_json
 
 DEFAULT_METHODS = ("head", "lora", "lora-ga", "full")
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from gradkit.errors import GradkitError
+from gradkit.files import clear_folder, json_line, write_json
 from gradkit.train.config import TrainConfig
-from gradkit.train.io import clear_folder, json_line, write_json
 from gradkit.train.metrics import accuracy, macro_f1, window_mean
 from gradkit.train.validate import check_config, check_model
 

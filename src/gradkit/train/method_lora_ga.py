@@ -116,8 +116,8 @@ class LoraGA(Lora):
         return peft_model
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
+        from gradkit.files import write_json
         from gradkit.lora.export import save_adapter
-        from gradkit.train.io import write_json
         from gradkit.train.model import quiet_transformers
 
         with quiet_transformers():

@@ -104,7 +104,7 @@ class Method:
         """Save what the method trained. Default: the trainable tensors as safetensors."""
         from safetensors.torch import save_file
 
-        from gradkit.train.io import atomic_path
+        from gradkit.files import atomic_path
 
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         with atomic_path(out_dir / "trainable.safetensors") as tmp:
@@ -184,7 +184,7 @@ class Lora(Method):
         return get_peft_model(model, self.lora_config(model, cfg))
 
     def save(self, model, out_dir):
-        from gradkit.train.io import atomic_dir
+        from gradkit.files import atomic_dir
         from gradkit.train.model import quiet_transformers
 
         with quiet_transformers(), atomic_dir(out_dir / "adapter") as tmp:

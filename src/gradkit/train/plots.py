@@ -24,7 +24,7 @@ def plot_losses(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gradkit.train.io import atomic_path
+    from gradkit.files import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for i, (name, (steps, losses)) in enumerate(curves.items()):

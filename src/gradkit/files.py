@@ -1,4 +1,5 @@
-"""Files that are whole or absent: write to a temporary name in the same folder, then rename."""
+"""Files that are whole or absent (write to a temporary name in the same folder, then rename) and strict
+JSON. The ground floor: the library and the harness both write through it."""
 
 from __future__ import annotations
 
