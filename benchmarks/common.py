@@ -88,7 +88,7 @@ def finished_run(folder: Path, cfg) -> dict[str, Any] | None:
         return None
     done = json.loads((folder / "config.json").read_text())
     for key, value in cfg.to_dict().items():
-        if key in ("out", "method") or (key == "lr" and value is None):
+        if key in ("out", "method", "overwrite") or (key == "lr" and value is None):
             continue
         if done.get(key) != value:
             return None

@@ -11,6 +11,7 @@ default learning rate. Every run is a child process (``gradkit compare``), so pe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -91,7 +92,10 @@ def main() -> None:
             train=args.train,
         )
         for method in methods:
-            summary = finished_run(out / method, cfg) or compare(cfg, [method])[0]
+            # a folder that finished_run did not take is a run that was stopped: start it again
+            summary = finished_run(out / method, cfg) or compare(
+                dataclasses.replace(cfg, overwrite=True), [method], keep_existing=True
+            )[0]
             if "error" in summary:
                 raise SystemExit(f"{summary['method']} failed at seed {seed}: {summary['error']}")
             runs[summary["method"]].append(summary)

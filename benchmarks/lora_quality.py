@@ -83,7 +83,8 @@ def run(
     elif report_only:
         raise NotRun(label)
     else:
-        summary = compare(run_cfg, [name])[0]
+        # a folder that finished_run did not take is a run that was stopped: start it again
+        summary = compare(dataclasses.replace(run_cfg, overwrite=True), [name], keep_existing=True)[0]
     if "error" in summary:
         raise SystemExit(f"{label} failed at lr {lr:g}, seed {seed}: {summary['error']}")
     lines = (out / name / "metrics.jsonl").read_text().splitlines()

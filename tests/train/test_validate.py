@@ -3,6 +3,7 @@ option, the value and the allowed range, exit status 2, no traceback, no run fol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -134,3 +135,26 @@ def test_a_run_says_what_it_read(tmp_path, capsys, tiny_model_dir):
         and "(4,000 rows), test " in out
         and "(872 rows); 2 classes: 0 = '0', 1 = '1'" in out
     )
+
+
+def test_compare_keep_existing_adds_a_method_beside_other_runs(tmp_path, tiny_model_dir, capsys):
+    """The benchmarks gather methods in one folder: with keep_existing only the method's own folder must
+    be new (or, with overwrite, it alone is cleared); the CLI's rule for the whole folder is the default."""
+    from gradkit.errors import GradkitError
+    from gradkit.train.compare import compare
+    from gradkit.train.config import TrainConfig
+
+    out = tmp_path / "cmp"
+    (out / "lora").mkdir(parents=True)
+    (out / "lora" / "summary.json").write_text("{}")  # another method's finished run
+    cfg = TrainConfig(model=str(tiny_model_dir), steps=1, batch_size=4, max_length=16, out=str(out))
+    with pytest.raises(GradkitError, match="already holds files"):
+        compare(cfg, ["head"])
+    (out / "head").mkdir()
+    (out / "head" / "partial.txt").write_text("a stopped run")
+    with pytest.raises(GradkitError, match="already holds files"):
+        compare(cfg, ["head"], keep_existing=True)
+    (summary,) = compare(dataclasses.replace(cfg, overwrite=True), ["head"], keep_existing=True)
+    assert "error" not in summary, summary
+    assert (out / "lora" / "summary.json").read_text() == "{}"  # the other run is untouched
+    assert not (out / "head" / "partial.txt").exists()

@@ -80,11 +80,18 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def compare(cfg: TrainConfig, methods: list[str], *, debug: bool = False) -> list[dict[str, Any]]:
+def compare(
+    cfg: TrainConfig, methods: list[str], *, debug: bool = False, keep_existing: bool = False
+) -> list[dict[str, Any]]:
     """Run ``methods`` one after another with ``cfg`` (each at its default lr unless ``cfg.lr``).
 
     A method that fails does not stop the others: its row says why (the error's one line; with
-    ``debug`` its child also prints the traceback) and its summary holds ``"error"``."""
+    ``debug`` its child also prints the traceback) and its summary holds ``"error"``.
+
+    ``cfg.out`` must be new or empty (``cfg.overwrite``: it is cleared first). With ``keep_existing``
+    (for scripts that gather runs in one folder, such as the benchmarks) it may hold other runs, and
+    only each method's own folder ``out/<method>`` must be new or empty (``cfg.overwrite`` clears that
+    folder alone)."""
     from gradkit.train.loop import default_out, load_datasets
     from gradkit.train.methods import get_method
     from gradkit.train.plots import plot_losses
@@ -97,9 +104,10 @@ def compare(cfg: TrainConfig, methods: list[str], *, debug: bool = False) -> lis
     check_config(dataclasses.replace(cfg, out=None))  # so do bad settings
     load_datasets(cfg)  # and data errors
     out = Path(cfg.out) if cfg.out else default_out("compare")
-    check_out(out, cfg.overwrite)
-    if cfg.overwrite and out.is_dir():
-        clear_folder(out)
+    for folder in [out / name for name in methods] if keep_existing else [out]:
+        check_out(folder, cfg.overwrite)
+        if cfg.overwrite and folder.is_dir():
+            clear_folder(folder)
     out.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     summaries: list[dict[str, Any]] = []
