@@ -158,3 +158,40 @@ def test_compare_keep_existing_adds_a_method_beside_other_runs(tmp_path, tiny_mo
     assert "error" not in summary, summary
     assert (out / "lora" / "summary.json").read_text() == "{}"  # the other run is untouched
     assert not (out / "head" / "partial.txt").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory, tiny_model_dir):
+    """A 2-layer GPT-2 (Conv1D layers, no nn.Linear) saved as a local folder, without tokenizer files."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(
+        path
+    )
+    return path
+
+
+def test_a_decoder_folder_is_checked_before_anything_is_written(
+    tmp_path, monkeypatch, capsys, tiny_gpt2_dir, tiny_model_dir
+):
+    """No tokenizer files: transformers still builds a tokenizer, with no vocabulary; gradkit refuses it.
+    With tokenizer files the harness runs GPT-2 with a head, and LoRA says why it cannot adapt Conv1D."""
+    import shutil
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    args = (*TINY, "--out", str(cwd / "r"))
+    code, err = run(capsys, "finetune", "--method", "head", "--model", str(tiny_gpt2_dir), *args)
+    assert_one_line(code, err, "turns text into no tokens")
+    with_tokenizer = tmp_path / "gpt2-with-tokenizer"
+    shutil.copytree(tiny_gpt2_dir, with_tokenizer)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_model_dir / name, with_tokenizer / name)
+    code, err = run(capsys, "finetune", "--method", "lora", "--model", str(with_tokenizer), *args)
+    assert_one_line(code, err, "no nn.Linear layers for LoRA to adapt (GPT-2-style models use Conv1D)")
+    assert list(cwd.iterdir()) == []
+    assert main(["finetune", "--method", "head", "--model", str(with_tokenizer), *args]) == 0

@@ -63,6 +63,11 @@ def load_tokenizer(path: str | None = None):
             f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}; the folder needs its tokenizer "
             "files (tokenizer.json or vocab files)"
         ) from None
+    if not tokenizer("a short test sentence")["input_ids"]:  # transformers builds one with no vocabulary
+        raise GradkitError(
+            f"the tokenizer in {path} turns text into no tokens (its vocabulary files are missing); copy the "
+            "model's tokenizer files (tokenizer.json, or vocab.txt / vocab.json and merges.txt) into the folder"
+        )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only models (GPT-2): pad with end-of-text
     return tokenizer
