@@ -93,3 +93,19 @@ def finished_run(folder: Path, cfg) -> dict[str, Any] | None:
         if done.get(key) != value:
             return None
     return json.loads((folder / "summary.json").read_text())
+
+
+def load_timm_file(relative: str):
+    """One file of timm (e.g. ``"utils/model_ema.py"``) loaded by path, or None without timm: importing
+    the ``timm`` package itself needs torchvision, which these benchmarks do not install."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("timm")
+    if spec is None:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / relative
+    name = "timm_" + relative.replace("/", "_").removesuffix(".py") + "_standalone"
+    mod_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module

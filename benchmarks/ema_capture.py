@@ -17,7 +17,6 @@ unchanged. Install the peers with ``pip install --no-deps timm torch-ema``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_result  # noqa: E402
+from common import ROOT, load_timm_file, write_result  # noqa: E402
 
 SST2_TEST = ROOT.parent / "shared" / "data" / "sst2" / "test.tsv"
 
@@ -41,14 +40,7 @@ def _version(dist: str) -> str:
 
 
 def load_timm_model_ema():
-    spec = importlib.util.find_spec("timm")
-    if spec is None:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "utils" / "model_ema.py"
-    mod_spec = importlib.util.spec_from_file_location("timm_model_ema_standalone", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
+    return load_timm_file("utils/model_ema.py")
 
 
 def ema_peers(model, decay):
@@ -230,6 +222,17 @@ def bench_capture(model, batch, repeats):
     return times
 
 
+def timing_rows(times: dict[str, list[float]], ours: str, label: str) -> list[list[str]]:
+    """Table rows (name, median ms, best ms, gradkit/peer time ratio), printed as they are made."""
+    reference = statistics.median(times[ours])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append([name, f"{med * 1e3:.2f}", f"{min(ts) * 1e3:.2f}", f"{reference / med:.2f}x"])
+        print(f"{label} {name:55s} median {med * 1e3:7.2f} ms   gradkit/peer {reference / med:.2f}x")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
@@ -245,20 +248,10 @@ def main() -> None:
     model = load_classifier(num_labels=2, seed=0)
     n_params = sum(p.numel() for p in model.parameters())
     ema_times, agree = bench_ema(model, args.decay, args.rounds, args.per_round)
-    ours = statistics.median(ema_times["gradkit EMA"])
-    ema_rows = []
-    for name, ts in ema_times.items():
-        med = statistics.median(ts)
-        ema_rows.append([name, f"{med * 1e3:.2f}", f"{min(ts) * 1e3:.2f}", f"{ours / med:.2f}x"])
-        print(f"EMA update  {name:45s} median {med * 1e3:7.2f} ms   gradkit/peer {ours / med:.2f}x")
+    ema_rows = timing_rows(ema_times, "gradkit EMA", "EMA update ")
 
     bf16_times = bench_bf16_update(model, args.decay, max(2, args.rounds // 2), args.per_round)
-    ours_bf16 = statistics.median(bf16_times["gradkit EMA (float32 average)"])
-    bf16_rows = []
-    for name, ts in bf16_times.items():
-        med = statistics.median(ts)
-        bf16_rows.append([name, f"{med * 1e3:.2f}", f"{min(ts) * 1e3:.2f}", f"{ours_bf16 / med:.2f}x"])
-        print(f"bf16 update {name:55s} median {med * 1e3:7.2f} ms   gradkit/peer {ours_bf16 / med:.2f}x")
+    bf16_rows = timing_rows(bf16_times, "gradkit EMA (float32 average)", "bf16 update")
     half_rows, half_raw, exact = half_precision_accuracy()
     for row in half_rows:
         print("half precision", row)
@@ -276,7 +269,11 @@ def main() -> None:
         print(f"forward     {name:50s} median {med * 1e3:7.1f} ms   paired diff {paired / base * 100:+.1f}%")
 
     timm_name = "timm ModelEmaV3 (foreach)"
-    ratio_timm = ours / statistics.median(ema_times[timm_name]) if timm_name in ema_times else None
+    ratio_timm = (
+        statistics.median(ema_times["gradkit EMA"]) / statistics.median(ema_times[timm_name])
+        if timm_name in ema_times
+        else None
+    )
     cap_name = "gradkit.capture, 6 layer outputs (detached copies)"
     overhead = statistics.median(
         t - b for t, b in zip(cap_times[cap_name], cap_times["no capture"], strict=True)

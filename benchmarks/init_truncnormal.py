@@ -23,7 +23,6 @@ absolute cut lies at ±1,000 std (pytorch issue 155588).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import load_timm_file, write_result  # noqa: E402
 
 from gradkit.init import truncated_normal_, truncation_std_factor  # noqa: E402
 
@@ -42,14 +41,7 @@ CHUNK = 10**7
 
 
 def load_timm_weight_init():
-    spec = importlib.util.find_spec("timm")
-    if spec is None:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "layers" / "weight_init.py"
-    mod_spec = importlib.util.spec_from_file_location("timm_weight_init_standalone", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module
+    return load_timm_file("layers/weight_init.py")
 
 
 def peers(std: float) -> list[tuple[str, str, float, Callable[[torch.Tensor, torch.Generator], None]]]:

@@ -379,18 +379,11 @@ def test_auditor_bad_input():
 
 
 def test_auditor_on_a_from_config_bert_and_after_bert_init():
-    from transformers import AutoModel, BertConfig
+    from transformers import AutoModel
 
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=500,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
-    )
-    model = AutoModel.from_config(config)  # Hugging Face's init: N(0, 0.02²), biases 0, LayerNorm 1/0
+    # Hugging Face's init: N(0, 0.02²), biases 0, LayerNorm 1/0
+    model = AutoModel.from_config(_tiny_bert().config)
     rows = audit_init(model)
     assert len(rows) == len(list(model.parameters()))
     assert [r.name for r in rows if r.flags] == []
