@@ -189,7 +189,15 @@ def load_previous(args, planned: list[str]) -> dict | None:
             )
         ],
         "plots": old.get("plots", []),
-        "date": old.get("machine", {}).get("date", "?"),
+        # a file that is itself a merge keeps the date its carried rows were measured on
+        "date": next(
+            (
+                n.split("(measured ", 1)[1].split(")", 1)[0]
+                for n in old["notes"]
+                if n.startswith("Rows carried over")
+            ),
+            old.get("machine", {}).get("date", "?"),
+        ),
     }
 
 
