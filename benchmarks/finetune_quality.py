@@ -93,9 +93,10 @@ def main() -> None:
         )
         for method in methods:
             # a folder that finished_run did not take is a run that was stopped: start it again
-            summary = finished_run(out / method, cfg) or compare(
-                dataclasses.replace(cfg, overwrite=True), [method], keep_existing=True
-            )[0]
+            summary = (
+                finished_run(out / method, cfg)
+                or compare(dataclasses.replace(cfg, overwrite=True), [method], keep_existing=True)[0]
+            )
             if "error" in summary:
                 raise SystemExit(f"{summary['method']} failed at seed {seed}: {summary['error']}")
             runs[summary["method"]].append(summary)
