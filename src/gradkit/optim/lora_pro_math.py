@@ -96,7 +96,10 @@ def adjusted_lora_grads(
     hat_A = c * (VB @ _rows(iB, _rows(iB, VB.mT @ g_A)))  # (1/s^2) (B^T B)^+ g_A
     UB = svd_B.U_kept
     h = g_B - UB @ (UB.mT @ g_B)  # (I - P_B) g_B
-    gram_inv_A = lambda M: _cols(_cols(M @ WA, iA), iA) @ WA.mT  # noqa: E731  M (A A^T)^+
+
+    def gram_inv_A(M: torch.Tensor) -> torch.Tensor:  # M (A A^T)^+
+        return _cols(_cols(M @ WA, iA), iA) @ WA.mT
+
     hat_B = c * gram_inv_A(h)
     if x_solution != "zero":
         rhs = -(hat_A @ A.mT)  # -(1/s^2) (B^T B)^+ g_A A^T
