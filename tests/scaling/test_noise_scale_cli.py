@@ -27,6 +27,13 @@ def test_noise_scale_cli_runs_and_writes_plots(tiny_model_dir, tmp_path, capsys)
     assert summary["table"][0]["adam_lr"] == pytest.approx(1e-3)
     assert (out / "lr_vs_batch.png").exists() and (out / "steps_examples.png").exists()
     assert "4096" in printed and "Adam lr" in printed
+    # the harness' loop ran it: its run folder, its checks, a constant lr, no test evaluation
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "noise-scale" and config["schedule"] == "constant" and not config["evaluate"]
+    assert (out / "labels.json").exists() and all(r["lr"] == pytest.approx(1e-3) for r in lines)
+    assert "test_accuracy" not in summary and summary["train_examples"] == 4000
+    assert main([*argv]) == 2  # --out now holds a run: refused, as for finetune
+    assert "already holds files" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

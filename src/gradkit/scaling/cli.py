@@ -1,11 +1,13 @@
 """``gradkit noise-scale``: train for a while, measure ``B_simple``, and turn it into batch-size advice.
 
-It fine-tunes the harness' classifier (a local Hugging Face encoder with a head, the bundled SST-2
-sample by default) with each step's batch split into micro-batches (gradient accumulation), measures
-the gradient noise scale from those micro-batches (:class:`gradkit.NoiseScale`), and writes a run
-folder: ``config.json``, ``metrics.jsonl`` (loss and ``B_simple`` per step), ``summary.json`` (the
-final ``B_simple`` and the learning-rate table), ``noise_scale.png``, ``lr_vs_batch.png`` and
-``steps_examples.png``. This module imports only argparse at load time; the work imports lazily.
+It runs the harness' training loop (:func:`gradkit.train.loop.finetune`: same data order, seeding,
+checks and run folder as ``gradkit finetune``) on its classifier (a local Hugging Face encoder with a
+head, the bundled SST-2 sample by default) with :class:`NoiseScaleProbe` as the method: each step's
+batch is split into micro-batches (gradient accumulation), the gradient noise scale is measured from
+them (:class:`gradkit.NoiseScale`), and the lr is constant. The run folder holds ``config.json``,
+``labels.json``, ``metrics.jsonl`` (loss and ``B_simple`` per step), ``summary.json`` (the final
+``B_simple`` and the learning-rate table), ``loss.png``, ``noise_scale.png``, ``lr_vs_batch.png`` and
+``steps_examples.png``. Torch and transformers are imported only when the run starts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gradkit.errors import GradkitError
+from gradkit.train.methods import Method
 
 TABLE_BATCHES = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
@@ -52,7 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--beta", type=float, default=0.95, help="EMA coefficient of the estimates (default %(default)s)"
     )
     g.add_argument("--seed", type=int, default=0, help="seeds the data order and the new head")
-    g.add_argument("--out", help="run folder (default: runs/noise-scale-<time>)")
+    g.add_argument("--out", help="run folder, new or empty (default: runs/noise-scale-<time>)")
+    g.add_argument(
+        "--overwrite", action="store_true", help="allow --out to be a folder that holds files: it is cleared"
+    )
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -171,81 +177,117 @@ def _plots(
     return written
 
 
-def run_noise_scale(args: argparse.Namespace, *, progress: bool = True) -> dict[str, Any]:
-    """Run ``gradkit noise-scale`` with parsed ``args``; prints the table and returns the summary."""
-    _check(args)
-    import torch
-    from tqdm.auto import tqdm
+class NoiseScaleProbe(Method):
+    """The measuring run as a harness method: each step's batch is split into ``micro_batches``
+    micro-batches whose gradients accumulate (``.grad`` ends as the whole batch's mean gradient), and
+    :meth:`NoiseScale.accumulation_hooks` reads the micro-batch and batch squared norms for the
+    two-batch-size estimate. The optimiser is plain AdamW or SGD at the given lr (no weight decay, no
+    clipping: the run measures, it does not tune), and nothing is saved but the run folder's files."""
 
-    from gradkit.data import load_text_classification, shuffled_order
-    from gradkit.files import write_json
-    from gradkit.scaling.noise_scale import NoiseScale
-    from gradkit.train.loop import _column, make_collate
-    from gradkit.train.model import load_classifier, load_tokenizer
+    name = "noise-scale"
 
-    data = load_text_classification(
-        args.train, split="train", text_col=_column(args.text_col), label_col=_column(args.label_col)
-    )
-    if len(data) < args.batch_size:
-        raise GradkitError(f"--batch-size {args.batch_size} is larger than the {len(data)} training examples")
-    tokenizer = load_tokenizer(args.model)
-    model = load_classifier(args.model, data.num_classes, seed=args.seed)
-    if args.trainable == "head":
+    def __init__(self, micro_batches: int, optimizer: str, trainable: str, beta: float):
+        self.micro_batches, self.optimizer_name, self.trainable, self.beta = (
+            micro_batches,
+            optimizer,
+            trainable,
+            beta,
+        )
+        self.gns: Any = None
+        self._hooks: Any = None
+        self._recorder: Any = None
+
+    def prepare(self, model, cfg, batches):
+        from gradkit.scaling.noise_scale import NoiseScale
+
         for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("head."))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt_cls = torch.optim.AdamW if args.optimizer == "adam" else torch.optim.SGD
-    optimizer = opt_cls(params, lr=args.lr)
-    collate = make_collate(tokenizer, args.max_length)
-    out = Path(args.out) if args.out else Path("runs") / f"noise-scale-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k != "command"}
-    write_json(out / "config.json", config)
+            p.requires_grad_(self.trainable == "full" or name.startswith("head."))
+        self.gns = NoiseScale(model, beta=self.beta)
+        self._hooks = self.gns.accumulation_hooks()
+        self._recorder = self._hooks.__enter__()
+        return model
 
-    order: list[int] = []
-    epoch = 0
-    while len(order) < args.steps * args.batch_size:
-        order.extend(shuffled_order(len(data), args.seed, epoch))
-        epoch += 1
-    gns = NoiseScale(model, beta=args.beta)
-    k, micro = args.micro_batches, args.batch_size // args.micro_batches
+    def make_optimizer(self, model, cfg, lr):
+        import torch
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        return (torch.optim.AdamW if self.optimizer_name == "adam" else torch.optim.SGD)(params, lr=lr)
+
+    def train_step(self, model, batch, optimizer, accelerator, cfg):
+        import torch
+
+        k = self.micro_batches
+        micro = len(batch["labels"]) // k
+        total = torch.zeros(())
+        for i in range(k):
+            part = {key: value[i * micro : (i + 1) * micro] for key, value in batch.items()}
+            loss = model(**part).loss
+            accelerator.backward(loss / k)  # .grad ends as the mean gradient over the whole batch
+            self._recorder.micro_step(micro)
+            total += loss.detach().float() / k
+        self._recorder.step()  # before the optimiser step: reads the accumulated gradient
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def step_metrics(self) -> dict[str, Any]:
+        return self.gns.metrics()
+
+    def save(self, model, out_dir):
+        """Nothing to keep but the measurement: take the hooks off."""
+        self.close()
+
+    def close(self) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = self._recorder = None
+
+
+def run_noise_scale(args: argparse.Namespace, *, progress: bool = True) -> dict[str, Any]:
+    """Run ``gradkit noise-scale`` with parsed ``args`` through the harness' training loop
+    (:func:`gradkit.train.loop.finetune` with :class:`NoiseScaleProbe`); prints the table and returns
+    the summary."""
+    _check(args)
+    from gradkit.files import write_json
+    from gradkit.train.config import TrainConfig
+    from gradkit.train.loop import finetune
+
+    cfg = TrainConfig(
+        method=NoiseScaleProbe.name,
+        model=args.model,
+        train=args.train,
+        text_col=args.text_col,
+        label_col=args.label_col,
+        max_length=args.max_length,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_ratio=0.0,
+        weight_decay=0.0,
+        max_grad_norm=None,
+        seed=args.seed,
+        out=args.out or str(Path("runs") / f"noise-scale-{time.strftime('%Y%m%d-%H%M%S')}"),
+        overwrite=args.overwrite,
+        schedule="constant",
+        evaluate=False,
+        options={k: getattr(args, k) for k in ("micro_batches", "optimizer", "trainable", "beta")},
+    )
+    probe = NoiseScaleProbe(args.micro_batches, args.optimizer, args.trainable, args.beta)
+    try:
+        harness_summary = finetune(cfg, progress=progress, method=probe)
+    finally:
+        probe.close()
+    gns = probe.gns
+    out = Path(harness_summary["out"])
     steps, values = [], []
-    bar = tqdm(total=args.steps, desc="noise-scale", disable=not progress, dynamic_ncols=True)
-    start = time.perf_counter()
-    model.train()
-    with gns.accumulation_hooks() as rec, open(out / "metrics.jsonl", "w") as log:
-        for step in range(1, args.steps + 1):
-            idx = order[(step - 1) * args.batch_size : step * args.batch_size]
-            total = 0.0
-            for i in range(k):
-                chunk = [(data.texts[j], data.labels[j]) for j in idx[i * micro : (i + 1) * micro]]
-                loss = model(**collate(chunk)).loss
-                (loss / k).backward()  # .grad ends as the mean gradient over the whole batch
-                rec.micro_step(micro)
-                total += loss.item() / k
-            if not math.isfinite(total):
-                raise GradkitError(f"the train loss became {total} at step {step}; lower --lr and run again")
-            rec.step()  # before the optimiser step: reads the accumulated gradient
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            m = gns.metrics()
-            steps.append(step)
-            values.append(m["b_simple"])
-            log.write(
-                json.dumps(
-                    {"step": step, "loss": total, **m, "seconds": round(time.perf_counter() - start, 3)}
-                )
-                + "\n"
-            )
-            log.flush()
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{total:.3f}", b_simple="n/a" if m["b_simple"] is None else f"{m['b_simple']:.3g}"
-            )
-    bar.close()
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        steps.append(row["step"])
+        values.append(row["b_simple"])
 
     b_simple = gns.b_simple
     summary: dict[str, Any] = {
+        **{k: v for k, v in harness_summary.items() if k != "out"},
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,

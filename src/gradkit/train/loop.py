@@ -27,11 +27,14 @@ from gradkit.train.validate import check_config, check_model
 
 
 def load_datasets(cfg: TrainConfig):
-    """Train and test sets; the test labels are mapped through the train label ids."""
+    """Train and test sets; the test labels are mapped through the train label ids (no test set, None,
+    when the run does not evaluate)."""
     from gradkit.data import load_text_classification
 
     cols = {"text_col": _column(cfg.text_col), "label_col": _column(cfg.label_col)}
     train = load_text_classification(cfg.train, split="train", **cols)
+    if not cfg.evaluate:
+        return train, None
     test = load_text_classification(cfg.test, split="test", label_names=train.label_names, **cols)
     return train, test
 
@@ -40,8 +43,9 @@ def describe_data(train, test, shown: int = 10) -> str:
     """One line saying what a run read: rows per split and the label map (id = label as in the file)."""
     labels = ", ".join(f"{i} = {name!r}" for i, name in enumerate(train.label_names[:shown]))
     more = f", ... ({train.num_classes - shown} more)" if train.num_classes > shown else ""
+    test_part = f"test {test.path} ({len(test.texts):,} rows)" if test is not None else "no test set"
     return (
-        f"data: train {train.path} ({len(train.texts):,} rows), test {test.path} ({len(test.texts):,} rows); "
+        f"data: train {train.path} ({len(train.texts):,} rows), {test_part}; "
         f"{train.num_classes} classes: {labels}{more}"
     )
 
@@ -166,11 +170,13 @@ def _skipped_steps(optimizer: Any) -> int | None:
     return getattr(getattr(optimizer, "optimizer", optimizer), "skipped_steps", None)
 
 
-def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+def finetune(cfg: TrainConfig, *, progress: bool = True, method: Any = None) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.train`` with ``cfg.method``, evaluate on ``cfg.test`` and
     write the run folder (config.json, labels.json, metrics.jsonl, summary.json, loss.png, the
     trained weights or adapter; with ``cfg.ema`` also ``ema/``, the averaged weights in the same
-    format, and ``summary["ema"]``, their test metrics). Returns the summary."""
+    format, and ``summary["ema"]``, their test metrics). Returns the summary. ``method`` runs a
+    :class:`~gradkit.train.methods.Method` instance in place of the registered ``cfg.method`` (for
+    tools built on this loop, such as ``gradkit noise-scale``)."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -181,7 +187,7 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     from gradkit.train.model import load_classifier, load_tokenizer
     from gradkit.train.plots import plot_losses
 
-    method = get_method(cfg.method)
+    method = method if method is not None else get_method(cfg.method)
     check_config(cfg)  # every setting, before anything is loaded or written
     train_data, test_data = load_datasets(cfg)  # every data error surfaces before anything is written
     if progress and int(os.environ.get("RANK", "0")) == 0:
@@ -225,7 +231,12 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             out / "config.json", {**cfg.to_dict(), "lr": lr, "num_processes": accelerator.num_processes}
         )
         save_label_map(train_data, out / "labels.json")
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)
+    if cfg.schedule == "constant":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    else:
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps
+        )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     ema = None
     if cfg.ema is not None:
@@ -271,7 +282,15 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             if log and (step % cfg.log_every == 0 or step == cfg.steps):
                 seconds = time.perf_counter() - start
                 log.write(
-                    json_line({"step": step, "loss": loss, "lr": current_lr, "seconds": round(seconds, 4)})
+                    json_line(
+                        {
+                            "step": step,
+                            "loss": loss,
+                            "lr": current_lr,
+                            **method.step_metrics(),
+                            "seconds": round(seconds, 4),
+                        }
+                    )
                     + "\n"
                 )
                 log.flush()
@@ -290,10 +309,14 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
 
     unwrapped = accelerator.unwrap_model(model)
     agree = ranks_agree(unwrapped, accelerator) if accelerator.num_processes > 1 else True
-    results = evaluate(unwrapped, test_data, collate, cfg.eval_batch_size, accelerator.device)
+    results = {}
+    if test_data is not None:
+        results = evaluate(unwrapped, test_data, collate, cfg.eval_batch_size, accelerator.device)
     if ema is not None:
         with ema.swapped():
-            ema_results = evaluate(unwrapped, test_data, collate, cfg.eval_batch_size, accelerator.device)
+            ema_results = {}
+            if test_data is not None:
+                ema_results = evaluate(unwrapped, test_data, collate, cfg.eval_batch_size, accelerator.device)
             if main:
                 method.save(unwrapped, out / "ema")  # the EMA weights, in the method's own format
         results["ema"] = {"decay": cfg.ema, "warmup": cfg.ema_warmup, **ema_results}
@@ -317,7 +340,7 @@ def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         "num_processes": accelerator.num_processes,
         "ranks_identical": agree,
         "device": str(accelerator.device),
-        "test_examples": len(test_data),
+        "test_examples": len(test_data) if test_data is not None else 0,
         "train_examples": len(train_data),
     }
     if main:

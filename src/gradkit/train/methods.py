@@ -100,6 +100,10 @@ class Method:
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    def step_metrics(self) -> dict[str, Any]:
+        """Extra values for this step's line of metrics.jsonl (default: none)."""
+        return {}
+
     def save(self, model: nn.Module, out_dir: Path) -> None:
         """Save what the method trained. Default: the trainable tensors as safetensors."""
         from safetensors.torch import save_file

@@ -66,6 +66,8 @@ def check_config(cfg: TrainConfig) -> None:
     _number("seed", cfg.seed, low=0, example="0")
     if cfg.ema is not None:
         _number("ema", cfg.ema, low=0, high=1, high_open=True, example="0.99")
+    if cfg.schedule not in ("linear", "constant"):
+        raise GradkitError(f"schedule {cfg.schedule!r} is not one of: linear, constant")
     if cfg.targets != "all-linear" and not [t for t in cfg.targets.split(",") if t.strip()]:
         raise GradkitError(
             f"--targets {cfg.targets!r} names no layer; pass comma-separated Linear names (e.g. query,value) "
