@@ -35,7 +35,9 @@ class TrainConfig:
     eval_batch_size: int = 128
     log_every: int = 1
     schedule: str = "linear"  # "linear": warmup then linear decay to 0; "constant": lr at every step
-    evaluate: bool = True  # evaluate on the test set at the end (a measuring run such as noise-scale needs none)
+    evaluate: bool = (
+        True  # evaluate on the test set at the end (a measuring run such as noise-scale needs none)
+    )
     seed: int = 0
     out: str | None = None  # run folder; None = runs/<method>-<time> (a new one)
     overwrite: bool = False  # an existing non-empty ``out`` is refused unless this is set (then cleared)
