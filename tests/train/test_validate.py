@@ -195,3 +195,31 @@ def test_a_decoder_folder_is_checked_before_anything_is_written(
     assert_one_line(code, err, "no nn.Linear layers for LoRA to adapt (GPT-2-style models use Conv1D)")
     assert list(cwd.iterdir()) == []
     assert main(["finetune", "--method", "head", "--model", str(with_tokenizer), *args]) == 0
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_end_of_text(tmp_path, tiny_model_dir):
+    """Decoder tokenizers (GPT-2's) have no padding token: gradkit pads with the end-of-text token, and
+    refuses one that has neither."""
+    import shutil
+
+    from torch import nn
+    from transformers import AutoTokenizer
+
+    from gradkit.errors import GradkitError
+    from gradkit.train.config import TrainConfig
+    from gradkit.train.model import load_tokenizer
+    from gradkit.train.validate import check_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*token*", "vocab*"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token, tokenizer.eos_token = None, "[SEP]"
+    tokenizer.save_pretrained(folder)
+    loaded = load_tokenizer(str(folder))
+    assert loaded.pad_token == "[SEP]"
+    assert loaded(["a", "a longer text"], padding=True)["input_ids"][0][-1] == loaded.convert_tokens_to_ids(
+        "[SEP]"
+    )
+    loaded.pad_token = loaded.eos_token = None
+    with pytest.raises(GradkitError, match="no padding token"):
+        check_model(TrainConfig(max_length=16), nn.Linear(2, 2), loaded, str(folder))
