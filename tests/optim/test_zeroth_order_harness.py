@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from gradkit.errors import GradkitError
 from gradkit.train.config import TrainConfig
 from gradkit.train.loop import finetune
 from gradkit.train.method_zeroth_order import objective_value
@@ -123,3 +124,19 @@ def test_mezo_run_survives_a_step_the_optimiser_skips(tiny_model_dir, tmp_path, 
     assert summary["skipped_steps"] == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 3]
+
+
+def test_a_run_with_no_finite_loss_fails_with_a_clear_error(tiny_model_dir, tmp_path, monkeypatch):
+    """Every step skipped (fewer than max_bad_steps, so the optimiser itself does not raise): the run
+    has nothing to report and fails instead of writing NaN results."""
+    import gradkit.train.method_zeroth_order as zo_method
+
+    real = zo_method.objective_value
+    monkeypatch.setattr(zo_method, "objective_value", lambda *a, **k: real(*a, **k) * float("nan"))
+    cfg = small_config(tiny_model_dir, tmp_path, "mezo", zo_params="head")
+    with (
+        pytest.warns(UserWarning, match="step skipped"),
+        pytest.raises(GradkitError, match="not finite in any"),
+    ):
+        finetune(cfg, progress=False)
+    assert not (tmp_path / "run" / "summary.json").exists()
