@@ -37,6 +37,7 @@ BAD = {
     "ema-one": (("--ema", "1"), "--ema 1.0 is not allowed"),
     "steps-zero": (("--steps", "0"), "--steps 0 is not allowed"),
     "seed-negative": (("--seed", "-3"), "--seed -3 is not allowed"),
+    "model-missing": (("--model", "/nonexistent/model"), "--model /nonexistent/model is not a model folder"),
 }
 
 
@@ -223,3 +224,10 @@ def test_a_tokenizer_without_a_pad_token_pads_with_end_of_text(tmp_path, tiny_mo
     loaded.pad_token = loaded.eos_token = None
     with pytest.raises(GradkitError, match="no padding token"):
         check_model(TrainConfig(max_length=16), nn.Linear(2, 2), loaded, str(folder))
+
+
+def test_an_empty_out_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, "finetune", *TINY, "--out", "")
+    assert_one_line(code, err, "--out is empty")
+    assert list(tmp_path.iterdir()) == []

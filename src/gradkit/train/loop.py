@@ -215,7 +215,7 @@ def finetune(cfg: TrainConfig, *, progress: bool = True, method: Any = None) -> 
     loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
 
     model = load_classifier(cfg.model, train_data.num_classes, pooling=cfg.pooling, seed=cfg.seed)
-    check_model(cfg, model, tokenizer, cfg.model or "the bundled model")
+    check_model(cfg, model, tokenizer, cfg.model or "the bundled all-MiniLM-L6-v2")
     model.to(accelerator.device)
     # methods that look at data first (LoRA-GA) see the first training batches, whole, on every rank
     prep_batches = ({k: v.to(accelerator.device) for k, v in b.items()} for b in loader)

@@ -73,7 +73,14 @@ def check_config(cfg: TrainConfig) -> None:
             f"--targets {cfg.targets!r} names no layer; pass comma-separated Linear names (e.g. query,value) "
             "or all-linear"
         )
+    if cfg.model is not None and not Path(cfg.model, "config.json").is_file():
+        raise GradkitError(
+            f"--model {cfg.model} is not a model folder (no config.json there); pass a local Hugging Face "
+            "model folder, one that AutoModel.from_pretrained loads"
+        )
     if cfg.out is not None:
+        if not str(cfg.out).strip():
+            raise GradkitError("--out is empty; pass a folder path for the run")
         check_out(Path(cfg.out), cfg.overwrite)
 
 
@@ -108,7 +115,7 @@ def check_model(cfg: TrainConfig, model: nn.Module, tokenizer: Any, path: str) -
     limit = position_limit(model, tokenizer)
     if limit is not None and cfg.max_length > limit:
         raise GradkitError(
-            f"--max-length {cfg.max_length} exceeds the {limit} positions of the model in {path}; "
+            f"--max-length {cfg.max_length} exceeds the {limit} positions of the model ({path}); "
             f"pass --max-length 1..{limit} (longer texts are truncated to it)"
         )
     if tokenizer.pad_token is None:
