@@ -1,0 +1,232 @@
+"""Steepest descent under a chosen norm: normalised gradient, sign descent, orthogonalised (spectral).
+
+For a parameter with gradient (or momentum buffer) g, the step is
+
+    Δ = −lr · d*,   d* = argmax_{‖d‖ ≤ 1} ⟨g, d⟩,
+
+the move of length lr (in the chosen norm) that lowers the linearised loss most; it lowers it by
+lr·‖g‖_*, the dual norm (Bernstein & Newhouse 2024, "Old optimizer, new norm: an anthology",
+arXiv 2409.20325). Per norm (each tensor on its own):
+
+=============  ===========================  =====================  ===========================
+``norm``       ‖d‖                          d*                     ⟨g, d*⟩ = ‖g‖_*
+=============  ===========================  =====================  ===========================
+``"l2"``       ‖d‖₂                         g / ‖g‖₂               ‖g‖₂ (normalised GD)
+``"rms"``      ‖d‖₂ / √n                    √n · g / ‖g‖₂          √n · ‖g‖₂
+``"linf"``     max |d_i|                    sign(g)                ‖g‖₁ (sign descent)
+``"spectral"`` largest singular value       U Vᵀ  (g = U Σ Vᵀ)     Σ σ_i, the nuclear norm
+=============  ===========================  =====================  ===========================
+
+``"spectral"`` for a 2-D tensor is the orthogonalised update that Muon approximates (Jordan et al.
+2024; ``torch.optim.Muon``). Its fall-backs, which keep the step an exact steepest step:
+
+- 1-D tensors (biases, LayerNorm gains): viewed as an n×1 matrix, whose spectral norm is ‖·‖₂ and
+  whose U Vᵀ is g/‖g‖₂ — the ``"l2"`` step.
+- tensors of more than 2 dimensions (convolutions): flattened to (shape[0], −1), as Muon does.
+- embeddings: the tensor alone does not say that its rows are looked up one by one, so no automatic
+  rule; put embedding (and tied head) weights in their own param group with ``norm="rms"`` or
+  ``"linf"`` if the spectral geometry does not suit them (``norm`` is a per-group setting).
+
+U Vᵀ is computed by an exact SVD (``torch.linalg.svd``, float64 below ``svd_max`` rows and columns)
+when min(shape) ≤ ``svd_max`` (default 256), else by Newton–Schulz in float32: X ← X/‖X‖_F, then
+``ns_steps`` quintic steps with Jordan's coefficients (3.4445, −4.7750, 2.0315) (as torch's Muon),
+then ``ns_polish`` cubic steps X ← 1.5X − 0.5XXᵀX, which converge to U Vᵀ for every singular value
+that the quintic stage has raised above ~0.3 (the quintic alone leaves them anywhere in ~[0.7, 1.2],
+which is what torch's Muon returns). The result is U f(Σ) Vᵀ: after the default 5 + 8 steps,
+f(σ_i) is within 1e-6 of 1 for every σ_i ≥ 4e-4·‖g‖_F (measured on a 300×400 matrix with σ spread
+log-uniformly; tested), still within 1e-3 at 2e-4·‖g‖_F, and directions with smaller σ_i (a nearly
+rank-deficient g) are damped towards 0, which costs at most their share of ‖g‖_* in ⟨g, Δ⟩.
+
+Momentum (``momentum=μ > 0``): b ← μ b + g, and the steepest step is taken on b (Nesterov:
+on g + μ b); weight decay is decoupled, θ ← θ(1 − lr·λ) before the step (as AdamW and Muon).
+A zero gradient gives a zero step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim import Optimizer
+
+from gradkit.errors import GradkitError
+
+NORMS = ("l2", "rms", "linf", "spectral")
+_NS_QUINTIC = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(
+    g: torch.Tensor, *, svd_max: int = 256, ns_steps: int = 5, ns_polish: int = 8
+) -> torch.Tensor:
+    """U Vᵀ for g = U Σ Vᵀ (a 2-D tensor): exact SVD when min(g.shape) ≤ ``svd_max``, else Newton–Schulz.
+
+    Zero singular values give zero directions in the SVD path (U Vᵀ over the nonzero σ only), so
+    ⟨g, UVᵀ⟩ = Σσ_i exactly and ‖UVᵀ‖_op = 1 whenever g ≠ 0. See the module docstring for the
+    Newton–Schulz error.
+    """
+    if g.dim() != 2:
+        raise GradkitError(f"orthogonalize takes a 2-D tensor, got shape {tuple(g.shape)}")
+    if min(g.shape) <= svd_max:
+        x = g.to(torch.float64)
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        keep = (s > s[0] * max(g.shape) * torch.finfo(g.dtype).eps).to(x.dtype) if s.numel() else s
+        return ((u * keep) @ vh).to(g.dtype)
+    x = g.to(torch.float32)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=1e-30)
+    a, b, c = _NS_QUINTIC
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    for _ in range(ns_polish):
+        x = 1.5 * x - 0.5 * (x @ x.T) @ x
+    return (x.T if tall else x).to(g.dtype)
+
+
+def steepest_direction(
+    g: torch.Tensor, norm: str, *, svd_max: int = 256, ns_steps: int = 5, ns_polish: int = 8
+) -> torch.Tensor:
+    """d* = argmax_{‖d‖ ≤ 1} ⟨g, d⟩ under ``norm`` (see the module table); zero for g = 0."""
+    if norm == "linf":
+        return torch.sign(g)
+    if norm in ("l2", "rms") or (norm == "spectral" and g.dim() < 2):
+        n2 = g.norm()
+        if n2 == 0:
+            return torch.zeros_like(g)
+        scale = math.sqrt(g.numel()) if norm == "rms" else 1.0
+        return g * (scale / n2)
+    if norm == "spectral":
+        if not g.any():
+            return torch.zeros_like(g)
+        flat = g.reshape(g.shape[0], -1)
+        return orthogonalize(flat, svd_max=svd_max, ns_steps=ns_steps, ns_polish=ns_polish).view_as(g)
+    raise GradkitError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+
+
+def norm_of(d: torch.Tensor, norm: str) -> torch.Tensor:
+    """‖d‖ in ``norm`` (for 1-D tensors ``"spectral"`` is ‖·‖₂, for >2-D the flattened matrix's)."""
+    if norm == "l2" or (norm == "spectral" and d.dim() < 2):
+        return d.norm()
+    if norm == "rms":
+        return d.norm() / math.sqrt(d.numel())
+    if norm == "linf":
+        return d.abs().max()
+    if norm == "spectral":
+        return torch.linalg.matrix_norm(d.reshape(d.shape[0], -1).to(torch.float64), ord=2).to(d.dtype)
+    raise GradkitError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+
+
+def dual_norm_of(g: torch.Tensor, norm: str) -> torch.Tensor:
+    """‖g‖_* = max_{‖d‖ ≤ 1} ⟨g, d⟩ for ``norm``: ‖g‖₂, √n‖g‖₂, ‖g‖₁, or the nuclear norm."""
+    if norm == "l2" or (norm == "spectral" and g.dim() < 2):
+        return g.norm()
+    if norm == "rms":
+        return g.norm() * math.sqrt(g.numel())
+    if norm == "linf":
+        return g.abs().sum()
+    if norm == "spectral":
+        return torch.linalg.matrix_norm(g.reshape(g.shape[0], -1).to(torch.float64), ord="nuc").to(g.dtype)
+    raise GradkitError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+
+
+class SteepestDescent(Optimizer):
+    """Steepest descent under a norm: θ ← θ − lr · argmax_{‖d‖≤1} ⟨m, d⟩ for each parameter tensor.
+
+    ``norm``: ``"l2"`` (normalised gradient descent), ``"rms"`` (normalised, scaled by √n so that the
+    step's RMS is lr), ``"linf"`` (sign descent, the β→0 limit of Adam), ``"spectral"`` (U Vᵀ of the
+    gradient's SVD for matrices; Bernstein & Newhouse 2024). m is the gradient, or with
+    ``momentum=μ`` the buffer b ← μb + g (Nesterov: g + μb). Decoupled ``weight_decay`` λ: θ ← θ(1 − lr·λ).
+    Every setting is per param group; state is the momentum buffer only. See the module docstring for
+    the SVD / Newton–Schulz choice (``svd_max``, ``ns_steps``, ``ns_polish``) and the 1-D fall-back.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        norm: str = "l2",
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        *,
+        svd_max: int = 256,
+        ns_steps: int = 5,
+        ns_polish: int = 8,
+        foreach: bool | None = None,
+    ):
+        if not lr >= 0.0:
+            raise GradkitError(f"lr must be >= 0, got {lr}")
+        if norm not in NORMS:
+            raise GradkitError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise GradkitError(f"momentum must be in [0, 1), got {momentum}")
+        if nesterov and momentum <= 0:
+            raise GradkitError("nesterov=True needs momentum > 0")
+        if not weight_decay >= 0.0:
+            raise GradkitError(f"weight_decay must be >= 0, got {weight_decay}")
+        defaults = dict(
+            lr=lr,
+            norm=norm,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            svd_max=svd_max,
+            ns_steps=ns_steps,
+            ns_polish=ns_polish,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise GradkitError("SteepestDescent does not support sparse gradients")
+            lr, mu, wd, norm = group["lr"], group["momentum"], group["weight_decay"], group["norm"]
+            grads = [p.grad for p in params]
+            if mu > 0:
+                bufs = []
+                for p in params:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    bufs.append(state["momentum_buffer"])
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, grads)
+                m = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+            else:
+                m = grads
+            if wd > 0:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            use_foreach = group["foreach"] if group["foreach"] is not None else True
+            if norm == "linf" and use_foreach:
+                torch._foreach_add_(params, torch._foreach_sign(m), alpha=-lr)
+            elif norm in ("l2", "rms") and use_foreach:
+                norms = torch._foreach_norm(m)
+                scales = [
+                    0.0
+                    if float(n) == 0
+                    else -lr * (math.sqrt(t.numel()) if norm == "rms" else 1.0) / float(n)
+                    for n, t in zip(norms, m)
+                ]
+                torch._foreach_add_(params, torch._foreach_mul(m, scales))
+            else:
+                for p, t in zip(params, m):
+                    d = steepest_direction(
+                        t,
+                        norm,
+                        svd_max=group["svd_max"],
+                        ns_steps=group["ns_steps"],
+                        ns_polish=group["ns_polish"],
+                    )
+                    p.add_(d, alpha=-lr)
+        return loss
