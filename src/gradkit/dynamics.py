@@ -291,7 +291,7 @@ def module_loss(
 
     def loss_fn(theta: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(theta, sizes)
-        named = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        named = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
         return loss_of_output(torch.func.functional_call(model, named, inputs))
 
     return loss_fn, theta0

@@ -116,7 +116,7 @@ def test_state_dict_resume_is_bit_identical(reuse):
     opt_b = ErrorControlledGD(b.parameters(), lr=1e-3)
     opt_b.load_state_dict(saved_opt)
     run(b, opt_b, data, 5, 7)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert opt_a.stats == opt_b.stats
 

@@ -137,7 +137,7 @@ def test_state_dict_round_trip_resumes_exactly():
     opt_b = gradkit.optim.SteepestDescent(b.parameters(), lr=0.5, norm="l2")
     opt_b.load_state_dict(saved_opt)
     run(b, opt_b, 4)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
 
 

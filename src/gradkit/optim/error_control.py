@@ -151,7 +151,7 @@ class ErrorControlledGD(Optimizer):
             torch._foreach_add_(params, g0, alpha=-h)
             loss1, g1 = self._evaluate(closure, params)
             sq = 0.0
-            for p, x, a, b in zip(params, x0, g0, g1):
+            for p, x, a, b in zip(params, x0, g0, g1, strict=True):
                 e = (b - a).mul_(h / 2)
                 if rtol > 0:
                     e.div_(torch.maximum(x.abs(), p.detach().abs()).mul_(rtol).add_(tol))
@@ -172,17 +172,17 @@ class ErrorControlledGD(Optimizer):
                 )
                 if group["reuse_gradient"]:
                     ctrl["loss0"] = loss1
-                    for p, b in zip(params, g1):
+                    for p, b in zip(params, g1, strict=True):
                         self.state[p]["grad0"] = b
                 return loss0
             ctrl["rejected"] += 1
-            for p, x in zip(params, x0):
+            for p, x in zip(params, x0, strict=True):
                 p.copy_(x)
             new_h = h * min(factor, 1.0)
             if new_h < group["lr_min"] or new_h == 0.0:
                 break
             h = new_h
-        for p, g in zip(params, g0):  # leave θ₀ and its gradient as they were
+        for p, g in zip(params, g0, strict=True):  # leave θ₀ and its gradient as they were
             p.grad = g.clone()
         raise GradkitError(
             f"ErrorControlledGD: no step of size >= lr_min={group['lr_min']} met tol={tol} within "

@@ -216,11 +216,11 @@ class SteepestDescent(Optimizer):
                     0.0
                     if float(n) == 0
                     else -lr * (math.sqrt(t.numel()) if norm == "rms" else 1.0) / float(n)
-                    for n, t in zip(norms, m)
+                    for n, t in zip(norms, m, strict=True)
                 ]
                 torch._foreach_add_(params, torch._foreach_mul(m, scales))
             else:
-                for p, t in zip(params, m):
+                for p, t in zip(params, m, strict=True):
                     d = steepest_direction(
                         t,
                         norm,
