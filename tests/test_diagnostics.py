@@ -145,7 +145,9 @@ def test_adamw_first_step_is_torch_adamw_first_step(weight_decay):
         )
         opt.step()
         torch.testing.assert_close(delta, p.detach() - before, rtol=0, atol=2e-8)
-    assert delta[0, 0].item() == pytest.approx(-1e-2 * weight_decay * before[0, 0].item(), abs=2e-7)  # fp32 rounding
+    assert delta[0, 0].item() == pytest.approx(
+        -1e-2 * weight_decay * before[0, 0].item(), abs=2e-7
+    )  # fp32 rounding
 
 
 def test_the_update_ratio_is_a_sign_step_whatever_the_gradient_scale():
@@ -363,3 +365,168 @@ def test_public_name_and_plot(tmp_path):
     table = to_markdown(rows)
     assert table.count("\n") == 2 + len(rows) and "`blocks.1`" in table
     json.dumps([r.as_dict() for r in rows])  # plain data
+
+
+# ---------------------------------------------------------------- gradkit diagnose
+
+
+def _parser() -> argparse.ArgumentParser:
+    from gradkit.diagnose_cli import add_arguments
+
+    parser = argparse.ArgumentParser(prog="gradkit diagnose")
+    add_arguments(parser)
+    return parser
+
+
+def _diagnose(argv: list[str], capsys) -> tuple[int, str]:
+    """The diagnose runner as the CLI calls it: a GradkitError is one line and exit status 2."""
+    from gradkit.diagnose_cli import run_diagnose
+
+    try:
+        run_diagnose(_parser().parse_args(argv), progress=False)
+    except GradkitError as err:
+        return 2, str(err)
+    return 0, capsys.readouterr().err
+
+
+def test_diagnose_end_to_end_on_a_tiny_random_bert(tiny_model_dir, tmp_path, capsys):
+    from gradkit.audit import audit_init
+    from gradkit.data.text import load_text_classification
+    from gradkit.diagnose_cli import make_batches
+    from gradkit.train.model import load_classifier, load_tokenizer
+
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    code, _ = _diagnose(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+            "--batches",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "16",
+        ],
+        capsys,
+    )
+    assert code == 0 and torch.equal(torch.get_rng_state(), rng)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        json.loads((out / "summary.json").read_text())["files"]
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    flow = json.loads((out / "gradient_flow.json").read_text())
+    audit = json.loads((out / "audit.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["name"] for r in flow] == ["encoder.encoder.layer.0", "encoder.encoder.layer.1"]
+    for png in ("gradient_flow.png", "audit.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert (
+        "| block |" in (out / "gradient_flow.md").read_text() and "| name |" in (out / "audit.md").read_text()
+    )
+    assert json.loads((out / "config.json").read_text())["batches"] == 2
+
+    # the same numbers as the library functions on the same model and batches
+    model = load_classifier(str(tiny_model_dir), num_labels=2, seed=0)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    batches = make_batches(load_text_classification(None), tokenizer, 2, 4, 16, seed=0)
+    assert [len(b["labels"]) for b in batches] == [4, 4] and batches[0]["input_ids"].shape[1] <= 16
+    direct = gradient_flow(model, batches, lr=1e-3)
+    assert [r["grad_norm"] for r in flow] == pytest.approx([r.grad_norm for r in direct], rel=1e-6)
+    assert [r["update_ratio"] for r in flow] == pytest.approx([r.update_ratio for r in direct], rel=1e-6)
+    assert len(audit) == len(audit_init(model.encoder)) == summary["tensors"]
+    assert summary["depth_decay_per_block"] == pytest.approx(
+        depth_decay([r.grad_norm for r in direct]), rel=1e-6
+    )
+
+    # an empty folder is fine; a full one needs --overwrite, which replaces it
+    code, _ = _diagnose(
+        ["--model", str(tiny_model_dir), "--out", str(out), "--batches", "1", "--batch-size", "2"], capsys
+    )
+    assert code == 2
+    code, _ = _diagnose(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+            "--batches",
+            "1",
+            "--batch-size",
+            "2",
+            "--overwrite",
+        ],
+        capsys,
+    )
+    assert code == 0 and json.loads((out / "config.json").read_text())["batches"] == 1
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batches", "0"], "--batches 0 is not allowed"),
+        (["--batch-size", "-1"], "--batch-size -1 is not allowed"),
+        (["--max-length", "1"], "--max-length 1 is not allowed"),
+        (["--lr", "0"], "--lr 0.0 is not allowed"),
+        (["--lr", "nan"], "--lr nan is not allowed"),
+        (["--max-length", "1000"], "exceeds the 128 positions"),
+        (["--batches", "1000", "--batch-size", "100"], "needs 100000 examples"),
+        (["--blocks", "decoder.*"], "matches no module"),
+        (["--blocks", " "], "--blocks is empty"),
+        (["--train", "missing.tsv"], "no such file"),
+        (["--train", "{tmp}/one_class.tsv"], "at least 2 classes"),
+    ],
+)
+def test_diagnose_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys, extra, message):
+    _write(tmp_path / "one_class.tsv", "sentence\tlabel\na\t1\nb\t1\n")
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    out = tmp_path / "run"
+    code, err = _diagnose(["--model", str(tiny_model_dir), "--out", str(out), *extra], capsys)
+    assert code == 2 and message in err and "\n" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_diagnose_refuses_a_missing_or_non_model_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = _diagnose(["--model", str(tmp_path / "nowhere"), "--out", str(out)], capsys)
+    assert code == 2 and "no such folder" in err
+    (tmp_path / "empty").mkdir()
+    code, err = _diagnose(["--model", str(tmp_path / "empty"), "--out", str(out)], capsys)
+    assert code == 2 and "no config.json" in err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    code, err = _diagnose(["--out", str(tmp_path / "full")], capsys)
+    assert code == 2 and "already holds files" in err and (tmp_path / "full" / "x").read_text() == "x"
+    assert not out.exists()
+
+
+def test_the_gradkit_diagnose_command(tiny_model_dir, tmp_path, capsys):
+    """Through ``gradkit.cli.main`` (the subcommand is registered in cli.py's build_parser and main)."""
+    from gradkit.cli import main
+
+    out = tmp_path / "run"
+    argv = [
+        "diagnose",
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(out),
+        "--batches",
+        "1",
+        "--batch-size",
+        "2",
+    ]
+    assert main(argv) == 0
+    assert (out / "gradient_flow.json").is_file() and "run folder" in capsys.readouterr().out
+    assert main([*argv[:-2], "--batch-size", "0", "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradkit: error: --batch-size 0") and err.count("\n") == 1
+    assert not (tmp_path / "other").exists()

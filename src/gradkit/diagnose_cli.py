@@ -1,0 +1,248 @@
+"""``gradkit diagnose``: the init auditor and the per-block gradient flow of a local Hugging Face model.
+
+It loads an encoder (default: the bundled all-MiniLM-L6-v2) with a new classification head (the
+harness' :func:`gradkit.train.model.load_classifier`), draws ``--batches`` batches of
+``--batch-size`` examples from a text-classification file (default: the bundled SST-2 sample) in a
+seeded order, and writes a run folder:
+
+- ``audit.md`` / ``audit.json``: :func:`gradkit.audit_init` on the encoder as loaded (one row per tensor);
+- ``gradient_flow.md`` / ``gradient_flow.json``: :func:`gradkit.gradient_flow` of the classifier's
+  cross-entropy on those batches (one row per block);
+- ``gradient_flow.png`` and ``audit.png``: the plots; ``config.json`` and ``summary.json``.
+
+Every setting is checked before anything is loaded, and the folder is filled under a temporary name
+and renamed at the end, so a bad input or a failure leaves nothing behind. Torch and transformers are
+imported only when the run starts (``gradkit --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from gradkit.errors import GradkitError
+
+__all__ = ["add_arguments", "run_diagnose", "make_batches"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``gradkit diagnose`` options."""
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="local Hugging Face encoder folder (default: bundled all-MiniLM-L6-v2)")
+    g.add_argument(
+        "--train", help="text-classification file: TSV, CSV or JSON lines (default: bundled SST-2 sample)"
+    )
+    g.add_argument(
+        "--text-col", help="text column: name or 0-based index (default: sentence/text, else first)"
+    )
+    g.add_argument("--label-col", help="label column: name or 0-based index (default: label, else last)")
+    g.add_argument("--max-length", type=int, default=64, help="tokens per example (default %(default)s)")
+    g = p.add_argument_group("measurement")
+    g.add_argument(
+        "--batches", type=int, default=4, help="batches to average the gradient over (default %(default)s)"
+    )
+    g.add_argument("--batch-size", type=int, default=16, help="examples per batch (default %(default)s)")
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="lr of the AdamW step whose relative update is reported (default %(default)s)",
+    )
+    g.add_argument(
+        "--blocks",
+        help="glob naming the blocks (default: built-in patterns for BERT, GPT-2, Llama: encoder.layer.N, h.N, layers.N)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seeds the example order and the new head (default %(default)s)"
+    )
+    g.add_argument("--out", help="run folder, new or empty (default: runs/diagnose-<time>)")
+    g.add_argument(
+        "--overwrite", action="store_true", help="allow --out to be a folder that holds files: it is replaced"
+    )
+
+
+def _at_least(name: str, value: Any, low: float, example: str, *, open_low: bool = False) -> None:
+    ok = (
+        isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value > low if open_low else value >= low)
+    )
+    if not ok:
+        allowed = f"> {low:g}" if open_low else f">= {low:g}"
+        raise GradkitError(
+            f"--{name} {value} is not allowed: it must be finite and {allowed}; pass e.g. --{name} {example}"
+        )
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Every setting that needs nothing loaded; nothing is written."""
+    _at_least("batches", args.batches, 1, "4")
+    _at_least("batch-size", args.batch_size, 1, "16")
+    _at_least("max-length", args.max_length, 2, "64")
+    _at_least("lr", args.lr, 0, "1e-3", open_low=True)
+    _at_least("seed", args.seed, 0, "0")
+    if args.model is not None:
+        path = Path(args.model)
+        if not path.is_dir():
+            raise GradkitError(
+                f"--model {args.model}: no such folder; pass a local Hugging Face model folder"
+            )
+        if not (path / "config.json").is_file():
+            raise GradkitError(
+                f"--model {args.model} is not a model folder (no config.json there); pass a local Hugging Face "
+                "model folder, one that AutoModel.from_pretrained loads"
+            )
+    if args.train is not None and not Path(args.train).is_file():
+        raise GradkitError(f"--train {args.train}: no such file; pass a .tsv, .csv or .jsonl file")
+    if args.blocks is not None and not args.blocks.strip():
+        raise GradkitError("--blocks is empty; pass a glob such as encoder.layer.* or leave it out")
+    if args.out is not None:
+        if not str(args.out).strip():
+            raise GradkitError("--out is empty; pass a folder path for the run")
+        from gradkit.train.validate import check_out
+
+        check_out(Path(args.out), args.overwrite)
+
+
+def make_batches(data, tokenizer, batches: int, batch_size: int, max_length: int, seed: int) -> list[dict]:
+    """``batches`` tokenized batches (``input_ids``, ``attention_mask``, …, ``labels``) of ``batch_size``
+    examples of ``data`` (a :class:`~gradkit.data.text.TextClassificationData`), in the seeded order of
+    :func:`gradkit.data.text.shuffled_order`, padded to the longest in each batch, cut at ``max_length``."""
+    import torch
+
+    from gradkit.data.text import shuffled_order
+
+    need = batches * batch_size
+    if need > len(data):
+        raise GradkitError(
+            f"--batches {batches} × --batch-size {batch_size} needs {need} examples; {data.path} has {len(data)}; "
+            "pass fewer or smaller batches"
+        )
+    order = shuffled_order(len(data), seed)[:need]
+    out = []
+    for k in range(batches):
+        rows = [data[i] for i in order[k * batch_size : (k + 1) * batch_size]]
+        enc = tokenizer(
+            [t for t, _ in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        out.append({**dict(enc), "labels": torch.tensor([label for _, label in rows], dtype=torch.long)})
+    return out
+
+
+def _audit_plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gradkit.files import atomic_path
+
+    shown = [r for r in rows if r.expected_std and r.std > 0]
+    fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
+    x = list(range(len(shown)))
+    ax.plot(x, [r.std for r in shown], "o", markersize=3, label="measured std")
+    ax.plot(x, [r.expected_std for r in shown], "_", color="black", markersize=8, label="the rule's std")
+    bad = [(i, r.std) for i, r in enumerate(shown) if r.flags]
+    if bad:
+        ax.plot(*zip(*bad, strict=True), "x", color="red", markersize=7, label="flagged")
+    ax.set_yscale("log")
+    ax.set_xlabel("weight tensor (model order; norms and zero-rule biases left out)")
+    ax.set_ylabel("std")
+    ax.set_title("init audit: measured std against the closest named rule")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def run_diagnose(args: argparse.Namespace, *, progress: bool = True) -> dict[str, Any]:
+    """Run ``gradkit diagnose`` with parsed ``args``: audit and gradient flow, one run folder; returns the summary."""
+    _check(args)
+    from gradkit.audit import audit_init
+    from gradkit.audit import to_markdown as audit_markdown
+    from gradkit.data.text import load_text_classification
+    from gradkit.diagnostics import depth_decay, gradient_flow, plot_gradient_flow, to_markdown
+    from gradkit.files import atomic_dir, atomic_path, write_json
+    from gradkit.train.model import default_model_path, load_classifier, load_tokenizer
+    from gradkit.train.validate import position_limit
+
+    def say(text: str) -> None:
+        if progress:
+            print(text, flush=True)
+
+    col = lambda v: int(v) if isinstance(v, str) and v.isdigit() else v  # noqa: E731
+    data = load_text_classification(args.train, text_col=col(args.text_col), label_col=col(args.label_col))
+    model_path = args.model or default_model_path()
+    tokenizer = load_tokenizer(model_path)
+    model = load_classifier(model_path, num_labels=data.num_classes, seed=args.seed)
+    limit = position_limit(model, tokenizer)
+    if limit is not None and args.max_length > limit:
+        raise GradkitError(
+            f"--max-length {args.max_length} exceeds the {limit} positions of the model ({model_path}); "
+            f"pass --max-length 2..{limit}"
+        )
+    batches = make_batches(data, tokenizer, args.batches, args.batch_size, args.max_length, args.seed)
+    say(
+        f"data: {len(data)} rows from {data.path}, {data.num_classes} classes; {args.batches} batches of {args.batch_size}"
+    )
+    t0 = time.perf_counter()
+    audit = audit_init(model.encoder)
+    flow = gradient_flow(model, batches, blocks=args.blocks, lr=args.lr)
+    seconds = time.perf_counter() - t0
+
+    out = Path(args.out or Path("runs") / f"diagnose-{time.strftime('%Y%m%d-%H%M%S')}")
+    grads = [r.grad_norm for r in flow]
+    finite = [g for g in grads if math.isfinite(g) and g > 0]
+    summary: dict[str, Any] = {
+        "model": model_path,
+        "train": data.path,
+        "examples": args.batches * args.batch_size,
+        "tensors": len(audit),
+        "tensors_flagged": [r.name for r in audit if r.flags],
+        "rules": sorted({r.rule for r in audit if r.rule}),
+        "blocks": len(flow),
+        "blocks_flagged": {r.name: list(r.flags) for r in flow if r.flags},
+        "grad_norm_max_over_min": max(finite) / min(finite) if finite else None,
+        "depth_decay_per_block": depth_decay(grads),
+        "lr": args.lr,
+        "seconds": seconds,
+        "files": [
+            "config.json",
+            "summary.json",
+            "audit.md",
+            "audit.json",
+            "audit.png",
+            "gradient_flow.md",
+            "gradient_flow.json",
+            "gradient_flow.png",
+        ],  # fmt: skip
+    }
+    config = {k: v for k, v in vars(args).items() if k != "command"}
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "config.json", config)
+        with atomic_path(tmp / "audit.md") as f:
+            f.write_text(f"# Init audit of {model_path}\n\n" + audit_markdown(audit))
+        write_json(tmp / "audit.json", [r.as_dict() for r in audit])
+        with atomic_path(tmp / "gradient_flow.md") as f:
+            f.write_text(
+                f"# Gradient flow of {model_path} on {args.batches} × {args.batch_size} examples of {data.path}\n\n"
+                f"AdamW lr {args.lr:g}; flags: vanishing below median/10, exploding above median×10 "
+                "(see gradkit.gradient_flow).\n\n" + to_markdown(flow)
+            )
+        write_json(tmp / "gradient_flow.json", [r.as_dict() for r in flow])
+        plot_gradient_flow(flow, tmp / "gradient_flow.png", title=f"gradient flow: {Path(model_path).name}")
+        _audit_plot(audit, tmp / "audit.png")
+        write_json(tmp / "summary.json", summary)
+    spread = summary["grad_norm_max_over_min"]
+    say(
+        f"audit: {len(audit)} tensors, {len(summary['tensors_flagged'])} flagged; gradient flow: {len(flow)} blocks, "
+        f"grad norm max/min {'n/a' if spread is None else f'{spread:.3g}'}, {len(summary['blocks_flagged'])} "
+        f"flagged; run folder {out}"
+    )
+    summary["out"] = str(out)
+    return summary
