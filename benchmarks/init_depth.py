@@ -271,14 +271,14 @@ def main() -> None:
                     "rows": rows_a,
                 },
                 {
-                    "caption": "b. Post-LN, init std 0.02, 1/√d and 0.1: residual-branch ratios |F(x)|/|x| "
-                    "(mean over blocks), the block's |y − x|/|x|, and the fitted factor.",
+                    "caption": "b. Post-LN, init std 0.02, 1/√d and 0.1: residual-branch ratios \\|F(x)\\|/\\|x\\| "
+                    "(mean over blocks), the block's \\|y − x\\|/\\|x\\| (blocks 1..L−1), and the fitted factor.",
                     "columns": [
                         "init std",
                         "blocks",
-                        "|F|/|x| attention",
-                        "|F|/|x| MLP",
-                        "|y − x|/|x|",
+                        "\\|F\\|/\\|x\\| attention",
+                        "\\|F\\|/\\|x\\| MLP",
+                        "\\|y − x\\|/\\|x\\|",
                         "factor per block",
                         "per sub-layer",
                         "block 1 / top",
@@ -323,12 +323,12 @@ def main() -> None:
                         "block",
                         "grad norm (pretrained)",
                         "grad norm (from_config)",
-                        "|Δθ|/|θ| (pretrained)",
-                        "|Δθ|/|θ| (from_config)",
+                        "\\|Δθ\\|/\\|θ\\| (pretrained)",
+                        "\\|Δθ\\|/\\|θ\\| (from_config)",
                         "output RMS (pretrained)",
                         "output RMS (from_config)",
-                        "|y − x|/|x| (pretrained)",
-                        "|y − x|/|x| (from_config)",
+                        "\\|y − x\\|/\\|x\\| (pretrained)",
+                        "\\|y − x\\|/\\|x\\| (from_config)",
                     ],  # fmt: skip
                     "rows": rows_d,
                 }

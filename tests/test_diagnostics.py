@@ -236,7 +236,7 @@ def test_post_ln_branch_ratio_and_the_orthogonal_closed_form():
             y = block.ln2(x1 + m)
             assert row.residual_ratio == pytest.approx(((y - x).norm() / x.norm()).item(), rel=1e-5)
             x = y
-    assert "|F|/|x| attn" in to_markdown(rows)
+    assert "\\|F\\|/\\|x\\| attn" in to_markdown(rows)  # pipes escaped inside a markdown cell
 
     ln = nn.LayerNorm(4096, eps=0.0, elementwise_affine=False).double()
     g = torch.Generator().manual_seed(8)

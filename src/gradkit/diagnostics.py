@@ -418,7 +418,7 @@ def to_markdown(rows: Sequence[FlowRow], digits: int = 4) -> str:
     columns = ["block", "name", "params", "act RMS", "|y−x|/|x|"]
     columns += [f"|F|/|x| {b}" for b in branches]
     columns += ["grad norm", "grad / median", "weight norm", "AdamW |Δθ|/|θ|", "flags"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [r.index, f"`{r.name}`", r.num_params, r.act_rms, r.residual_ratio]
         cells += [r.branch_ratios.get(b) for b in branches]
