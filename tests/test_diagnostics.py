@@ -350,6 +350,16 @@ def test_bad_input_is_a_one_line_gradkit_error():
         gradient_flow(model, [x])
     with pytest.raises(GradkitError, match="scalar"):
         gradient_flow(model, x, lambda m, b: m(b))
+    with pytest.raises(GradkitError, match="does not depend"):
+        gradient_flow(model, x, lambda m, b: _half_square(m, b).detach())
+    model.blocks[0].lin.weight.requires_grad_(False)
+    rng = torch.get_rng_state()
+    requires = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(GradkitError, match="does not depend"):
+        gradient_flow(model, x, lambda m, b: torch.rand(()))  # raises mid-run: the model is still restored
+    assert (
+        torch.equal(torch.get_rng_state(), rng) and [p.requires_grad for p in model.parameters()] == requires
+    )
     with pytest.raises(GradkitError, match="nn.Module"):
         gradient_flow("model", x, _half_square)
 

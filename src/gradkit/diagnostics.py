@@ -295,6 +295,11 @@ def gradient_flow(
                     capture(model, names + branch_full, what="input", to=None) as ins,
                 ):
                     loss = _loss(model, batch, loss_fn)
+                    if not loss.requires_grad:
+                        raise GradkitError(
+                            "the loss does not depend on any parameter of the blocks (computed under "
+                            "torch.no_grad, or detached?); return a loss computed from the model's output"
+                        )
                     got = torch.autograd.grad(loss, all_params, allow_unused=True)
                 nonfinite_loss |= not bool(torch.isfinite(loss.detach()))
                 for i, g in enumerate(got):
