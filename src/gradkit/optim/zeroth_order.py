@@ -1,13 +1,15 @@
 """MeZO-style zeroth-order optimiser: two forward passes per step, no backward, memory of inference.
 
 Each step estimates the gradient by simultaneous perturbation (SPSA; Spall 1992) along a random
-Gaussian direction ``z`` and moves along it (MeZO: Malladi et al. 2023, arXiv 2305.17333)::
+direction ``z`` and moves along it (MeZO: Malladi et al. 2023, arXiv 2305.17333)::
 
     d_k   = (f(θ + ε z_k) - f(θ - ε z_k)) / 2          k = 1..n   (n = n_samples)
     θ_g  <- θ_g - lr_g · ( (1/n) Σ_k (d_k / ε_g) z_k,g  +  λ_g θ_g )
 
 With one ``ε`` for every group, ``d_k / ε`` is the usual projected gradient ``(f+ - f-) / 2ε`` and
-``E[proj · z] = ∇f + O(ε²)``. Per-group ``ε_g`` is allowed: dividing by the group's own ``ε_g``
+``E[proj · z] = ∇f + O(ε²)`` for any ``z`` with ``E[z zᵀ] = I``: ``distribution="gaussian"``
+(the default, MeZO's ``z ~ N(0, I)``) or ``"rademacher"`` (independent ±1 coordinates, Spall's
+original choice; several times cheaper to draw on a CPU, see :mod:`gradkit.optim.zo_directions`). Per-group ``ε_g`` is allowed: dividing by the group's own ``ε_g``
 keeps the estimate of each group's gradient unbiased, but another group h adds variance in
 proportion to ``(ε_h / ε_g)²``, so keep the groups' ``ε`` within a small factor of each other. Weight decay ``λ`` is decoupled and skipped
 for 1-D parameters (biases, normalisation weights) unless the group says ``decay_1d=True``.
@@ -72,9 +74,9 @@ from torch.overrides import TorchFunctionMode
 
 from gradkit.errors import GradkitError
 from gradkit.estimators import scalar_value
-from gradkit.optim.zo_directions import Directions, work_dtype
+from gradkit.optim.zo_directions import DISTRIBUTIONS, Directions, work_dtype
 
-__all__ = ["ZerothOrder", "RESTORE_MODES"]
+__all__ = ["ZerothOrder", "RESTORE_MODES", "DISTRIBUTIONS"]
 
 RESTORE_MODES = ("exact", "subtract")
 
@@ -100,6 +102,8 @@ class ZerothOrder(torch.optim.Optimizer):
         max_bad_steps: consecutive non-finite steps tolerated before raising.
         sparse_embeddings: perturb and update only the embedding rows the step looks up when
             nothing else reads the matrix (exact restore only; see the module docstring).
+        distribution: ``"gaussian"`` (z ~ N(0, I), MeZO) or ``"rademacher"`` (z ∈ {−1, +1}ⁿ uniformly,
+            Spall 1992); both give an unbiased estimate of the same smoothed gradient.
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class ZerothOrder(torch.optim.Optimizer):
         decay_1d: bool = False,
         max_bad_steps: int = 5,
         sparse_embeddings: bool = True,
+        distribution: str = "gaussian",
     ):
         params = list(params)
         if not params or all(isinstance(g, dict) and not list(g.get("params", [])) for g in params):
@@ -124,6 +129,10 @@ class ZerothOrder(torch.optim.Optimizer):
             )
         if restore not in RESTORE_MODES:
             raise GradkitError(f"unknown restore {restore!r}; choose one of: {', '.join(RESTORE_MODES)}")
+        if distribution not in DISTRIBUTIONS:
+            raise GradkitError(
+                f"unknown distribution {distribution!r}; choose one of: {', '.join(DISTRIBUTIONS)}"
+            )
         if not isinstance(n_samples, int) or n_samples < 1:
             raise GradkitError(f"n_samples must be a positive integer, got {n_samples!r}; pass e.g. 1")
         if max_bad_steps < 1:
@@ -133,7 +142,7 @@ class ZerothOrder(torch.optim.Optimizer):
         self.n_samples = n_samples
         self.restore = restore
         self.sparse_embeddings = bool(sparse_embeddings) and restore == "exact"
-        self._directions = Directions()
+        self._directions = Directions(distribution)
         self._sparse_now = False
         self.max_bad_steps = max_bad_steps
         self.steps = 0  # steps that updated the parameters
@@ -298,6 +307,11 @@ class ZerothOrder(torch.optim.Optimizer):
         return self.last_loss
 
     # -- resume -----------------------------------------------------------------------------
+    @property
+    def distribution(self) -> str:
+        """``"gaussian"`` or ``"rademacher"``: the law of each direction ``z``."""
+        return self._directions.distribution
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["zeroth_order"] = {
@@ -308,6 +322,7 @@ class ZerothOrder(torch.optim.Optimizer):
             "n_samples": self.n_samples,
             "restore": self.restore,
             "sparse_embeddings": self.sparse_embeddings,
+            "distribution": self._directions.distribution,
         }
         return state
 
@@ -323,6 +338,8 @@ class ZerothOrder(torch.optim.Optimizer):
             self.n_samples = int(extra["n_samples"])
             self.restore = extra["restore"]
             self.sparse_embeddings = bool(extra.get("sparse_embeddings", False))
+            if "distribution" in extra:  # states saved before the option existed drew Gaussians
+                self._directions.distribution = extra["distribution"]
 
 
 def _data_parallel() -> bool:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 ZO_PARAMS = ("lora", "all", "head")
 OBJECTIVES = ("loss", "accuracy", "f1")
+ZO_DISTRIBUTIONS = ("gaussian", "rademacher")  # gradkit.optim.zeroth_order.DISTRIBUTIONS
 
 
 def _prepare_params(method: Lora, model: nn.Module, cfg: TrainConfig, which: str) -> nn.Module:
@@ -110,6 +111,12 @@ class Mezo(Lora):
         )
         g.add_argument("--zo-samples", type=int, default=1, help="directions per step (default %(default)s)")
         g.add_argument(
+            "--zo-distribution",
+            choices=ZO_DISTRIBUTIONS,
+            default="gaussian",
+            help="law of the directions z: gaussian (MeZO) or rademacher (±1, Spall's SPSA; cheaper to draw)",
+        )
+        g.add_argument(
             "--objective",
             choices=OBJECTIVES,
             default="loss",
@@ -138,6 +145,7 @@ class Mezo(Lora):
             lr=lr,
             eps=options.get("zo_eps") or 1e-3,
             n_samples=options.get("zo_samples") or 1,
+            distribution=options.get("zo_distribution") or "gaussian",
             weight_decay=cfg.weight_decay,
             seed=cfg.seed,  # the same on every rank: the same directions everywhere
         )
