@@ -1,6 +1,7 @@
-"""Overhead of the noise-scale monitor per training step: no monitor vs the accumulation hooks vs the
-per-example Linear hooks vs torch.func per-example gradients (vmap(grad)), on a small transformer
-encoder (batch x tokens x features), same process, same data.
+"""Overhead of the noise-scale monitor per training step: no monitor vs the accumulation source (fused:
+one multi-tensor read of the accumulated gradients per micro-batch, the default; and its per-parameter
+tensor hooks, ``fused=False``) vs the per-example Linear hooks vs torch.func per-example gradients
+(vmap(grad)), on a small transformer encoder (batch x tokens x features), same process, same data.
 
     OMP_NUM_THREADS=1 python benchmarks/noise_scale.py --quick     # seconds: a smoke run
     python benchmarks/noise_scale.py                               # the measured claim (minutes)
@@ -41,14 +42,17 @@ def _step_fn(mode: str, model: nn.Module, opt, micro: int, k: int):
     gns = NoiseScale(model)
     rec = None
     if mode == "accumulation":
-        rec = gns.accumulation_hooks()
+        rec = gns.accumulation_hooks()  # fused in one process
+        assert rec.fused
+    elif mode == "accumulation_hooks":
+        rec = gns.accumulation_hooks(fused=False)
     elif mode == "per_example":
         rec = gns.per_example_hooks()
 
     def step(x, y):
         for cx, cy in zip(x.split(micro), y.split(micro), strict=True):
             (nn.functional.cross_entropy(model(cx), cy) / k).backward()
-            if mode == "accumulation":
+            if mode.startswith("accumulation"):
                 rec.micro_step(len(cy))
         if rec is not None:
             rec.step()
@@ -81,6 +85,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a few steps: a smoke run")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--instances", type=int, default=3, help="model instances per mode, all timed")
+    ap.add_argument(
+        "--load-note",
+        default="Other jobs shared the 2 cores while this ran; the CPU-time ratios of the round robin are what "
+        "hold up under such load.",
+        help="a note on the machine's load, written into the result",
+    )
     args = ap.parse_args()
     d, layers, batch, tokens, k = (32, 1, 8, 8, 2) if args.quick else (128, 4, 32, 64, 4)
     steps = 3 if args.quick else args.steps
@@ -90,7 +100,7 @@ def main() -> None:
         (torch.randn(batch, tokens, d, generator=gen), torch.randint(0, 4, (batch,), generator=gen))
         for _ in range(steps + 2)
     ]
-    modes = ["none", "accumulation", "per_example", "torch_func"]
+    modes = ["none", "accumulation", "accumulation_hooks", "per_example", "torch_func"]
     # several model instances per mode: one instance's step time moves by a few % with where its
     # tensors happen to sit in memory, as much as the monitor costs
     steps_of: dict[str, list] = {mode: [] for mode in modes}
@@ -146,11 +156,18 @@ def main() -> None:
             "notes": ["--quick is a smoke run; its numbers mean nothing"]
             if args.quick
             else [
-                f"Accumulation source: {rows[1][2]:.3f}x the step without a monitor (goal <= 1.05x); per-example "
-                f"Linear hooks {rows[2][2]:.3f}x; torch.func per-example gradients {rows[3][2]:.3f}x.",
+                f"Accumulation source (fused, the default in one process): {rows[1][2]:.3f}x the step without a "
+                f"monitor (goal <= 1.05x); the same source with a tensor hook per parameter (fused=False, as "
+                f"under DDP) {rows[2][2]:.3f}x; per-example Linear hooks {rows[3][2]:.3f}x; torch.func "
+                f"per-example gradients {rows[4][2]:.3f}x.",
+                "Fused: after each micro-batch's backward, three multi-tensor kernels (a_{i-1} - a_i into a kept "
+                "copy of the accumulated gradient, torch._foreach_norm, copy a_i in) instead of a hook and a "
+                "reduction per parameter; it costs one gradient's memory. Both give the same numbers (to float32 "
+                "rounding; tests/scaling/test_noise_scale_fused.py).",
                 "The modes ran round robin, one step each in turn, with one torch thread, timed by the thread's CPU "
                 "time (time.thread_time: waits while other processes hold the cores are not counted); wall-time "
                 "ratios, which such waits do disturb, are shown for reference.",
+                args.load_note,
                 "torch.func: in torch 2.13 vmap has no batching rule for CPU scaled-dot-product attention and "
                 "falls back to a slower path (it warns), part of its cost here.",
             ],

@@ -27,6 +27,7 @@ gradients from independent halves of it (unbiased).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -181,11 +182,20 @@ class NoiseScale:
         return model
 
     def accumulation_hooks(
-        self, model: nn.Module | None = None, *, grad_scale: float = 1.0, distributed: bool | None = None
+        self,
+        model: nn.Module | None = None,
+        *,
+        grad_scale: float = 1.0,
+        distributed: bool | None = None,
+        fused: bool | None = None,
     ) -> GradNormRecorder:
-        """Hooks that measure each micro-batch's gradient inside gradient accumulation (and, under DDP,
-        each rank's local gradient); see :class:`GradNormRecorder`."""
-        return GradNormRecorder(self, self._model(model), grad_scale=grad_scale, distributed=distributed)
+        """Measure each micro-batch's gradient inside gradient accumulation (and, under DDP, each rank's
+        local gradient); see :class:`GradNormRecorder`. ``fused`` (default: in a single process) reads
+        the accumulated gradients with a few multi-tensor kernels per micro-batch instead of a hook per
+        parameter, at the memory of one gradient copy."""
+        return GradNormRecorder(
+            self, self._model(model), grad_scale=grad_scale, distributed=distributed, fused=fused
+        )
 
     def per_example_hooks(
         self,
@@ -238,12 +248,28 @@ def _trainable(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
+def _sq_norm_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_i |t_i|² as one device scalar: one fused ``torch._foreach_norm`` per dtype (norms in float32 at
+    least, as :func:`sq_norm`; float64 stays float64), their squares summed in float64."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    total: torch.Tensor | None = None
+    for dtype, group in groups.items():
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        norms = torch._foreach_norm(group, 2, dtype=None if dtype == wide else wide)
+        part = torch.stack(norms).double().square().sum()
+        total = part if total is None else total + part.to(total.device)
+    if total is None:
+        raise GradkitError("no gradient to measure")
+    return total
+
+
 class GradNormRecorder:
     """Measure micro-batch gradients inside gradient accumulation and, under DDP, local vs global.
 
-    A tensor hook on every trainable parameter sees the gradient each backward pass adds before it
-    is accumulated into ``.grad`` (and before DDP all-reduces it), and adds its squared norm to a
-    running device scalar (no host sync, no gradient copy). The usual loop::
+    The squared norm of what each micro-batch's backward adds to the gradients, ``|Δ_i|²``, is read
+    with no per-parameter Python work. The usual loop::
 
         rec = gns.accumulation_hooks(model)
         for micro in micro_batches:                 # k micro-batches of the step
@@ -251,6 +277,19 @@ class GradNormRecorder:
             rec.micro_step(batch_size=len(micro))
         rec.step()                                  # before clipping: reads the accumulated .grad
         optimizer.step(); optimizer.zero_grad()
+
+    Two ways to read ``|Δ_i|²``, with the same result (to float32 rounding):
+
+    - **fused** (the default in a single process): ``micro_step`` reads the accumulated ``.grad`` of
+      every parameter at once. With ``a_i`` the accumulated gradient after micro-batch ``i`` (``a_0 = 0``:
+      grads zeroed or ``None`` before the first), ``Δ_i = a_i − a_{i−1}``; a copy of ``a_{i−1}`` is
+      kept, and three multi-tensor kernels per micro-batch form ``a_{i−1} − a_i`` in that copy, take
+      its norms (``torch._foreach_norm``) and copy ``a_i`` in. Costs the memory of one gradient.
+    - **hooks** (``fused=False``, and always under DDP): a tensor hook on every trainable parameter
+      sees the gradient each backward adds, before it is accumulated into ``.grad`` (and before DDP
+      all-reduces it, which is why DDP needs it: after a synced backward ``.grad`` holds the mean over
+      ranks), and adds its squared norm to a running device scalar. No extra memory; a hook call and a
+      reduction per parameter and micro-batch.
 
     Conventions: after the last backward, ``.grad`` is ``grad_scale`` times the mean gradient of the
     whole batch (``grad_scale=1`` for ``loss / k`` with equal micro-batches, or ``loss·b_i/B``; pass
@@ -261,11 +300,17 @@ class GradNormRecorder:
     Under DDP (``torch.distributed`` initialised, or ``distributed=True``) ``.grad`` after the synced
     backward is the mean over ranks, so ``B = world × local batch``; the small-batch norms of every
     rank are averaged with one all-reduce of three numbers. One micro-batch per step is then enough.
-    Use it as a context manager (or call :meth:`remove`) to take the hooks off.
+    Use it as a context manager (or call :meth:`remove`) to take the hooks off (and free the copy).
     """
 
     def __init__(
-        self, gns: NoiseScale, model: nn.Module, *, grad_scale: float = 1.0, distributed: bool | None = None
+        self,
+        gns: NoiseScale,
+        model: nn.Module,
+        *,
+        grad_scale: float = 1.0,
+        distributed: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         if not grad_scale > 0:
             raise GradkitError(f"grad_scale must be > 0, got {grad_scale}")
@@ -273,18 +318,81 @@ class GradNormRecorder:
         self.params = _trainable(model)
         if not self.params:
             raise GradkitError("the model has no trainable parameters to measure; set requires_grad first")
+        parallel = world_size(distributed) > 1
+        if fused and parallel:
+            raise GradkitError(
+                "fused=True reads the accumulated .grad, which DDP's synced backward replaces with the mean "
+                "over ranks; under DDP use the hooks (fused=False or None)"
+            )
+        self.fused = not parallel if fused is None else bool(fused)
         self._running: torch.Tensor | None = None  # squared norm added since the last micro_step
         self._micro: list[tuple[torch.Tensor, int]] = []  # (squared norm of the increment, batch size)
-        self._handles = [p.register_hook(self._hook) for p in self.params]
+        # fused: a_{i-1} per parameter (kept between steps, valid from the step's first micro_step on)
+        self._previous: list[torch.Tensor | None] = [None] * len(self.params)
+        self._valid = [False] * len(self.params)
+        self._seen: list[tuple[Any, int] | None] = []  # per parameter: (weakref(.grad), its version)
+        self._snapshot()
+        self._handles = [] if self.fused else [p.register_hook(self._hook) for p in self.params]
 
     def _hook(self, grad: torch.Tensor) -> None:
         sq = sq_norm(grad)
         self._running = sq if self._running is None else self._running + sq.to(self._running.device)
 
+    def _changed(self) -> bool:
+        """Whether any ``.grad`` was replaced or written since the last snapshot (a backward ran)."""
+        for p, seen in zip(self.params, self._seen, strict=True):
+            g = p.grad
+            if g is None:
+                if seen is not None:
+                    return True
+            elif seen is None or seen[0]() is not g or seen[1] != g._version:
+                return True
+        return False
+
+    def _snapshot(self) -> None:
+        self._seen = [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in self.params]
+
+    def _read_increment(self) -> torch.Tensor | None:
+        """fused: ``|a_i − a_{i−1}|²`` summed over parameters, and ``a_i`` kept for the next one."""
+        fresh, fresh_i, subtract, into, copy_into, copy_from = [], [], [], [], [], []
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            prev = self._previous[i]
+            if prev is None or prev.shape != g.shape or prev.dtype != g.dtype or prev.device != g.device:
+                fresh.append(g)
+                fresh_i.append(i)
+                continue
+            if self._valid[i]:
+                into.append(prev)
+                subtract.append(g)
+            else:  # first micro-batch of the step for this parameter: Δ = a_i
+                fresh.append(g)
+            copy_into.append(prev)
+            copy_from.append(g)
+        if not subtract and not fresh:
+            return None
+        if subtract:
+            torch._foreach_sub_(into, subtract)  # a_{i-1} - a_i = -Δ_i: the same norm
+        total = _sq_norm_sum(into + fresh)
+        if copy_into:
+            torch._foreach_copy_(copy_into, copy_from)
+        for i in fresh_i:
+            self._previous[i] = self.params[i].grad.detach().clone()
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                self._valid[i] = True
+        return total
+
     def micro_step(self, batch_size: int) -> None:
         """Mark the end of one micro-batch's backward pass (``batch_size`` examples on this rank)."""
         if not batch_size > 0:
             raise GradkitError(f"micro_step batch_size must be > 0, got {batch_size}")
+        if self.fused and self._changed():
+            with torch.no_grad():
+                self._running = self._read_increment()
+            self._snapshot()
         if self._running is None:
             raise GradkitError("micro_step() found no gradient since the last call; call it after backward()")
         self._micro.append((self._running, int(batch_size)))
@@ -296,7 +404,7 @@ class GradNormRecorder:
         Call it after the last backward of the step and before clipping or ``zero_grad``. Returns
         ``B_simple`` (None while not yet measurable).
         """
-        if self._running is not None:
+        if self._running is not None or (self.fused and self._changed()):
             raise GradkitError(
                 "a backward pass was not closed with micro_step(batch_size); call it before step()"
             )
@@ -305,6 +413,7 @@ class GradNormRecorder:
                 "step() found no micro-batches; call micro_step(batch_size) after each backward"
             )
         micro, self._micro = self._micro, []
+        self._valid = [False] * len(self.params)  # the next step starts from zeroed gradients
         world = world_size(self.distributed)
         if len(micro) < 2 and world < 2:
             raise GradkitError(
@@ -314,7 +423,7 @@ class GradNormRecorder:
         b_local = sum(b for _, b in micro)
         grads = [p.grad for p in self.params if p.grad is not None]
         device = grads[0].device
-        big = torch.stack([sq_norm(g) for g in grads]).sum() / self.grad_scale**2
+        big = _sq_norm_sum(grads) / self.grad_scale**2
         # increment of micro-batch i is grad_scale·(b_i/B_local)·G_{b_i}
         small_sum = sum(sq.to(device) * (b_local / (b * self.grad_scale)) ** 2 for sq, b in micro)
         inv_b = sum(1.0 / b for _, b in micro)
@@ -323,10 +432,12 @@ class GradNormRecorder:
         return self.gns.update(small_sum / count, big, b_small, b_local * world)
 
     def remove(self) -> None:
-        """Take the hooks off the parameters."""
+        """Take the hooks off the parameters and free the fused path's copy of the gradients."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._previous = [None] * len(self.params)
+        self._valid = [False] * len(self.params)
 
     def __enter__(self) -> GradNormRecorder:
         return self
