@@ -65,6 +65,49 @@ def _common(parser: argparse.ArgumentParser, method_options: bool = True) -> Non
         default=d.ema_warmup,
         help="EMA warmup schedule (default %(default)s: the average starts at the first step's weights)",
     )
+    g = parser.add_argument_group("evaluation, checkpoints and logging")
+    g.add_argument(
+        "--grad-accum",
+        type=int,
+        default=d.grad_accum,
+        help="micro-batches of --batch-size per optimiser step: the step's batch is batch-size x this",
+    )
+    g.add_argument(
+        "--no-trim-padding",
+        dest="trim_padding",
+        action="store_false",
+        help="run each batch as one forward pass padded to its longest text (default: length-sorted parts "
+        "with little padding, the same gradient up to rounding)",
+    )
+    g.add_argument("--dev", help="dev file for --eval-every and --keep-best (same format as --train)")
+    g.add_argument(
+        "--dev-fraction",
+        type=float,
+        help="carve this share of the training file off as the dev set (seeded; not trained on)",
+    )
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        help="evaluate on the dev set every N steps (and at the end); 0: at the end only",
+    )
+    g.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="also keep the weights of the best dev accuracy in best/ and test them (chosen on dev only)",
+    )
+    g.add_argument(
+        "--save-every",
+        type=int,
+        default=d.save_every,
+        help="write a checkpoint every N steps (resume with gradkit finetune --resume RUN_DIR); 0: none",
+    )
+    g.add_argument(
+        "--report-to",
+        choices=["none", "tensorboard"],
+        default=d.report_to,
+        help="also log metrics to TensorBoard (RUN_DIR/tensorboard; needs pip install tensorboard)",
+    )
     g = parser.add_argument_group("LoRA")
     g.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r")
     g.add_argument(
@@ -106,6 +149,14 @@ _CONFIG_KEYS = (
     "lora_dropout",
     "ema",
     "ema_warmup",
+    "grad_accum",
+    "trim_padding",
+    "dev",
+    "dev_fraction",
+    "eval_every",
+    "keep_best",
+    "save_every",
+    "report_to",
 )
 
 
@@ -119,9 +170,24 @@ def _config(args: argparse.Namespace, method: str):
     options = {
         k: v
         for k, v in values.items()
-        if k not in _CONFIG_KEYS and k not in ("command", "method", "methods", "debug")
+        if k not in _CONFIG_KEYS and k not in ("command", "method", "methods", "debug", "resume")
     }
     return TrainConfig(method=method, options=options, **known)
+
+
+def _check_resume_alone(args: argparse.Namespace) -> None:
+    """``--resume`` takes every setting from the run's config.json: refuse options that would be ignored."""
+    defaults = vars(build_parser().parse_args(["finetune"]))
+    given = [
+        "--" + key.replace("_", "-")
+        for key, value in vars(args).items()
+        if key not in ("resume", "command") and value != defaults.get(key)
+    ]
+    if given:
+        raise GradkitError(
+            f"--resume takes its settings from the run's config.json; drop {', '.join(given)} "
+            "(to change a setting, start a new run)"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--method", default="lora", help=f"one of {', '.join(sorted(methods))} (default %(default)s)"
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint, with the settings in its config.json "
+        "(give no other option)",
     )
     _common(p)
     p = sub.add_parser(
@@ -169,9 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "finetune":
-            from gradkit.train.loop import finetune
+            from gradkit.train.loop import finetune, resume
 
-            summary = finetune(_config(args, args.method))
+            if args.resume is not None:
+                _check_resume_alone(args)
+                summary = resume(args.resume)
+            else:
+                summary = finetune(_config(args, args.method))
             print(
                 f"{summary['method']}: test accuracy {100 * summary['test_accuracy']:.2f}%, "
                 f"final train loss {summary['final_train_loss']:.4f}, {summary['train_seconds']:.0f} s; "

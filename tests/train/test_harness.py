@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradkit.train.config import TrainConfig
-from gradkit.train.loop import _Ordered, finetune
+from gradkit.train.loop import finetune, training_order
 from gradkit.train.methods import get_method
 
 
@@ -44,9 +44,9 @@ def test_data_order_is_seeded_and_covers_each_example_once_per_epoch():
     from gradkit.data import load_text_classification
 
     data = load_text_classification(None, split="train")
-    first = _Ordered(data, 2 * len(data) + 5, seed=3).order
-    assert first == _Ordered(data, 2 * len(data) + 5, seed=3).order
-    assert first != _Ordered(data, 2 * len(data) + 5, seed=4).order
+    first = training_order(len(data), 2 * len(data) + 5, seed=3)
+    assert first == training_order(len(data), 2 * len(data) + 5, seed=3)
+    assert first != training_order(len(data), 2 * len(data) + 5, seed=4)
     n = len(data)
     assert sorted(first[:n]) == list(range(n)) and sorted(first[n : 2 * n]) == list(range(n))
     assert first[:n] != first[n : 2 * n]  # a fresh shuffle each epoch

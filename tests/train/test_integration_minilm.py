@@ -46,14 +46,12 @@ def test_lora_finetune_on_minilm_writes_an_adapter_that_plain_peft_reloads(tmp_p
         assert (out / name).is_file(), name
 
     # the adapter on a freshly loaded original MiniLM scores the test set exactly as the trained model did
-    from gradkit.train.loop import evaluate, load_datasets, make_collate
+    from gradkit.train.loop import evaluate_texts, load_datasets
 
     path = default_model_path()
     loaded = PeftModel.from_pretrained(load_classifier(path, 2, seed=123), out / "adapter")
-    _, test = load_datasets(cfg)
-    again = evaluate(
-        loaded, test, make_collate(load_tokenizer(path), cfg.max_length), 256, torch.device("cpu")
-    )
+    _, _, test = load_datasets(cfg)
+    again = evaluate_texts(loaded, test, load_tokenizer(path), cfg.max_length, 256)
     assert again["test_accuracy"] == summary["test_accuracy"]
     assert again["test_loss"] == pytest.approx(summary["test_loss"], abs=1e-5)
 

@@ -11,7 +11,7 @@ from gradkit.train.config import TrainConfig
 def test_peft_lora_ga_run_saves_an_adapter_for_the_original_base(tiny_model_dir, tmp_path):
     from peft import PeftModel
 
-    from gradkit.train.loop import evaluate, finetune, load_datasets, make_collate
+    from gradkit.train.loop import evaluate_texts, finetune, load_datasets
     from gradkit.train.model import load_classifier, load_tokenizer
 
     cfg = TrainConfig(
@@ -31,24 +31,23 @@ def test_peft_lora_ga_run_saves_an_adapter_for_the_original_base(tiny_model_dir,
         load_classifier(str(tiny_model_dir), 2, seed=7), tmp_path / "run" / "adapter"
     )
     assert loaded.peft_config["default"].r == 2 * cfg.rank
-    _, test = load_datasets(cfg)
-    again = evaluate(
-        loaded, test, make_collate(load_tokenizer(str(tiny_model_dir)), 32), 256, torch.device("cpu")
-    )
+    _, _, test = load_datasets(cfg)
+    again = evaluate_texts(loaded, test, load_tokenizer(str(tiny_model_dir)), 32, 256)
     assert again["test_loss"] == pytest.approx(summary["test_loss"], abs=1e-5)
     assert again["test_accuracy"] == summary["test_accuracy"]
 
 
 def test_peft_lora_ga_init_is_not_a_plain_lora_init(tiny_model_dir):
     """B is non-zero after PEFT's LoRA-GA, and the global RNG is left alone."""
-    from gradkit.train.loop import load_datasets, make_collate
+    from gradkit.train.batching import tokenize
+    from gradkit.train.loop import load_datasets
     from gradkit.train.methods import get_method
     from gradkit.train.model import load_classifier, load_tokenizer
 
     cfg = TrainConfig(model=str(tiny_model_dir), rank=4, options={"peft_ga_batches": 2})
-    train, _ = load_datasets(cfg)
-    collate = make_collate(load_tokenizer(str(tiny_model_dir)), 32)
-    batches = iter([collate([train[i] for i in range(8 * k, 8 * k + 8)]) for k in range(2)])
+    train, _, _ = load_datasets(cfg)
+    tokens = tokenize(load_tokenizer(str(tiny_model_dir)), train.texts, train.labels, 32)
+    batches = iter([tokens.collate(range(8 * k, 8 * k + 8)) for k in range(2)])
     before = torch.random.get_rng_state()
     model = get_method("peft-lora-ga").prepare(load_classifier(str(tiny_model_dir), 2, seed=0), cfg, batches)
     assert torch.equal(torch.random.get_rng_state(), before)

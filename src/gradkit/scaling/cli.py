@@ -216,11 +216,14 @@ class NoiseScaleProbe(Method):
     def train_step(self, model, batch, optimizer, accelerator, cfg):
         import torch
 
+        from gradkit.train.batching import split_batch
+
         k = self.micro_batches
         micro = len(batch["labels"]) // k
         total = torch.zeros(())
-        for i in range(k):
-            part = {key: value[i * micro : (i + 1) * micro] for key, value in batch.items()}
+        # k equal micro-batches in the stream's order (the estimator needs the size b = B / k), each
+        # padded only to its own longest text
+        for part, _ in split_batch(batch, max_examples=micro, trim=False):
             loss = model(**part).loss
             accelerator.backward(loss / k)  # .grad ends as the mean gradient over the whole batch
             self._recorder.micro_step(micro)

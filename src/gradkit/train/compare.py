@@ -111,7 +111,7 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     summaries: list[dict[str, Any]] = []
-    curves = {}
+    curves, dev_curves = {}, {}
     for name in methods:
         run_dir = out / name
         reader, writer = ctx.Pipe(duplex=False)
@@ -134,19 +134,28 @@ def compare(
             continue
         summary = json.loads(summary_path.read_text())
         summaries.append(summary)
-        steps, losses = [], []
+        steps, losses, dev_steps, dev_losses = [], [], [], []
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)
-            steps.append(row["step"])
-            losses.append(row["loss"])
+            if "loss" in row:  # a train row (dev rows carry dev_loss)
+                steps.append(row["step"])
+                losses.append(row["loss"])
+            elif "dev_loss" in row:
+                dev_steps.append(row["step"])
+                dev_losses.append(row["dev_loss"])
         curves[name] = (steps, losses)
+        if dev_steps:
+            dev_curves[name] = (dev_steps, dev_losses)
     table = format_table(summaries)
     write_json(out / "comparison.json", {"config": cfg.to_dict(), "methods": methods, "summaries": summaries})
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(table + "\n")
     if curves:
         plot_losses(
-            curves, out / "loss.png", title=f"train loss, {cfg.steps} steps of batch {cfg.batch_size}"
+            curves,
+            out / "loss.png",
+            title=f"train loss, {cfg.steps} steps of batch {cfg.batch_size * cfg.grad_accum}",
+            dev=dev_curves or None,
         )
     print(table)
     print(f"\nrun folder: {out}")

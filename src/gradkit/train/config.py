@@ -38,6 +38,16 @@ class TrainConfig:
     evaluate: bool = (
         True  # evaluate on the test set at the end (a measuring run such as noise-scale needs none)
     )
+    grad_accum: int = (
+        1  # micro-batches of batch_size per optimiser step: the step's batch is batch_size x this
+    )
+    trim_padding: bool = True  # cut each batch into length-sorted parts with little padding (same gradient)
+    eval_every: int = 0  # evaluate on the dev set every this many steps (and at the end); 0: at the end only
+    dev: str | None = None  # dev file (same format as train); or dev_fraction of the training file
+    dev_fraction: float | None = None
+    keep_best: bool = False  # also keep and test the weights of the best dev accuracy (needs eval_every)
+    save_every: int = 0  # write a resumable checkpoint every this many steps; 0: none
+    report_to: str = "none"  # "tensorboard": also log through accelerate's tracker into <out>/tensorboard
     seed: int = 0
     out: str | None = None  # run folder; None = runs/<method>-<time> (a new one)
     overwrite: bool = False  # an existing non-empty ``out`` is refused unless this is set (then cleared)

@@ -9,6 +9,7 @@ run sees the same examples in the same order whatever the number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import resource
@@ -21,31 +22,62 @@ import torch
 
 from gradkit.errors import GradkitError
 from gradkit.files import clear_folder, json_line, write_json
+from gradkit.train.batching import Tokenized
 from gradkit.train.config import TrainConfig
 from gradkit.train.metrics import accuracy, macro_f1, window_mean
 from gradkit.train.validate import check_config, check_model
 
 
 def load_datasets(cfg: TrainConfig):
-    """Train and test sets; the test labels are mapped through the train label ids (no test set, None,
-    when the run does not evaluate)."""
+    """``(train, dev, test)``: the dev and test labels are mapped through the train label ids. ``dev``
+    is ``cfg.dev``, or ``cfg.dev_fraction`` of the training file carved out of it (seeded; those rows
+    are not trained on), or None; ``test`` is None when the run does not evaluate."""
     from gradkit.data import load_text_classification
 
     cols = {"text_col": _column(cfg.text_col), "label_col": _column(cfg.label_col)}
     train = load_text_classification(cfg.train, split="train", **cols)
+    dev = None
+    if cfg.dev is not None:
+        dev = load_text_classification(cfg.dev, split="test", label_names=train.label_names, **cols)
+    elif cfg.dev_fraction is not None:
+        train, dev = carve_dev(train, cfg.dev_fraction, cfg.seed)
     if not cfg.evaluate:
-        return train, None
+        return train, dev, None
     test = load_text_classification(cfg.test, split="test", label_names=train.label_names, **cols)
-    return train, test
+    return train, dev, test
 
 
-def describe_data(train, test, shown: int = 10) -> str:
+def carve_dev(train, fraction: float, seed: int):
+    """Split ``round(fraction * n)`` rows (at least 1, seeded by ``seed``, independent of the training
+    order's stream) off the training set as a dev set; both keep the file's order."""
+    from gradkit.data import shuffled_order
+
+    n = len(train)
+    n_dev = max(1, round(fraction * n))
+    if n_dev >= n:
+        raise GradkitError(
+            f"--dev-fraction {fraction:g} of {n} training rows leaves none to train on; pass a smaller "
+            "fraction (e.g. 0.1) or a --dev file"
+        )
+    chosen = set(shuffled_order(n, seed, epoch=-1)[:n_dev])  # epoch -1: a stream no training epoch uses
+
+    def subset(dev: bool, path: str):
+        rows = [i for i in range(n) if (i in chosen) == dev]
+        return dataclasses.replace(
+            train, texts=[train.texts[i] for i in rows], labels=[train.labels[i] for i in rows], path=path
+        )
+
+    return subset(False, train.path), subset(True, f"{train.path} [dev: {n_dev} rows carved, seed {seed}]")
+
+
+def describe_data(train, test, shown: int = 10, dev=None) -> str:
     """One line saying what a run read: rows per split and the label map (id = label as in the file)."""
     labels = ", ".join(f"{i} = {name!r}" for i, name in enumerate(train.label_names[:shown]))
     more = f", ... ({train.num_classes - shown} more)" if train.num_classes > shown else ""
     test_part = f"test {test.path} ({len(test.texts):,} rows)" if test is not None else "no test set"
+    dev_part = f"dev {dev.path} ({len(dev.texts):,} rows), " if dev is not None else ""
     return (
-        f"data: train {train.path} ({len(train.texts):,} rows), {test_part}; "
+        f"data: train {train.path} ({len(train.texts):,} rows), {dev_part}{test_part}; "
         f"{train.num_classes} classes: {labels}{more}"
     )
 
@@ -54,62 +86,55 @@ def _column(value: str | int | None) -> str | int | None:
     return int(value) if isinstance(value, str) and value.isdigit() else value
 
 
-def make_collate(tokenizer, max_length: int):
-    def collate(examples: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
-        texts, labels = zip(*examples, strict=True)
-        batch = tokenizer(
-            list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        batch = dict(batch)
-        batch["labels"] = torch.tensor(labels, dtype=torch.long)
-        return batch
+def training_order(n: int, total: int, seed: int) -> list[int]:
+    """The training stream: ``total`` example indices, one seeded shuffle of ``range(n)`` per epoch. A
+    step's batch is the next slice of it, so the data position of a run is its step."""
+    from gradkit.data import shuffled_order
 
-    return collate
-
-
-class _Ordered(torch.utils.data.Dataset):
-    """The training stream: examples in a fixed order (one seeded shuffle per epoch), as long as
-    the step budget needs."""
-
-    def __init__(self, data, total: int, seed: int):
-        from gradkit.data import shuffled_order
-
-        self.data = data
-        order: list[int] = []
-        epoch = 0
-        while len(order) < total:
-            order.extend(shuffled_order(len(data), seed, epoch))
-            epoch += 1
-        self.order = order[:total]
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, i: int) -> tuple[str, int]:
-        j = self.order[i]
-        return self.data.texts[j], self.data.labels[j]
+    order: list[int] = []
+    epoch = 0
+    while len(order) < total:
+        order.extend(shuffled_order(n, seed, epoch))
+        epoch += 1
+    return order[:total]
 
 
 @torch.no_grad()
-def evaluate(model, data, collate, batch_size: int, device) -> dict[str, float]:
-    """Test loss, accuracy and macro-F1 of ``model`` on ``data`` (eval mode, no dropout)."""
+def evaluate(
+    model, data: Tokenized, num_classes: int, batch_size: int, device, prefix: str = "test"
+) -> dict[str, float]:
+    """``<prefix>_loss``, ``_accuracy`` and ``_macro_f1`` of ``model`` on ``data`` (eval mode, no
+    dropout). Batches are formed in length order, so each is padded little; the metrics do not depend
+    on the batching."""
     was_training = model.training
     model.eval()
-    preds, losses = [], []
-    examples = list(zip(data.texts, data.labels, strict=True))
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+    lengths = data.lengths()
+    order = sorted(range(len(data)), key=lambda i: -lengths[i])  # longest first: peak memory up front
+    pred = torch.empty(len(data), dtype=torch.long)
+    loss_sum = 0.0
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in data.collate(rows).items()}
         out = model(**batch)
-        losses.append(out.loss.item() * len(batch["labels"]))
-        preds.append(out.logits.argmax(-1).cpu())
+        loss_sum += out.loss.double().item() * len(rows)
+        pred[torch.tensor(rows)] = out.logits.argmax(-1).cpu()
     model.train(was_training)
     labels = torch.tensor(data.labels)
-    pred = torch.cat(preds)
     return {
-        "test_accuracy": accuracy(pred, labels),
-        "test_macro_f1": macro_f1(pred, labels, data.num_classes),
-        "test_loss": sum(losses) / len(examples),
+        f"{prefix}_accuracy": accuracy(pred, labels),
+        f"{prefix}_macro_f1": macro_f1(pred, labels, num_classes),
+        f"{prefix}_loss": loss_sum / len(data),
     }
+
+
+def evaluate_texts(
+    model, data, tokenizer, max_length: int, batch_size: int = 128, device="cpu", prefix: str = "test"
+) -> dict[str, float]:
+    """:func:`evaluate` on a loaded data set (tokenised here, as the harness does)."""
+    from gradkit.train.batching import tokenize
+
+    tokens = tokenize(tokenizer, data.texts, data.labels, max_length)
+    return evaluate(model, tokens, data.num_classes, batch_size, torch.device(device), prefix)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -170,94 +195,236 @@ def _skipped_steps(optimizer: Any) -> int | None:
     return getattr(getattr(optimizer, "optimizer", optimizer), "skipped_steps", None)
 
 
-def finetune(cfg: TrainConfig, *, progress: bool = True, method: Any = None) -> dict[str, Any]:
+def _scheduler(optimizer, cfg: TrainConfig):
+    from transformers import get_linear_schedule_with_warmup
+
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)
+
+
+def _tracker_config(cfg: TrainConfig, lr: float) -> dict[str, Any]:
+    """The run's settings as TensorBoard hparams take them (numbers, strings and booleans only)."""
+    flat = {**{k: v for k, v in cfg.to_dict().items() if k != "options"}, **cfg.options, "lr": lr}
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
+
+
+def _keep_rows(path: Path, last_step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) with only its complete rows of steps up to ``last_step``: a
+    resumed run appends from there (a row cut short by a hard kill is dropped too)."""
+    import json
+
+    from gradkit.files import atomic_path
+
+    kept = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", last_step + 1) <= last_step:
+                kept.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def finetune(
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+    method: Any = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.train`` with ``cfg.method``, evaluate on ``cfg.test`` and
-    write the run folder (config.json, labels.json, metrics.jsonl, summary.json, loss.png, the
-    trained weights or adapter; with ``cfg.ema`` also ``ema/``, the averaged weights in the same
-    format, and ``summary["ema"]``, their test metrics). Returns the summary. ``method`` runs a
-    :class:`~gradkit.train.methods.Method` instance in place of the registered ``cfg.method`` (for
-    tools built on this loop, such as ``gradkit noise-scale``)."""
+    write the run folder (config.json, labels.json, status.json, metrics.jsonl, summary.json,
+    loss.png, the trained weights or adapter; with ``cfg.ema`` also ``ema/``, the averaged weights in
+    the same format, and ``summary["ema"]``, their test metrics; with ``cfg.keep_best`` also ``best/``
+    and ``summary["best"]``; with ``cfg.save_every`` resumable ``checkpoints/``). Returns the summary.
+
+    ``method`` runs a :class:`~gradkit.train.methods.Method` instance in place of the registered
+    ``cfg.method`` (for tools built on this loop, such as ``gradkit noise-scale``). ``resume``: continue
+    the run in ``cfg.out`` from its latest checkpoint (see :func:`resume`). ``stop_after``: end this
+    session after that step as an interruption would (status ``stopped``), for time-sliced jobs; the
+    returned summary then holds only the status.
+    """
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
     from gradkit.data import save_label_map
+    from gradkit.train import checkpoint as ckpt
+    from gradkit.train.batching import tokenize
     from gradkit.train.methods import get_method
     from gradkit.train.model import load_classifier, load_tokenizer
     from gradkit.train.plots import plot_losses
 
     method = method if method is not None else get_method(cfg.method)
-    check_config(cfg)  # every setting, before anything is loaded or written
-    train_data, test_data = load_datasets(cfg)  # every data error surfaces before anything is written
+    check_config(cfg, resume=resume)  # every setting, before anything is loaded or written
+    train_data, dev_data, test_data = load_datasets(
+        cfg
+    )  # every data error surfaces before anything is written
     if progress and int(os.environ.get("RANK", "0")) == 0:
-        print(describe_data(train_data, test_data))
+        print(describe_data(train_data, test_data, dev=dev_data))
     tokenizer = load_tokenizer(cfg.model)
+    out = Path(cfg.out) if cfg.out else default_out(cfg.method)
+    checkpoint = None
+    if resume:
+        checkpoint = ckpt.latest_checkpoint(out)
+        if checkpoint is None:
+            raise GradkitError(
+                f"{out} holds no checkpoint to resume from; it ran without --save-every or stopped before "
+                "its first one: start it again"
+            )
 
     # the global batch is split across processes; recent accelerate silently ignores the old
     # ``Accelerator(split_batches=...)`` keyword, so it goes through DataLoaderConfiguration
     accelerator = Accelerator(
-        dataloader_config=DataLoaderConfiguration(split_batches=True), cpu=not torch.cuda.is_available()
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        cpu=not torch.cuda.is_available(),
+        log_with=["tensorboard"] if cfg.report_to == "tensorboard" else None,
+        project_dir=str(out),
     )
     _warn_if_launched_alone(accelerator.num_processes)
-    if cfg.batch_size % accelerator.num_processes:
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % processes:
         raise GradkitError(
-            f"--batch-size {cfg.batch_size} does not split evenly over {accelerator.num_processes} processes; "
-            f"use a multiple of {accelerator.num_processes}"
+            f"--batch-size {cfg.batch_size} does not split evenly over {processes} processes; "
+            f"use a multiple of {processes}"
         )
     set_seed(cfg.seed)
     lr = cfg.lr if cfg.lr is not None else method.default_lr
-    out = Path(cfg.out) if cfg.out else default_out(cfg.method)
     main = accelerator.is_main_process
+    device = accelerator.device
 
-    collate = make_collate(tokenizer, cfg.max_length)
-    stream = _Ordered(train_data, cfg.steps * cfg.batch_size, cfg.seed)
-    loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
+    # tokenised once; each step's batch is the next slice of the seeded stream, this process's share
+    train_tokens = tokenize(tokenizer, train_data.texts, train_data.labels, cfg.max_length)
+    dev_tokens = dev_data and tokenize(tokenizer, dev_data.texts, dev_data.labels, cfg.max_length)
+    test_tokens = test_data and tokenize(tokenizer, test_data.texts, test_data.labels, cfg.max_length)
+    step_examples = cfg.batch_size * cfg.grad_accum
+    order = training_order(len(train_data), cfg.steps * step_examples, cfg.seed)
+    share = step_examples // processes
+
+    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def step_batch(step: int) -> dict[str, torch.Tensor]:
+        first = (step - 1) * step_examples + rank * share
+        return to_device(train_tokens.collate(order[first : first + share]))
 
     model = load_classifier(cfg.model, train_data.num_classes, pooling=cfg.pooling, seed=cfg.seed)
     check_model(cfg, model, tokenizer, cfg.model or "the bundled all-MiniLM-L6-v2")
-    model.to(accelerator.device)
-    # methods that look at data first (LoRA-GA) see the first training batches, whole, on every rank
-    prep_batches = ({k: v.to(accelerator.device) for k, v in b.items()} for b in loader)
-    model = method.prepare(model, cfg, prep_batches)
+    model.to(device)
+    if checkpoint is not None:
+        model = method.prepare_for_resume(model, cfg)
+    else:
+        # methods that look at data first (LoRA-GA) see the first training batches, whole, on every rank
+        prep_batches = (
+            to_device(train_tokens.collate(order[i * cfg.batch_size : (i + 1) * cfg.batch_size]))
+            for i in range(cfg.steps * cfg.grad_accum)
+        )
+        model = method.prepare(model, cfg, prep_batches)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = method.make_optimizer(model, cfg, lr)
+    scheduler = _scheduler(optimizer, cfg)
+    state: dict[str, Any] = {}
+    best_tensors = local = None
+    if checkpoint is not None:
+        tensors, state, best_tensors, local = ckpt.load_checkpoint(checkpoint, rank)
+        if state["num_processes"] != processes:
+            raise GradkitError(
+                f"{out} was run with {state['num_processes']} processes; resume it with the same number "
+                f"(this launch has {processes})"
+            )
+        method.load_checkpoint_tensors(model, tensors)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(local["local"])
     # the run folder is made only now: a setting, data, model or method that fails leaves nothing behind
-    if main:
+    if main and checkpoint is None:
         if cfg.overwrite and out.is_dir():
             clear_folder(out)
         out.mkdir(parents=True, exist_ok=True)
-        write_json(
-            out / "config.json", {**cfg.to_dict(), "lr": lr, "num_processes": accelerator.num_processes}
-        )
+        write_json(out / "config.json", {**cfg.to_dict(), "lr": lr, "num_processes": processes})
         save_label_map(train_data, out / "labels.json")
-    if cfg.schedule == "constant":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    else:
-        scheduler = get_linear_schedule_with_warmup(
-            optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps
-        )
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
     ema = None
     if cfg.ema is not None:
         from gradkit.ema import EMA
 
         # every rank holds the same weights after each step, so every rank's average is the same
         ema = EMA(model, decay=cfg.ema, warmup=cfg.ema_warmup)
+        if state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
 
-    losses: list[float] = []
-    loss_steps: list[int] = []  # the step of each loss (a step an optimiser skipped has none)
-    skipped = 0
+    start_step = state.get("step", 0)
+    losses: list[float] = state.get("losses", [])
+    loss_steps: list[int] = state.get("loss_steps", [])  # the step of each loss (a skipped step has none)
+    dev_curve: list[list[float]] = state.get("dev_curve", [])  # [step, dev loss] pairs for the plot
+    best: dict[str, Any] = state.get("best", {})
+    skipped = state.get("skipped", 0)
+    seconds_before = state.get("train_seconds", 0.0)
+    checkpoint_step = start_step if checkpoint is not None else None
     metrics_path = out / "metrics.jsonl"
-    log = open(metrics_path, "w") if main else None  # noqa: SIM115 (kept open across the loop)
-    bar = tqdm(total=cfg.steps, desc=cfg.method, disable=not (progress and main), dynamic_ncols=True)
+    log = None
+    if main:
+        if checkpoint is not None:
+            _keep_rows(metrics_path, start_step)
+        log = open(metrics_path, "a" if checkpoint is not None else "w")  # noqa: SIM115 (open across the loop)
+        ckpt.write_status(out, "running", step=start_step, steps=cfg.steps, checkpoint_step=checkpoint_step)
+    if cfg.report_to == "tensorboard":
+        accelerator.init_trackers("tensorboard", config=_tracker_config(cfg, lr))
+
+    def write_row(row: dict[str, Any]) -> None:
+        if log:
+            log.write(json_line(row) + "\n")
+            log.flush()
+
+    def save(step: int) -> None:
+        loop_state = {
+            "step": step,
+            "losses": losses,
+            "loss_steps": loss_steps,
+            "dev_curve": dev_curve,
+            "best": best,
+            "skipped": skipped,
+            "train_seconds": seconds_before + time.perf_counter() - start,
+            "num_processes": processes,
+            "optimizer": getattr(optimizer, "optimizer", optimizer).state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+        }
+        ckpt.save_checkpoint(
+            out,
+            step,
+            tensors=method.checkpoint_tensors(unwrapped),
+            state=loop_state,
+            best=best_tensors,
+            local_state=method.state_dict(),
+            accelerator=accelerator,
+            process_index=rank,
+            main=main,
+        )
+
+    if local is not None:
+        ckpt.set_rng_state(local["rng"])  # the last thing before the first step: nothing draws in between
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        desc=cfg.method,
+        disable=not (progress and main),
+        dynamic_ncols=True,
+    )
     start = time.perf_counter()
+    step = start_step
     model.train()
     try:
-        for step, batch in enumerate(loader, 1):
+        for step in range(start_step + 1, cfg.steps + 1):
             current_lr = scheduler.get_last_lr()[0]
             skipped_before = _skipped_steps(optimizer)
-            loss = method.train_step(model, batch, optimizer, accelerator, cfg)
+            loss = method.train_step(model, step_batch(step), optimizer, accelerator, cfg)
             scheduler.step()
             if ema is not None:
                 ema.update(step)
@@ -270,61 +437,115 @@ def finetune(cfg: TrainConfig, *, progress: bool = True, method: Any = None) -> 
                 # the optimiser (ZerothOrder) skipped the step itself: it warns once, counts, and raises
                 # after max_bad_steps in a row
                 skipped += 1
-                bar.update(1)
-                continue
-            if not math.isfinite(loss):
+            elif not math.isfinite(loss):
                 raise GradkitError(
                     f"the train loss became {loss} at step {step} with lr {lr:g}; lower --lr "
                     f"(or raise --warmup-ratio) and run again"
                 )
-            losses.append(loss)
-            loss_steps.append(step)
-            if log and (step % cfg.log_every == 0 or step == cfg.steps):
-                seconds = time.perf_counter() - start
-                log.write(
-                    json_line(
-                        {
-                            "step": step,
-                            "loss": loss,
-                            "lr": current_lr,
-                            **method.step_metrics(),
-                            "seconds": round(seconds, 4),
-                        }
-                    )
-                    + "\n"
-                )
-                log.flush()
+            else:
+                losses.append(loss)
+                loss_steps.append(step)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    row = {"step": step, "loss": loss, "lr": current_lr, **method.step_metrics()}
+                    write_row({**row, "seconds": round(seconds_before + time.perf_counter() - start, 4)})
+                    if cfg.report_to == "tensorboard":
+                        accelerator.log({"train/loss": loss, "train/lr": current_lr}, step=step)
+                bar.set_postfix(loss=f"{window_mean(losses, len(losses)):.4f}")
             bar.update(1)
-            bar.set_postfix(loss=f"{window_mean(losses, step):.4f}")
+            if dev_tokens is not None and (
+                step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
+            ):
+                dev = evaluate(
+                    unwrapped, dev_tokens, train_data.num_classes, cfg.eval_batch_size, device, "dev"
+                )
+                write_row({"step": step, **dev})
+                dev_curve.append([step, dev["dev_loss"]])
+                if cfg.report_to == "tensorboard":
+                    accelerator.log({f"dev/{k[4:]}": v for k, v in dev.items()}, step=step)
+                if cfg.keep_best and dev["dev_accuracy"] > best.get("dev_accuracy", -1.0):
+                    best = {"step": step, **dev}
+                    best_tensors = {
+                        k: v.detach().cpu().clone() for k, v in method.checkpoint_tensors(unwrapped).items()
+                    }
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                save(step)
+                checkpoint_step = step
+                if main:
+                    ckpt.write_status(out, "running", step=step, steps=cfg.steps, checkpoint_step=step)
+            if stop_after is not None and step >= stop_after and step < cfg.steps:
+                break
+    except BaseException as err:
+        if main:
+            interrupted = isinstance(err, KeyboardInterrupt)
+            reason = "interrupted" if interrupted else " ".join(str(err).split())
+            ckpt.write_status(
+                out,
+                "stopped" if interrupted else "failed",
+                reason=reason,
+                step=step,
+                steps=cfg.steps,
+                checkpoint_step=checkpoint_step,
+            )
+        raise
     finally:
         bar.close()
         if log:
             log.close()
-    train_seconds = time.perf_counter() - start
+    if step < cfg.steps:  # stop_after: the session ends here, the run goes on from its checkpoint
+        if main:
+            ckpt.write_status(
+                out,
+                "stopped",
+                reason="stop_after",
+                step=step,
+                steps=cfg.steps,
+                checkpoint_step=checkpoint_step,
+            )
+        accelerator.wait_for_everyone()
+        return {"status": "stopped", "step": step, "checkpoint_step": checkpoint_step, "out": str(out)}
+    train_seconds = seconds_before + time.perf_counter() - start
     if not losses:  # every step was skipped for a non-finite loss: there is nothing to report or keep
         raise GradkitError(
             f"the train loss was not finite in any of the {cfg.steps} steps ({skipped} skipped by the "
             "optimiser); lower --lr (or --zo-eps) and run again"
         )
 
-    unwrapped = accelerator.unwrap_model(model)
-    agree = ranks_agree(unwrapped, accelerator) if accelerator.num_processes > 1 else True
-    results = {}
-    if test_data is not None:
-        results = evaluate(unwrapped, test_data, collate, cfg.eval_batch_size, accelerator.device)
+    agree = ranks_agree(unwrapped, accelerator) if processes > 1 else True
+    results: dict[str, Any] = {}
+    if test_tokens is not None:
+        results = evaluate(unwrapped, test_tokens, train_data.num_classes, cfg.eval_batch_size, device)
+    if dev_curve:
+        results["dev_loss_at"] = {str(int(s)): v for s, v in dev_curve}
     if ema is not None:
         with ema.swapped():
             ema_results = {}
-            if test_data is not None:
-                ema_results = evaluate(unwrapped, test_data, collate, cfg.eval_batch_size, accelerator.device)
+            if test_tokens is not None:
+                ema_results = evaluate(
+                    unwrapped, test_tokens, train_data.num_classes, cfg.eval_batch_size, device
+                )
             if main:
                 method.save(unwrapped, out / "ema")  # the EMA weights, in the method's own format
         results["ema"] = {"decay": cfg.ema, "warmup": cfg.ema_warmup, **ema_results}
+    if main:
+        method.save(unwrapped, out)  # the final weights
+    if best_tensors is not None:
+        # the best-on-dev weights: chosen on dev alone, then tested once, saved beside the final ones
+        final = {k: v.detach().cpu().clone() for k, v in method.checkpoint_tensors(unwrapped).items()}
+        method.load_checkpoint_tensors(unwrapped, best_tensors)
+        best_test = {}
+        if test_tokens is not None:
+            best_test = evaluate(unwrapped, test_tokens, train_data.num_classes, cfg.eval_batch_size, device)
+        if main:
+            method.save(unwrapped, out / "best")
+        method.load_checkpoint_tensors(unwrapped, final)
+        results["best"] = {**best, **best_test}
     summary = {
+        "status": "finished",
         "method": cfg.method,
         "lr": lr,
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
         "seed": cfg.seed,
         "final_train_loss": window_mean(losses, len(losses)),
         "train_loss_at": {
@@ -332,25 +553,55 @@ def finetune(cfg: TrainConfig, *, progress: bool = True, method: Any = None) -> 
         },
         **results,
         "skipped_steps": skipped,
+        "resumed_from_step": state.get("step") if checkpoint is not None else None,
         "train_seconds": round(train_seconds, 2),
         "seconds_per_step": round(train_seconds / cfg.steps, 4),
-        "peak_memory_mb": round(peak_memory_mb(accelerator.device), 1),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
         "trainable_parameters": trainable,
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-        "num_processes": accelerator.num_processes,
+        "num_processes": processes,
         "ranks_identical": agree,
-        "device": str(accelerator.device),
+        "device": str(device),
         "test_examples": len(test_data) if test_data is not None else 0,
+        "dev_examples": len(dev_data) if dev_data is not None else 0,
         "train_examples": len(train_data),
     }
     if main:
-        method.save(unwrapped, out)
         write_json(out / "summary.json", summary)
+        dev_plot = {cfg.method: ([s for s, _ in dev_curve], [v for _, v in dev_curve])} if dev_curve else None
         plot_losses(
             {cfg.method: (loss_steps, losses)},
             out / "loss.png",
-            title=f"{cfg.method}: train loss",
+            title=f"{cfg.method}: train loss" + (" and dev loss" if dev_curve else ""),
+            dev=dev_plot,
         )
+        ckpt.write_status(out, "finished", step=cfg.steps, steps=cfg.steps, checkpoint_step=checkpoint_step)
+    if cfg.report_to == "tensorboard":
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     summary["out"] = str(out)
     return summary
+
+
+def resume(
+    run_dir: str | os.PathLike, *, progress: bool = True, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its latest checkpoint with the settings of its config.json;
+    it ends with the weights an uninterrupted run would have, bit for bit (same machine, same number
+    of processes)."""
+    import json
+
+    run = Path(run_dir)
+    config_path = run / "config.json"
+    if not config_path.is_file():
+        raise GradkitError(
+            f"--resume {run}: no config.json there; pass the run folder of a gradkit finetune run"
+        )
+    status_path = run / "status.json"
+    if status_path.is_file() and json.loads(status_path.read_text()).get("status") == "finished":
+        raise GradkitError(f"--resume {run}: that run has finished (status.json); nothing to resume")
+    saved = json.loads(config_path.read_text())
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    cfg = dataclasses.replace(cfg, out=str(run), overwrite=False)
+    return finetune(cfg, progress=progress, resume=True, stop_after=stop_after)

@@ -115,6 +115,45 @@ class LoraGA(Lora):
         )
         return peft_model
 
+    def prepare_for_resume(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
+        """The PEFT model without the estimation: the checkpoint brings the offset base weights and the
+        initial factors back."""
+        return Lora.prepare(self, model, cfg, iter(()))
+
+    def checkpoint_tensors(self, model: nn.Module) -> dict[str, Any]:
+        """The trainable tensors, the offset base weight of every adapted layer, and the initial factors
+        (A0, B0) that :func:`gradkit.save_adapter` subtracts (keys ``<layer>.gradkit_lora_ga.A0|B0``)."""
+        from gradkit.lora.ga import RECORD
+        from gradkit.lora.pairs import lora_pairs
+
+        tensors = super().checkpoint_tensors(model)
+        for pair in lora_pairs(model):
+            weight = pair.layer.get_base_layer().weight
+            tensors[f"{pair.name}.base_layer.weight"] = weight.detach()
+            A0, B0 = pair.layer.__dict__[RECORD][pair.adapter]
+            tensors[f"{pair.name}.{RECORD}.A0"] = A0
+            tensors[f"{pair.name}.{RECORD}.B0"] = B0
+        return tensors
+
+    def load_checkpoint_tensors(self, model: nn.Module, tensors: dict[str, Any]) -> None:
+        from gradkit.lora.ga import RECORD
+        from gradkit.lora.pairs import lora_pairs
+        from gradkit.train.checkpoint import load_tensors
+
+        tensors = dict(tensors)
+        for pair in lora_pairs(model):
+            A0 = tensors.pop(f"{pair.name}.{RECORD}.A0")
+            B0 = tensors.pop(f"{pair.name}.{RECORD}.B0")
+            pair.layer.__dict__.setdefault(RECORD, {})[pair.adapter] = (A0.clone(), B0.clone())
+        load_tensors(model, tensors)
+
+    def state_dict(self) -> dict[str, Any]:
+        report = getattr(self, "report", None)
+        return {"report": report.to_dict()} if report is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.report_dict = state.get("report")
+
     def save(self, model: nn.Module, out_dir: Path) -> None:
         from gradkit.files import write_json
         from gradkit.lora.export import save_adapter
@@ -123,5 +162,6 @@ class LoraGA(Lora):
         with quiet_transformers():
             save_adapter(model, out_dir / "adapter")
         report = getattr(self, "report", None)
-        if report is not None:
-            write_json(out_dir / "lora_ga.json", report.to_dict())
+        data = report.to_dict() if report is not None else getattr(self, "report_dict", None)
+        if data is not None:
+            write_json(out_dir / "lora_ga.json", data)

@@ -154,11 +154,14 @@ class Mezo(Lora):
         objective = cfg.options.get("objective") or "loss"
         if objective not in OBJECTIVES:
             raise GradkitError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
-        labels = batch["labels"]
+        from gradkit.train.batching import forward_parts
+        from gradkit.train.methods import parts_of
+
+        parts = parts_of(batch, cfg, accelerator)  # less padding; the objective is the whole batch's
 
         def closure() -> torch.Tensor:
-            out = model(**batch)
-            return objective_value(out.logits, labels, objective, accelerator, out.loss)
+            loss, logits, labels = forward_parts(model, parts)
+            return objective_value(logits, labels, objective, accelerator, loss)
 
         was_training = model.training
         # no dropout during the two evaluations (as in MeZO): with different masks, f+ - f- would be noise
@@ -201,11 +204,19 @@ class PolicyGradient(Lora):
             self._generator = torch.Generator(device=batch["labels"].device).manual_seed(
                 cfg.seed * 1_000_003 + accelerator.process_index
             )
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits.float() / temperature
+            saved = getattr(self, "_saved_generator", None)
+            if saved is not None:  # a resumed run continues the sampling stream
+                self._generator.set_state(saved)
+        from gradkit.train.methods import parts_of
+
+        # every part's logits with their graph, then one loss: the mean-reward baseline is the batch's
+        parts = [part for part, _ in parts_of(batch, cfg, accelerator)]
+        logits = torch.cat([model(**{k: v for k, v in p.items() if k != "labels"}).logits for p in parts])
+        logits = logits.float() / temperature
+        labels = torch.cat([p["labels"] for p in parts])
         with torch.no_grad():
             actions = torch.multinomial(torch.softmax(logits, -1), 1, generator=self._generator).squeeze(-1)
-            rewards = (actions == batch["labels"]).float()
+            rewards = (actions == labels).float()
         loss = policy_gradient_loss(logits, actions, rewards, baseline="mean")
         accelerator.backward(loss)
         if cfg.max_grad_norm:
@@ -213,3 +224,10 @@ class PolicyGradient(Lora):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return 1.0 - rewards.mean()
+
+    def state_dict(self):
+        generator = getattr(self, "_generator", None)
+        return {"generator": generator.get_state()} if generator is not None else {}
+
+    def load_state_dict(self, state):
+        self._saved_generator = state.get("generator")

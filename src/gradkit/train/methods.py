@@ -78,6 +78,30 @@ class Method:
         """
         return model
 
+    def prepare_for_resume(self, model: nn.Module, cfg: TrainConfig) -> nn.Module:
+        """The model as :meth:`prepare` shapes it, without looking at data: a resumed run then loads
+        the checkpoint's tensors into it (default: ``prepare`` with no batches)."""
+        return self.prepare(model, cfg, iter(()))
+
+    def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint must hold to resume exactly: default, every trainable parameter.
+        A method whose :meth:`prepare` changes frozen tensors (LoRA-GA's base offset) adds them."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_checkpoint_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Put :meth:`checkpoint_tensors` back (by name, exactly)."""
+        from gradkit.train.checkpoint import load_tensors
+
+        load_tensors(model, tensors)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's own state beyond the model and optimiser (a private generator...), for
+        checkpoints; default: none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
     def make_optimizer(self, model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
         import torch
 
@@ -91,14 +115,15 @@ class Method:
         accelerator: Any,
         cfg: TrainConfig,
     ) -> torch.Tensor:
-        """One optimisation step on ``batch``; returns the (local) loss, detached."""
-        loss = model(**batch).loss
-        accelerator.backward(loss)
+        """One optimisation step on ``batch`` (this process's share of the step's examples); returns
+        the (local) mean loss, detached. The batch is cut into parts (:func:`parts_of`) whose
+        gradients accumulate to the whole batch's."""
+        loss = accumulate_gradients(model, parts_of(batch, cfg, accelerator), accelerator)
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss
 
     def step_metrics(self) -> dict[str, Any]:
         """Extra values for this step's line of metrics.jsonl (default: none)."""
@@ -113,6 +138,32 @@ class Method:
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         with atomic_path(out_dir / "trainable.safetensors") as tmp:
             save_file(tensors, str(tmp))
+
+
+def parts_of(batch: dict[str, Any], cfg: TrainConfig, accelerator: Any) -> list[tuple[dict[str, Any], float]]:
+    """This process's batch cut into weighted parts (:func:`gradkit.train.batching.split_batch`): at most
+    ``batch_size / processes`` examples each (``--grad-accum`` K gives K or more parts), sorted by
+    length with little padding unless ``--no-trim-padding``."""
+    from gradkit.train.batching import split_batch
+
+    return split_batch(batch, max_examples=cfg.batch_size // accelerator.num_processes, trim=cfg.trim_padding)
+
+
+def accumulate_gradients(model: nn.Module, parts: list[tuple[dict[str, Any], float]], accelerator: Any):
+    """Backward ``w_c * loss_c`` for every part, so ``.grad`` ends as the whole batch's mean gradient;
+    under DDP only the last part's backward all-reduces (the others run in ``no_sync``). Returns the
+    batch's mean loss, detached."""
+    import contextlib
+
+    total = None
+    for i, (part, weight) in enumerate(parts):
+        last = i == len(parts) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss = model(**part).loss
+            accelerator.backward(loss * weight)
+        value = loss.detach().float() * weight
+        total = value if total is None else total + value
+    return total
 
 
 def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -16,9 +16,13 @@ def smooth(values: Sequence[float], beta: float = 0.9) -> list[float]:
 
 
 def plot_losses(
-    curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: str | Path, title: str = "train loss"
+    curves: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+    path: str | Path,
+    title: str = "train loss",
+    dev: Mapping[str, tuple[Sequence[int], Sequence[float]]] | None = None,
 ) -> None:
-    """One line per run: raw per-step loss faint, its smoothed curve bold. Written atomically."""
+    """One line per run: raw per-step loss faint, its smoothed curve bold; ``dev`` losses (evaluated
+    every few steps) as dashed lines with markers in the run's colour. Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,8 +35,21 @@ def plot_losses(
         color = f"C{i % 10}"
         ax.plot(steps, losses, color=color, alpha=0.18, linewidth=0.8)
         ax.plot(steps, smooth(losses), color=color, linewidth=1.8, label=name)
+        if dev and name in dev:
+            dev_steps, dev_losses = dev[name]
+            ax.plot(
+                dev_steps,
+                dev_losses,
+                color=color,
+                linestyle="--",
+                marker="o",
+                markersize=3,
+                label=f"{name} (dev)",
+            )
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss (smoothed; raw faint)")
+    ax.set_ylabel(
+        "loss (train smoothed, raw faint; dev dashed)" if dev else "train loss (smoothed; raw faint)"
+    )
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

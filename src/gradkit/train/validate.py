@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import warnings
@@ -18,6 +19,9 @@ from torch import nn
 
 from gradkit.errors import GradkitError
 from gradkit.train.config import TrainConfig
+
+# where --report-to can send the metrics besides metrics.jsonl (accelerate's trackers)
+REPORT_TO = ("none", "tensorboard")
 
 # a warning (not an error) when LoRA would train more than this share of the model's parameters
 LORA_SHARE_WARNING = 0.25
@@ -48,8 +52,9 @@ def _number(
         )
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """The settings' own ranges and the run folder; nothing is loaded and nothing is written."""
+def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
+    """The settings' own ranges and the run folder (an existing one when ``resume``); nothing is
+    loaded and nothing is written."""
     _number("steps", cfg.steps, low=1, example="300")
     _number("batch-size", cfg.batch_size, low=1, example="32")
     _number("eval-batch-size", cfg.eval_batch_size, low=1, example="128")
@@ -66,6 +71,29 @@ def check_config(cfg: TrainConfig) -> None:
     _number("seed", cfg.seed, low=0, example="0")
     if cfg.ema is not None:
         _number("ema", cfg.ema, low=0, high=1, high_open=True, example="0.99")
+    _number("grad-accum", cfg.grad_accum, low=1, example="4")
+    _number("eval-every", cfg.eval_every, low=0, example="50 (or 0: the dev set at the end only)")
+    _number("save-every", cfg.save_every, low=0, example="100 (or 0: no checkpoints)")
+    if cfg.dev_fraction is not None:
+        _number("dev-fraction", cfg.dev_fraction, low=0, high=0.5, low_open=True, example="0.1")
+    if cfg.dev is not None and cfg.dev_fraction is not None:
+        raise GradkitError("--dev and --dev-fraction both name a dev set; pass one of them")
+    if cfg.eval_every and cfg.dev is None and cfg.dev_fraction is None:
+        raise GradkitError(
+            f"--eval-every {cfg.eval_every} needs a dev set (never the test set): pass --dev FILE or "
+            "--dev-fraction 0.1 (carved from the training file)"
+        )
+    if cfg.keep_best and not cfg.eval_every:
+        raise GradkitError("--keep-best picks the best of the dev evaluations: pass --eval-every N with it")
+    if cfg.report_to not in REPORT_TO:
+        raise GradkitError(f"--report-to {cfg.report_to!r} is not one of: {', '.join(REPORT_TO)}")
+    if cfg.report_to == "tensorboard" and not (
+        importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+    ):
+        raise GradkitError(
+            "--report-to tensorboard needs the tensorboard package: pip install tensorboard "
+            "(or pip install 'gradkit[tensorboard]')"
+        )
     if cfg.schedule not in ("linear", "constant"):
         raise GradkitError(f"schedule {cfg.schedule!r} is not one of: linear, constant")
     if cfg.targets != "all-linear" and not [t for t in cfg.targets.split(",") if t.strip()]:
@@ -78,7 +106,7 @@ def check_config(cfg: TrainConfig) -> None:
             f"--model {cfg.model} is not a model folder (no config.json there); pass a local Hugging Face "
             "model folder, one that AutoModel.from_pretrained loads"
         )
-    if cfg.out is not None:
+    if cfg.out is not None and not resume:
         if not str(cfg.out).strip():
             raise GradkitError("--out is empty; pass a folder path for the run")
         check_out(Path(cfg.out), cfg.overwrite)

@@ -1,0 +1,160 @@
+"""Batches without wasted padding: texts tokenised once, padded per batch, and each training batch cut
+into length-sorted micro-batches whose gradients add up to the whole batch's.
+
+A batch padded to its longest example spends most of its compute on padding when lengths vary: on
+the bundled SST-2 sample a batch of 32 holds 2.98 times more token positions than real tokens. The
+loss of a batch is the mean of per-example losses, so its gradient is the weighted sum of the mean
+gradients of any partition of it, ``g = sum_c (n_c / N) g_c``. :func:`split_batch` chooses the
+partition: sort the examples by length and cut the sorted list where the padded cost
+``sum_c (n_c * L_c + overhead)`` is least (an exact dynamic programme over the cut points), with at
+most ``max_examples`` examples per part when memory bounds it (``--grad-accum``). Attention masks
+make every example's output independent of its batch mates, so the parts give the whole batch's
+loss and gradient up to float rounding; the examples, their order in the data stream and the step's
+batch are unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# one more forward/backward pass costs about as much as this many padded token positions (measured
+# on MiniLM, 2 CPU cores: a part's fixed cost is some milliseconds, a token position about 0.1 ms)
+PART_OVERHEAD_TOKENS = 64
+
+# the keys of a batch that hold one value per token position (sliced when padding is trimmed)
+_PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+@dataclass
+class Tokenized:
+    """Texts tokenised once (no padding), with their labels: a batch is ``collate(indices)``."""
+
+    features: list[dict[str, list[int]]]
+    labels: list[int]
+    pad_id: int
+    padding_side: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def lengths(self) -> list[int]:
+        return [len(f["input_ids"]) for f in self.features]
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The examples at ``indices`` padded to the longest of them (the tokenizer's padding side)."""
+        rows = [self.features[i] for i in indices]
+        batch = pad_features(rows, self.pad_id, self.padding_side)
+        batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
+        return batch
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], labels: Sequence[int], max_length: int) -> Tokenized:
+    """Tokenise every text once (truncated to ``max_length``); padding happens per batch."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    keys = [k for k in _PER_TOKEN if k in encoded]
+    features = [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
+    return Tokenized(features, list(labels), int(tokenizer.pad_token_id), tokenizer.padding_side)
+
+
+def pad_features(
+    rows: Sequence[dict[str, list[int]]], pad_id: int, side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Stack token lists into tensors padded to the longest row: ``input_ids`` with ``pad_id``, the
+    attention mask and the other per-token keys with 0, on the left or the right."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    out = {}
+    for key in rows[0]:
+        fill = pad_id if key == "input_ids" else 0
+        data = torch.full((len(rows), longest), fill, dtype=torch.long)
+        for i, row in enumerate(rows):
+            values = torch.tensor(row[key], dtype=torch.long)
+            if side == "left":
+                data[i, longest - len(values) :] = values
+            else:
+                data[i, : len(values)] = values
+        out[key] = data
+    return out
+
+
+def _cuts(sorted_lengths: Sequence[int], max_examples: int, overhead: int) -> list[int]:
+    """End positions of the parts of a length-sorted list minimising ``sum (n * longest + overhead)``."""
+    n = len(sorted_lengths)
+    best = [0.0] + [float("inf")] * n
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = sorted_lengths[j - 1]
+        for i in range(max(0, j - max_examples), j):
+            cost = best[i] + (j - i) * longest + overhead
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    ends, j = [], n
+    while j > 0:
+        ends.append(j)
+        j = start[j]
+    return ends[::-1]
+
+
+def split_batch(
+    batch: dict[str, torch.Tensor],
+    *,
+    max_examples: int | None = None,
+    trim: bool = True,
+    overhead: int = PART_OVERHEAD_TOKENS,
+) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """Cut ``batch`` into parts ``[(part, n_part / N), ...]`` covering every example once, each part
+    padded only to its own longest example.
+
+    ``trim``: sort by length and choose the cuts that waste least padding. Otherwise consecutive
+    parts of ``max_examples`` in the batch's order (gradient accumulation as usually written).
+    ``max_examples`` bounds every part (memory); None: no bound. The weights add up to 1:
+    ``sum_c w_c * mean_loss(part_c)`` is the batch's mean loss.
+    """
+    n = len(batch["labels"])
+    limit = n if max_examples is None else max(1, min(int(max_examples), n))
+    mask = batch.get("attention_mask")
+    if mask is None:  # nothing says where padding is: consecutive parts as they come
+        bounds = [(i, min(i + limit, n)) for i in range(0, n, limit)]
+        return [({k: v[a:b] for k, v in batch.items()}, (b - a) / n) for a, b in bounds]
+    lengths = mask.sum(1)
+    if trim:
+        order = torch.sort(lengths, stable=True).indices
+        ends = _cuts(lengths[order].tolist(), limit, overhead)
+    else:
+        order = torch.arange(n)
+        ends = list(range(limit, n, limit)) + [n]
+    left = bool((mask[:, 0] == 0).any())  # a row starting with padding: the tokenizer pads on the left
+    parts, begin = [], 0
+    for end in ends:
+        rows = order[begin:end]
+        longest = int(lengths[rows].max())
+        part = {}
+        for key, value in batch.items():
+            value = value[rows]
+            if key in _PER_TOKEN and value.ndim == 2:
+                value = value[:, -longest:] if left else value[:, :longest]
+            part[key] = value
+        parts.append((part, (end - begin) / n))
+        begin = end
+    return parts
+
+
+def padded_positions(parts: Sequence[tuple[dict[str, torch.Tensor], float]]) -> int:
+    """Token positions the parts compute (padding included): what :func:`split_batch` minimises."""
+    return sum(int(p["input_ids"].numel()) for p, _ in parts)
+
+
+def forward_parts(model: Any, parts: Sequence[tuple[dict[str, torch.Tensor], float]]):
+    """Forward every part: the whole batch's mean loss ``sum_c w_c loss_c``, and the logits with
+    their labels, row for row (in the parts' order, which batch metrics such as accuracy ignore)."""
+    loss = None
+    logits, labels = [], []
+    for part, weight in parts:
+        out = model(**part)
+        loss = out.loss * weight if loss is None else loss + out.loss * weight
+        logits.append(out.logits)
+        labels.append(part["labels"])
+    return loss, torch.cat(logits), torch.cat(labels)
