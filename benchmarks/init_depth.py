@@ -28,6 +28,7 @@ import math
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def toy_flow(batch, vocab, layers, norm, std, seed, d_model, emb_scale=1.0):
+def toy_flow(batch, vocab, layers, norm, std, seed, d_model, emb_scale=1.0, identity_only=False):
     model = toy_transformer(
         vocab,
         d_model,
@@ -74,8 +75,18 @@ def toy_flow(batch, vocab, layers, norm, std, seed, d_model, emb_scale=1.0):
         with torch.no_grad():
             model.wte.weight.mul_(emb_scale)
             model.wpe.weight.mul_(emb_scale)
+    if identity_only:  # control: the backward pass reaches lower blocks through x only, never through F(x)
+        for block in model.blocks:
+            block.forward = types.MethodType(_post_ln_identity_path, block)
     branches = ("attn", "mlp") if norm == "post" else None
     return gradient_flow(model, batch, lm_loss, branches=branches)
+
+
+def _post_ln_identity_path(self, x):
+    """A Post-LN block with the same forward values whose branches see a detached copy of the stream:
+    the gradient flows down only through LN(x + ·), the path the 1/√2 argument counts."""
+    x = self.ln1(x + self.attn(x.detach()))
+    return self.ln2(x + self.mlp(x.detach()))
 
 
 def summarise(rows) -> dict:
@@ -122,6 +133,12 @@ def part_ab(args) -> dict:
                     t0 = time.perf_counter()
                     rows = toy_flow(batch, vocab, layers, norm, std, seed, d, emb_scale)
                     s = summarise(rows)
+                    if norm == "post":
+                        ident = toy_flow(batch, vocab, layers, norm, std, seed, d, identity_only=True)
+                        s["identity_decay_per_block"] = depth_decay([r.grad_norm for r in ident][1:])
+                        s["identity_predicted"] = 1 / math.sqrt(
+                            (1 + s["attn_ratio"] ** 2) * (1 + s["mlp_ratio"] ** 2)
+                        )
                     s.update(
                         layers=layers, norm=norm, std=std, seed=seed, emb_scale=emb_scale, first_input_rms=rows[0].input_rms,
                         seconds=time.perf_counter() - t0,
@@ -213,6 +230,7 @@ def main() -> None:
                     ms([r["attn_ratio"] for r in rs], ".3g"), ms([r["mlp_ratio"] for r in rs], ".3g"),
                     ms([r["residual_ratio"] for r in rs], ".3g"), ms([r["decay_per_block"] for r in rs]),
                     ms([r["decay_per_sublayer"] for r in rs]), ms([r["bottom_over_top"] for r in rs], ".3g"),
+                    ms([r["identity_decay_per_block"] for r in rs]), ms([r["identity_predicted"] for r in rs]),
                 ]
             )  # fmt: skip
 
@@ -265,6 +283,11 @@ def main() -> None:
         "enters block 0 at RMS ≈ 1.4 instead of 0.028: "
         + ", ".join(f"{L} blocks {v:.3g}" for L, v in a_pre50.items())
         + ".",
+        "Identity-path control (table b): the same Post-LN models with every branch fed a detached copy of the "
+        "stream, F(x.detach()), so the forward values are unchanged and the gradient reaches the lower blocks only "
+        "through LN(x + ·). That gradient does decay as the LayerNorm argument says, 1/√((1 + r_attn²)(1 + r_MLP²)) "
+        "per block with r = |F(x)|/|x| (1/√2 per sub-layer at r = 1); the full gradient also flows back through "
+        "F(x), and in these measurements that path gives back what the LayerNorm takes out.",
         "Sizes: d_model 256, 4 heads, MLP 4·d, vocab 65, one batch of 16 × 64 characters of Tiny Shakespeare, "
         f"next-character cross-entropy; seeds 0..{args.seeds - 1} set the init; {total / 60:.1f} CPU-minutes "
         "for the whole script (one thread).",
@@ -305,6 +328,8 @@ def main() -> None:
                         "factor per block",
                         "per sub-layer",
                         "block 1 / top",
+                        "identity path only: factor per block",
+                        "predicted 1/√((1+r_attn²)(1+r_MLP²))",
                     ],  # fmt: skip
                     "rows": rows_b,
                 },
