@@ -38,6 +38,17 @@ BAD = {
     "steps-zero": (("--steps", "0"), "--steps 0 is not allowed"),
     "seed-negative": (("--seed", "-3"), "--seed -3 is not allowed"),
     "model-missing": (("--model", "/nonexistent/model"), "--model /nonexistent/model is not a model folder"),
+    "grad-accum-zero": (("--grad-accum", "0"), "--grad-accum 0 is not allowed: it must be finite and >= 1"),
+    "eval-every-negative": (("--eval-every", "-1"), "--eval-every -1 is not allowed"),
+    "save-every-negative": (("--save-every", "-5"), "--save-every -5 is not allowed"),
+    "dev-fraction-too-big": (("--dev-fraction", "0.9"), "--dev-fraction 0.9 is not allowed: it must be"),
+    "eval-every-without-dev": (
+        ("--eval-every", "10"),
+        "--eval-every 10 needs a dev set (never the test set)",
+    ),
+    "keep-best-without-eval": (("--keep-best",), "--keep-best picks the best of the dev evaluations"),
+    "dev-and-fraction": (("--dev", "d.tsv", "--dev-fraction", "0.1"), "--dev and --dev-fraction both"),
+    "dev-missing": (("--dev", "/nonexistent/dev.tsv"), "/nonexistent/dev.tsv"),
 }
 
 
@@ -231,3 +242,20 @@ def test_an_empty_out_is_refused(tmp_path, monkeypatch, capsys):
     code, err = run(capsys, "finetune", *TINY, "--out", "")
     assert_one_line(code, err, "--out is empty")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tensorboard_missing_is_one_line(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    monkeypatch.chdir(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith("tensorboard") else real(name, *a),
+    )
+    code, err = run(capsys, "finetune", *TINY, "--report-to", "tensorboard")
+    assert_one_line(
+        code, err, "--report-to tensorboard needs the tensorboard package: pip install tensorboard"
+    )
+    assert not any(tmp_path.iterdir())
