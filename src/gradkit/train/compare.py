@@ -46,12 +46,14 @@ def _child(cfg: TrainConfig, debug: bool, report: Any) -> None:
 def format_table(summaries: list[dict[str, Any]]) -> str:
     """A Markdown table of the headline numbers, one row per method."""
     with_ema = any("ema" in s for s in summaries)
+    with_best = any("best" in s for s in summaries)
     head = (
         "method",
         "lr",
         "train loss",
         "test acc",
         *(("EMA test acc",) if with_ema else ()),
+        *(("best-on-dev test acc (step)",) if with_best else ()),
         "macro-F1",
         "s/step",
         "peak MB",
@@ -64,12 +66,18 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
             lines.append(f"| {s['method']} | failed: {s['error']} |" + " |" * (len(head) - 2))
             continue
         ema = [f"{100 * s['ema']['test_accuracy']:.2f}%" if "ema" in s else "-"] if with_ema else []
+        best = (
+            [f"{100 * s['best']['test_accuracy']:.2f}% ({s['best']['step']})" if "best" in s else "-"]
+            if with_best
+            else []
+        )
         cells = [
             s["method"],
             f"{s['lr']:g}",
             f"{s['final_train_loss']:.4f}",
             f"{100 * s['test_accuracy']:.2f}%",
             *ema,
+            *best,
             f"{100 * s['test_macro_f1']:.2f}%",
             f"{s['seconds_per_step']:.3f}",
             f"{s['peak_memory_mb']:.0f}",
