@@ -20,6 +20,7 @@ stalls at a learning rate where it trains with warmup, and Pre-LN trains without
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -30,7 +31,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
+from common import IMAGES, RESULTS, ROOT, save_figure, write_result  # noqa: E402
 
 from gradkit.models import toy_transformer  # noqa: E402
 
@@ -72,7 +73,7 @@ def run(args, train, held, vocab, norm: str, lr: float, warmup_frac: float, seed
     warmup = int(round(warmup_frac * args.steps))
     data_g = torch.Generator().manual_seed(1000 + seed)
     curve, train_losses = [], []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
@@ -103,6 +104,7 @@ def run(args, train, held, vocab, norm: str, lr: float, warmup_frac: float, seed
         else math.nan,
         "train_loss_last10": statistics.fmean(train_losses[-10:]) if train_losses else math.nan,
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
     }
 
 
@@ -119,6 +121,11 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--lrs", default="3e-4,1e-3")
     ap.add_argument("--no-write", action="store_true", help="print only (smoke runs)")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the tables, plot and notes from the runs in the existing JSON",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     train, val, vocab = load_text(DATA)
@@ -126,8 +133,24 @@ def main() -> None:
     held = [batch(val, args.batch, args.ctx, held_g) for _ in range(args.eval_batches)]
     lrs = [float(x) for x in args.lrs.split(",")]
     runs = []
-    t0 = time.perf_counter()
-    for norm in ("post", "pre"):
+    if args.report_only:
+        raw = json.loads((RESULTS / "init_warmup.json").read_text())["raw"]
+        for key in (
+            "steps",
+            "seeds",
+            "layers",
+            "d_model",
+            "heads",
+            "ctx",
+            "batch",
+            "eval_every",
+            "eval_batches",
+            "lrs",
+        ):
+            setattr(args, key, raw["args"][key])
+        lrs = [float(x) for x in args.lrs.split(",")]
+        runs = raw["runs"]
+    for norm in ("post", "pre") if not args.report_only else ():
         for lr in lrs:
             for warmup in (0.0, 0.1):
                 for seed in range(args.seeds):
@@ -138,7 +161,8 @@ def main() -> None:
                         f"{r['curve'][0][1]:.3f} -> {r['final_val']:.3f} (best {r['best_val']:.3f}), {r['seconds']:.0f} s",
                         flush=True,
                     )
-    total = time.perf_counter() - t0
+    total = sum(r["seconds"] for r in runs)
+    cpu = [r["cpu_seconds"] for r in runs if "cpu_seconds" in r]
     print(f"{len(runs)} runs in {total / 60:.1f} min")
     if args.no_write:
         return
@@ -203,14 +227,16 @@ def main() -> None:
         d = statistics.fmean(no) - statistics.fmean(wu)
         return (
             f"{norm}-LN at lr {lr:g}: final held-out loss without warmup minus with warmup = {d:+.3f} nats "
-            f"(without {statistics.fmean(no):.3f}, with {statistics.fmean(wu):.3f}; 3-seed means)"
+            f"(without {statistics.fmean(no):.3f}, with {statistics.fmean(wu):.3f}; {args.seeds}-seed means)"
         )
 
     notes = [verdict(n, lr) for n in ("post", "pre") for lr in lrs]
     notes.append(
         f"Sizes: {args.layers} blocks, d_model {args.d_model}, {args.heads} heads, context {args.ctx}, batch "
         f"{args.batch}, {args.steps} steps, held-out loss on {args.eval_batches} fixed batches every "
-        f"{args.eval_every} steps; {len(runs)} runs took {total / 60:.1f} CPU-minutes on one thread."
+        f"{args.eval_every} steps; one thread; {len(runs)} runs took {total / 60:.1f} min wall-clock on a "
+        "2-core machine shared with other jobs (the 's per run' column is wall-clock too)"
+        + (f", {sum(cpu) / 60:.1f} CPU-minutes of process time." if len(cpu) == len(runs) else ".")
     )
     write_result(
         "init_warmup",
@@ -220,7 +246,7 @@ def main() -> None:
             "trains with warmup; Pre-LN trains without warmup (Xiong et al. 2020; Liu et al. 2020).",
             "tables": [
                 {
-                    "caption": "Held-out loss (nats per character; mean ± sd over 3 seeds). Uniform guessing "
+                    "caption": f"Held-out loss (nats per character; mean ± sd over {args.seeds} seeds). Uniform guessing "
                     f"over the {vocab} characters is ln {vocab} = {math.log(vocab):.3f}.",
                     "columns": ["norm", "lr", "warmup", "at init", "final", "best on the way", "s per run"],
                     "rows": rows,
