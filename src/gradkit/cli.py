@@ -273,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradkit: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("gradkit: interrupted", file=sys.stderr)
+        print(
+            "gradkit: interrupted (a run with --save-every continues with gradkit finetune --resume RUN_DIR)",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
