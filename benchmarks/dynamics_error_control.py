@@ -188,6 +188,13 @@ class CharProblem:
         return out
 
 
+def thin(traces: dict, keep: int = 300) -> None:
+    """Keep about ``keep`` evenly spaced (h, |g|) points of each trace in the JSON (the plot used them all)."""
+    for tr in traces.values():
+        every = max(1, math.ceil(len(tr.get("h", [])) / keep))
+        tr["h"], tr["g"] = tr.get("h", [])[::every], tr.get("g", [])[::every]
+
+
 def summary(recs) -> tuple[str, str, str, str]:
     ok = [r for r in recs if math.isfinite(r["steps"])]
     if not ok:
@@ -321,6 +328,7 @@ def main() -> None:
     plot = IMAGES / "dynamics_error_control.png"
     save_figure(fig, plot)
     cpu = time.process_time() - cpu0
+    thin(traces)
     write_result(
         "dynamics_error_control",
         {
