@@ -415,6 +415,11 @@ class GradNormRecorder:
         micro, self._micro = self._micro, []
         self._valid = [False] * len(self.params)  # the next step starts from zeroed gradients
         world = world_size(self.distributed)
+        if self.fused and world > 1:
+            raise GradkitError(
+                "the fused accumulation source reads .grad, which DDP all-reduces; this recorder was built "
+                "before torch.distributed was initialised: build it after init_process_group, or pass fused=False"
+            )
         if len(micro) < 2 and world < 2:
             raise GradkitError(
                 "one micro-batch gives one batch size only; accumulate over >= 2 micro-batches "
