@@ -35,6 +35,7 @@ from common import IMAGES, RESULTS, ROOT, save_figure, write_result  # noqa: E40
 
 from gradkit.models import toy_transformer  # noqa: E402
 
+PLATEAU_TOL = 0.05
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
@@ -167,6 +168,15 @@ def main() -> None:
     if args.no_write:
         return
 
+    counts = torch.bincount(train, minlength=vocab).double()
+    logp = (counts / counts.sum()).log()
+    unigram = statistics.fmean(float(-logp[b[:, 1:]].mean()) for b in held)
+
+    def plateau_steps(r) -> int:
+        return args.eval_every * sum(
+            1 for step, v in r["curve"] if step > 0 and abs(v - unigram) < PLATEAU_TOL
+        )
+
     def group(norm, lr, warmup):
         return [r for r in runs if r["norm"] == norm and r["lr"] == lr and r["warmup"] == warmup]
 
@@ -189,6 +199,7 @@ def main() -> None:
                         mean_sd([r["curve"][0][1] for r in rs]),
                         mean_sd([r["final_val"] for r in rs]),
                         mean_sd([r["best_val"] for r in rs]),
+                        ", ".join(str(plateau_steps(r)) for r in rs),
                         f"{statistics.fmean(r['seconds'] for r in rs):.0f}",
                     ]
                 )
@@ -232,6 +243,12 @@ def main() -> None:
 
     notes = [verdict(n, lr) for n in ("post", "pre") for lr in lrs]
     notes.append(
+        f"Unigram plateau: a model that predicts each character by its training frequency alone scores "
+        f"{unigram:.3f} nats on the held-out batches. 'Steps on the unigram plateau' counts the evaluations "
+        f"(every {args.eval_every} steps) whose held-out loss is within {PLATEAU_TOL} nats of it, times "
+        f"{args.eval_every}: the model has learnt the character frequencies and nothing of the context."
+    )
+    notes.append(
         f"Sizes: {args.layers} blocks, d_model {args.d_model}, {args.heads} heads, context {args.ctx}, batch "
         f"{args.batch}, {args.steps} steps, held-out loss on {args.eval_batches} fixed batches every "
         f"{args.eval_every} steps; one thread; {len(runs)} runs took {total / 60:.1f} min wall-clock on a "
@@ -248,7 +265,16 @@ def main() -> None:
                 {
                     "caption": f"Held-out loss (nats per character; mean ± sd over {args.seeds} seeds). Uniform guessing "
                     f"over the {vocab} characters is ln {vocab} = {math.log(vocab):.3f}.",
-                    "columns": ["norm", "lr", "warmup", "at init", "final", "best on the way", "s per run"],
+                    "columns": [
+                        "norm",
+                        "lr",
+                        "warmup",
+                        "at init",
+                        "final",
+                        "best on the way",
+                        "steps on the unigram plateau (each seed)",
+                        "s per run",
+                    ],  # fmt: skip
                     "rows": rows,
                 }
             ],
