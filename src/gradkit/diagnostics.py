@@ -202,6 +202,11 @@ def gradient_flow(
 ) -> list[FlowRow]:
     """Per-block gradient flow of ``model`` on ``batches``: one :class:`FlowRow` per block, in depth order.
 
+    What it is for: seeing where in depth the gradient lives at init or at any checkpoint, the question
+    of Xiong et al. 2020 ("On Layer Normalization in the Transformer Architecture": Post-LN's
+    LN(x + F(x)) against Pre-LN's x + F(LN x)) and Liu et al. 2020 ("Understanding the Difficulty of
+    Training Transformers": how much each residual branch F(x) weighs against the stream x).
+
     **Inputs.** ``batches``: an iterable of batches (a list, a DataLoader), or one batch (a dict or a
     tensor); ``num_batches`` caps how many are used. ``loss_fn(model, batch) -> scalar``; ``None``
     means ``model(**batch).loss``. The gradient is that of the mean loss over the batches (the sum
