@@ -9,7 +9,12 @@ from pathlib import Path
 import gradkit
 
 SRC = Path(gradkit.__file__).parent
-HARNESS = ("gradkit.train", "gradkit.cli", "gradkit.scaling.cli")
+HARNESS = (
+    "gradkit.train",
+    "gradkit.cli",
+    "gradkit.scaling.cli",
+    "gradkit.diagnose_cli",
+)  # the harness and the commands
 
 
 def _imports(path: Path, *, load_time_only: bool) -> set[str]:

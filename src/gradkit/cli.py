@@ -231,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=defaults,
     )
     noise_scale_arguments(p)
+    from gradkit.diagnose_cli import add_arguments as diagnose_arguments
+
+    p = sub.add_parser(
+        "diagnose",
+        help="audit a model's init and measure its per-block gradient flow on a few batches; writes a run folder",
+        formatter_class=defaults,
+    )
+    diagnose_arguments(p)
     return parser
 
 
@@ -269,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             from gradkit.scaling.cli import run_noise_scale
 
             run_noise_scale(args)
+        elif args.command == "diagnose":
+            from gradkit.diagnose_cli import run_diagnose
+
+            run_diagnose(args)
     except GradkitError as err:
         print(f"gradkit: error: {err}", file=sys.stderr)
         return 2
