@@ -190,8 +190,8 @@ class ZerothOrder(torch.optim.Optimizer):
     def _shift(self, entries, seed: int, sign: float) -> None:
         """restore="subtract": θ += sign ε z in place, one parameter at a time."""
         for group, p, index in entries:
-            for _, part, z in self._directions.chunks(p.data, seed, index):
-                part.copy_(z.mul_(sign * group["eps"]).add_(part))
+            for _, part, z in self._directions.chunks(p.data, seed, index, sign * group["eps"]):
+                part.copy_(z.add_(part))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]

@@ -122,11 +122,18 @@ class Directions:
         return gen
 
     def draw(
-        self, shape: tuple[int, ...], gen: torch.Generator, device: torch.device, dtype: torch.dtype
+        self,
+        shape: tuple[int, ...],
+        gen: torch.Generator,
+        device: torch.device,
+        dtype: torch.dtype,
+        scale: float = 1.0,
     ) -> torch.Tensor:
-        """One draw of z of ``shape`` from ``gen`` (already seeded), in ``dtype``: N(0, I) or ±1."""
+        """``scale·z`` of ``shape`` from ``gen`` (already seeded), in ``dtype``: z ~ N(0, I) or ±1
+        (for ±1 the scale is folded into the table: no pass over z for it)."""
         if self.distribution == "gaussian":
-            return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+            z = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+            return z if scale == 1.0 else z.mul_(scale)
         n = math.prod(shape)
         # 64 random bits per int64 (the full range: random_() alone leaves the sign bit 0), then each
         # byte indexes the ±1 table: one gather writes z, no per-element random number
@@ -135,22 +142,26 @@ class Directions:
         table = self._tables.get((device, dtype))
         if table is None:
             table = self._tables[(device, dtype)] = _sign_table(device, dtype)
+        if scale != 1.0:
+            table = table * scale  # ±scale, exactly scale·z
         return table.index_select(0, words.view(torch.uint8).long()).view(-1)[:n].view(shape)
 
-    def _stream(self, data: torch.Tensor, base: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def _stream(
+        self, data: torch.Tensor, base: int, scale: float = 1.0
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """``(start, view, z)`` covering ``data``: N(0, I) in the work dtype from seed ``base``, in
         chunks of ``CHUNK`` elements (chunk c from ``mix(base, c)``) when ``data`` is larger."""
         gen = self.generator(data.device)
         dtype = work_dtype(data.dtype)
         if data.numel() <= CHUNK or not data.is_contiguous():
             gen.manual_seed(base)
-            yield 0, data, self.draw(data.shape, gen, data.device, dtype)
+            yield 0, data, self.draw(data.shape, gen, data.device, dtype, scale)
             return
         flat = data.view(-1)
         for c, start in enumerate(range(0, flat.numel(), CHUNK)):
             part = flat[start : start + CHUNK]
             gen.manual_seed(mix(base, c))
-            yield start, part, self.draw(part.shape, gen, data.device, dtype)
+            yield start, part, self.draw(part.shape, gen, data.device, dtype, scale)
 
     def _row_draw(self, data: torch.Tensor, seed: int, index: int) -> torch.Tensor:
         """z on the row set R: one ``(|R|, dim)`` draw from ``mix(seed, index)``."""
@@ -160,13 +171,13 @@ class Directions:
         return self.draw(shape, gen, data.device, work_dtype(data.dtype))
 
     def chunks(
-        self, data: torch.Tensor, seed: int, index: int
+        self, data: torch.Tensor, seed: int, index: int, scale: float = 1.0
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """``(start, view, z)`` chunks of parameter ``index``'s whole direction for ``seed``."""
+        """``(start, view, scale·z)`` chunks of parameter ``index``'s whole direction for ``seed``."""
         base = mix(seed, index)
         rows = self.rows.get(index)
         if rows is None:
-            yield from self._stream(data, base)
+            yield from self._stream(data, base, scale)
             return
         positions = _flat_rows(rows, math.prod(data.shape[1:]))
         on_rows = self._row_draw(data, seed, index).reshape(-1)
@@ -176,7 +187,7 @@ class Directions:
             ).tolist()
             if hi > lo:
                 z.view(-1)[positions[lo:hi] - start] = on_rows[lo:hi]
-            yield start, part, z
+            yield start, part, z if scale == 1.0 else z.mul_(scale)
 
     def on_rows(self, data: torch.Tensor, seed: int, index: int, rows: torch.Tensor) -> torch.Tensor:
         """z of an embedding (with a row set this step) on the given sorted, unique rows."""
@@ -205,10 +216,10 @@ class Directions:
         """A new tensor ``θ + scale z`` (arithmetic in the work dtype, cast to the parameter's dtype)."""
         if data.numel() <= CHUNK or not data.is_contiguous():
             # z's buffer is reused for the result: one parameter-sized allocation (two for bf16/fp16)
-            ((_, _, z),) = self.chunks(data, seed, index)
-            return z.mul_(scale).add_(data).to(data.dtype)
+            ((_, _, z),) = self.chunks(data, seed, index, scale)
+            return z.add_(data).to(data.dtype)
         out = torch.empty_like(data)
         flat = out.view(-1)
-        for start, part, z in self.chunks(data, seed, index):
-            flat[start : start + part.numel()].copy_(z.mul_(scale).add_(part))
+        for start, part, z in self.chunks(data, seed, index, scale):
+            flat[start : start + part.numel()].copy_(z.add_(part))
         return out
