@@ -238,8 +238,9 @@ def curve(
     accuracy every ``eval_every`` steps. Returns the curve against forward passes."""
     import torch
 
+    from gradkit.train.batching import tokenize
     from gradkit.train.config import TrainConfig
-    from gradkit.train.loop import _Ordered, evaluate, load_datasets, make_collate
+    from gradkit.train.loop import evaluate, load_datasets, training_order
     from gradkit.train.methods import get_method
     from gradkit.train.model import load_classifier, load_tokenizer
 
@@ -251,13 +252,17 @@ def curve(
         seed=0,
         options=options,
     )
-    train, test = load_datasets(cfg)
-    collate = make_collate(load_tokenizer(model_dir), args.max_length)
+    train, _, test = load_datasets(cfg)
+    tokenizer = load_tokenizer(model_dir)
+    train_tokens = tokenize(tokenizer, train.texts, train.labels, args.max_length)
+    test_tokens = tokenize(tokenizer, test.texts, test.labels, args.max_length)
     method = get_method(method_name)
     model = method.prepare(load_classifier(model_dir, train.num_classes, seed=0), cfg, [])
     opt = method.make_optimizer(model, cfg, lr)
-    stream = _Ordered(train, max_steps * args.batch_size, 0)
-    loader = torch.utils.data.DataLoader(stream, batch_size=args.batch_size, collate_fn=collate)
+    order = training_order(len(train), max_steps * args.batch_size, 0)
+    loader = (
+        train_tokens.collate(order[i : i + args.batch_size]) for i in range(0, len(order), args.batch_size)
+    )
     forwards_per_step = 2 * (options.get("zo_samples") or 1) if method_name == "mezo" else 1
     points, losses, cpu = [], [], 0.0
     model.train()
@@ -268,7 +273,7 @@ def curve(
         cpu += time.process_time() - t0
         done = cpu >= 60 * cpu_minutes or step == max_steps
         if step % eval_every == 0 or done:
-            acc = evaluate(model, test, collate, 128, torch.device("cpu"))["test_accuracy"]
+            acc = evaluate(model, test_tokens, test.num_classes, 128, torch.device("cpu"))["test_accuracy"]
             points.append(
                 {
                     "step": step,
@@ -391,6 +396,12 @@ class _OneProcess:
     """The few accelerate calls a harness method's ``train_step`` makes, for one process."""
 
     process_index = 0
+    num_processes = 1
+
+    def no_sync(self, model):
+        import contextlib
+
+        return contextlib.nullcontext()
 
     def reduce(self, tensor, reduction="mean"):
         return tensor.clone()
@@ -414,18 +425,24 @@ def direct(
 
     import torch
 
+    from gradkit.train.batching import tokenize
     from gradkit.train.config import TrainConfig
-    from gradkit.train.loop import _Ordered, evaluate, load_datasets, make_collate
+    from gradkit.train.loop import evaluate, load_datasets, training_order
     from gradkit.train.methods import get_method
     from gradkit.train.model import load_classifier, load_tokenizer
 
     base_cfg = TrainConfig(model=model_dir, max_length=args.max_length, weight_decay=0.0, seed=0)
-    train, test = load_datasets(base_cfg)
-    collate = make_collate(load_tokenizer(model_dir), args.max_length)
+    train, _, test = load_datasets(base_cfg)
+    tokenizer = load_tokenizer(model_dir)
+    train_tokens = tokenize(tokenizer, train.texts, train.labels, args.max_length)
+    test_tokens = tokenize(tokenizer, test.texts, test.labels, args.max_length)
 
     def batches(steps: int, seed: int):
-        stream = _Ordered(train, steps * args.batch_size, seed)
-        return torch.utils.data.DataLoader(stream, batch_size=args.batch_size, collate_fn=collate)
+        order = training_order(len(train), steps * args.batch_size, seed)
+        return (
+            train_tokens.collate(order[i : i + args.batch_size])
+            for i in range(0, len(order), args.batch_size)
+        )
 
     model = checkpoint
     if model is None:
@@ -435,7 +452,7 @@ def direct(
         model.train()
         for batch in batches(args.bp_steps, 0):
             lora.train_step(model, batch, opt, _OneProcess(), base_cfg)
-    checkpoint = evaluate(model, test, collate, 128, torch.device("cpu"))
+    checkpoint = evaluate(model, test_tokens, test.num_classes, 128, torch.device("cpu"))
     rows = [["checkpoint: backprop LoRA on the loss", args.bp_steps, "", *_metrics(checkpoint)]]
     raw = [{"run": "checkpoint", **checkpoint}]
     runs = [
@@ -456,7 +473,7 @@ def direct(
         continued.train()
         for batch in batches(args.direct_steps, 1):  # a different data order than the checkpoint's
             method.train_step(continued, batch, opt, _OneProcess(), cfg)
-        after = evaluate(continued, test, collate, 128, torch.device("cpu"))
+        after = evaluate(continued, test_tokens, test.num_classes, 128, torch.device("cpu"))
         rows.append([label, args.direct_steps, f"{lr:g}", *_metrics(after)])
         raw.append({"run": label, "lr": lr, "steps": args.direct_steps, **after})
     table = {

@@ -45,7 +45,7 @@ def test_cuts_are_the_cheapest_partition_by_brute_force():
     lengths = [3, 4, 4, 9, 10, 22, 23, 40]
     for overhead, limit in [(0, 8), (5, 8), (20, 8), (1000, 8), (5, 3)]:
 
-        def cost(ends):
+        def cost(ends, overhead=overhead):
             begins = [0, *ends[:-1]]
             return sum((e - b) * lengths[e - 1] + overhead for b, e in zip(begins, ends, strict=True))
 
