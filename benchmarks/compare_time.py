@@ -125,8 +125,8 @@ def main() -> None:
     met = full["wall_seconds"] < GOAL_SECONDS
     notes = [
         f"Whole command: {minutes:.1f} minutes wall ({full['wall_seconds']:.0f} s; goal under 10 minutes: "
-        f"{'met' if met else 'not met'}), peak RSS {full['peak_rss_mb']} MB (the parent; each method runs in a "
-        "child process of its own).",
+        f"{'met' if met else 'not met'}), peak RSS {full['peak_rss_mb']} MB (the largest of its processes: each method "
+        "runs in a child process of its own).",
         f"Token positions computed in the 300 default steps: {untrimmed:,} padded to each batch's longest text, "
         f"{trimmed:,} with the length-sorted parts, {real:,} real tokens "
         f"({untrimmed / real:.2f}x and {trimmed / real:.2f}x the real count).",
