@@ -114,7 +114,8 @@ def test_default_compare_methods_are_registered_and_include_lora_ga():
 
 
 def test_compare_exits_non_zero_with_each_failure_in_one_line(tmp_path, tiny_model_dir):
-    """An lr whose first AdamW step overflows fails the method inside its child: the table and
+    """An lr whose AdamW step overflows the weights fails the method inside its child (the loss of
+    the last step is computed before its update, so the weights themselves are checked): the table and
     comparison.json are still written with the reason, stderr has one line per failure and no
     traceback, and the exit status is 1 so scripts and CI notice."""
     out = tmp_path / "cmp"
@@ -126,9 +127,9 @@ def test_compare_exits_non_zero_with_each_failure_in_one_line(tmp_path, tiny_mod
     )
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
-    assert "gradkit: 1 of 1 methods failed (head: RuntimeError: " in result.stderr
+    assert "gradkit: 1 of 1 methods failed (head: the weights became non-finite (inf or NaN" in result.stderr
     (summary,) = json.loads((out / "comparison.json").read_text())["summaries"]
-    assert summary["method"] == "head" and summary["error"].startswith("RuntimeError: ")
+    assert summary["method"] == "head" and summary["error"].startswith("the weights became non-finite")
     assert "\n" not in summary["error"]
     assert f"| head | failed: {summary['error']} |" in (out / "table.md").read_text()
 

@@ -492,6 +492,15 @@ def finetune(
                 phase("checkpoint")
             if stop_after is not None and step >= stop_after and step < cfg.steps:
                 break
+        # a loss is computed before its step's update: the last update can still overflow the weights
+        broken = [
+            n for n, p in unwrapped.named_parameters() if p.requires_grad and not torch.isfinite(p).all()
+        ]
+        if broken:
+            raise GradkitError(
+                f"the weights became non-finite (inf or NaN: {broken[0]}, {len(broken)} tensors in all) by "
+                f"step {step} with lr {lr:g}; lower --lr (or raise --warmup-ratio) and run again"
+            )
     except BaseException as err:
         if main:
             interrupted = isinstance(err, KeyboardInterrupt)
