@@ -38,6 +38,7 @@ BAD = {
     "steps-zero": (("--steps", "0"), "--steps 0 is not allowed"),
     "seed-negative": (("--seed", "-3"), "--seed -3 is not allowed"),
     "model-missing": (("--model", "/nonexistent/model"), "--model /nonexistent/model is not a model folder"),
+    "grad-accum-huge": (("--grad-accum", "1000000000"), "--grad-accum 1000000000 makes each step hold"),
     "grad-accum-zero": (("--grad-accum", "0"), "--grad-accum 0 is not allowed: it must be finite and >= 1"),
     "eval-every-negative": (("--eval-every", "-1"), "--eval-every -1 is not allowed"),
     "save-every-negative": (("--save-every", "-5"), "--save-every -5 is not allowed"),

@@ -103,14 +103,14 @@ def compare(
     from gradkit.train.loop import default_out, load_datasets
     from gradkit.train.methods import get_method
     from gradkit.train.plots import plot_losses
-    from gradkit.train.validate import check_config, check_out
+    from gradkit.train.validate import check_config, check_out, check_step_batch
 
     for name in methods:
         get_method(name)  # unknown names fail before anything runs
     if not methods:
         raise GradkitError("--methods names no method; pass e.g. --methods head,lora")
     check_config(dataclasses.replace(cfg, out=None))  # so do bad settings
-    load_datasets(cfg)  # and data errors
+    check_step_batch(cfg, len(load_datasets(cfg)[0]))  # and data errors
     out = Path(cfg.out) if cfg.out else default_out("compare")
     for folder in [out / name for name in methods] if keep_existing else [out]:
         check_out(folder, cfg.overwrite)

@@ -3,8 +3,9 @@
 
 Built on accelerate: ``accelerate launch -m gradkit finetune ...`` or ``torchrun --nproc_per_node 2
 -m gradkit finetune ...`` runs data-parallel (gloo on CPU, NCCL on GPU). ``--batch-size`` is the
-global batch: each process takes its slice of every batch (accelerate's ``split_batches``), so the
-run sees the same examples in the same order whatever the number of processes.
+global batch: each process takes its contiguous slice of every step's batch (the step's position in
+the seeded :class:`TrainingStream`), so the run sees the same examples in the same order whatever the
+number of processes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gradkit.files import clear_folder, json_line, write_json
 from gradkit.train.batching import Tokenized
 from gradkit.train.config import TrainConfig
 from gradkit.train.metrics import accuracy, macro_f1, window_mean
-from gradkit.train.validate import check_config, check_model
+from gradkit.train.validate import check_config, check_model, check_step_batch
 
 
 def load_datasets(cfg: TrainConfig):
@@ -86,17 +87,35 @@ def _column(value: str | int | None) -> str | int | None:
     return int(value) if isinstance(value, str) and value.isdigit() else value
 
 
-def training_order(n: int, total: int, seed: int) -> list[int]:
-    """The training stream: ``total`` example indices, one seeded shuffle of ``range(n)`` per epoch. A
-    step's batch is the next slice of it, so the data position of a run is its step."""
-    from gradkit.data import shuffled_order
+class TrainingStream:
+    """The training stream: example indices, one seeded shuffle of ``range(n)`` per epoch, read by slice
+    (a step's batch is the next slice, so the data position of a run is its step). Only the epochs a
+    slice touches are drawn, so a long run costs no memory up front."""
 
-    order: list[int] = []
-    epoch = 0
-    while len(order) < total:
-        order.extend(shuffled_order(n, seed, epoch))
-        epoch += 1
-    return order[:total]
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch: tuple[int, list[int]] | None = None
+
+    def _order(self, epoch: int) -> list[int]:
+        from gradkit.data import shuffled_order
+
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, shuffled_order(self.n, self.seed, epoch))
+        return self._epoch[1]
+
+    def slice(self, start: int, stop: int) -> list[int]:
+        out: list[int] = []
+        while start < stop:
+            epoch, offset = divmod(start, self.n)
+            take = min(stop - start, self.n - offset)
+            out.extend(self._order(epoch)[offset : offset + take])
+            start += take
+        return out
+
+
+def training_order(n: int, total: int, seed: int) -> list[int]:
+    """The first ``total`` indices of :class:`TrainingStream` ``(n, seed)``."""
+    return TrainingStream(n, seed).slice(0, total)
 
 
 @torch.no_grad()
@@ -203,6 +222,10 @@ def _scheduler(optimizer, cfg: TrainConfig):
     return get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)
 
 
+def _cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in tensors.items()}
+
+
 def _tracker_config(cfg: TrainConfig, lr: float) -> dict[str, Any]:
     """The run's settings as TensorBoard hparams take them (numbers, strings and booleans only)."""
     flat = {**{k: v for k, v in cfg.to_dict().items() if k != "options"}, **cfg.options, "lr": lr}
@@ -274,6 +297,8 @@ def finetune(
     train_data, dev_data, test_data = load_datasets(
         cfg
     )  # every data error surfaces before anything is written
+    check_step_batch(cfg, len(train_data))
+    step_examples = cfg.batch_size * cfg.grad_accum
     if progress and int(os.environ.get("RANK", "0")) == 0:
         print(describe_data(train_data, test_data, dev=dev_data))
     tokenizer = load_tokenizer(cfg.model)
@@ -312,8 +337,7 @@ def finetune(
     train_tokens = tokenize(tokenizer, train_data.texts, train_data.labels, cfg.max_length)
     dev_tokens = dev_data and tokenize(tokenizer, dev_data.texts, dev_data.labels, cfg.max_length)
     test_tokens = test_data and tokenize(tokenizer, test_data.texts, test_data.labels, cfg.max_length)
-    step_examples = cfg.batch_size * cfg.grad_accum
-    order = training_order(len(train_data), cfg.steps * step_examples, cfg.seed)
+    stream = TrainingStream(len(train_data), cfg.seed)
     share = step_examples // processes
     phase("tokenize")
 
@@ -322,7 +346,7 @@ def finetune(
 
     def step_batch(step: int) -> dict[str, torch.Tensor]:
         first = (step - 1) * step_examples + rank * share
-        return to_device(train_tokens.collate(order[first : first + share]))
+        return to_device(train_tokens.collate(stream.slice(first, first + share)))
 
     model = load_classifier(cfg.model, train_data.num_classes, pooling=cfg.pooling, seed=cfg.seed)
     check_model(cfg, model, tokenizer, cfg.model or "the bundled all-MiniLM-L6-v2")
@@ -333,7 +357,7 @@ def finetune(
     else:
         # methods that look at data first (LoRA-GA) see the first training batches, whole, on every rank
         prep_batches = (
-            to_device(train_tokens.collate(order[i * cfg.batch_size : (i + 1) * cfg.batch_size]))
+            to_device(train_tokens.collate(stream.slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)))
             for i in range(cfg.steps * cfg.grad_accum)
         )
         model = method.prepare(model, cfg, prep_batches)
@@ -479,9 +503,7 @@ def finetune(
                     accelerator.log({f"dev/{k[4:]}": v for k, v in dev.items()}, step=step)
                 if cfg.keep_best and dev["dev_accuracy"] > best.get("dev_accuracy", -1.0):
                     best = {"step": step, **dev}
-                    best_tensors = {
-                        k: v.detach().cpu().clone() for k, v in method.checkpoint_tensors(unwrapped).items()
-                    }
+                    best_tensors = _cpu_copy(method.checkpoint_tensors(unwrapped))
                 phase("evaluate")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 phase("train")
@@ -559,7 +581,7 @@ def finetune(
         method.save(unwrapped, out)  # the final weights
     if best_tensors is not None:
         # the best-on-dev weights: chosen on dev alone, then tested once, saved beside the final ones
-        final = {k: v.detach().cpu().clone() for k, v in method.checkpoint_tensors(unwrapped).items()}
+        final = _cpu_copy(method.checkpoint_tensors(unwrapped))
         method.load_checkpoint_tensors(unwrapped, best_tensors)
         best_test = {}
         if test_tokens is not None:

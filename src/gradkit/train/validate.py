@@ -112,6 +112,16 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
         check_out(Path(cfg.out), cfg.overwrite)
 
 
+def check_step_batch(cfg: TrainConfig, train_rows: int) -> None:
+    """With ``--grad-accum`` a step's batch (batch size x K) must fit in the training set."""
+    step_examples = cfg.batch_size * cfg.grad_accum
+    if cfg.grad_accum > 1 and step_examples > train_rows:
+        raise GradkitError(
+            f"--grad-accum {cfg.grad_accum} makes each step hold {step_examples:,} examples, more than the "
+            f"{train_rows:,} training rows; pass a smaller --grad-accum"
+        )
+
+
 def check_out(out: Path, overwrite: bool) -> None:
     """A run folder must be new or empty unless ``--overwrite`` (which clears it when the run starts)."""
     if out.exists() and not out.is_dir():
