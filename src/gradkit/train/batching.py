@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-# one more forward/backward pass costs about as much as this many padded token positions: on MiniLM,
-# 2 CPU cores, a full fine-tuning forward and backward of a batch of 32 took 0.68 s padded whole and
-# 0.43, 0.43, 0.40, 0.46, 0.49 s in parts cut with 32, 64, 128, 256, 512 here (60 SST-2 batches)
+# one more forward/backward pass costs about as much as this many padded token positions (a part's
+# fixed cost: Python, kernel launches, small-matrix inefficiency); benchmarks/compare_time.py measures
+# the parts against one padded pass per batch
 PART_OVERHEAD_TOKENS = 128
 
 # the keys of a batch that hold one value per token position (sliced when padding is trimmed)
