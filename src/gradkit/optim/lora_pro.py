@@ -31,6 +31,16 @@ before the update, exactly what AdamW on a plain LoRA model does; it shrinks the
 ``s B A`` (by about ``1 - 2 lr wd``), never the frozen base weight. Other trainable parameters (a
 classification head, biases) get an ordinary AdamW update in their own param groups (no decay on
 biases and normalisation weights).
+
+FSDP2 (``fully_shard``; parameters and gradients are row-sharded DTensors). What is gathered: each
+LoRA layer's factors A, B and their gradients (``r (in + out)`` values, an all-gather each), so every
+rank runs the same small algebra (SVDs, Sylvester solve, bases) on the whole factors and writes its
+own shard of the update; the ``"projected"`` and ``"factor"`` moments (``O(r (in + out))``) are kept
+whole on every rank. What stays sharded: the ``"full"`` form's two out x in moments, of which a rank
+keeps only its rows of B (``out / world`` rows; its rows of the equivalent gradient are formed from
+the gathered factors, and ``d_A = s B^T D`` is one ``r x in`` all-reduce), and the other trainable
+parameters' AdamW moments (elementwise on the local shard). The steps equal the unsharded ones
+(tests/fsdp). Call ``step()`` after ``backward()`` on every rank.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ import torch
 from torch import nn
 
 from gradkit.errors import GradkitError
+from gradkit.fsdp import all_reduce_sum, full, gather_rows, is_dtensor, local, local_part, shard_offset
 from gradkit.optim.linalg import compute_dtype
 from gradkit.optim.lora_pro_math import (
     X_SOLUTIONS,
@@ -190,6 +201,8 @@ class LoRAPro(torch.optim.Optimizer):
             key = (
                 A.shape,
                 B.shape,
+                _layout(A),
+                _layout(B),
                 A.dtype,
                 A.device,
                 group["optimizer"],
@@ -209,10 +222,11 @@ class LoRAPro(torch.optim.Optimizer):
                 key = (group["lr"], group["weight_decay"], A.dtype)
                 updates[key] += [(A, d_A[i]), (B, d_B[i])]
         for (lr, wd, dtype), items in updates.items():
-            params = [p for p, _ in items]
+            # FSDP2: each rank writes its own shard of the (replicated) factor update
+            params = [local(p) for p, _ in items]
             if wd:
                 torch._foreach_mul_(params, 1.0 - lr * wd)
-            torch._foreach_add_(params, [u.to(dtype) for _, u in items], alpha=-lr)
+            torch._foreach_add_(params, [local_part(u, p).to(dtype) for p, u in items], alpha=-lr)
         return loss
 
     # --- LoRA pairs ---------------------------------------------------------------------------
@@ -227,7 +241,8 @@ class LoRAPro(torch.optim.Optimizer):
         if bucket.optimizer == "sgd":
             bucket.out = list(adjusted_lora_grads(a, b, gA, gB, s, bucket.x, svds=svds))
         elif bucket.moments == "full":
-            bucket.inputs = [(sA, equivalent_gradient(a, b, gA, gB, s, svds=svds))]
+            # out x in moments, row-sharded like B under FSDP2: only this rank's rows are formed
+            bucket.inputs = [(sA, equivalent_gradient(a, b, gA, gB, s, svds=svds, rows=bucket.rows))]
         elif bucket.moments == "factor":
             hat_A, hat_B = adjusted_lora_grads(a, b, gA, gB, s, bucket.x, svds=svds)
             bucket.inputs = [(sA, hat_A), (sB, hat_B)]
@@ -258,8 +273,10 @@ class LoRAPro(torch.optim.Optimizer):
             return bucket.out
         a, b, s = bucket.a, bucket.b, bucket.s
         if bucket.moments == "full":
-            (D,) = bucket.out
-            d_A, d_B = s * (b.mT @ D), s * (D @ a.mT)
+            (D,) = bucket.out  # this rank's rows of the Adam direction (all of them without FSDP)
+            B0 = bucket.members[0][2]
+            d_A = all_reduce_sum(s * (b[:, bucket.rows].mT @ D), B0)  # a sum over rows: over ranks
+            d_B = gather_rows(s * (D @ a.mT), B0, dims_offset=1)
         else:
             D_K, D_L = bucket.out
             U, Vt = bucket.U, bucket.Vt
@@ -279,27 +296,30 @@ class LoRAPro(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise GradkitError("LoRAPro does not support sparse gradients; use dense embeddings")
             state = self.state[p]
-            if not state:
+            if not state:  # elementwise: under FSDP2 each rank keeps the moments of its own shard
                 cd = compute_dtype(p.dtype)
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, dtype=cd, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=cd, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(local(p), dtype=cd, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(
+                    local(p), dtype=cd, memory_format=torch.preserve_format
+                )
             state["step"] += 1
             entries.append(
                 _AdamEntry(
                     state["exp_avg"],
                     state["exp_avg_sq"],
-                    p.grad.to(state["exp_avg"].dtype),
+                    local(p.grad).to(state["exp_avg"].dtype),
                     state["step"],
                     group,
                 )
             )
         directions = _adam_update(entries)
         lr, wd = group["lr"], group["weight_decay"]
+        shards = [local(p) for p in params]
         if wd:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_mul_(shards, 1.0 - lr * wd)
         torch._foreach_add_(
-            params, [d.to(p.dtype) for p, d in zip(params, directions, strict=True)], alpha=-lr
+            shards, [d.to(p.dtype) for p, d in zip(shards, directions, strict=True)], alpha=-lr
         )
 
     # --- resume -----------------------------------------------------------------------------
@@ -335,8 +355,13 @@ class _Bucket:
         self.optimizer, self.moments = group["optimizer"], group["moments"]
         self.x = group["x_solution"]
         cd = compute_dtype(A0.dtype)
-        self.a = torch.stack([A.detach() for _, A, _ in members]).to(cd)
-        self.b = torch.stack([B.detach() for _, _, B in members]).to(cd)
+        # FSDP2: the factors and their gradients are all-gathered (r (in + out) values each, tiny); every
+        # rank then runs the same small algebra on the whole factors and writes its own shard
+        self.a = torch.stack([full(A.detach()) for _, A, _ in members]).to(cd)
+        self.b = torch.stack([full(B.detach()) for _, _, B in members]).to(cd)
+        B0 = members[0][2]
+        shape, offset = shard_offset(B0)
+        self.rows = slice(offset[0], offset[0] + shape[0])  # B's rows held here: the full moments' rows
         self.gA = torch.stack([_grad(A, cd) for _, A, _ in members])
         self.gB = torch.stack([_grad(B, cd) for _, _, B in members])
         self.s = torch.tensor([g["scaling"] for g, _, _ in members], dtype=cd, device=A0.device).view(
@@ -353,7 +378,15 @@ def _grad(param: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(param.shape, dtype=dtype, device=param.device)
     if param.grad.is_sparse:
         raise GradkitError("LoRAPro does not support sparse gradients; use dense LoRA layers")
-    return param.grad.to(dtype)
+    return full(param.grad).to(dtype)
+
+
+def _layout(param: nn.Parameter) -> tuple | None:
+    """How a parameter is split over ranks (None when it is not a DTensor): pairs are only stacked
+    together when every rank holds the same rows of each."""
+    if not is_dtensor(param):
+        return None
+    return (id(param.device_mesh), tuple(param.placements), shard_offset(param))
 
 
 def _carry_moments(sA: list[dict], sB: list[dict], U: torch.Tensor, Vt: torch.Tensor) -> None:

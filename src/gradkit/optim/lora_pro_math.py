@@ -125,6 +125,7 @@ def equivalent_gradient(
     rtol: float | None = None,
     *,
     svds: tuple[FactorSVD, FactorSVD] | None = None,
+    rows: slice | None = None,
 ) -> torch.Tensor:
     """The full-size (out x in) equivalent gradient ``P_B G + (I - P_B) G P_A`` of LoRA-Pro, computed
     from the factor gradients alone (``G`` itself is never needed):
@@ -132,10 +133,16 @@ def equivalent_gradient(
     the tangent space of rank-r matrices at ``B A``: the best update LoRA can make. With the SVDs
     ``B = U_B diag(σ) V_B^T``, ``A^T = Z diag(τ) W^T``: ``(1/s) [U_B diag(1/σ) V_B^T g_A +
     (I - U_B U_B^T) g_B W diag(1/τ) Z^T]`` over the kept directions.
+
+    ``rows`` (a slice of the out dimension) forms only those rows: row i needs row i of ``U_B`` and
+    of ``g_B`` plus the r x r and r x in pieces, so a rank holding rows of a sharded layer computes
+    exactly its block of the full result and nothing out x in.
     """
     A, B, (g_A, g_B), svd_B, svd_A = _pieces(A, B, (g_A, g_B), rtol, svds)
     UB = svd_B.U_kept
     h = g_B - UB @ (UB.mT @ g_B)
+    if rows is not None:
+        UB, h = UB[..., rows, :], h[..., rows, :]
     return (UB @ _rows(svd_B.inv, svd_B.V.mT @ g_A) + _cols(h @ svd_A.V, svd_A.inv) @ svd_A.U.mT) / s
 
 
