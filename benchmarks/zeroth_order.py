@@ -273,7 +273,7 @@ def curve(
         cpu += time.process_time() - t0
         done = cpu >= 60 * cpu_minutes or step == max_steps
         if step % eval_every == 0 or done:
-            acc = evaluate(model, test_tokens, test.num_classes, 128, torch.device("cpu"))["test_accuracy"]
+            acc = evaluate(model, test_tokens, 128, torch.device("cpu"))["test_accuracy"]
             points.append(
                 {
                     "step": step,
@@ -452,7 +452,7 @@ def direct(
         model.train()
         for batch in batches(args.bp_steps, 0):
             lora.train_step(model, batch, opt, _OneProcess(), base_cfg)
-    checkpoint = evaluate(model, test_tokens, test.num_classes, 128, torch.device("cpu"))
+    checkpoint = evaluate(model, test_tokens, 128, torch.device("cpu"))
     rows = [["checkpoint: backprop LoRA on the loss", args.bp_steps, "", *_metrics(checkpoint)]]
     raw = [{"run": "checkpoint", **checkpoint}]
     runs = [
@@ -473,7 +473,7 @@ def direct(
         continued.train()
         for batch in batches(args.direct_steps, 1):  # a different data order than the checkpoint's
             method.train_step(continued, batch, opt, _OneProcess(), cfg)
-        after = evaluate(continued, test_tokens, test.num_classes, 128, torch.device("cpu"))
+        after = evaluate(continued, test_tokens, 128, torch.device("cpu"))
         rows.append([label, args.direct_steps, f"{lr:g}", *_metrics(after)])
         raw.append({"run": label, "lr": lr, "steps": args.direct_steps, **after})
     table = {

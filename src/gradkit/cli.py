@@ -25,9 +25,57 @@ def _common(parser: argparse.ArgumentParser, method_options: bool = True) -> Non
     )
     g.add_argument("--label-col", help="label column: name or 0-based index (default: label, else last)")
     g.add_argument(
+        "--text-pair-col",
+        help="second text of a sentence pair (NLI, paraphrase, similarity): name or 0-based index; the "
+        "tokenizer encodes the two as a pair (default: sentence2 when the file has sentence1 and sentence2)",
+    )
+    g.add_argument(
+        "--task",
+        choices=["classification", "regression"],
+        default=d.task,
+        help="classification (label ids, cross-entropy) or regression (a numeric label, one output, mean "
+        "squared error)",
+    )
+    g.add_argument(
+        "--metric",
+        choices=["accuracy", "macro_f1", "mcc", "pearson", "spearman"],
+        help="the metric reported and used by --keep-best (default: accuracy for classification, pearson "
+        "for regression; mcc is Matthews correlation, as GLUE scores CoLA)",
+    )
+    g.add_argument(
         "--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)"
     )
     g.add_argument("--pooling", choices=["mean", "cls"], default=d.pooling, help="pooled output for the head")
+    g = parser.add_argument_group("the head")
+    g.add_argument(
+        "--head-init",
+        choices=["random", "labels"],
+        default=d.head_init,
+        help="random: a new N(0, 0.02) head; labels: scale * cos(sentence, label text) with the encoder's "
+        "own embeddings of the label texts (a zero-shot classifier from step 0)",
+    )
+    g.add_argument(
+        "--label-text",
+        help="with --head-init labels: one text per label, comma-separated in label-id order (or a JSON "
+        "list), e.g. terrible,great (default: the label names of the file)",
+    )
+    g.add_argument(
+        "--label-template",
+        help="with --head-init labels: each label text is put in this template's {}, e.g. 'It was {}.'",
+    )
+    g.add_argument(
+        "--head-warmup",
+        type=int,
+        default=d.head_warmup,
+        metavar="N",
+        help="first train the head alone for N steps on the frozen encoder (LP-FT), then the method; the "
+        "same warm-up for every method of a compare (0: none)",
+    )
+    g.add_argument(
+        "--head-lr",
+        type=float,
+        help="learning rate of the head warm-up (AdamW, constant; default: the head method's 2e-3)",
+    )
     g = parser.add_argument_group("budget and optimisation")
     g.add_argument("--steps", type=int, default=d.steps, help="optimiser steps (default %(default)s)")
     g.add_argument(
@@ -131,6 +179,14 @@ _CONFIG_KEYS = (
     "test",
     "text_col",
     "label_col",
+    "text_pair_col",
+    "task",
+    "metric",
+    "head_init",
+    "label_text",
+    "label_template",
+    "head_warmup",
+    "head_lr",
     "max_length",
     "pooling",
     "steps",
@@ -256,8 +312,11 @@ def main(argv: list[str] | None = None) -> int:
                 summary = resume(args.resume)
             else:
                 summary = finetune(_config(args, args.method))
+            from gradkit.train.metrics import format_metric
+
+            metric = summary["metric"]
             print(
-                f"{summary['method']}: test accuracy {100 * summary['test_accuracy']:.2f}%, "
+                f"{summary['method']}: test {metric} {format_metric(metric, summary.get(f'test_{metric}'))}, "
                 f"final train loss {summary['final_train_loss']:.4f}, {summary['train_seconds']:.0f} s; "
                 f"run folder {summary['out']}"
             )

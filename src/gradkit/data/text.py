@@ -1,6 +1,8 @@
-"""Text-classification data sets from TSV, CSV or JSON lines files, and the bundled SST-2 sample.
+"""Text-classification and text-regression data sets (single texts or sentence pairs) from TSV, CSV or
+JSON lines files, and the bundled SST-2 sample.
 
-One loader, :func:`load_text_classification`, reads a file into texts and integer label ids; every
+One loader, :func:`load_text_classification`, reads a file into texts (and second texts of a pair) and
+integer label ids, or float targets with ``task="regression"``; every
 problem with the file is a :class:`~gradkit.errors.GradkitError` whose one line names the file, the
 line where there is one, and the fix. Nothing is written while loading, so a bad file leaves no
 partial run behind.
@@ -18,9 +20,16 @@ Rules, in the order they apply:
   (an ``int`` or a string of digits, as the CLI passes it). Defaults: text is the column named
   ``sentence`` or ``text``, else column 0; label is the column named ``label``, else the last
   column. In JSON lines the columns are keys (an index counts keys in order of first appearance).
-- Labels: when every label is an integer, the ids follow their numeric order (``"0","1"`` -> 0, 1;
-  ``"-1","1"`` -> 0, 1); otherwise the distinct strings in sorted order. ``label_names`` (the train
-  set's, for a test set) fixes the mapping instead; a label outside it is an error.
+- Sentence pairs: ``text_pair_col`` names the second text of each example (the tokenizer encodes the
+  two as one pair). Without ``text_col`` and ``text_pair_col``, a header holding both ``sentence1`` and
+  ``sentence2`` (GLUE's RTE, STS-B, MRPC...) reads as pairs of those columns. An empty second text is
+  an error, as an empty text is.
+- Labels (``task="classification"``): when every label is an integer, the ids follow their numeric
+  order (``"0","1"`` -> 0, 1; ``"-1","1"`` -> 0, 1); otherwise the distinct strings in sorted order.
+  ``label_names`` (the train set's, for a test set) fixes the mapping instead; a label outside it is
+  an error.
+- Targets (``task="regression"``): every label must be a finite number (``"3.8"``, ``4``); a word,
+  NaN or infinity is an error naming the line.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -48,6 +58,8 @@ _SUFFIXES = {
     ".ndjson": "jsonl",
 }
 _SPLITS = ("train", "test")
+TASKS = ("classification", "regression")
+_PAIR_NAMES = ("sentence1", "sentence2")  # GLUE's pair columns: read as a pair when no column is chosen
 
 Column = str | int | None
 
@@ -55,16 +67,25 @@ Column = str | int | None
 @dataclass
 class TextClassificationData:
     """Texts and their label ids ``0..num_classes-1``; ``label_names[i]`` is label ``i`` as written
-    in the file (``"0"``, ``"1"`` or ``"neg"``, ``"pos"``). Indexing gives ``(text, label)`` pairs."""
+    in the file (``"0"``, ``"1"`` or ``"neg"``, ``"pos"``). With sentence pairs ``pairs[i]`` is the
+    second text of example ``i``; with ``task="regression"`` the labels are float targets and
+    ``label_names`` is empty. Indexing gives ``(text, label)``, or ``((text, pair), label)``."""
 
     texts: list[str]
-    labels: list[int]
+    labels: list[int] | list[float]
     label_names: list[str]
     path: str
+    pairs: list[str] | None = None
+    task: str = "classification"
 
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs of a model for this data: one logit per class, or one value for regression."""
+        return 1 if self.task == "regression" else self.num_classes
 
     @property
     def label_to_id(self) -> dict[str, int]:
@@ -73,7 +94,9 @@ class TextClassificationData:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def __getitem__(self, i: int) -> tuple[str, int]:
+    def __getitem__(self, i: int) -> tuple[Any, int | float]:
+        if self.pairs is not None:
+            return (self.texts[i], self.pairs[i]), self.labels[i]
         return self.texts[i], self.labels[i]
 
 
@@ -95,31 +118,57 @@ def load_text_classification(
     label_col: Column = None,
     label_names: list[str] | None = None,
     header: bool | None = None,
+    text_pair_col: Column = None,
+    task: str = "classification",
 ) -> TextClassificationData:
-    """Read a text-classification file (rules in the module docstring).
+    """Read a text-classification (or, with ``task="regression"``, text-regression) file, of single
+    texts or of sentence pairs (rules in the module docstring).
 
     ``path=None`` reads the bundled SST-2 sample of ``split``. ``split="train"`` (without
     ``label_names``) requires at least 2 classes. Texts lose their trailing whitespace.
     """
+    if task not in TASKS:
+        raise GradkitError(f"unknown task {task!r}; use one of: {', '.join(TASKS)}")
     if path is None:
         path = bundled_sst2(split)
     path = Path(path)
     text = _read(path)
     fmt = _SUFFIXES.get(path.suffix.lower()) or _sniff(text)
     if fmt == "jsonl":
-        rows = _read_jsonl(path, text, text_col, label_col)
+        rows = _read_jsonl(path, text, text_col, label_col, text_pair_col)
     else:
-        rows = _read_delimited(path, text, fmt, text_col, label_col, header)
+        rows = _read_delimited(path, text, fmt, text_col, label_col, header, text_pair_col)
     if not rows:
         what = "is empty" if not text.strip() else "has no examples (only a header or blank lines)"
         raise GradkitError(f"{path}: {what}; add rows of text and label")
-    ids, names = _label_ids(path, [(line, label) for line, _, label in rows], label_names)
+    texts = [t for _, t, _, _ in rows]
+    pairs = [p for _, _, p, _ in rows] if rows[0][2] is not None else None
+    if task == "regression":
+        targets = [_target(path, line, label) for line, _, _, label in rows]
+        return TextClassificationData(texts, targets, [], str(path), pairs, task)
+    ids, names = _label_ids(path, [(line, label) for line, _, _, label in rows], label_names)
     if label_names is None and split == "train" and len(names) < 2:
         raise GradkitError(
             f"{path}: every training label is {names[0]!r}; a classifier needs at least 2 classes, "
             "check the label column or the file"
         )
-    return TextClassificationData([t for _, t, _ in rows], ids, names, str(path))
+    return TextClassificationData(texts, ids, names, str(path), pairs, task)
+
+
+def _target(path: Path, line: int, label: str) -> float:
+    """A regression target: a finite number, else one line naming the row."""
+    try:
+        value = float(label)
+    except ValueError:
+        raise GradkitError(
+            f"{path}, line {line}: label {label!r} is not a number; --task regression needs a numeric "
+            "label column (check --label-col, or use --task classification)"
+        ) from None
+    if not math.isfinite(value):
+        raise GradkitError(
+            f"{path}, line {line}: label {label!r} is not finite; fix the value or drop the row"
+        )
+    return value
 
 
 def shuffled_order(n: int, seed: int, epoch: int = 0) -> list[int]:
@@ -192,9 +241,15 @@ def _is_name(col: Column) -> bool:
 
 
 def _read_delimited(
-    path: Path, text: str, fmt: str, text_col: Column, label_col: Column, header: bool | None
+    path: Path,
+    text: str,
+    fmt: str,
+    text_col: Column,
+    label_col: Column,
+    header: bool | None,
+    pair_col: Column = None,
 ):
-    """``[(line, text, label)]`` from a TSV or CSV file."""
+    """``[(line, text, pair or None, label)]`` from a TSV or CSV file."""
     if fmt == "tsv":
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
@@ -214,15 +269,17 @@ def _read_delimited(
 
     first = records[0][1]
     names = [c.strip() for c in first]
+    lowered = {n.lower() for n in names}
     if header is None:
-        lowered = {n.lower() for n in names}
         header = (
             _is_name(text_col)
             or _is_name(label_col)
+            or _is_name(pair_col)
             or bool(lowered & set(_DEFAULT_NAMES["text"]) and "label" in lowered)
+            or set(_PAIR_NAMES) <= lowered
         )
     elif not header:
-        for col in (text_col, label_col):
+        for col in (text_col, label_col, pair_col):
             if _is_name(col):
                 raise GradkitError(
                     f"{path}: column {col!r} is a name but header=False; use a 0-based index instead"
@@ -234,14 +291,15 @@ def _read_delimited(
             f"{path}, line {records[0][0]}: found 1 column; a text and a label column are needed, separated "
             f"by {'a tab' if fmt == 'tsv' else 'a comma'} (the suffix .tsv or .csv picks the separator)"
         )
+    if text_col is None and pair_col is None and columns and set(_PAIR_NAMES) <= lowered:
+        text_col, pair_col = _PAIR_NAMES
     ti = _column_index(path, text_col, columns, ncols, "text", 0)
     li = _column_index(path, label_col, columns, ncols, "label", ncols - 1)
-    if ti == li:
-        raise GradkitError(
-            f"{path}: text and label are both column {ti}; choose different --text-col and --label-col"
-        )
-    label_what = f"column {columns[li]!r}" if columns else f"column {li}"
-    text_what = f"column {columns[ti]!r}" if columns else f"column {ti}"
+    pi = None if pair_col is None else _column_index(path, pair_col, columns, ncols, "text-pair", None)
+    _distinct(path, {"text": ti, "label": li, "text-pair": pi}, "column")
+
+    def what(i: int) -> str:
+        return f"column {columns[i]!r}" if columns else f"column {i}"
 
     rows = []
     for line, cells in records[1:] if header else records:
@@ -253,15 +311,35 @@ def _read_delimited(
         label = cells[li].strip() if li < len(cells) else ""
         if not label:
             raise GradkitError(
-                f"{path}, line {line}: no label ({label_what} is empty or missing); add it or drop the row"
+                f"{path}, line {line}: no label ({what(li)} is empty or missing); add it or drop the row"
             )
-        text_value = cells[ti].rstrip() if ti < len(cells) else ""
-        if not text_value.strip():
-            raise GradkitError(
-                f"{path}, line {line}: no text ({text_what} is empty or missing); add it or drop the row"
-            )
-        rows.append((line, text_value, label))
+        values = []
+        for i, role in ((ti, "text"), (pi, "second text")):
+            value = None
+            if i is not None:
+                value = cells[i].rstrip() if i < len(cells) else ""
+                if not value.strip():
+                    raise GradkitError(
+                        f"{path}, line {line}: no {role} ({what(i)} is empty or missing); add it or drop the row"
+                    )
+            values.append(value)
+        rows.append((line, values[0], values[1], label))
     return rows
+
+
+def _distinct(path: Path, roles: dict[str, int | str | None], kind: str) -> None:
+    """Text, second text and label must be different columns (keys)."""
+    seen: dict[Any, str] = {}
+    for role, where in roles.items():
+        if where is None:
+            continue
+        if where in seen:
+            shown = f"{kind} {where!r}" if isinstance(where, str) else f"{kind} {where}"
+            raise GradkitError(
+                f"{path}: {seen[where]} and {role} are both {shown}; choose different --{seen[where]}-col and "
+                f"--{role}-col"
+            )
+        seen[where] = role
 
 
 def _column_index(
@@ -306,8 +384,8 @@ def _find_name(name: str, columns: list[str]) -> int | None:
     return lowered.index(name.lower()) if name.lower() in lowered else None
 
 
-def _read_jsonl(path: Path, text: str, text_col: Column, label_col: Column):
-    """``[(line, text, label)]`` from a JSON lines file; columns are keys."""
+def _read_jsonl(path: Path, text: str, text_col: Column, label_col: Column, pair_col: Column = None):
+    """``[(line, text, pair or None, label)]`` from a JSON lines file; columns are keys."""
     objects = []
     for line, raw in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not raw.strip():
@@ -329,24 +407,31 @@ def _read_jsonl(path: Path, text: str, text_col: Column, label_col: Column):
         return []
 
     keys = list(dict.fromkeys(k for _, obj in objects for k in obj))  # union, in order of first appearance
+    if text_col is None and pair_col is None and set(_PAIR_NAMES) <= {k.lower() for k in keys}:
+        text_col, pair_col = _PAIR_NAMES
     tkey = keys[_column_index(path, text_col, keys, len(keys), "text", None)]
     lkey = keys[_column_index(path, label_col, keys, len(keys), "label", None)]
-    if tkey == lkey:
-        raise GradkitError(
-            f"{path}: text and label are both key {tkey!r}; choose different --text-col and --label-col"
-        )
+    pkey = (
+        None if pair_col is None else keys[_column_index(path, pair_col, keys, len(keys), "text-pair", None)]
+    )
+    _distinct(path, {"text": tkey, "label": lkey, "text-pair": pkey}, "key")
     rows = []
     for line, obj in objects:
         label = _json_label(path, line, obj.get(lkey), lkey)
-        value = obj.get(tkey)
-        text_value = (
-            "" if value is None else (value if isinstance(value, str) else json.dumps(value)).rstrip()
-        )
-        if not text_value.strip():
-            raise GradkitError(
-                f"{path}, line {line}: no text (key {tkey!r} is empty or missing); add it or drop the row"
-            )
-        rows.append((line, text_value, label))
+        values = []
+        for key, role in ((tkey, "text"), (pkey, "second text")):
+            text_value = None
+            if key is not None:
+                value = obj.get(key)
+                text_value = (
+                    "" if value is None else (value if isinstance(value, str) else json.dumps(value)).rstrip()
+                )
+                if not text_value.strip():
+                    raise GradkitError(
+                        f"{path}, line {line}: no {role} (key {key!r} is empty or missing); add it or drop the row"
+                    )
+            values.append(text_value)
+        rows.append((line, values[0], values[1], label))
     return rows
 
 

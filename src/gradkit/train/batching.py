@@ -32,12 +32,14 @@ _PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 @dataclass
 class Tokenized:
-    """Texts tokenised once (no padding), with their labels: a batch is ``collate(indices)``."""
+    """Texts tokenised once (no padding), with their labels (class ids, or float targets for
+    regression): a batch is ``collate(indices)``."""
 
     features: list[dict[str, list[int]]]
-    labels: list[int]
+    labels: list[int] | list[float]
     pad_id: int
     padding_side: str
+    label_dtype: torch.dtype = torch.long
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -49,16 +51,42 @@ class Tokenized:
         """The examples at ``indices`` padded to the longest of them (the tokenizer's padding side)."""
         rows = [self.features[i] for i in indices]
         batch = pad_features(rows, self.pad_id, self.padding_side)
-        batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=torch.long)
+        batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=self.label_dtype)
         return batch
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], labels: Sequence[int], max_length: int) -> Tokenized:
-    """Tokenise every text once (truncated to ``max_length``); padding happens per batch."""
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+def tokenize(
+    tokenizer: Any,
+    texts: Sequence[str],
+    labels: Sequence[int] | Sequence[float],
+    max_length: int,
+    pairs: Sequence[str] | None = None,
+) -> Tokenized:
+    """Tokenise every text (or text pair, in the tokenizer's pair encoding: ``[CLS] a [SEP] b [SEP]``
+    with segment ids for BERT) once, truncated to ``max_length`` (a pair loses tokens from its longer
+    text first); padding happens per batch. Float labels (regression targets) stay floats."""
+    if pairs is None:
+        encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    else:
+        encoded = tokenizer(list(texts), list(pairs), truncation="longest_first", max_length=max_length)
     keys = [k for k in _PER_TOKEN if k in encoded]
     features = [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
-    return Tokenized(features, list(labels), int(tokenizer.pad_token_id), tokenizer.padding_side)
+    floats = any(isinstance(v, float) for v in labels)
+    return Tokenized(
+        features,
+        list(labels),
+        int(tokenizer.pad_token_id),
+        tokenizer.padding_side,
+        torch.float32 if floats else torch.long,
+    )
+
+
+def tokenize_data(tokenizer: Any, data: Any, max_length: int) -> Tokenized:
+    """:func:`tokenize` a loaded data set (:class:`gradkit.data.TextClassificationData`), pairs and all."""
+    tokens = tokenize(tokenizer, data.texts, data.labels, max_length, getattr(data, "pairs", None))
+    if getattr(data, "task", "classification") == "regression":
+        tokens.label_dtype = torch.float32  # targets written as integers ("4") are still targets
+    return tokens
 
 
 def pad_features(

@@ -44,41 +44,54 @@ def _child(cfg: TrainConfig, debug: bool, report: Any) -> None:
 
 
 def format_table(summaries: list[dict[str, Any]]) -> str:
-    """A Markdown table of the headline numbers, one row per method."""
-    with_ema = any("ema" in s for s in summaries)
-    with_best = any("best" in s for s in summaries)
+    """A Markdown table of the headline numbers, one row per method: the task's metric at step 0
+    (before any training), after the head warm-up when there was one, at the end, with EMA and
+    best-on-dev where the run kept them."""
+    from gradkit.train.metrics import format_metric
+
+    done = [s for s in summaries if "error" not in s]
+    metric = done[0].get("metric", "accuracy") if done else "accuracy"
+    name = {"accuracy": "acc", "macro_f1": "macro-F1", "mcc": "MCC"}.get(metric, metric)
+    with_start = any("step0" in s for s in done)
+    with_warmup = any("head_warmup" in s for s in done)
+    with_ema = any("ema" in s for s in done)
+    with_best = any("best" in s for s in done)
+    with_f1 = metric == "accuracy"
     head = (
         "method",
         "lr",
         "train loss",
-        "test acc",
-        *(("EMA test acc",) if with_ema else ()),
-        *(("best-on-dev test acc (step)",) if with_best else ()),
-        "macro-F1",
+        *((f"step-0 test {name}",) if with_start else ()),
+        *((f"after head warm-up test {name}",) if with_warmup else ()),
+        f"test {name}",
+        *((f"EMA test {name}",) if with_ema else ()),
+        *((f"best-on-dev test {name} (step)",) if with_best else ()),
+        *(("macro-F1",) if with_f1 else ()),
         "s/step",
         "peak MB",
         "trainable",
         "optim state",
     )
+
+    def shown(part: dict[str, Any] | None) -> str:
+        return format_metric(metric, part.get(f"test_{metric}")) if part else "-"
+
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         if "error" in s:
             lines.append(f"| {s['method']} | failed: {s['error']} |" + " |" * (len(head) - 2))
             continue
-        ema = [f"{100 * s['ema']['test_accuracy']:.2f}%" if "ema" in s else "-"] if with_ema else []
-        best = (
-            [f"{100 * s['best']['test_accuracy']:.2f}% ({s['best']['step']})" if "best" in s else "-"]
-            if with_best
-            else []
-        )
+        best = s.get("best")
         cells = [
             s["method"],
             f"{s['lr']:g}",
             f"{s['final_train_loss']:.4f}",
-            f"{100 * s['test_accuracy']:.2f}%",
-            *ema,
-            *best,
-            f"{100 * s['test_macro_f1']:.2f}%",
+            *([shown(s.get("step0"))] if with_start else []),
+            *([shown(s.get("head_warmup"))] if with_warmup else []),
+            shown(s),
+            *([shown(s.get("ema"))] if with_ema else []),
+            *([f"{shown(best)} ({best['step']})" if best else "-"] if with_best else []),
+            *([format_metric("macro_f1", s.get("test_macro_f1"))] if with_f1 else []),
             f"{s['seconds_per_step']:.3f}",
             f"{s['peak_memory_mb']:.0f}",
             f"{s['trainable_parameters']:,}",

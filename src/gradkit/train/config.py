@@ -17,6 +17,18 @@ class TrainConfig:
     test: str | None = None
     text_col: str | None = None  # name or 0-based index; None = "sentence"/"text" or the first column
     label_col: str | None = None  # name or 0-based index; None = "label" or the last column
+    text_pair_col: str | None = (
+        None  # second text of a sentence pair; None = sentence2 beside sentence1, else none
+    )
+    task: str = "classification"  # or "regression": a float label column, one output, mean squared error
+    metric: str | None = None  # reported and used by --keep-best; None = accuracy / pearson (by task)
+    head_init: str = "random"  # or "labels": a LabelTextHead from the encoder's embeddings of the label texts
+    label_text: str | None = (
+        None  # the label texts, comma-separated in label-id order; None = the label names
+    )
+    label_template: str | None = None  # e.g. "It was {}."; None = the label text alone
+    head_warmup: int = 0  # steps that train the head alone before the method starts (LP-FT)
+    head_lr: float | None = None  # the head warm-up's AdamW lr; None = the head method's default
     steps: int = 300
     batch_size: int = 32  # global batch: split across processes under accelerate / torchrun
     lr: float | None = None  # None = the method's default_lr

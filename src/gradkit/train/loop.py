@@ -25,26 +25,40 @@ from gradkit.errors import GradkitError
 from gradkit.files import clear_folder, json_line, write_json
 from gradkit.train.batching import Tokenized
 from gradkit.train.config import TrainConfig
-from gradkit.train.metrics import accuracy, macro_f1, window_mean
+from gradkit.train.metrics import window_mean
 from gradkit.train.validate import check_config, check_model, check_step_batch
 
 
 def load_datasets(cfg: TrainConfig):
     """``(train, dev, test)``: the dev and test labels are mapped through the train label ids. ``dev``
     is ``cfg.dev``, or ``cfg.dev_fraction`` of the training file carved out of it (seeded; those rows
-    are not trained on), or None; ``test`` is None when the run does not evaluate."""
+    are not trained on), or None; ``test`` is None when the run does not evaluate. Pairs and
+    regression targets follow ``cfg.text_pair_col`` and ``cfg.task``."""
     from gradkit.data import load_text_classification
 
-    cols = {"text_col": _column(cfg.text_col), "label_col": _column(cfg.label_col)}
+    cols = {
+        "text_col": _column(cfg.text_col),
+        "label_col": _column(cfg.label_col),
+        "text_pair_col": _column(cfg.text_pair_col),
+        "task": cfg.task,
+    }
     train = load_text_classification(cfg.train, split="train", **cols)
+    names = train.label_names if cfg.task == "classification" else None
     dev = None
     if cfg.dev is not None:
-        dev = load_text_classification(cfg.dev, split="test", label_names=train.label_names, **cols)
+        dev = load_text_classification(cfg.dev, split="test", label_names=names, **cols)
     elif cfg.dev_fraction is not None:
         train, dev = carve_dev(train, cfg.dev_fraction, cfg.seed)
     if not cfg.evaluate:
         return train, dev, None
-    test = load_text_classification(cfg.test, split="test", label_names=train.label_names, **cols)
+    test = load_text_classification(cfg.test, split="test", label_names=names, **cols)
+    for other in (dev, test):
+        if other is not None and (other.pairs is None) != (train.pairs is None):
+            what = "sentence pairs" if train.pairs is not None else "single texts"
+            raise GradkitError(
+                f"{other.path} does not read as {what} like the training file {train.path}; give both files "
+                "the same columns (or pass --text-pair-col)"
+            )
     return train, dev, test
 
 
@@ -64,23 +78,31 @@ def carve_dev(train, fraction: float, seed: int):
 
     def subset(dev: bool, path: str):
         rows = [i for i in range(n) if (i in chosen) == dev]
+        pairs = None if train.pairs is None else [train.pairs[i] for i in rows]
         return dataclasses.replace(
-            train, texts=[train.texts[i] for i in rows], labels=[train.labels[i] for i in rows], path=path
+            train,
+            texts=[train.texts[i] for i in rows],
+            labels=[train.labels[i] for i in rows],
+            pairs=pairs,
+            path=path,
         )
 
     return subset(False, train.path), subset(True, f"{train.path} [dev: {n_dev} rows carved, seed {seed}]")
 
 
 def describe_data(train, test, shown: int = 10, dev=None) -> str:
-    """One line saying what a run read: rows per split and the label map (id = label as in the file)."""
-    labels = ", ".join(f"{i} = {name!r}" for i, name in enumerate(train.label_names[:shown]))
-    more = f", ... ({train.num_classes - shown} more)" if train.num_classes > shown else ""
+    """One line saying what a run read: rows per split, single texts or pairs, and the label map (id =
+    label as in the file) or the range of the regression targets."""
     test_part = f"test {test.path} ({len(test.texts):,} rows)" if test is not None else "no test set"
     dev_part = f"dev {dev.path} ({len(dev.texts):,} rows), " if dev is not None else ""
-    return (
-        f"data: train {train.path} ({len(train.texts):,} rows), {dev_part}{test_part}; "
-        f"{train.num_classes} classes: {labels}{more}"
-    )
+    kind = "sentence pairs; " if getattr(train, "pairs", None) is not None else ""
+    if getattr(train, "task", "classification") == "regression":
+        target = f"regression targets in [{min(train.labels):g}, {max(train.labels):g}]"
+    else:
+        labels = ", ".join(f"{i} = {name!r}" for i, name in enumerate(train.label_names[:shown]))
+        more = f", ... ({train.num_classes - shown} more)" if train.num_classes > shown else ""
+        target = f"{train.num_classes} classes: {labels}{more}"
+    return f"data: train {train.path} ({len(train.texts):,} rows), {dev_part}{test_part}; {kind}{target}"
 
 
 def _column(value: str | int | None) -> str | int | None:
@@ -120,40 +142,45 @@ def training_order(n: int, total: int, seed: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate(
-    model, data: Tokenized, num_classes: int, batch_size: int, device, prefix: str = "test"
+    model, data: Tokenized, batch_size: int = 128, device: Any = "cpu", prefix: str = "test"
 ) -> dict[str, float]:
-    """``<prefix>_loss``, ``_accuracy`` and ``_macro_f1`` of ``model`` on ``data`` (eval mode, no
-    dropout). Batches are formed in length order, so each is padded little; the metrics do not depend
-    on the batching."""
+    """``<prefix>_loss`` and every metric of the task (:func:`gradkit.train.metrics.task_metrics`:
+    accuracy, macro-F1 and Matthews correlation of the argmax; Pearson and Spearman of the output for
+    regression, whose data carry float labels) of ``model`` on ``data`` (eval mode, no dropout).
+    Batches are formed in length order, so each is padded little; the metrics do not depend on the
+    batching."""
+    from gradkit.train.metrics import task_metrics
+
     was_training = model.training
     model.eval()
     lengths = data.lengths()
     order = sorted(range(len(data)), key=lambda i: -lengths[i])  # longest first: peak memory up front
-    pred = torch.empty(len(data), dtype=torch.long)
+    outputs: torch.Tensor | None = None
     loss_sum = 0.0
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in data.collate(rows).items()}
         out = model(**batch)
         loss_sum += out.loss.double().item() * len(rows)
-        pred[torch.tensor(rows)] = out.logits.argmax(-1).cpu()
+        logits = out.logits.detach().float().cpu()
+        if outputs is None:
+            outputs = torch.empty(len(data), *logits.shape[1:])
+        outputs[torch.tensor(rows)] = logits
     model.train(was_training)
-    labels = torch.tensor(data.labels)
-    return {
-        f"{prefix}_accuracy": accuracy(pred, labels),
-        f"{prefix}_macro_f1": macro_f1(pred, labels, num_classes),
-        f"{prefix}_loss": loss_sum / len(data),
-    }
+    task = "regression" if data.label_dtype.is_floating_point else "classification"
+    labels = torch.tensor(data.labels, dtype=data.label_dtype)
+    assert outputs is not None
+    return {**task_metrics(task, outputs, labels, prefix), f"{prefix}_loss": loss_sum / len(data)}
 
 
 def evaluate_texts(
     model, data, tokenizer, max_length: int, batch_size: int = 128, device="cpu", prefix: str = "test"
 ) -> dict[str, float]:
-    """:func:`evaluate` on a loaded data set (tokenised here, as the harness does)."""
-    from gradkit.train.batching import tokenize
+    """:func:`evaluate` on a loaded data set (tokenised here, pairs included, as the harness does)."""
+    from gradkit.train.batching import tokenize_data
 
-    tokens = tokenize(tokenizer, data.texts, data.labels, max_length)
-    return evaluate(model, tokens, data.num_classes, batch_size, torch.device(device), prefix)
+    tokens = tokenize_data(tokenizer, data, max_length)
+    return evaluate(model, tokens, batch_size, torch.device(device), prefix)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -278,9 +305,11 @@ def finetune(
 
     from gradkit.data import save_label_map
     from gradkit.train import checkpoint as ckpt
-    from gradkit.train.batching import tokenize
+    from gradkit.train.batching import tokenize_data
+    from gradkit.train.head_warmup import warm_up_head
     from gradkit.train.methods import get_method
-    from gradkit.train.model import load_classifier, load_tokenizer
+    from gradkit.train.metrics import check_metric
+    from gradkit.train.model import label_text_head, label_texts, load_classifier, load_tokenizer
     from gradkit.train.plots import plot_losses
 
     phases: dict[str, float] = {}  # seconds of each phase of this session, for the summary
@@ -298,7 +327,14 @@ def finetune(
         cfg
     )  # every data error surfaces before anything is written
     check_step_batch(cfg, len(train_data))
+    metric = check_metric(cfg.task, cfg.metric)
+    head_texts = None
+    if cfg.head_init == "labels":  # the label texts are checked against the labels before anything loads
+        head_texts = label_texts(train_data.label_names, cfg.label_text, cfg.label_template)
     step_examples = cfg.batch_size * cfg.grad_accum
+    warmup_examples = (
+        cfg.head_warmup * step_examples
+    )  # the warm-up reads the stream first; the method goes on
     if progress and int(os.environ.get("RANK", "0")) == 0:
         print(describe_data(train_data, test_data, dev=dev_data))
     tokenizer = load_tokenizer(cfg.model)
@@ -334,9 +370,9 @@ def finetune(
     device = accelerator.device
 
     # tokenised once; each step's batch is the next slice of the seeded stream, this process's share
-    train_tokens = tokenize(tokenizer, train_data.texts, train_data.labels, cfg.max_length)
-    dev_tokens = dev_data and tokenize(tokenizer, dev_data.texts, dev_data.labels, cfg.max_length)
-    test_tokens = test_data and tokenize(tokenizer, test_data.texts, test_data.labels, cfg.max_length)
+    train_tokens = tokenize_data(tokenizer, train_data, cfg.max_length)
+    dev_tokens = dev_data and tokenize_data(tokenizer, dev_data, cfg.max_length)
+    test_tokens = test_data and tokenize_data(tokenizer, test_data, cfg.max_length)
     stream = TrainingStream(len(train_data), cfg.seed)
     share = step_examples // processes
     phase("tokenize")
@@ -344,20 +380,69 @@ def finetune(
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device) for k, v in batch.items()}
 
-    def step_batch(step: int) -> dict[str, torch.Tensor]:
-        first = (step - 1) * step_examples + rank * share
+    def step_batch(step: int, offset: int = warmup_examples) -> dict[str, torch.Tensor]:
+        first = offset + (step - 1) * step_examples + rank * share
         return to_device(train_tokens.collate(stream.slice(first, first + share)))
 
-    model = load_classifier(cfg.model, train_data.num_classes, pooling=cfg.pooling, seed=cfg.seed)
+    model = load_classifier(
+        cfg.model, train_data.num_outputs, pooling=cfg.pooling, seed=cfg.seed, task=cfg.task
+    )
     check_model(cfg, model, tokenizer, cfg.model or "the bundled all-MiniLM-L6-v2")
     model.to(device)
+    if head_texts is not None:
+        model.head = label_text_head(model, tokenizer, head_texts, cfg.max_length)
     phase("load_model")
+    start_metrics: dict[str, Any] = {}  # step 0 (zero-shot) and after the head warm-up, on the test set
+    warmup_losses: list[float] = []
     if checkpoint is not None:
-        model = method.prepare_for_resume(model, cfg)
+        model = method.prepare_for_resume(model, cfg)  # the warmed head is among the checkpoint's tensors
     else:
-        # methods that look at data first (LoRA-GA) see the first training batches, whole, on every rank
+        if test_tokens is not None:
+            start_metrics["step0"] = evaluate(model, test_tokens, cfg.eval_batch_size, device)
+            phase("evaluate")
+        if cfg.head_warmup:
+            head_lr = cfg.head_lr if cfg.head_lr is not None else get_method("head").default_lr
+            bar = tqdm(
+                total=cfg.head_warmup,
+                desc="head warm-up",
+                disable=not (progress and rank == 0),
+                dynamic_ncols=True,
+            )
+
+            def on_warmup_step(_: int, loss: float) -> None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{window_mean(warmup_losses + [loss], len(warmup_losses) + 1):.4f}")
+
+            warmed = warm_up_head(
+                model,
+                (step_batch(s, offset=0) for s in range(1, cfg.head_warmup + 1)),
+                lr=head_lr,
+                weight_decay=cfg.weight_decay,
+                max_examples=cfg.batch_size // processes,
+                on_step=on_warmup_step,
+            )
+            bar.close()
+            warmup_losses = warmed["losses"]
+            phase("head_warmup")
+            start_metrics["head_warmup"] = {
+                "steps": cfg.head_warmup,
+                "lr": head_lr,
+                "examples": warmup_examples,
+                "final_train_loss": window_mean(warmup_losses, len(warmup_losses)),
+                "seconds": round(warmed["seconds"], 2),
+            }
+            if test_tokens is not None:
+                start_metrics["head_warmup"].update(evaluate(model, test_tokens, cfg.eval_batch_size, device))
+            phase("evaluate")
+        # methods that look at data first (LoRA-GA) see the next training batches, whole, on every rank
         prep_batches = (
-            to_device(train_tokens.collate(stream.slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)))
+            to_device(
+                train_tokens.collate(
+                    stream.slice(
+                        warmup_examples + i * cfg.batch_size, warmup_examples + (i + 1) * cfg.batch_size
+                    )
+                )
+            )
             for i in range(cfg.steps * cfg.grad_accum)
         )
         model = method.prepare(model, cfg, prep_batches)
@@ -401,6 +486,8 @@ def finetune(
     loss_steps: list[int] = state.get("loss_steps", [])  # the step of each loss (a skipped step has none)
     dev_curve: list[list[float]] = state.get("dev_curve", [])  # [step, dev loss] pairs for the plot
     best: dict[str, Any] = state.get("best", {})
+    start_metrics = state.get("start_metrics", start_metrics)
+    warmup_losses = state.get("warmup_losses", warmup_losses)
     skipped = state.get("skipped", 0)
     seconds_before = state.get("train_seconds", 0.0)
     checkpoint_step = start_step if checkpoint is not None else None
@@ -411,6 +498,11 @@ def finetune(
             _keep_rows(metrics_path, start_step)
         log = open(metrics_path, "a" if checkpoint is not None else "w")  # noqa: SIM115 (open across the loop)
         ckpt.write_status(out, "running", step=start_step, steps=cfg.steps, checkpoint_step=checkpoint_step)
+        if checkpoint is None:
+            for i, warm_loss in enumerate(
+                warmup_losses, 1
+            ):  # the warm-up's own rows, apart from the method's
+                log.write(json_line({"head_warmup_step": i, "loss": warm_loss}) + "\n")
     if cfg.report_to == "tensorboard":
         accelerator.init_trackers("tensorboard", config=_tracker_config(cfg, lr))
 
@@ -426,6 +518,8 @@ def finetune(
             "loss_steps": loss_steps,
             "dev_curve": dev_curve,
             "best": best,
+            "start_metrics": start_metrics,
+            "warmup_losses": warmup_losses,
             "skipped": skipped,
             "train_seconds": seconds_before + time.perf_counter() - start,
             "num_processes": processes,
@@ -494,14 +588,13 @@ def finetune(
                 step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
             ):
                 phase("train")
-                dev = evaluate(
-                    unwrapped, dev_tokens, train_data.num_classes, cfg.eval_batch_size, device, "dev"
-                )
+                dev = evaluate(unwrapped, dev_tokens, cfg.eval_batch_size, device, "dev")
                 write_row({"step": step, **dev})
                 dev_curve.append([step, dev["dev_loss"]])
                 if cfg.report_to == "tensorboard":
                     accelerator.log({f"dev/{k[4:]}": v for k, v in dev.items()}, step=step)
-                if cfg.keep_best and dev["dev_accuracy"] > best.get("dev_accuracy", -1.0):
+                score = dev[f"dev_{metric}"]  # every metric is "higher is better"; NaN never wins
+                if cfg.keep_best and math.isfinite(score) and score > best.get(f"dev_{metric}", -math.inf):
                     best = {"step": step, **dev}
                     best_tensors = _cpu_copy(method.checkpoint_tensors(unwrapped))
                 phase("evaluate")
@@ -563,16 +656,14 @@ def finetune(
     agree = ranks_agree(unwrapped, accelerator) if processes > 1 else True
     results: dict[str, Any] = {}
     if test_tokens is not None:
-        results = evaluate(unwrapped, test_tokens, train_data.num_classes, cfg.eval_batch_size, device)
+        results = evaluate(unwrapped, test_tokens, cfg.eval_batch_size, device)
     if dev_curve:
         results["dev_loss_at"] = {str(int(s)): v for s, v in dev_curve}
     if ema is not None:
         with ema.swapped():
             ema_results = {}
             if test_tokens is not None:
-                ema_results = evaluate(
-                    unwrapped, test_tokens, train_data.num_classes, cfg.eval_batch_size, device
-                )
+                ema_results = evaluate(unwrapped, test_tokens, cfg.eval_batch_size, device)
             if main:
                 method.save(unwrapped, out / "ema")  # the EMA weights, in the method's own format
         results["ema"] = {"decay": cfg.ema, "warmup": cfg.ema_warmup, **ema_results}
@@ -585,7 +676,7 @@ def finetune(
         method.load_checkpoint_tensors(unwrapped, best_tensors)
         best_test = {}
         if test_tokens is not None:
-            best_test = evaluate(unwrapped, test_tokens, train_data.num_classes, cfg.eval_batch_size, device)
+            best_test = evaluate(unwrapped, test_tokens, cfg.eval_batch_size, device)
         if main:
             method.save(unwrapped, out / "best")
         method.load_checkpoint_tensors(unwrapped, final)
@@ -594,6 +685,8 @@ def finetune(
     summary = {
         "status": "finished",
         "method": cfg.method,
+        "task": cfg.task,
+        "metric": metric,
         "lr": lr,
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
@@ -604,6 +697,7 @@ def finetune(
             str(s): window_mean(losses, s) for s in (10, 50, 100, 200, 300, 500, 1000) if s <= len(losses)
         },
         **results,
+        **start_metrics,
         "skipped_steps": skipped,
         "resumed_from_step": state.get("step") if checkpoint is not None else None,
         "train_seconds": round(train_seconds, 2),

@@ -130,6 +130,12 @@ class Mezo(Lora):
         )
 
     def prepare(self, model, cfg, batches):
+        objective = cfg.options.get("objective") or "loss"
+        if cfg.task == "regression" and objective != "loss":
+            raise GradkitError(
+                f"--objective {objective} scores argmax predictions of classes, and --task regression has "
+                "none; use --objective loss"
+            )
         return _prepare_params(self, model, cfg, cfg.options.get("zo_params") or "lora")
 
     def save(self, model, out_dir):
@@ -183,6 +189,11 @@ class PolicyGradient(Lora):
     summary = "REINFORCE: sample labels from softmax(logits/T), reward correctness (optimises accuracy)"
 
     def prepare(self, model, cfg, batches):
+        if cfg.task == "regression":
+            raise GradkitError(
+                "policy-gradient samples class labels, and --task regression has none; use mezo, lora or "
+                "full for regression"
+            )
         return _prepare_params(self, model, cfg, cfg.options.get("zo_params") or "lora")
 
     def save(self, model, out_dir):

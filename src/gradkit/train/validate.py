@@ -85,6 +85,7 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
         )
     if cfg.keep_best and not cfg.eval_every:
         raise GradkitError("--keep-best picks the best of the dev evaluations: pass --eval-every N with it")
+    check_task(cfg)
     if cfg.report_to not in REPORT_TO:
         raise GradkitError(f"--report-to {cfg.report_to!r} is not one of: {', '.join(REPORT_TO)}")
     if cfg.report_to == "tensorboard" and not (
@@ -110,6 +111,37 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
         if not str(cfg.out).strip():
             raise GradkitError("--out is empty; pass a folder path for the run")
         check_out(Path(cfg.out), cfg.overwrite)
+
+
+HEAD_INITS = ("random", "labels")
+
+
+def check_task(cfg: TrainConfig) -> None:
+    """The task, its metric, the head's initialisation and the head warm-up agree with each other."""
+    from gradkit.train.metrics import check_metric
+
+    check_metric(cfg.task, cfg.metric)
+    if cfg.head_init not in HEAD_INITS:
+        raise GradkitError(f"--head-init {cfg.head_init!r} is not one of: {', '.join(HEAD_INITS)}")
+    if cfg.head_init == "labels" and cfg.task == "regression":
+        raise GradkitError(
+            "--head-init labels builds one class vector per label text, and --task regression has no "
+            "classes; use --head-init random (or --head-warmup N to start from a trained head)"
+        )
+    if cfg.head_init != "labels":
+        for option, value in (("label-text", cfg.label_text), ("label-template", cfg.label_template)):
+            if value is not None:
+                raise GradkitError(f"--{option} shapes the label-text head: pass --head-init labels with it")
+    if cfg.label_template is not None and "{}" not in cfg.label_template:
+        raise GradkitError(
+            f"--label-template {cfg.label_template!r} has no {{}} for the label text; pass e.g. "
+            "--label-template 'It was {}.'"
+        )
+    _number("head-warmup", cfg.head_warmup, low=0, example="100 (or 0: no head warm-up)")
+    if cfg.head_lr is not None:
+        _number("head-lr", cfg.head_lr, low=0, low_open=True, example="2e-3")
+        if not cfg.head_warmup:
+            raise GradkitError("--head-lr is the head warm-up's learning rate: pass --head-warmup N with it")
 
 
 def check_step_batch(cfg: TrainConfig, train_rows: int) -> None:
