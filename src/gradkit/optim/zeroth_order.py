@@ -59,10 +59,20 @@ What gradkit guarantees, beyond the reference MeZO code:
 Under data parallelism every rank builds the optimiser with the same ``seed``; the closure should
 return the loss all-reduced over ranks (a scalar), so every rank computes the same ``d_k`` and takes
 the same step without exchanging anything else.
+
+**FSDP2** (``fully_shard``: parameters are row-sharded DTensors). Each rank perturbs and updates its
+own shard in place, with its rows of the same ``z`` (:meth:`Directions.range_chunks` draws only the
+chunks that overlap them), so the all-gathered weights every forward sees are exactly ``θ ± ε z`` and
+the step equals the unsharded one; nothing is gathered by the optimiser. Memory per rank: its shard,
+plus (``restore="exact"``) one saved copy of its shard of the optimised parameters, whose bits are
+copied back after every evaluation (exact in bf16 too), plus at most one chunk of ``z``. Every FSDP
+module is resharded before its first forward in an evaluation and after it (FSDP2 keeps the root's
+gathered weights after a forward), so no forward reads stale gathered weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -74,6 +84,7 @@ from torch.overrides import TorchFunctionMode
 
 from gradkit.errors import GradkitError
 from gradkit.estimators import scalar_value
+from gradkit.fsdp import flat_range, is_dtensor, local
 from gradkit.optim.zo_directions import DISTRIBUTIONS, Directions, work_dtype
 
 __all__ = ["ZerothOrder", "RESTORE_MODES", "DISTRIBUTIONS"]
@@ -150,6 +161,8 @@ class ZerothOrder(torch.optim.Optimizer):
         self.bad_steps_in_row = 0
         self.last_loss: torch.Tensor | None = None
         self.last_projected_grads: list[float] = []
+        self._sharded: list[_Entry] = []
+        self._saved: list[torch.Tensor] | None = None  # FSDP2: saved shards (exact) or [] (subtract)
         self._generator = torch.Generator().manual_seed(int(seed))
         self._warned_bad = False
         self._warned_unused = False
@@ -180,16 +193,49 @@ class ZerothOrder(torch.optim.Optimizer):
 
     # -- one evaluation of the closure at θ + sign ε z ------------------------------------------
     def _evaluate(self, closure: Callable[[], Any], entries, seed: int, sign: float, seen: set[int]) -> float:
+        fresh = _FreshGather() if self._saved is not None else contextlib.nullcontext()
         if self.restore == "subtract":
-            value = closure()
-        else:
-            with _Perturbed(self._directions, entries, seed, sign, seen, self._sparse_now):
+            with fresh:
                 value = closure()
+        else:
+            plain = [e for e in entries if not is_dtensor(e[1])]
+            self._perturb_shards(seed, sign)
+            try:
+                with _Perturbed(self._directions, plain, seed, sign, seen, self._sparse_now), fresh:
+                    value = closure()
+            finally:
+                self._restore_shards()
         return scalar_value(value, "the closure")
+
+    def _shard_pieces(self, group, p, index: int, seed: int, scale: float = 1.0):
+        """``(view of this rank's shard, scale·z there)`` pieces of a sharded parameter."""
+        flat = local(p.data).view(-1)
+        lo, hi = flat_range(p)
+        for start, z in self._directions.range_chunks(
+            tuple(p.shape), p.dtype, p.device, seed, index, lo, hi, scale
+        ):
+            yield flat[start : start + z.numel()], z
+
+    def _perturb_shards(self, seed: int, sign: float) -> None:
+        """restore="exact", FSDP2: each local shard becomes (saved bits + sign ε z), in place."""
+        for (group, p, index), saved in zip(self._sharded, self._saved or [], strict=True):
+            flat = saved.view(-1)
+            offset = 0
+            for part, z in self._shard_pieces(group, p, index, seed, sign * group["eps"]):
+                part.copy_(z.add_(flat[offset : offset + part.numel()]))
+                offset += part.numel()
+
+    def _restore_shards(self) -> None:
+        for (_, p, _), saved in zip(self._sharded, self._saved or [], strict=True):
+            local(p.data).copy_(saved)
 
     def _shift(self, entries, seed: int, sign: float) -> None:
         """restore="subtract": θ += sign ε z in place, one parameter at a time."""
         for group, p, index in entries:
+            if is_dtensor(p):
+                for part, z in self._shard_pieces(group, p, index, seed, sign * group["eps"]):
+                    part.copy_(z.add_(part))
+                continue
             for _, part, z in self._directions.chunks(p.data, seed, index, sign * group["eps"]):
                 part.copy_(z.add_(part))
 
@@ -208,7 +254,20 @@ class ZerothOrder(torch.optim.Optimizer):
         seeds = [int(torch.randint(0, 2**62, (1,), generator=self._generator)) for _ in range(self.n_samples)]
         diffs: list[float] = []
         values: list[float] = []
-        seen: set[int] = set()
+        # FSDP2: sharded parameters are perturbed in place on every rank (FSDP gathers them whole for
+        # every forward, so they count as read); exact restore copies their saved bits back
+        self._sharded = [e for e in entries if is_dtensor(e[1])]
+        seen: set[int] = {index for _, _, index in self._sharded}
+        if self._sharded:
+            self._saved = (
+                [local(p.data).clone() for _, p, _ in self._sharded] if self.restore == "exact" else []
+            )
+        try:
+            return self._step(closure, entries, seeds, diffs, values, seen)
+        finally:
+            self._saved = None
+
+    def _step(self, closure, entries, seeds, diffs, values, seen) -> torch.Tensor:
         for k, seed in enumerate(seeds):
             plus_minus = []
             for sign in (1.0, -1.0):
@@ -249,7 +308,7 @@ class ZerothOrder(torch.optim.Optimizer):
             warnings.warn(
                 f"ZerothOrder: {len(missing)} tensor(s) ({shown}) were not read by the closure, so they "
                 "were not perturbed and are not updated (their gradient is 0); drop them from the optimiser",
-                stacklevel=4,
+                stacklevel=5,
             )
 
     def _update(self, entries, seeds: list[int], diffs: list[float], seen: set[int]) -> None:
@@ -262,6 +321,20 @@ class ZerothOrder(torch.optim.Optimizer):
             decay = group["weight_decay"] if (p.ndim >= 2 or group["decay_1d"]) else 0.0
             coefs = [-lr * d / (group["eps"] * n) for d in diffs]
             if decay == 0 and not any(coefs):
+                continue
+            if is_dtensor(p):  # FSDP2: this rank's rows of every z_k, chunk by chunk
+                wd = work_dtype(p.dtype)
+                chunked = [self._shard_pieces(group, p, index, seed) for seed in seeds]
+                for pieces in zip(*chunked, strict=True):
+                    part = pieces[0][0]
+                    work = part if part.dtype == wd else part.to(wd)
+                    if decay:
+                        work.mul_(1.0 - lr * decay)
+                    for (_, z), coef in zip(pieces, coefs, strict=True):
+                        if coef:
+                            work.add_(z, alpha=coef)
+                    if work is not part:
+                        part.copy_(work)
                 continue
             rows = directions.sparse_rows(index)
             if rows is not None:  # only lookups read it: decay everywhere, noise on the rows read
@@ -302,7 +375,7 @@ class ZerothOrder(torch.optim.Optimizer):
             warnings.warn(
                 f"ZerothOrder: non-finite loss {values[-1]}; step skipped (weights unchanged). Further skips "
                 f"are counted in .skipped_steps; {self.max_bad_steps} in a row raise an error",
-                stacklevel=3,
+                stacklevel=4,
             )
         return self.last_loss
 
@@ -340,6 +413,32 @@ class ZerothOrder(torch.optim.Optimizer):
             self.sparse_embeddings = bool(extra.get("sparse_embeddings", False))
             if "distribution" in extra:  # states saved before the option existed drew Gaussians
                 self._directions.distribution = extra["distribution"]
+
+
+class _FreshGather:
+    """While a closure runs: every FSDP2 module is resharded before its first forward (a forward
+    pre-hook registered globally runs before FSDP's own, which then all-gathers the current, perturbed,
+    local shards) and all of them again at the end (FSDP2 keeps the root's gathered weights after a
+    forward: without this the next forward, the user's included, would read stale weights)."""
+
+    def __enter__(self) -> _FreshGather:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.nn.modules import module as module_mod
+
+        self.seen: dict[int, nn.Module] = {}
+
+        def pre(module: nn.Module, args: Any) -> None:
+            if isinstance(module, FSDPModule) and id(module) not in self.seen:
+                self.seen[id(module)] = module
+                module.reshard()
+
+        self.handle = module_mod.register_module_forward_pre_hook(pre)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+        for module in self.seen.values():
+            module.reshard()  # type: ignore[operator]
 
 
 def _data_parallel() -> bool:

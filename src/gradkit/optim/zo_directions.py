@@ -189,6 +189,40 @@ class Directions:
                 z.view(-1)[positions[lo:hi] - start] = on_rows[lo:hi]
             yield start, part, z if scale == 1.0 else z.mul_(scale)
 
+    def range_chunks(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        seed: int,
+        index: int,
+        lo: int,
+        hi: int,
+        scale: float = 1.0,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(offset, scale·z)`` pieces of flat positions ``[lo, hi)`` of the plain (dense) direction of
+        a parameter of ``shape`` (offset counted from ``lo``): exactly the values :meth:`chunks` gives
+        the whole parameter there. A rank holding rows of an FSDP2-sharded parameter draws only the
+        chunks that overlap its rows (a parameter up to ``CHUNK`` elements is one draw, sliced), so
+        every rank sees its part of the same z and the temporary buffer never exceeds one chunk."""
+        numel = math.prod(shape)
+        if hi <= lo:
+            return
+        gen = self.generator(device)
+        dtype = work_dtype(dtype)
+        base = mix(seed, index)
+        if numel <= CHUNK:
+            gen.manual_seed(base)
+            yield 0, self.draw(tuple(shape), gen, device, dtype, scale).view(-1)[lo:hi]
+            return
+        for c in range(lo // CHUNK, (hi - 1) // CHUNK + 1):
+            start = c * CHUNK
+            size = min(CHUNK, numel - start)
+            gen.manual_seed(mix(base, c))
+            z = self.draw((size,), gen, device, dtype, scale)
+            a, b = max(lo, start), min(hi, start + size)
+            yield a - lo, z[a - start : b - start]
+
     def on_rows(self, data: torch.Tensor, seed: int, index: int, rows: torch.Tensor) -> torch.Tensor:
         """z of an embedding (with a row set this step) on the given sorted, unique rows."""
         R = self.rows[index]
