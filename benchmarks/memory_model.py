@@ -196,6 +196,7 @@ def method_bytes(sh: Shapes, n: int, tokens: int = TOKENS) -> dict[str, dict[str
     - full fine-tuning, AdamW:             16 S(P)   (fp32 params 4, fp32 grads 4, exp_avg 4, exp_avg_sq 4)
     - LoRA + AdamW:                        2 S(P) + 16 S(L)
     - LoRA-Pro, full moments:              2 S(P) + 8 S(L) + 8 sum_T out*in   (moments on every rank)
+    - gradkit LoRA-Pro, full:              2 S(P) + 8 S(L) + 8 sum_T ceil(out/N)*in  (moments row-sharded like B)
     - gradkit LoRA-Pro, projected:         2 S(P) + 8 S(L) + 12 L_el          (3 r (in + out) fp32 per layer)
     - gradkit LoRA-Pro, factor:            2 S(P) + 8 S(L) + 8 L_el
     - LoRA-GA init, PEFT:                  2 P + 2 sum_T out*in               (unsharded model, bf16 grads)
@@ -209,6 +210,7 @@ def method_bytes(sh: Shapes, n: int, tokens: int = TOKENS) -> dict[str, dict[str
     l_el = elems(L)
     compute = gather_set(units(sh, "compute"), n)
     full_t = sum(o * i for o, i in sh.layers)
+    full_rows = sum(math.ceil(o / n) * i for o, i in sh.layers)  # out x in moments row-sharded like B
     max_t = max(o * i for o, i in sh.layers)
     sketch = 4 * sum(sketch_floats(o, i, RANK_R) for o, i in sh.layers)
     workspace = max(sketch_workspace(o, i, RANK_R, tokens) for o, i in sh.layers)
@@ -220,9 +222,10 @@ def method_bytes(sh: Shapes, n: int, tokens: int = TOKENS) -> dict[str, dict[str
             state=16 * elems(P, n), work=compute + gather_set(units(sh, "grad32"), n)
         ),
         "LoRA + AdamW": dict(state=2 * elems(P, n) + 16 * elems(L, n), work=compute),
-        "LoRA-Pro, full out x in moments (paper, official; gradkit moments='full')": dict(
+        "LoRA-Pro, full out x in moments (paper, official code)": dict(
             state=lora_train + 8 * full_t, work=compute
         ),
+        "gradkit LoRA-Pro, moments='full'": dict(state=lora_train + 8 * full_rows, work=compute),
         "gradkit LoRA-Pro, moments='projected' (default)": dict(state=lora_train + 12 * l_el, work=compute),
         "gradkit LoRA-Pro, moments='factor'": dict(state=lora_train + 8 * l_el, work=compute),
         "LoRA-GA init, PEFT preprocess_loraga": dict(
@@ -254,10 +257,13 @@ METHODS = {
     "reduce-scattered while the next is computed).",
     "LoRA + AdamW": "frozen bf16 base and fp32 LoRA factors sharded 1/N (fully_shard wraps the factors with "
     "their layer); AdamW state and gradients of the factors sharded 1/N.",
-    "LoRA-Pro, full out x in moments (paper, official; gradkit moments='full')": "two fp32 out x in moments "
+    "LoRA-Pro, full out x in moments (paper, official code)": "two fp32 out x in moments "
     "per adapted layer, counted whole on every rank (the official code runs in DeepSpeed ZeRO stage 1/2, "
     "not sharded over the base; even sharded 1/N they equal 8 bytes per adapted weight element, a full "
     "fine-tuning moment bill).",
+    "gradkit LoRA-Pro, moments='full'": "the paper's two fp32 out x in moments per adapted layer, kept "
+    "row-sharded like B under FSDP2 (each rank forms only its rows of the Adam direction); the factors "
+    "and their gradients are gathered for the step (r (in + out) values each, transient).",
     "gradkit LoRA-Pro, moments='projected' (default)": "the adapted factors and their gradients are sharded "
     "1/N; the moments (K: r x in, L: out x r) and bases (V^T: r x in, U: out x r) are counted whole on "
     "every rank (the factors are gathered for the r x r solves): 3 r (in + out) fp32 per layer.",
@@ -362,7 +368,7 @@ def check_tiny() -> list[dict[str, Any]]:
         lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3),
     )
     for moments, method in (
-        ("full", "LoRA-Pro, full out x in moments (paper, official; gradkit moments='full')"),
+        ("full", "gradkit LoRA-Pro, moments='full'"),
         ("projected", "gradkit LoRA-Pro, moments='projected' (default)"),
         ("factor", "gradkit LoRA-Pro, moments='factor'"),
     ):
