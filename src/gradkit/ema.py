@@ -14,6 +14,15 @@ Precision: the average of a half-precision (bf16/fp16) model is kept in float32 
 parameter's own dtype a step ``(1 − a)·(θ − Θ)`` below half an ulp of ``Θ`` rounds away: at
 ``a = 0.999`` a bf16 average moves only while ``|θ − Θ|`` exceeds about 2-4 times ``|Θ|`` (fp16: about
 0.25-0.5 times), so in practice it never moves.
+
+FSDP2 (``fully_shard``: parameters are row-sharded DTensors). Each rank averages its own shard: the
+average of a sharded parameter is a plain tensor shaped like this rank's shard (no rank ever holds a
+whole copy), updated from the local shard with the same fused lerp. :meth:`swapped` and
+:meth:`copy_to` write the local shards and reshard the model's FSDP modules, so the next forward
+gathers the averaged (then the restored) weights. :meth:`state_dict` holds this rank's shards: save
+one file per rank and resume with the same number of ranks. :meth:`save_safetensors` gathers the
+average one tensor at a time into a single safetensors file written by rank 0, keyed like the
+unsharded model's ``state_dict()``.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import torch
 from torch import nn
 
 from gradkit.errors import GradkitError
+from gradkit.fsdp import gather_rows, is_dtensor, reshard
+from gradkit.fsdp import local as local_shard
 
 __all__ = ["EMA", "ema_decay", "interval_decay", "unwrap_model"]
 
@@ -212,18 +223,29 @@ class EMA:
         self.step = 0  # optimiser steps seen
         self.last_update = 0  # optimiser step of the last applied average
         self.module = unwrap_model(model)
+        reshard(self.module)  # FSDP2: register the sharded parameters (a forward leaves the root gathered)
         self._slots = _slots(self.module, buffers=True)
         self.names = [s[0] for s in self._slots]
+        # FSDP2 registers the root's gathered (plain) weights after a forward: hold the sharded
+        # parameters themselves, which FSDP keeps for the whole run
+        self._sharded = {i: t for i, t in enumerate(self._live()) if is_dtensor(t)}
         self.shadow: list[torch.Tensor] = []
         with torch.no_grad():
-            for t in self._live():
+            for t in self._live():  # a sharded tensor is averaged as its local shard
                 cast = _shadow_dtype(shadow_dtype, t)
-                self.shadow.append(t.detach().to(device=self.device or t.device, dtype=cast, copy=True))
+                self.shadow.append(
+                    local_shard(t.detach()).to(device=self.device or t.device, dtype=cast, copy=True)
+                )
         self._build_groups()
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _live(self) -> list[torch.Tensor]:
-        return [(m._parameters if p else m._buffers)[local] for _, m, local, p in self._slots]
+        """The tracked tensors as the EMA reads and writes them: this rank's shard of a sharded one."""
+        sharded = getattr(self, "_sharded", {})
+        return [
+            local_shard(sharded[i]) if i in sharded else (m._parameters if p else m._buffers)[name]
+            for i, (_, m, name, p) in enumerate(self._slots)
+        ]
 
     def _build_groups(self) -> None:
         averaged: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -290,6 +312,11 @@ class EMA:
         """
         if model is None or unwrap_model(model) is self.module:
             targets = self._live()
+            for t, s in zip(targets, self.shadow, strict=True):
+                t.copy_(s)
+            if self._sharded:
+                reshard(self.module)  # the next forward gathers the new shards, not FSDP's cached root
+            return
         else:
             tables = {n: (m, local, p) for n, m, local, p in _slots(unwrap_model(model), buffers=True)}
             missing = [n for n in self.names if n not in tables]
@@ -315,7 +342,7 @@ class EMA:
         """Put the averaged weights into the tracked model for the block, then restore the training
         weights bit for bit, also when the block raises. Yields the (unwrapped) model."""
         with torch.no_grad():
-            backup = [t.detach().clone() for t in self._live()]
+            backup = [t.detach().clone() for t in self._live()]  # FSDP2: this rank's shards only
             self.copy_to()
         try:
             yield self.module
@@ -323,6 +350,8 @@ class EMA:
             with torch.no_grad():
                 for t, b in zip(self._live(), backup, strict=True):
                     t.copy_(b)
+                if self._sharded:
+                    reshard(self.module)
 
     def averaged_state_dict(self, *, full_precision: bool = False) -> dict[str, torch.Tensor]:
         """The averaged weights keyed like the unwrapped model's ``state_dict()`` (for saving).
@@ -331,6 +360,7 @@ class EMA:
         :meth:`swapped` and :meth:`copy_to` put into the model (the float32 average of a bf16 model is
         rounded once to bf16; tensors already in the model's dtype are returned as they are, not
         copied). ``full_precision=True``: the average as kept (``shadow_dtype``), e.g. float32.
+        Under FSDP2 a sharded tensor's entry is this rank's shard; :meth:`save_safetensors` gathers.
         """
         if full_precision:
             return dict(zip(self.names, self.shadow, strict=True))
@@ -338,6 +368,30 @@ class EMA:
             n: s if s.dtype == t.dtype else s.to(t.dtype)
             for n, s, t in zip(self.names, self.shadow, self._live(), strict=True)
         }
+
+    @torch.no_grad()
+    def save_safetensors(self, path: str, *, full_precision: bool = False) -> None:
+        """Save the averaged weights as one safetensors file keyed like :meth:`averaged_state_dict`.
+
+        Under FSDP2 every rank must call it: each sharded tensor is all-gathered in turn (one whole
+        tensor at a time on each rank) and rank 0 writes the file, so rank 0 holds the whole averaged
+        model on the CPU while writing. Without FSDP it is ``safetensors.torch.save_file`` of
+        :meth:`averaged_state_dict` (rank 0 only under DDP)."""
+        from safetensors.torch import save_file
+
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        out = {}
+        tensors = self.averaged_state_dict(full_precision=full_precision)
+        for i, name in enumerate(self.names):
+            value = tensors[name]
+            if i in self._sharded:  # this rank's shard -> the whole tensor (a collective)
+                value = gather_rows(value.to(self._sharded[i].device), self._sharded[i])
+            if rank == 0:
+                out[name] = value.detach().to("cpu").contiguous()
+            del value
+        if rank == 0:
+            save_file(out, path)
 
     @property
     def shadow_bytes(self) -> int:
