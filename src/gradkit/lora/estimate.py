@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from gradkit.fsdp import is_sharded, local, shard_offset
 from gradkit.lora import distributed
 from gradkit.lora.pairs import LoraPair
 from gradkit.lora.sketch import StreamingSketch, TwoPassSketch
@@ -45,8 +46,9 @@ def estimation_mode(model: nn.Module, trainable: list[nn.Parameter]) -> Iterator
             m.training = mode
 
 
-def run_batches(model, batches, loss_fn, num_batches, progress, desc) -> int:
-    """Forward and backward on each batch; returns how many ran on this process."""
+def run_batches(model, batches, loss_fn, num_batches, progress, desc, after_backward=None) -> int:
+    """Forward and backward on each batch (then ``after_backward()``, if given); returns how many ran
+    on this process."""
     from tqdm.auto import tqdm
 
     total = num_batches
@@ -59,6 +61,8 @@ def run_batches(model, batches, loss_fn, num_batches, progress, desc) -> int:
     for batch in tqdm(batches, total=total, desc=desc, disable=quiet, dynamic_ncols=True):
         loss = loss_fn(model, batch) if loss_fn is not None else model(**batch).loss
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         count += 1
     return count
 
@@ -77,6 +81,9 @@ def estimate_gradients(
     processes; returns ({name: G}, total batches). Only the base weights require grad; each batch's
     gradient is added to an fp32 sum by a post-accumulate hook and ``.grad`` is freed at once
     (``offload=True`` keeps the sums on CPU)."""
+    weights = [pair.layer.get_base_layer().weight for pair in pairs]
+    if any(is_sharded(w) for w in weights):
+        return _estimate_sharded(model, batches, pairs, weights, loss_fn, num_batches, progress, offload)
     sums: dict[str, torch.Tensor] = {}
 
     def hook(p: torch.Tensor, name: str) -> None:
@@ -90,7 +97,6 @@ def estimate_gradients(
         else:
             acc.add_(grad.float())
 
-    weights = [pair.layer.get_base_layer().weight for pair in pairs]
     handles = []
     try:
         with estimation_mode(model, weights):
@@ -112,6 +118,46 @@ def estimate_gradients(
         distributed.all_reduce_sum([g])
         g.div_(max(total, 1))
         grads[pair.name] = g.T if getattr(pair.layer, "fan_in_fan_out", False) else g
+    return grads, total
+
+
+def _estimate_sharded(model, batches, pairs, weights, loss_fn, num_batches, progress, offload):
+    """FSDP2: after every backward, add this rank's rows of each base weight's (reduce-scattered,
+    rank-averaged) gradient to an fp32 sum and free the gradient; the whole gradient of a layer is
+    never formed. Returns ({name: ShardedGradient}, total batches)."""
+    from gradkit.lora.sharded import ShardedGradient
+
+    sums: dict[str, torch.Tensor] = {}
+
+    def after_backward() -> None:
+        for pair, weight in zip(pairs, weights, strict=True):
+            grad, weight.grad = weight.grad, None
+            if grad is None:
+                continue
+            part = local(grad).to("cpu" if offload else grad.device, torch.float32, copy=True)
+            acc = sums.get(pair.name)
+            if acc is None:
+                sums[pair.name] = part
+            else:
+                acc.add_(part)
+
+    with estimation_mode(model, weights):
+        count = run_batches(
+            model, batches, loss_fn, num_batches, progress, "LoRA-GA gradients", after_backward
+        )
+    device = weights[0].device if not offload else torch.device("cpu")
+    total = distributed.global_count(count, device)
+    # every rank ran `count` backwards; each reduce-scattered gradient is the mean over the world's
+    # batches of that step, so the mean over all `total` batches is sum * world / total
+    factor = distributed.world_size() / max(total, 1)
+    grads = {}
+    for pair, weight in zip(pairs, weights, strict=True):
+        part = sums.pop(pair.name, None)
+        if part is None:
+            part = torch.zeros(shard_offset(weight)[0], device=device)
+        grads[pair.name] = ShardedGradient(
+            part.mul_(factor), weight, getattr(pair.layer, "fan_in_fan_out", False)
+        )
     return grads, total
 
 

@@ -10,6 +10,14 @@ sets ``A0 = V^T[:r]`` and ``B0 = U[:, r:2r]``. LoRA's first SGD step on (A, B) t
 fine-tuning. The base is offset, ``W0 <- W0 - s B0 A0``, so the model's output is unchanged at init.
 The factors carry no singular values (the paper's and the official code's split; PEFT's version folds
 them into B and scales only B, which changes that first step).
+
+FSDP2 (``fully_shard``, row-sharded base weights): the exact estimator adds each rank's rows of every
+reduce-scattered weight gradient to an fp32 sum, so no rank forms a whole gradient while the batches
+run; for the SVD each layer's gradient is gathered on one rank (round robin over layers), which
+broadcasts the top-2r triplets (:mod:`gradkit.lora.sharded`). The sketches are built from
+activations as without FSDP and reduced across ranks. Every rank writes its own rows of A0, B0 and
+of the offset base ``W0 - s B0 A0``. The init equals the single-process one on the union of the
+ranks' batches (tests/fsdp).
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ import torch
 from torch import nn
 
 from gradkit.errors import GradkitError
+from gradkit.fsdp import full, is_dtensor, local, local_part, reshard
 from gradkit.lora.estimate import estimate_gradients, estimate_sketches
 from gradkit.lora.pairs import LoraPair, lora_pairs
+from gradkit.lora.sharded import ShardedGradient, local_rows
 
 DIRECTIONS = ("ArB2r", "ArBr", "A2rBr")
 SCALES = ("stable", "unit", "gd")
@@ -230,7 +240,7 @@ def _check_pairs(pairs: list[LoraPair]) -> None:
             raise GradkitError(
                 f"layer {pair.name} has its adapter merged; call model.unmerge_adapter() first"
             )
-        if pair.B.detach().abs().max() > 0:
+        if full(pair.B.detach()).abs().max() > 0:
             raise GradkitError(
                 f"layer {pair.name} has a non-zero lora_B (already initialised or trained); lora_ga_init needs "
                 "a fresh adapter: get_peft_model(base, LoraConfig(...)) with the default init_lora_weights"
@@ -245,13 +255,20 @@ def _apply(pair: LoraPair, U, Vh, direction: str, scale: str, gamma: float):
     c = factor_scale(scale, B0.shape[0], s, gamma)
     A0 = (c * A0).to(pair.A.device, pair.A.dtype)
     B0 = (c * B0).to(pair.B.device, pair.B.dtype)
-    pair.A.copy_(A0)
-    pair.B.copy_(B0)
+    local(pair.A).copy_(local_part(A0, pair.A))  # FSDP2: each rank writes its own rows
+    local(pair.B).copy_(local_part(B0, pair.B))
     weight = pair.layer.get_base_layer().weight
     fan = getattr(pair.layer, "fan_in_fan_out", False)
     # offset with the factors as the adapter holds them (after the dtype cast), in fp32, then cast
-    new = pair.base_weight.float() - s * (B0.float().to(weight.device) @ A0.float().to(weight.device))
-    weight.copy_((new.T if fan else new).to(weight.dtype))
+    if is_dtensor(weight):  # only this rank's rows of s B0 A0 (weight layout: in x out when fan)
+        rows = local_rows(weight)
+        a, b = A0.float().to(weight.device), B0.float().to(weight.device)
+        delta = s * ((a.T[rows] @ b.T) if fan else (b[rows] @ a))
+        part = local(weight)
+        part.copy_((part.float() - delta).to(part.dtype))
+    else:
+        new = pair.base_weight.float() - s * (B0.float().to(weight.device) @ A0.float().to(weight.device))
+        weight.copy_((new.T if fan else new).to(weight.dtype))
     records = pair.layer.__dict__.setdefault(RECORD, {})
     records[pair.adapter] = (A0.detach().cpu().clone(), B0.detach().cpu().clone())
 
@@ -320,6 +337,7 @@ def lora_ga_init(
     while isinstance(getattr(peft_model, "module", None), nn.Module):
         peft_model = peft_model.module
     _refuse_quantised(peft_model)
+    reshard(peft_model)  # FSDP2: the sharded parameters registered (a forward leaves the root gathered)
     pairs = lora_pairs(peft_model, adapter)
     _check_pairs(pairs)
     kwargs = dict(loss_fn=loss_fn, num_batches=num_batches, progress=progress)
@@ -353,11 +371,14 @@ def lora_ga_init(
     if estimator == "sketch":
         bytes_held += max(e.work_nbytes for e in estimates.values())
     report = LoraGAReport(estimator, direction, scale, total, estimate_seconds, 0.0, bytes_held)
-    for pair in pairs:
+    for index, pair in enumerate(pairs):
         t0 = time.perf_counter()
         estimate = estimates.pop(pair.name)  # freed layer by layer
         held = _nbytes(estimate)
-        if estimator == "exact":
+        if isinstance(estimate, ShardedGradient):  # FSDP2: gathered on one rank (round robin) for the SVD
+            U, S, Vh = estimate.svd(2 * pair.rank, owner=index, seed=seed)
+            total_sq = estimate.frobenius_sq()
+        elif estimator == "exact":
             U, S, Vh = truncated_svd(estimate, 2 * pair.rank, seed=seed)
             total_sq = float(torch.linalg.vector_norm(estimate, dtype=torch.float64)) ** 2
         else:
@@ -377,6 +398,7 @@ def lora_ga_init(
                 held,
             )
         )
+    reshard(peft_model)  # FSDP2: the next forward gathers the new shards
     report.seconds = time.perf_counter() - start
     return report
 
