@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -20,3 +22,59 @@ def test_window_mean_and_smoothing():
     assert window_mean(values, 10) == pytest.approx(5.5)
     assert window_mean(values, 3, window=10) == pytest.approx(2.0)
     assert smooth([4.0, 4.0, 4.0]) == pytest.approx([4.0, 4.0, 4.0])  # bias-corrected: no warm-up sag
+
+
+def test_matthews_correlation_against_hand_counts():
+    from gradkit.train.metrics import matthews_corrcoef
+
+    # TP = 3, TN = 2, FP = 1, FN = 2: (3*2 - 1*2) / sqrt(4 * 5 * 3 * 4) = 4 / sqrt(240)
+    labels = torch.tensor([1, 1, 1, 1, 1, 0, 0, 0])
+    preds = torch.tensor([1, 1, 1, 0, 0, 0, 0, 1])
+    assert matthews_corrcoef(preds, labels, 2) == pytest.approx(4 / 240**0.5, abs=1e-12)
+    assert matthews_corrcoef(labels, labels, 2) == pytest.approx(1.0)
+    assert matthews_corrcoef(1 - labels, labels, 2) == pytest.approx(-1.0)
+    assert matthews_corrcoef(torch.ones(8, dtype=torch.long), labels, 2) == 0.0  # one predicted class
+    # three classes, Gorodkin's form: s = 6, c = 4, t = (2, 2, 2), p = (2, 1, 3)
+    # (4*6 - (4 + 2 + 6)) / sqrt((36 - (4 + 1 + 9)) * (36 - 12)) = 12 / sqrt(22 * 24)
+    labels3 = torch.tensor([0, 0, 1, 1, 2, 2])
+    preds3 = torch.tensor([0, 2, 1, 0, 2, 2])
+    assert matthews_corrcoef(preds3, labels3, 3) == pytest.approx(12 / (22 * 24) ** 0.5, abs=1e-12)
+
+
+def test_pearson_and_spearman_against_hand_values():
+    from gradkit.train.metrics import average_ranks, pearson, spearman
+
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    y = torch.tensor([2.0, 1.0, 4.0, 3.0])
+    # deviations (-1.5, -0.5, 0.5, 1.5) and (-0.5, -1.5, 1.5, 0.5): 0.75 + 0.75 + 0.75 + 0.75 = 3 over 5
+    assert pearson(x, y) == pytest.approx(0.6, abs=1e-12)
+    assert pearson(x, 2 * x + 7) == pytest.approx(1.0)
+    assert spearman(x, x**3) == pytest.approx(1.0)  # monotone, not linear: rho 1, r below 1
+    assert pearson(x, x**3) < 0.99
+    assert average_ranks(torch.tensor([10.0, 20.0, 20.0, 5.0])).tolist() == [2.0, 3.5, 3.5, 1.0]
+    assert math.isnan(pearson(x, torch.ones(4)))  # a constant side has no correlation
+    # ties: ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4): r = 4.5 / sqrt(4.5 * 5)
+    assert spearman(torch.tensor([1.0, 2, 2, 3]), x) == pytest.approx(4.5 / (4.5 * 5) ** 0.5, abs=1e-12)
+
+
+def test_task_metrics_and_metric_choice():
+    from gradkit.errors import GradkitError
+    from gradkit.train.metrics import check_metric, format_metric, task_metrics
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+    out = task_metrics("classification", logits, torch.tensor([0, 1, 1]), "dev")
+    assert out["dev_accuracy"] == pytest.approx(2 / 3) and set(out) == {
+        "dev_accuracy",
+        "dev_macro_f1",
+        "dev_mcc",
+    }
+    reg = task_metrics(
+        "regression", torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([1.0, 3.0, 2.0]), "test"
+    )
+    assert reg == {"test_pearson": pytest.approx(0.5), "test_spearman": pytest.approx(0.5)}
+    assert (
+        check_metric("classification", None) == "accuracy" and check_metric("regression", None) == "pearson"
+    )
+    with pytest.raises(GradkitError, match="--metric 'mcc' is not a regression metric"):
+        check_metric("regression", "mcc")
+    assert format_metric("accuracy", 0.8394) == "83.94%" and format_metric("mcc", 0.41234) == "0.4123"

@@ -116,14 +116,14 @@ def compare(
     from gradkit.train.loop import default_out, load_datasets
     from gradkit.train.methods import get_method
     from gradkit.train.plots import plot_losses
-    from gradkit.train.validate import check_config, check_out, check_step_batch
+    from gradkit.train.validate import check_config, check_data, check_out
 
     for name in methods:
         get_method(name)  # unknown names fail before anything runs
     if not methods:
         raise GradkitError("--methods names no method; pass e.g. --methods head,lora")
     check_config(dataclasses.replace(cfg, out=None))  # so do bad settings
-    check_step_batch(cfg, len(load_datasets(cfg)[0]))  # and data errors
+    check_data(cfg, load_datasets(cfg)[0])  # and data errors
     out = Path(cfg.out) if cfg.out else default_out("compare")
     for folder in [out / name for name in methods] if keep_existing else [out]:
         check_out(folder, cfg.overwrite)
@@ -158,7 +158,7 @@ def compare(
         steps, losses, dev_steps, dev_losses = [], [], [], []
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)
-            if "loss" in row:  # a train row (dev rows carry dev_loss)
+            if "step" in row and "loss" in row:  # a train row (dev rows: dev_loss; warm-up rows: no step)
                 steps.append(row["step"])
                 losses.append(row["loss"])
             elif "dev_loss" in row:

@@ -26,7 +26,7 @@ from gradkit.files import clear_folder, json_line, write_json
 from gradkit.train.batching import Tokenized
 from gradkit.train.config import TrainConfig
 from gradkit.train.metrics import window_mean
-from gradkit.train.validate import check_config, check_model, check_step_batch
+from gradkit.train.validate import check_config, check_data, check_model
 
 
 def load_datasets(cfg: TrainConfig):
@@ -273,7 +273,7 @@ def _keep_rows(path: Path, last_step: int) -> None:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if row.get("step", last_step + 1) <= last_step:
+            if row.get("step", 0 if "head_warmup_step" in row else last_step + 1) <= last_step:
                 kept.append(line)
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
@@ -309,7 +309,7 @@ def finetune(
     from gradkit.train.head_warmup import warm_up_head
     from gradkit.train.methods import get_method
     from gradkit.train.metrics import check_metric
-    from gradkit.train.model import label_text_head, label_texts, load_classifier, load_tokenizer
+    from gradkit.train.model import label_text_head, load_classifier, load_tokenizer
     from gradkit.train.plots import plot_losses
 
     phases: dict[str, float] = {}  # seconds of each phase of this session, for the summary
@@ -326,11 +326,8 @@ def finetune(
     train_data, dev_data, test_data = load_datasets(
         cfg
     )  # every data error surfaces before anything is written
-    check_step_batch(cfg, len(train_data))
+    head_texts = check_data(cfg, train_data)
     metric = check_metric(cfg.task, cfg.metric)
-    head_texts = None
-    if cfg.head_init == "labels":  # the label texts are checked against the labels before anything loads
-        head_texts = label_texts(train_data.label_names, cfg.label_text, cfg.label_template)
     step_examples = cfg.batch_size * cfg.grad_accum
     warmup_examples = (
         cfg.head_warmup * step_examples

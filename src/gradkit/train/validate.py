@@ -144,6 +144,18 @@ def check_task(cfg: TrainConfig) -> None:
             raise GradkitError("--head-lr is the head warm-up's learning rate: pass --head-warmup N with it")
 
 
+def check_data(cfg: TrainConfig, train: Any) -> list[str] | None:
+    """What the settings and the loaded training data decide together: the step's batch fits the data
+    (:func:`check_step_batch`), and the label-text head has one text per label. Returns the label
+    texts for ``--head-init labels`` (else None)."""
+    from gradkit.train.model import label_texts
+
+    check_step_batch(cfg, len(train))
+    if cfg.head_init == "labels":
+        return label_texts(train.label_names, cfg.label_text, cfg.label_template)
+    return None
+
+
 def check_step_batch(cfg: TrainConfig, train_rows: int) -> None:
     """With ``--grad-accum`` a step's batch (batch size x K) must fit in the training set."""
     step_examples = cfg.batch_size * cfg.grad_accum

@@ -1,0 +1,401 @@
+"""method_regimes: LoRA-GA, LoRA-Pro and zeroth order judged in the regime their papers made them for:
+a head that already knows the labels, sentence pairs, and a task where LoRA lags full fine-tuning.
+
+Studies (issue 15, item 4); every run is ``gradkit finetune`` on all-MiniLM-L6-v2, batch 16, one torch
+thread, two runs at a time on the 2 cores; each method at its best learning rate from a factor-2 grid
+(swept on seed 0), then seeds 1 and 2 at that lr:
+
+- ``warm``: LoRA-GA vs LoRA from the label-text head with a 50-step head warm-up (LP-FT), on SST-2 and
+  on RTE (pairs), 100 steps; lr chosen by the mean train loss over the 100 steps, which is the goal
+  (LoRA-GA below LoRA by more than 2 seed-sd).
+- ``lag``: CoLA (Matthews correlation), LoRA at rank 1 on every encoder Linear against full fine-tuning,
+  LoRA-Pro, LoRA-GA+Pro and LoRA+, 300 steps; lr chosen by the dev MCC (10% of the training file carved
+  off; the GLUE dev set is the test set and chooses nothing).
+- ``zo``: mezo (LoRA + head) from the label-text head on SST-2, 1,000 steps with a dev curve every 250, lr by
+  final dev accuracy; beside it policy gradient and backprop LoRA from the same head, for accuracy per
+  forward pass.
+
+    python benchmarks/method_regimes.py                    # everything (resumable: finished runs are reused)
+    python benchmarks/method_regimes.py --studies warm     # one study
+    python benchmarks/method_regimes.py --report-only      # rewrite the result from finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+RUNS = ROOT / "benchmarks" / "runs" / "method_regimes"
+SEEDS = (0, 1, 2)
+COMMON = ["--batch-size", "16", "--max-length", "128", "--dev-fraction", "0.1"]
+SST2_LABELS = ["--head-init", "labels", "--label-text", "terrible,great", "--label-template", "It was {}."]
+TASKS = {
+    "sst2": [],  # the bundled SST-2 sample (4,000 train rows) and the GLUE dev set as test
+    "rte": ["--train", f"{DATA}/rte/train.tsv", "--test", f"{DATA}/rte/dev.tsv"],
+    "cola": [
+        "--train",
+        f"{DATA}/cola/train.tsv",
+        "--test",
+        f"{DATA}/cola/dev.tsv",
+        "--text-col",
+        "3",
+        "--label-col",
+        "1",
+        "--metric",
+        "mcc",
+    ],
+}
+# (study, task, method, extra options, lr grid, how the lr is chosen)
+GROUPS = [
+    # the longest runs first, so they do not finish last
+    (
+        "zo",
+        "sst2",
+        "mezo",
+        SST2_LABELS + ["--steps", "1000", "--eval-every", "250"],
+        (1e-3, 2e-3, 4e-3),
+        "dev",
+    ),
+    (
+        "warm",
+        "sst2",
+        "lora",
+        SST2_LABELS + ["--head-warmup", "50", "--steps", "100"],
+        (5e-4, 1e-3, 2e-3),
+        "loss",
+    ),
+    (
+        "warm",
+        "sst2",
+        "lora-ga",
+        SST2_LABELS + ["--head-warmup", "50", "--steps", "100"],
+        (2e-4, 4e-4, 8e-4),
+        "loss",
+    ),
+    (
+        "warm",
+        "rte",
+        "lora",
+        ["--head-init", "labels", "--head-warmup", "50", "--steps", "100"],
+        (5e-4, 1e-3, 2e-3),
+        "loss",
+    ),
+    (
+        "warm",
+        "rte",
+        "lora-ga",
+        ["--head-init", "labels", "--head-warmup", "50", "--steps", "100"],
+        (2e-4, 4e-4, 8e-4),
+        "loss",
+    ),
+    ("lag", "cola", "full", ["--steps", "300"], (2.5e-5, 5e-5, 1e-4), "dev"),
+    ("lag", "cola", "lora", ["--rank", "1", "--steps", "300"], (1e-3, 2e-3, 4e-3), "dev"),
+    ("lag", "cola", "lora-pro", ["--rank", "1", "--steps", "300"], (4e-4, 8e-4, 1.6e-3), "dev"),
+    ("lag", "cola", "lora-ga-pro", ["--rank", "1", "--steps", "300"], (4e-4, 8e-4, 1.6e-3), "dev"),
+    ("lag", "cola", "lora-plus", ["--rank", "1", "--steps", "300"], (2.5e-4, 5e-4, 1e-3), "dev"),
+    ("zo", "sst2", "policy-gradient", SST2_LABELS + ["--steps", "300", "--eval-every", "50"], (1e-3,), "dev"),
+    ("zo", "sst2", "lora", SST2_LABELS + ["--steps", "300", "--eval-every", "50"], (1e-3,), "dev"),
+]
+# forward-pass equivalents per step: a backward costs about two forwards
+FORWARDS_PER_STEP = {"mezo": 2, "policy-gradient": 3, "lora": 3}
+
+
+def run_dir(study: str, task: str, method: str, lr: float, seed: int) -> Path:
+    return RUNS / study / task / method / f"lr{lr:g}-seed{seed}"
+
+
+def finetune(args: list[str], out: Path, report_only: bool) -> dict | None:
+    """Run ``gradkit finetune args`` into ``out`` (one torch thread), or reuse its finished run."""
+    record = out / "benchmark_args.json"
+    if (out / "summary.json").exists() and record.exists() and json.loads(record.read_text()) == args:
+        return json.loads((out / "summary.json").read_text())
+    if report_only:
+        return None
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "gradkit", "finetune", *args, "--out", str(out), "--overwrite"]
+    started = time.process_time()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(command)}\n{done.stderr[-2000:]}")
+    record.write_text(json.dumps(args))
+    print(f"done {out.relative_to(RUNS)} ({time.process_time() - started:.0f} s)", flush=True)
+    return json.loads((out / "summary.json").read_text())
+
+
+def rows_of(out: Path) -> tuple[list[float], list[dict]]:
+    """The method's train losses and its dev rows from metrics.jsonl."""
+    losses, dev = [], []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "step" in row and "loss" in row:
+            losses.append(row["loss"])
+        elif "dev_loss" in row:
+            dev.append(row)
+    return losses, dev
+
+
+def score(summary: dict, out: Path, choose: str) -> float:
+    """Higher is better: minus the mean train loss, or the final dev metric."""
+    losses, dev = rows_of(out)
+    if choose == "loss":
+        return -statistics.mean(losses)
+    return dev[-1][f"dev_{summary['metric']}"]
+
+
+def measure(group, pool: ThreadPoolExecutor, report_only: bool) -> dict:
+    study, task, method, extra, grid, choose = group
+    base = [*COMMON, *TASKS[task], "--method", method, *extra]
+
+    def job(lr: float, seed: int):
+        out = run_dir(study, task, method, lr, seed)
+        return pool.submit(finetune, [*base, "--lr", f"{lr:g}", "--seed", str(seed)], out, report_only)
+
+    sweep = {lr: job(lr, SEEDS[0]) for lr in grid}
+    sweep = {lr: f.result() for lr, f in sweep.items()}
+    if any(s is None for s in sweep.values()):
+        return {}
+    scores = {lr: score(s, run_dir(study, task, method, lr, SEEDS[0]), choose) for lr, s in sweep.items()}
+    best_lr = max(scores, key=scores.get)
+    seeds = {SEEDS[0]: sweep[best_lr]}
+    futures = {seed: job(best_lr, seed) for seed in SEEDS[1:]}
+    seeds.update({seed: f.result() for seed, f in futures.items()})
+    if any(s is None for s in seeds.values()):
+        return {}
+    return {
+        "study": study,
+        "task": task,
+        "method": method,
+        "choose": choose,
+        "scores": scores,
+        "lr": best_lr,
+        "seeds": seeds,
+    }
+
+
+def mean_sd(values: list[float], scale: float = 1.0, digits: int = 4) -> str:
+    values = [v * scale for v in values]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def summarise(m: dict) -> dict:
+    """Per seed: mean train loss of the method's steps, final dev and test metric, step-0 and after-warm-up
+    test metric, seconds and peak memory."""
+    metric = next(iter(m["seeds"].values()))["metric"]
+    rows = {}
+    for seed, s in m["seeds"].items():
+        out = run_dir(m["study"], m["task"], m["method"], m["lr"], seed)
+        losses, dev = rows_of(out)
+        rows[seed] = {
+            "mean_loss": statistics.mean(losses),
+            "test": s[f"test_{metric}"],
+            "step0": s.get("step0", {}).get(f"test_{metric}"),
+            "warm": s.get("head_warmup", {}).get(f"test_{metric}"),
+            "dev": [[r["step"], r[f"dev_{metric}"]] for r in dev],
+            "seconds_per_step": s["seconds_per_step"],
+            "peak_memory_mb": s["peak_memory_mb"],
+            "trainable": s["trainable_parameters"],
+            "optimizer_state_bytes": s["optimizer_state_bytes"],
+        }
+    return {"metric": metric, "runs": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", default="warm,lag,zo")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--note", action="append", default=[])
+    args = parser.parse_args()
+    studies = args.studies.split(",")
+    groups = [g for g in GROUPS if g[0] in studies]
+    started = time.time()
+    lock = threading.Lock()
+    results: list[dict] = []
+    with ThreadPoolExecutor(args.jobs) as pool, ThreadPoolExecutor(len(groups)) as coordinators:
+        futures = [coordinators.submit(measure, g, pool, args.report_only) for g in groups]
+        for future in futures:
+            m = future.result()
+            if m:
+                with lock:
+                    results.append(m)
+    report(results, args, time.time() - started)
+
+
+def report(results: list[dict], args, seconds: float) -> None:
+    from gradkit.train.metrics import format_metric
+
+    raw = {f"{m['study']}/{m['task']}/{m['method']}": {**m, **summarise(m), "seeds": None} for m in results}
+    for value in raw.values():
+        value.pop("seeds")
+    tables, notes, plots = [], list(args.note), []
+    by_study: dict[str, list[str]] = {}
+    for key in raw:
+        by_study.setdefault(key.split("/")[0], []).append(key)
+
+    def fmt(metric: str, values: list[float]) -> str:
+        scale = 100 if metric in ("accuracy", "macro_f1") else 1
+        return mean_sd(values, scale, 2 if scale == 100 else 4)
+
+    for study, keys in by_study.items():
+        rows = []
+        for key in keys:
+            r = raw[key]
+            runs = list(r["runs"].values())
+            metric = r["metric"]
+            sweep = ", ".join(f"{lr:g}: {v:.4f}" for lr, v in sorted(r["scores"].items()))
+            rows.append(
+                [
+                    f"{r['task']} {r['method']}",
+                    sweep,
+                    f"{r['lr']:g}",
+                    mean_sd([x["mean_loss"] for x in runs]),
+                    fmt(metric, [x["step0"] for x in runs]) if runs[0]["step0"] is not None else "-",
+                    fmt(metric, [x["warm"] for x in runs]) if runs[0]["warm"] is not None else "-",
+                    fmt(metric, [x["test"] for x in runs]),
+                    ", ".join(format_metric(metric, x["test"]) for x in runs),
+                    f"{statistics.mean(x['seconds_per_step'] for x in runs):.3f}",
+                    f"{max(x['peak_memory_mb'] for x in runs):.0f}",
+                    f"{runs[0]['trainable']:,}",
+                ]
+            )
+        tables.append(
+            {
+                "caption": CAPTIONS.get(study, study),
+                "columns": [
+                    "task, method",
+                    "seed-0 sweep (lr: choice score)",
+                    "best lr",
+                    "mean train loss (method's steps)",
+                    "step-0 test",
+                    "after head warm-up test",
+                    "final test (mean ± sd)",
+                    "per seed",
+                    "s/step",
+                    "peak MB",
+                    "trainable",
+                ],
+                "rows": rows,
+            }
+        )
+    notes += goals(raw)
+    if "zo" in by_study:
+        plots.append(plot_zo(raw))
+    notes.append(
+        f"Wall time of this invocation: {seconds / 60:.1f} min ({args.jobs} runs at a time, one torch thread each)."
+    )
+    write_result(
+        "method_regimes",
+        {
+            "title": "LoRA-GA, LoRA-Pro and zeroth order in their regimes: label-text head, head warm-up, pairs, CoLA",
+            "claim": "issue 15 item 4: each method at its best lr (factor-2 grid on seed 0), 3 seeds, mean ± sd",
+            "tables": tables,
+            "plots": plots,
+            "notes": notes,
+            "raw": raw,
+        },
+    )
+
+
+CAPTIONS = {
+    "warm": "LoRA-GA vs LoRA from the label-text head after a 50-step head warm-up (100 method steps, batch 16); lr by mean train loss",
+    "lag": "CoLA (test = GLUE dev, Matthews correlation), rank 1 on every encoder Linear, 300 steps of batch 16; lr by dev MCC",
+    "zo": "SST-2 from the label-text head (no warm-up): mezo, policy gradient and backprop LoRA; lr by final dev accuracy",
+}
+
+
+def goals(raw: dict) -> list[str]:
+    """Each goal of the issue, stated with the measured outcome."""
+    notes = []
+
+    def runs(key: str) -> list[dict]:
+        return list(raw[key]["runs"].values()) if key in raw else []
+
+    for task in ("sst2", "rte"):
+        lora, ga = runs(f"warm/{task}/lora"), runs(f"warm/{task}/lora-ga")
+        if lora and ga:
+            a = [x["mean_loss"] for x in lora]
+            b = [x["mean_loss"] for x in ga]
+            gap = statistics.mean(a) - statistics.mean(b)
+            sd = max(statistics.stdev(a), statistics.stdev(b))
+            met = gap > 2 * sd
+            notes.append(
+                f"Goal b ({task}): LoRA-GA's mean train loss {statistics.mean(b):.4f} vs LoRA's {statistics.mean(a):.4f}: "
+                f"LoRA-GA lower by {gap:+.4f}, 2 seed-sd = {2 * sd:.4f}: {'met' if met else 'not met'}."
+            )
+    full, lora, pro = runs("lag/cola/full"), runs("lag/cola/lora"), runs("lag/cola/lora-pro")
+    if full and lora:
+        f = [x["test"] for x in full]
+        lo = [x["test"] for x in lora]
+        gap = statistics.mean(f) - statistics.mean(lo)
+        sd = max(statistics.stdev(f), statistics.stdev(lo))
+        notes.append(
+            f"Goal c (CoLA, rank 1): full fine-tuning MCC {statistics.mean(f):.4f} vs tuned LoRA {statistics.mean(lo):.4f}: "
+            f"gap {gap:+.4f}, 2 seed-sd = {2 * sd:.4f}: LoRA {'lags by more than 2 sd' if gap > 2 * sd else 'does not lag by more than 2 sd'} here."
+        )
+        for key in ("lag/cola/lora-pro", "lag/cola/lora-ga-pro", "lag/cola/lora-plus"):
+            other = runs(key)
+            if other and gap > 0:
+                closed = (statistics.mean(x["test"] for x in other) - statistics.mean(lo)) / gap
+                notes.append(
+                    f"  {key.split('/')[-1]}: MCC {statistics.mean(x['test'] for x in other):.4f}, closes "
+                    f"{100 * closed:.0f}% of the LoRA-full gap (goal for lora-pro: >= 50%)."
+                )
+    mezo = runs("zo/sst2/mezo")
+    if mezo:
+        accs = [x["test"] for x in mezo]
+        notes.append(
+            f"Goal a: mezo from the label-text head starts at {100 * mezo[0]['step0']:.2f}% test accuracy (zero-shot) "
+            f"and ends at {mean_sd(accs, 100, 2)}% after {raw['zo/sst2/mezo']['runs'][0]['dev'][-1][0]} steps "
+            f"({statistics.mean(x['seconds_per_step'] for x in mezo) * raw['zo/sst2/mezo']['runs'][0]['dev'][-1][0] / 60:.1f} "
+            f"CPU-minutes of training per seed at one thread): goal >= 80% {'met' if statistics.mean(accs) >= 0.8 else 'not met'}."
+        )
+    return notes
+
+
+def plot_zo(raw: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, r in raw.items():
+        if not key.startswith("zo/"):
+            continue
+        method = key.split("/")[-1]
+        per = FORWARDS_PER_STEP.get(method, 3)
+        for seed, run in r["runs"].items():
+            steps = [0] + [s for s, _ in run["dev"]]
+            values = [run["step0"]] + [v for _, v in run["dev"]]  # step 0: the zero-shot test accuracy
+            ax.plot(
+                [per * s * 16 / 1000 for s in steps],
+                [100 * v for v in values],
+                label=f"{method} (lr {r['lr']:g})" if str(seed) == "0" else None,
+                color={"mezo": "C0", "policy-gradient": "C1", "lora": "C2"}.get(method, "C3"),
+                alpha=0.8,
+            )
+    ax.set_xlabel("forward-pass equivalents (thousands of examples; a backward = 2 forwards)")
+    ax.set_ylabel("dev accuracy (%)")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_title("SST-2 from the label-text head: accuracy per forward pass")
+    ax.legend()
+    path = IMAGES / "method_regimes_zo.png"
+    save_figure(fig, path)
+    return str(path.relative_to(ROOT))
+
+
+if __name__ == "__main__":
+    main()
