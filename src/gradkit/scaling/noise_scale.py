@@ -318,6 +318,13 @@ class GradNormRecorder:
         self.params = _trainable(model)
         if not self.params:
             raise GradkitError("the model has no trainable parameters to measure; set requires_grad first")
+        if any(type(p).__name__ == "DTensor" for p in self.params):
+            # FSDP2 computes gradients on its gathered copies and reduce-scatters them: neither the hooks
+            # nor .grad of the sharded parameters see a rank's local gradient
+            raise GradkitError(
+                "the noise-scale recorder does not support FSDP2-sharded (DTensor) parameters yet; "
+                "measure it on a DDP or single-process run of the same model"
+            )
         parallel = world_size(distributed) > 1
         if fused and parallel:
             raise GradkitError(
