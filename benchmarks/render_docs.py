@@ -77,6 +77,32 @@ def main() -> None:
     tmp.write_text(text)
     tmp.replace(path)
     print(f"wrote {path.relative_to(ROOT)} from {len(results)} result files")
+    for r in results:
+        if r.get("readme_table"):
+            write_readme_table(r)
+
+
+def write_readme_table(result: dict) -> None:
+    """Put a result's ``readme_table`` into README.md between ``<!-- NAME:start -->`` and
+    ``<!-- NAME:end -->`` (the README's method guide is generated, like this page)."""
+    table = result["readme_table"]
+    start, end = f"<!-- {table['marker']}:start -->", f"<!-- {table['marker']}:end -->"
+    path = ROOT / "README.md"
+    text = path.read_text()
+    if start not in text or end not in text:
+        print(f"README.md has no {start} ... {end}; skipped")
+        return
+    lines = [start, "", table["caption"], ""]
+    lines.append("| " + " | ".join(str(c) for c in table["columns"]) + " |")
+    lines.append("|" + "---|" * len(table["columns"]))
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table["rows"]]
+    lines += ["", end]
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(before + "\n".join(lines) + after)
+    tmp.replace(path)
+    print(f"wrote the {table['marker']} table in README.md")
 
 
 if __name__ == "__main__":
