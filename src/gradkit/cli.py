@@ -31,16 +31,31 @@ def _common(parser: argparse.ArgumentParser, method_options: bool = True) -> Non
     )
     g.add_argument(
         "--task",
-        choices=["classification", "regression"],
+        choices=["classification", "regression", "causal-lm"],
         default=d.task,
-        help="classification (label ids, cross-entropy) or regression (a numeric label, one output, mean "
-        "squared error)",
+        help="classification (label ids, cross-entropy), regression (a numeric label, one output, mean "
+        'squared error) or causal-lm (JSON lines of {"prompt", "response"} on a local AutoModelForCausalLM '
+        "folder: mean cross-entropy of the response tokens; see docs/causal_lm.md)",
     )
     g.add_argument(
         "--metric",
-        choices=["accuracy", "macro_f1", "mcc", "pearson", "spearman"],
+        choices=["accuracy", "macro_f1", "mcc", "pearson", "spearman", "perplexity"],
         help="the metric reported and used by --keep-best (default: accuracy for classification, pearson "
-        "for regression; mcc is Matthews correlation, as GLUE scores CoLA)",
+        "for regression, perplexity for causal-lm, where lower is better; mcc is Matthews correlation, as "
+        "GLUE scores CoLA)",
+    )
+    g.add_argument(
+        "--text-field",
+        metavar="NAME",
+        help="causal-lm: read plain texts from this JSON key and train on every token (default: the "
+        '"prompt"/"response" pair, loss on the response only; a .txt file is one text per line)',
+    )
+    g.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=d.precision,
+        help="bf16: the forward pass in bfloat16 autocast (CPU and CUDA), weights, gradients and optimiser "
+        "states kept in fp32",
     )
     g.add_argument(
         "--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)"
@@ -182,6 +197,8 @@ _CONFIG_KEYS = (
     "text_pair_col",
     "task",
     "metric",
+    "text_field",
+    "precision",
     "head_init",
     "label_text",
     "label_template",

@@ -82,7 +82,13 @@ def tokenize(
 
 
 def tokenize_data(tokenizer: Any, data: Any, max_length: int) -> Tokenized:
-    """:func:`tokenize` a loaded data set (:class:`gradkit.data.TextClassificationData`), pairs and all."""
+    """:func:`tokenize` a loaded data set (:class:`gradkit.data.TextClassificationData`), pairs and all;
+    causal-LM data (:class:`gradkit.data.causal.CausalLMData`) go to
+    :func:`gradkit.train.causal.tokenize_causal` (per-token labels)."""
+    if getattr(data, "task", None) == "causal-lm":
+        from gradkit.train.causal import tokenize_causal
+
+        return tokenize_causal(tokenizer, data, max_length)
     tokens = tokenize(tokenizer, data.texts, data.labels, max_length, getattr(data, "pairs", None))
     if getattr(data, "task", "classification") == "regression":
         tokens.label_dtype = torch.float32  # targets written as integers ("4") are still targets
@@ -141,13 +147,24 @@ def split_batch(
     parts of ``max_examples`` in the batch's order (gradient accumulation as usually written).
     ``max_examples`` bounds every part (memory); None: no bound. The weights add up to 1:
     ``sum_c w_c * mean_loss(part_c)`` is the batch's mean loss.
+
+    Per-token labels (a causal LM's ``labels`` of shape ``(N, length)``, shifted inside the model,
+    ``-100`` where there is no loss) make the loss a mean over labelled tokens, not examples: then
+    ``w_c = T_c / T``, part c's share of the labelled positions ``labels[:, 1:] != -100``, so that
+    ``sum_c (T_c / T) * (S_c / T_c) = S / T`` is again the batch's loss.
     """
     n = len(batch["labels"])
     limit = n if max_examples is None else max(1, min(int(max_examples), n))
+    counts = _label_tokens(batch["labels"])
+    total = float(counts.sum()) if counts is not None else 0.0
+
+    def weight(rows: Any, size: int) -> float:
+        return float(counts[rows].sum()) / total if total > 0 else size / n
+
     mask = batch.get("attention_mask")
     if mask is None:  # nothing says where padding is: consecutive parts as they come
         bounds = [(i, min(i + limit, n)) for i in range(0, n, limit)]
-        return [({k: v[a:b] for k, v in batch.items()}, (b - a) / n) for a, b in bounds]
+        return [({k: v[a:b] for k, v in batch.items()}, weight(slice(a, b), b - a)) for a, b in bounds]
     lengths = mask.sum(1)
     if trim:
         order = torch.sort(lengths, stable=True).indices
@@ -163,12 +180,19 @@ def split_batch(
         part = {}
         for key, value in batch.items():
             value = value[rows]
-            if key in _PER_TOKEN and value.ndim == 2:
+            if (key in _PER_TOKEN or key == "labels") and value.ndim == 2:
                 value = value[:, -longest:] if left else value[:, :longest]
             part[key] = value
-        parts.append((part, (end - begin) / n))
+        parts.append((part, weight(rows, end - begin)))
         begin = end
     return parts
+
+
+def _label_tokens(labels: torch.Tensor) -> torch.Tensor | None:
+    """Labelled positions of each row of per-token (causal, shifted) labels; None for one label a row."""
+    if labels.ndim != 2:
+        return None
+    return (labels[:, 1:] != -100).sum(1)
 
 
 def padded_positions(parts: Sequence[tuple[dict[str, torch.Tensor], float]]) -> int:

@@ -20,8 +20,11 @@ class TrainConfig:
     text_pair_col: str | None = (
         None  # second text of a sentence pair; None = sentence2 beside sentence1, else none
     )
-    task: str = "classification"  # or "regression": a float label column, one output, mean squared error
-    metric: str | None = None  # reported and used by --keep-best; None = accuracy / pearson (by task)
+    task: str = "classification"  # or "regression": a float label column, one output, mean squared error;
+    # or "causal-lm": JSON lines of prompt/response (or text_field) on an AutoModelForCausalLM folder
+    metric: str | None = None  # reported and used by --keep-best; None = accuracy / pearson / perplexity
+    text_field: str | None = None  # causal-lm: the JSON key of plain texts (loss on every token)
+    precision: str = "fp32"  # or "bf16": bf16 autocast of the forward (CPU and CUDA), fp32 master weights
     head_init: str = "random"  # or "labels": a LabelTextHead from the encoder's embeddings of the label texts
     label_text: str | None = (
         None  # the label texts, comma-separated in label-id order; None = the label names

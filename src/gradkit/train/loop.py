@@ -10,6 +10,7 @@ number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -33,8 +34,20 @@ def load_datasets(cfg: TrainConfig):
     """``(train, dev, test)``: the dev and test labels are mapped through the train label ids. ``dev``
     is ``cfg.dev``, or ``cfg.dev_fraction`` of the training file carved out of it (seeded; those rows
     are not trained on), or None; ``test`` is None when the run does not evaluate. Pairs and
-    regression targets follow ``cfg.text_pair_col`` and ``cfg.task``."""
+    regression targets follow ``cfg.text_pair_col`` and ``cfg.task``; ``--task causal-lm`` reads
+    :func:`gradkit.data.causal.load_causal_lm_data` files (``cfg.text_field``)."""
     from gradkit.data import load_text_classification
+
+    if cfg.task == "causal-lm":
+        from gradkit.data.causal import load_causal_lm_data
+
+        def read(path):
+            return load_causal_lm_data(path, text_field=cfg.text_field)
+
+        train, dev = read(cfg.train), read(cfg.dev) if cfg.dev is not None else None
+        if dev is None and cfg.dev_fraction is not None:
+            train, dev = carve_dev(train, cfg.dev_fraction, cfg.seed)
+        return train, dev, read(cfg.test) if cfg.evaluate else None
 
     cols = {
         "text_col": _column(cfg.text_col),
@@ -78,6 +91,8 @@ def carve_dev(train, fraction: float, seed: int):
 
     def subset(dev: bool, path: str):
         rows = [i for i in range(n) if (i in chosen) == dev]
+        if hasattr(train, "select"):  # causal-LM data
+            return train.select(rows, path)
         pairs = None if train.pairs is None else [train.pairs[i] for i in rows]
         return dataclasses.replace(
             train,
@@ -93,6 +108,15 @@ def carve_dev(train, fraction: float, seed: int):
 def describe_data(train, test, shown: int = 10, dev=None) -> str:
     """One line saying what a run read: rows per split, single texts or pairs, and the label map (id =
     label as in the file) or the range of the regression targets."""
+    if getattr(train, "task", None) == "causal-lm":
+        dev_part = f"dev {dev.path} ({len(dev):,} rows), " if dev is not None else ""
+        test_part = f"test {test.path} ({len(test):,} rows)" if test is not None else "no test set"
+        kind = (
+            "plain texts, loss on every token"
+            if train.plain
+            else "prompt/response pairs, loss on the response tokens"
+        )
+        return f"data: train {train.path} ({len(train):,} rows), {dev_part}{test_part}; causal LM: {kind}"
     test_part = f"test {test.path} ({len(test.texts):,} rows)" if test is not None else "no test set"
     dev_part = f"dev {dev.path} ({len(dev.texts):,} rows), " if dev is not None else ""
     kind = "sentence pairs; " if getattr(train, "pairs", None) is not None else ""
@@ -148,8 +172,12 @@ def evaluate(
     accuracy, macro-F1 and Matthews correlation of the argmax; Pearson and Spearman of the output for
     regression, whose data carry float labels) of ``model`` on ``data`` (eval mode, no dropout).
     Batches are formed in length order, so each is padded little; the metrics do not depend on the
-    batching."""
+    batching. Causal-LM data: :func:`gradkit.train.causal.evaluate_causal` (loss per token, perplexity)."""
+    from gradkit.train.causal import CausalTokenized, evaluate_causal
     from gradkit.train.metrics import task_metrics
+
+    if isinstance(data, CausalTokenized):
+        return evaluate_causal(model, data, batch_size, device, prefix)
 
     was_training = model.training
     model.eval()
@@ -308,7 +336,7 @@ def finetune(
     from gradkit.train.batching import tokenize_data
     from gradkit.train.head_warmup import warm_up_head
     from gradkit.train.methods import get_method
-    from gradkit.train.metrics import check_metric
+    from gradkit.train.metrics import check_metric, is_better
     from gradkit.train.model import label_text_head, load_classifier, load_tokenizer
     from gradkit.train.plots import plot_losses
 
@@ -348,8 +376,11 @@ def finetune(
 
     # the global batch is split across processes; recent accelerate silently ignores the old
     # ``Accelerator(split_batches=...)`` keyword, so it goes through DataLoaderConfiguration
+    # --precision bf16: accelerate wraps the prepared model's forward in bf16 autocast (outputs back in
+    # fp32); parameters, gradients, optimiser states and the methods' own algebra stay fp32
     accelerator = Accelerator(
         dataloader_config=DataLoaderConfiguration(split_batches=True),
+        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
         cpu=not torch.cuda.is_available(),
         log_with=["tensorboard"] if cfg.report_to == "tensorboard" else None,
         project_dir=str(out),
@@ -381,9 +412,14 @@ def finetune(
         first = offset + (step - 1) * step_examples + rank * share
         return to_device(train_tokens.collate(stream.slice(first, first + share)))
 
-    model = load_classifier(
-        cfg.model, train_data.num_outputs, pooling=cfg.pooling, seed=cfg.seed, task=cfg.task
-    )
+    if cfg.task == "causal-lm":
+        from gradkit.train.causal import load_causal_lm
+
+        model = load_causal_lm(cfg.model)
+    else:
+        model = load_classifier(
+            cfg.model, train_data.num_outputs, pooling=cfg.pooling, seed=cfg.seed, task=cfg.task
+        )
     check_model(cfg, model, tokenizer, cfg.model or "the bundled all-MiniLM-L6-v2")
     model.to(device)
     if head_texts is not None:
@@ -395,7 +431,9 @@ def finetune(
         model = method.prepare_for_resume(model, cfg)  # the warmed head is among the checkpoint's tensors
     else:
         if test_tokens is not None:
-            start_metrics["step0"] = evaluate(model, test_tokens, cfg.eval_batch_size, device)
+            # the model is not prepared yet: autocast here as the prepared forward will be
+            with accelerator.autocast() if cfg.precision == "bf16" else contextlib.nullcontext():
+                start_metrics["step0"] = evaluate(model, test_tokens, cfg.eval_batch_size, device)
             phase("evaluate")
         if cfg.head_warmup:
             head_lr = cfg.head_lr if cfg.head_lr is not None else get_method("head").default_lr
@@ -466,7 +504,8 @@ def finetune(
             clear_folder(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", {**cfg.to_dict(), "lr": lr, "num_processes": processes})
-        save_label_map(train_data, out / "labels.json")
+        if cfg.task != "causal-lm":  # a causal LM has no labels
+            save_label_map(train_data, out / "labels.json")
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = None
@@ -590,8 +629,8 @@ def finetune(
                 dev_curve.append([step, dev["dev_loss"]])
                 if cfg.report_to == "tensorboard":
                     accelerator.log({f"dev/{k[4:]}": v for k, v in dev.items()}, step=step)
-                score = dev[f"dev_{metric}"]  # every metric is "higher is better"; NaN never wins
-                if cfg.keep_best and math.isfinite(score) and score > best.get(f"dev_{metric}", -math.inf):
+                score = dev[f"dev_{metric}"]  # in the metric's own direction; NaN never wins
+                if cfg.keep_best and is_better(metric, score, best.get(f"dev_{metric}")):
                     best = {"step": step, **dev}
                     best_tensors = _cpu_copy(method.checkpoint_tensors(unwrapped))
                 phase("evaluate")
@@ -684,6 +723,7 @@ def finetune(
         "method": cfg.method,
         "task": cfg.task,
         "metric": metric,
+        "precision": cfg.precision,
         "lr": lr,
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,

@@ -53,6 +53,18 @@ def _rank_share(batches: Iterable[Any], count: int) -> Iterator[Any]:
     return itertools.islice(batches, rank, count, world)
 
 
+def _bf16_loss(model: nn.Module, batch: dict[str, Any]):
+    """``model(**batch).loss`` with the forward in bf16 autocast (``--precision bf16``: the gradient
+    LoRA-GA estimates is the one training will follow); the weights, their gradients, the SVD and the
+    base offset stay fp32, since only this forward is autocast."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    return loss.float()
+
+
 @register_method
 class LoraGA(Lora):
     """PEFT LoRA whose factors start from the SVD of the full fine-tuning gradient (LoRA-GA)."""
@@ -107,6 +119,7 @@ class LoraGA(Lora):
         self.report = lora_ga_init(
             peft_model,
             _rank_share(batches, count),
+            loss_fn=_bf16_loss if cfg.precision == "bf16" else None,
             estimator=options.get("ga_estimator") or "exact",
             sketch_passes=options.get("ga_sketch_passes") or 1,
             scale=options.get("ga_scale") or "stable",

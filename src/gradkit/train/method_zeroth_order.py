@@ -166,6 +166,9 @@ class Mezo(Lora):
         parts = parts_of(batch, cfg, accelerator)  # less padding; the objective is the whole batch's
 
         def closure() -> torch.Tensor:
+            if cfg.task == "causal-lm":  # the token-weighted mean loss; logits of parts differ in length
+                loss = sum(model(**part).loss * weight for part, weight in parts)
+                return objective_value(None, None, "loss", accelerator, loss)
             loss, logits, labels = forward_parts(model, parts)
             return objective_value(logits, labels, objective, accelerator, loss)
 

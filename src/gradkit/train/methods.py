@@ -240,6 +240,19 @@ class Lora(Method):
             use_rslora=cfg.rslora,
             modules_to_save=["head"],
         )
+        if cfg.task == "causal-lm":
+            # no head to save; PEFT's causal-LM wrapper (generate, and the task type in adapter_config.json);
+            # GPT-2's Conv1D layers store W transposed, which PEFT adapts with fan_in_fan_out
+            from gradkit.train.model import adaptable_layers
+
+            conv = [
+                type(m).__name__ == "Conv1D"
+                for n, m in adaptable_layers(model)
+                if n.rsplit(".", 1)[-1] in targets
+            ]
+            kwargs.update(
+                modules_to_save=None, task_type="CAUSAL_LM", fan_in_fan_out=bool(conv) and all(conv)
+            )
         kwargs.update(overrides)
         return LoraConfig(**kwargs)
 

@@ -10,16 +10,20 @@ import torch
 
 from gradkit.errors import GradkitError
 
-# the metrics each task computes; the first is its default --metric (every one is "higher is better")
+# the metrics each task computes; the first is its default --metric
 TASK_METRICS = {
     "classification": ("accuracy", "macro_f1", "mcc"),
     "regression": ("pearson", "spearman"),
+    "causal-lm": ("perplexity",),
 }
+# every metric is "higher is better" but these, which are "lower is better" (reported as they are)
+LOWER_IS_BETTER = ("perplexity",)
 PERCENT_METRICS = ("accuracy", "macro_f1")  # shown as percentages; correlations as they are
 
 
 def default_metric(task: str) -> str:
-    """The metric a task reports unless ``--metric`` says otherwise: accuracy, or Pearson's r."""
+    """The metric a task reports unless ``--metric`` says otherwise: accuracy, Pearson's r, or the
+    perplexity of a causal LM."""
     return TASK_METRICS[task][0]
 
 
@@ -34,6 +38,17 @@ def check_metric(task: str, metric: str | None) -> str:
             f"--metric {metric!r} is not a {task} metric; pass one of: {', '.join(TASK_METRICS[task])}"
         )
     return metric
+
+
+def is_better(metric: str, new: float, old: float | None) -> bool:
+    """True when ``new`` beats ``old`` (None: nothing yet) in ``metric``'s own direction: larger for
+    accuracy, F1, MCC and the correlations, smaller for :data:`LOWER_IS_BETTER` (perplexity). A value
+    that is not finite (NaN, inf) never wins."""
+    if new is None or not math.isfinite(new):
+        return False
+    if old is None or not math.isfinite(old):
+        return True
+    return new < old if metric in LOWER_IS_BETTER else new > old
 
 
 def format_metric(metric: str, value: float) -> str:

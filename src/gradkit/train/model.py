@@ -239,15 +239,43 @@ def label_text_head(model: SequenceClassifier, tokenizer, texts: list[str], max_
     return LabelTextHead(embeddings.cpu()).to(device)
 
 
+def adaptable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every layer LoRA can adapt: ``nn.Linear`` and transformers' ``Conv1D``
+    (GPT-2's transposed Linear, which PEFT adapts with ``fan_in_fan_out``) in a causal LM, without its
+    output embeddings (``lm_head``: vocabulary-sized, and tied to the input embeddings in GPT-2); in any
+    other model (a :class:`SequenceClassifier`), the ``nn.Linear`` layers of its ``encoder`` (or of
+    the model), as the harness always did."""
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is None:  # not a language model: an encoder with a head
+        encoder = getattr(model, "encoder", model)
+        return [(name, m) for name, m in encoder.named_modules() if isinstance(m, nn.Linear)]
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, Conv1D)) and m is not output
+    ]
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` features of a Linear (weight out x in) or a Conv1D (weight in x out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    fan_in, fan_out = module.weight.shape
+    return int(fan_in), int(fan_out)
+
+
 def lora_target_names(model: nn.Module, targets: str = "all-linear") -> list[str]:
     """Module-name suffixes PEFT should adapt.
 
-    "all-linear": the distinct last name components of every ``nn.Linear`` inside the encoder
-    (for BERT: query, key, value, dense), which keeps adapter_config.json short and portable.
-    Otherwise a comma-separated list, checked against the model's module names.
+    "all-linear": the distinct last name components of every adaptable layer
+    (:func:`adaptable_layers`): for BERT query, key, value, dense; for Llama/Qwen q_proj, k_proj,
+    v_proj, o_proj, gate_proj, up_proj, down_proj; for GPT-2 c_attn, c_proj, c_fc (never lm_head).
+    This keeps adapter_config.json short and portable. Otherwise a comma-separated list, checked
+    against the model's module names.
     """
-    encoder = getattr(model, "encoder", model)
-    linear_names = [name for name, m in encoder.named_modules() if isinstance(m, nn.Linear)]
+    linear_names = [name for name, _ in adaptable_layers(model)]
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
     if targets == "all-linear":
         if not suffixes:

@@ -20,7 +20,8 @@ def load_trained(run_dir: str | os.PathLike, which: str = "final") -> tuple[Any,
     """``(model, tokenizer)`` of a finished run folder, the model in eval mode.
 
     The base model is the run's ``config.json`` ``model`` (the bundled MiniLM when it was None), with
-    the run's task and head shape; LoRA-family runs load their ``adapter/`` with plain PEFT
+    the run's task and head shape (``--task causal-lm``: the ``AutoModelForCausalLM`` itself, no head);
+    LoRA-family runs load their ``adapter/`` with plain PEFT
     (``PeftModel.from_pretrained``), other methods their ``trainable.safetensors`` (the tensors they
     trained, by name). ``which``: ``"final"``, ``"best"`` (``--keep-best``) or ``"ema"`` (``--ema``).
     """
@@ -40,7 +41,12 @@ def load_trained(run_dir: str | os.PathLike, which: str = "final") -> tuple[Any,
         )
     task = cfg.get("task", "classification")
     names = load_label_map(run / "labels.json") if task == "classification" else []
-    model = load_classifier(cfg["model"], max(len(names), 1), pooling=cfg["pooling"], task=task)
+    if task == "causal-lm":  # the plain AutoModelForCausalLM, fp32; a LoRA adapter goes on it with PEFT
+        from gradkit.train.causal import load_causal_lm
+
+        model = load_causal_lm(cfg["model"])
+    else:
+        model = load_classifier(cfg["model"], max(len(names), 1), pooling=cfg["pooling"], task=task)
     if cfg.get("head_init") == "labels":
         # the shape alone: the trained class vectors, bias and scale come from the saved weights
         model.head = LabelTextHead(torch.zeros(len(names), model.encoder.config.hidden_size))

@@ -86,6 +86,7 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
     if cfg.keep_best and not cfg.eval_every:
         raise GradkitError("--keep-best picks the best of the dev evaluations: pass --eval-every N with it")
     check_task(cfg)
+    check_precision(cfg)
     if cfg.report_to not in REPORT_TO:
         raise GradkitError(f"--report-to {cfg.report_to!r} is not one of: {', '.join(REPORT_TO)}")
     if cfg.report_to == "tensorboard" and not (
@@ -137,11 +138,92 @@ def check_task(cfg: TrainConfig) -> None:
             f"--label-template {cfg.label_template!r} has no {{}} for the label text; pass e.g. "
             "--label-template 'It was {}.'"
         )
+    if cfg.task == "causal-lm":
+        check_causal_lm(cfg)
+    elif cfg.text_field is not None:
+        raise GradkitError(
+            f"--text-field {cfg.text_field} names the text of a causal-LM data file: pass --task causal-lm "
+            "with it (classification reads --text-col)"
+        )
     _number("head-warmup", cfg.head_warmup, low=0, example="100 (or 0: no head warm-up)")
     if cfg.head_lr is not None:
         _number("head-lr", cfg.head_lr, low=0, low_open=True, example="2e-3")
         if not cfg.head_warmup:
             raise GradkitError("--head-lr is the head warm-up's learning rate: pass --head-warmup N with it")
+
+
+# methods that need a classification head (or sampled class labels) and so have no causal-LM form
+HEAD_METHODS = ("head", "policy-gradient")
+
+
+def check_causal_lm(cfg: TrainConfig) -> None:
+    """``--task causal-lm``: a model folder and data files are given, and no option of the classifier
+    (its head, its columns, a metric objective) is set."""
+    if cfg.method in HEAD_METHODS:
+        raise GradkitError(
+            f"--method {cfg.method} trains a classification head, and a causal LM has none (it predicts "
+            "its own vocabulary); use lora, lora-ga, lora-pro, full or mezo"
+        )
+    if cfg.head_init != "random":
+        raise GradkitError(
+            f"--head-init {cfg.head_init} builds a classification head, and --task causal-lm has none; drop it"
+        )
+    if cfg.head_warmup:
+        raise GradkitError(
+            f"--head-warmup {cfg.head_warmup} trains a classification head first, and --task causal-lm has "
+            "none; drop it"
+        )
+    for option, value in (
+        ("text-col", cfg.text_col),
+        ("label-col", cfg.label_col),
+        ("text-pair-col", cfg.text_pair_col),
+    ):
+        if value is not None:
+            raise GradkitError(
+                f"--{option} is a column of classification data; causal-LM data are JSON lines of "
+                '"prompt"/"response" (or --text-field NAME for plain texts): drop it'
+            )
+    objective = cfg.options.get("objective") or "loss"
+    if objective != "loss":
+        raise GradkitError(
+            f"--objective {objective} scores predicted classes, and --task causal-lm has none; use "
+            "--objective loss"
+        )
+    if (cfg.options.get("zo_params") or "lora") == "head":
+        raise GradkitError(
+            "--zo-params head trains a classification head, which a causal LM has not; use lora or all"
+        )
+    if cfg.model is None:
+        raise GradkitError(
+            "--task causal-lm needs --model PATH, a local causal language model folder (Llama, Qwen, "
+            "GPT-2...); the bundled MiniLM is an encoder"
+        )
+    if cfg.train is None:
+        raise GradkitError(
+            '--task causal-lm needs --train FILE: JSON lines of {"prompt": ..., "response": ...} (or '
+            "--text-field NAME, or a .txt file); there is no bundled causal-LM data set"
+        )
+    if cfg.evaluate and cfg.test is None:
+        raise GradkitError(
+            "--task causal-lm needs --test FILE (held-out loss and perplexity), in the format of --train"
+        )
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(cfg: TrainConfig) -> None:
+    """``--precision``: fp32, or bf16 where the device computes it (every CPU; CUDA GPUs that support
+    bf16)."""
+    if cfg.precision not in PRECISIONS:
+        raise GradkitError(f"--precision {cfg.precision!r} is not one of: {', '.join(PRECISIONS)}")
+    if cfg.precision == "bf16":
+        import torch
+
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise GradkitError(
+                "--precision bf16: this GPU does not compute in bfloat16; use --precision fp32"
+            )
 
 
 def check_data(cfg: TrainConfig, train: Any) -> list[str] | None:
@@ -151,7 +233,7 @@ def check_data(cfg: TrainConfig, train: Any) -> list[str] | None:
     from gradkit.train.model import label_texts
 
     check_step_batch(cfg, len(train))
-    if cfg.head_init == "labels":
+    if cfg.head_init == "labels" and cfg.task != "causal-lm":
         return label_texts(train.label_names, cfg.label_text, cfg.label_template)
     return None
 
@@ -210,21 +292,22 @@ def check_model(cfg: TrainConfig, model: nn.Module, tokenizer: Any, path: str) -
 def check_lora_rank(cfg: TrainConfig, model: nn.Module, targets: list[str]) -> None:
     """The rank fits every targeted layer (1 .. min(in, out)); warn when LoRA would train a large share
     of the model (a rank that large gives up what LoRA is for)."""
-    encoder = getattr(model, "encoder", model)
-    layers = [
-        m
-        for name, m in encoder.named_modules()
-        if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+    from gradkit.train.model import adaptable_layers, layer_shape
+
+    shapes = [
+        layer_shape(m)
+        for name, m in adaptable_layers(model)
+        if any(name == t or name.endswith("." + t) for t in targets)
     ]
-    if not layers:
+    if not shapes:
         return
-    largest = min(min(m.in_features, m.out_features) for m in layers)
+    largest = min(min(shape) for shape in shapes)
     if cfg.rank > largest:
         raise GradkitError(
             f"--rank {cfg.rank} exceeds min(in, out) = {largest} of the smallest targeted layer; pass --rank "
             f"1..{largest}"
         )
-    lora = sum(cfg.rank * (m.in_features + m.out_features) for m in layers)
+    lora = sum(cfg.rank * (fan_in + fan_out) for fan_in, fan_out in shapes)
     total = sum(p.numel() for p in model.parameters())
     if lora > LORA_SHARE_WARNING * total:
         warnings.warn(
