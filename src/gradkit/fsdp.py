@@ -38,6 +38,9 @@ __all__ = [
     "reshard",
     "all_reduce_sum",
     "gather_rows",
+    "replicas",
+    "fsdp_param_records",
+    "unsharded_param",
 ]
 
 
@@ -174,3 +177,49 @@ def reshard(modules: nn.Module | Iterable[nn.Module]) -> None:
         modules = fsdp_modules(modules)
     for m in modules:
         m.reshard()  # type: ignore[operator]
+
+
+def replicas(t: torch.Tensor) -> int:
+    """How many ranks hold each element of ``t``: the product of the mesh sizes over its non-``Shard``
+    placements (1 for FSDP2's 1-D ``Shard(0)``, the replica count under HSDP, 1 for a plain tensor).
+
+    Summing ``|local(t)|² / replicas(t)`` over all ranks gives ``|t|²`` exactly once."""
+    if not is_dtensor(t):
+        return 1
+    from torch.distributed.tensor import Shard
+
+    mesh = t.device_mesh  # type: ignore[attr-defined]
+    return math.prod(
+        mesh.size(d)
+        for d, p in enumerate(t.placements)  # type: ignore[attr-defined]
+        if not isinstance(p, Shard)
+    )
+
+
+def fsdp_param_records(model: nn.Module) -> dict[int, object]:
+    """FSDP2's record of every parameter ``fully_shard`` manages in ``model``, keyed by ``id`` of the
+    sharded parameter (the DTensor registered on the module). Empty without FSDP2.
+
+    The record (torch's internal ``FSDPParam``) holds the sharded parameter and, after the module's first
+    all-gather, the unsharded parameter autograd computes this rank's local gradient on
+    (:func:`unsharded_param`). This reads torch internals (``_get_fsdp_state``, ``_fsdp_param_groups``);
+    tested against the torch version gradkit pins."""
+    out: dict[int, object] = {}
+    for module in fsdp_modules(model):
+        state = module._get_fsdp_state()  # type: ignore[operator]
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # older torch: at most one group
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [group] if group is not None else []
+        for group in groups:
+            for record in group.fsdp_params:
+                out[id(record.sharded_param)] = record
+    return out
+
+
+def unsharded_param(record: object) -> nn.Parameter | None:
+    """The unsharded parameter of an FSDP2 record from :func:`fsdp_param_records` (the tensor the
+    module's forward uses and whose ``.grad`` holds this rank's local gradient until FSDP2
+    reduce-scatters it), or None before the module's first all-gather. FSDP2 keeps this object for the
+    life of the module and only frees and refills its storage, so hooks registered on it persist."""
+    return getattr(record, "_unsharded_param", None)

@@ -56,15 +56,6 @@ def run(rank: int, world: int, argv: list[str]) -> dict:
     train_step(model, opt, ema, half(x, rank), half(y, rank))
     resumed.update()
     out["resume_equal"] = all(torch.equal(a, b) for a, b in zip(resumed.shadow, ema.shadow, strict=True))
-    # not supported yet: the noise-scale recorder refuses sharded parameters instead of measuring wrong
-    from gradkit import NoiseScale
-    from gradkit.errors import GradkitError
-
-    try:
-        NoiseScale(model).accumulation_hooks()
-        out["noise_scale_refused"] = ""
-    except GradkitError as err:
-        out["noise_scale_refused"] = str(err)
     path = f"{folder}/ema.safetensors"
     ema.save_safetensors(path)
     if rank == 0:

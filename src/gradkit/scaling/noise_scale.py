@@ -36,6 +36,16 @@ import torch
 from torch import nn
 
 from gradkit.errors import GradkitError
+from gradkit.fsdp import (
+    fsdp_modules,
+    fsdp_param_records,
+    is_dtensor,
+    is_sharded,
+    local,
+    replicas,
+    reshard,
+    unsharded_param,
+)
 from gradkit.scaling.collectives import all_reduce_sum, sq_norm, world_size
 
 __all__ = [
@@ -239,7 +249,11 @@ class NoiseScale:
         return f"NoiseScale(beta={self.beta}, step={self.step}, b_simple={self.b_simple})"
 
 
-def _trainable(model: nn.Module) -> list[torch.Tensor]:
+def _trainable(model: nn.Module, *, reshard_fsdp: bool = False) -> list[torch.Tensor]:
+    if reshard_fsdp:
+        # after a forward FSDP2 keeps the root's unsharded parameters registered until its backward:
+        # reshard so that the sharded parameters (the ones FSDP2 writes .grad to) are the ones found
+        reshard(model)
     seen, out = set(), []
     for p in model.parameters():
         if p.requires_grad and id(p) not in seen:
@@ -263,6 +277,100 @@ def _sq_norm_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
     if total is None:
         raise GradkitError("no gradient to measure")
     return total
+
+
+def _any_dtensor(params: Iterable[torch.Tensor]) -> bool:
+    return any(is_dtensor(p) for p in params)
+
+
+class _UnshardedGradHooks:
+    """FSDP2 source of each rank's local gradient: a tensor hook on every trainable parameter's
+    *unsharded* copy (the tensor the forward uses; autograd computes this rank's local gradient on it,
+    and FSDP2 reduce-scatters its ``.grad`` afterwards). The hook sees what each backward adds, before
+    it is accumulated and before any reduction, as the per-parameter hooks do under DDP, and keeps only
+    its squared norm. FSDP2 builds an unsharded parameter at its module's first all-gather and reuses
+    the same object afterwards, so the hooks are added after each FSDP module's forward (a set lookup
+    once they are all in) and survive resharding.
+    """
+
+    def __init__(self, model: nn.Module, params: list[torch.Tensor], hook: Callable[[torch.Tensor], None]):
+        records = fsdp_param_records(model)
+        outside = [i for i, p in enumerate(params) if id(p) not in records]
+        if outside:
+            names = {id(p): n for n, p in model.named_parameters()}
+            listed = ", ".join(repr(names.get(id(params[i]), "?")) for i in outside[:5])
+            raise GradkitError(
+                f"trainable parameters {listed} are not managed by fully_shard (plain, or DTensors of another "
+                "parallelism): under FSDP2 the noise-scale recorder needs every trainable parameter in a "
+                "fully_shard module (call fully_shard on the root last), or measure on a DDP run"
+            )
+        self.params, self.hook = params, hook
+        self.records = [records[id(p)] for p in params]
+        for p, record in zip(params, self.records, strict=True):
+            if getattr(record, "_unsharded_dtensor_spec", None) is not None or not is_sharded(p):
+                raise GradkitError(
+                    "the noise-scale recorder supports fully_shard over a data-parallel mesh (FSDP or HSDP); "
+                    "a parameter that stays a DTensor when unsharded (tensor parallelism) holds only part of "
+                    "the local gradient"
+                )
+        import torch.distributed as dist
+
+        meshes = {p.device_mesh.size() for p in params}  # type: ignore[attr-defined]
+        if meshes != {dist.get_world_size()}:
+            raise GradkitError(
+                f"the FSDP2 meshes span {sorted(meshes)} ranks of {dist.get_world_size()}: the noise-scale "
+                "recorder reduces over the default process group and needs fully_shard over all ranks"
+            )
+        self.replicas = [replicas(p) for p in params]
+        self._hooked: list[tuple[torch.Tensor, Any] | None] = [None] * len(params)
+        self._pending = True
+        self._forward_handles = [m.register_forward_hook(self._on_forward) for m in fsdp_modules(model)]
+        self.add_hooks()
+
+    def _on_forward(self, module: nn.Module, args: object, output: object) -> None:
+        if self._pending:
+            self.add_hooks()
+
+    def add_hooks(self) -> None:
+        """Hook every unsharded parameter that exists and is not hooked yet (or was replaced)."""
+        pending = False
+        for i, record in enumerate(self.records):
+            unsharded = unsharded_param(record)
+            if unsharded is None:
+                pending = True
+                continue
+            current = self._hooked[i]
+            if current is not None and current[0] is unsharded:
+                continue
+            if current is not None:
+                current[1].remove()
+            self._hooked[i] = (unsharded, unsharded.register_hook(self.hook))
+        self._pending = pending
+
+    def shard_sq_norm(self) -> torch.Tensor:
+        """``Σ_p |local shard of p.grad|² / replicas(p)`` on this rank; summed over the ranks it is
+        ``|G_B|²``, the squared norm of the reduced (mean) gradient."""
+        by_replicas: dict[int, list[torch.Tensor]] = {}
+        for p, r in zip(self.params, self.replicas, strict=True):
+            if p.grad is not None:
+                by_replicas.setdefault(r, []).append(local(p.grad))
+        total = None
+        for r, group in by_replicas.items():
+            part = _sq_norm_sum(group) / r
+            total = part if total is None else total + part
+        if total is None:
+            raise GradkitError("no gradient to measure: step() after backward() and before zero_grad()")
+        return total
+
+    def remove(self) -> None:
+        for h in self._forward_handles:
+            h.remove()
+        self._forward_handles = []
+        for hooked in self._hooked:
+            if hooked is not None:
+                hooked[1].remove()
+        self._hooked = [None] * len(self.params)
+        self._pending = False
 
 
 class GradNormRecorder:
@@ -315,23 +423,26 @@ class GradNormRecorder:
         if not grad_scale > 0:
             raise GradkitError(f"grad_scale must be > 0, got {grad_scale}")
         self.gns, self.grad_scale, self.distributed = gns, float(grad_scale), distributed
-        self.params = _trainable(model)
+        self.params = _trainable(model, reshard_fsdp=True)
         if not self.params:
             raise GradkitError("the model has no trainable parameters to measure; set requires_grad first")
-        if any(type(p).__name__ == "DTensor" for p in self.params):
-            # FSDP2 computes gradients on its gathered copies and reduce-scatters them: neither the hooks
-            # nor .grad of the sharded parameters see a rank's local gradient
-            raise GradkitError(
-                "the noise-scale recorder does not support FSDP2-sharded (DTensor) parameters yet; "
-                "measure it on a DDP or single-process run of the same model"
-            )
+        # FSDP2: the local gradient lives on the unsharded parameters, .grad holds a shard of the mean
+        self._fsdp = None
+        if _any_dtensor(self.params):
+            if distributed is False:
+                raise GradkitError(
+                    "distributed=False, but the model is sharded by fully_shard: FSDP2's gradients are "
+                    "reduced over the ranks; leave distributed as None (or True)"
+                )
+            world_size(True)  # FSDP2 needs an initialised process group; say so if there is none
+            self._fsdp = _UnshardedGradHooks(model, self.params, self._hook)
         parallel = world_size(distributed) > 1
-        if fused and parallel:
+        if fused and (parallel or self._fsdp is not None):
             raise GradkitError(
                 "fused=True reads the accumulated .grad, which DDP's synced backward replaces with the mean "
-                "over ranks; under DDP use the hooks (fused=False or None)"
+                "over ranks (and FSDP2 with its shard of the mean); there use the hooks (fused=False or None)"
             )
-        self.fused = not parallel if fused is None else bool(fused)
+        self.fused = not parallel and self._fsdp is None if fused is None else bool(fused)
         self._running: torch.Tensor | None = None  # squared norm added since the last micro_step
         self._micro: list[tuple[torch.Tensor, int]] = []  # (squared norm of the increment, batch size)
         # fused: a_{i-1} per parameter (kept between steps, valid from the step's first micro_step on)
@@ -339,7 +450,10 @@ class GradNormRecorder:
         self._valid = [False] * len(self.params)
         self._seen: list[tuple[Any, int] | None] = []  # per parameter: (weakref(.grad), its version)
         self._snapshot()
-        self._handles = [] if self.fused else [p.register_hook(self._hook) for p in self.params]
+        if self.fused or self._fsdp is not None:
+            self._handles = []
+        else:
+            self._handles = [p.register_hook(self._hook) for p in self.params]
 
     def _hook(self, grad: torch.Tensor) -> None:
         sq = sq_norm(grad)
@@ -434,12 +548,22 @@ class GradNormRecorder:
             )
         b_local = sum(b for _, b in micro)
         grads = [p.grad for p in self.params if p.grad is not None]
-        device = grads[0].device
-        big = _sq_norm_sum(grads) / self.grad_scale**2
+        if not grads:
+            raise GradkitError("step() found no .grad on the trainable parameters; call it before zero_grad")
+        device = local(grads[0]).device
         # increment of micro-batch i is grad_scale·(b_i/B_local)·G_{b_i}
         small_sum = sum(sq.to(device) * (b_local / (b * self.grad_scale)) ** 2 for sq, b in micro)
         inv_b = sum(1.0 / b for _, b in micro)
-        small_sum, inv_b, count = all_reduce_sum([small_sum, inv_b, float(len(micro))], world, device)
+        if self._fsdp is None:
+            big = _sq_norm_sum(grads) / self.grad_scale**2  # DDP: .grad is already the mean over ranks
+            small_sum, inv_b, count = all_reduce_sum([small_sum, inv_b, float(len(micro))], world, device)
+        else:
+            # FSDP2: each rank holds a shard of the mean gradient; |G_B|^2 = sum over ranks of
+            # |shard|^2 (divided by the replicas of a shard under HSDP), in the same all-reduce
+            part = self._fsdp.shard_sq_norm() / self.grad_scale**2
+            small_sum, inv_b, count, big = all_reduce_sum(
+                [small_sum, inv_b, float(len(micro)), part], world, device
+            )
         b_small = count / inv_b  # harmonic mean: E[mean |G_b_i|^2] = |G|^2 + tr(Sigma)·mean(1/b_i)
         return self.gns.update(small_sum / count, big, b_small, b_local * world)
 
@@ -448,6 +572,8 @@ class GradNormRecorder:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._fsdp is not None:
+            self._fsdp.remove()
         self._previous = [None] * len(self.params)
         self._valid = [False] * len(self.params)
 

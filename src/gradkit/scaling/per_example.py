@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from gradkit.errors import GradkitError
+from gradkit.fsdp import is_dtensor, local, replicas, reshard
 from gradkit.scaling.collectives import all_reduce_sum, sq_norm, world_size
 
 if TYPE_CHECKING:  # the recorder feeds a NoiseScale, which imports this module lazily
@@ -108,6 +109,8 @@ class PerExampleRecorder:
         if not grad_scale > 0:
             raise GradkitError(f"grad_scale must be > 0, got {grad_scale}")
         self.gns, self.grad_scale, self.distributed = gns, float(grad_scale), distributed
+        # FSDP2 keeps the root's unsharded parameters registered after a forward: find the sharded ones
+        reshard(model)
         names = {id(m): n or "<model>" for n, m in model.named_modules(remove_duplicate=False)}
         candidates = list(modules) if modules is not None else list(model.modules())
         linears = []
@@ -180,6 +183,14 @@ class PerExampleRecorder:
         # (forward pass, group) -> the calls of this pass: inputs, modules, output gradients received
         self._open: dict[tuple[int, int], dict] = {}
         self._grad_sq: dict[int, torch.Tensor] = {}  # latest |.grad|^2 per parameter
+        # FSDP2: .grad is this rank's shard of the mean over ranks (FSDP2 runs the post-accumulate-grad
+        # hooks of the sharded parameters after each reduce-scatter)
+        self.sharded = any(is_dtensor(p) for p in self.params)
+        if self.sharded and distributed is False:
+            raise GradkitError(
+                "distributed=False, but the model is sharded by fully_shard: FSDP2's gradients are "
+                "reduced over the ranks; leave distributed as None (or True)"
+            )
         self.last_per_example: torch.Tensor | None = None  # per-example |g_n|^2 of the last step
         self._handles = [model.register_forward_pre_hook(self._new_pass)]
         self._index = {id(m): j for j, m in enumerate(self.linears)}
@@ -269,7 +280,9 @@ class PerExampleRecorder:
 
     def _make_grad_hook(self, i: int):
         def hook(p: torch.Tensor) -> None:
-            self._grad_sq[i] = sq_norm(p.grad)
+            # a shard's |.|^2 over the ranks holding it: summed over all ranks, each element counts once
+            sq = sq_norm(local(p.grad))
+            self._grad_sq[i] = sq / replicas(p) if self.sharded else sq
 
         return hook
 
@@ -292,7 +305,16 @@ class PerExampleRecorder:
         per_example = per_example * (b_local / self.grad_scale) ** 2
         self.last_per_example = per_example.detach()
         big = torch.stack(list(grad_sq.values())).sum() / self.grad_scale**2
-        world = world_size(self.distributed)
+        world = world_size(True if self.sharded else self.distributed)
+        if self.sharded:
+            # FSDP2: |G_B|^2 of the reduced gradient (B = all ranks' examples) is the sum of the ranks'
+            # shard norms; the per-example norms are averaged over the ranks
+            small_sum, big, count, b_all = all_reduce_sum(
+                [per_example.mean(), big.to(per_example.device), 1.0, float(b_local)],
+                world,
+                per_example.device,
+            )
+            return self.gns.update(small_sum / count, big, 1, b_all)
         small_sum, big_sum, count = all_reduce_sum(
             [per_example.mean(), big.to(per_example.device), 1.0], world, per_example.device
         )
