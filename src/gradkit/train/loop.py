@@ -10,7 +10,6 @@ number of processes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -339,6 +338,7 @@ def finetune(
     from gradkit.train.metrics import check_metric, is_better
     from gradkit.train.model import label_text_head, load_classifier, load_tokenizer
     from gradkit.train.plots import plot_losses
+    from gradkit.train.precision import autocast, autocast_forward
 
     phases: dict[str, float] = {}  # seconds of each phase of this session, for the summary
     mark = time.perf_counter()
@@ -376,11 +376,8 @@ def finetune(
 
     # the global batch is split across processes; recent accelerate silently ignores the old
     # ``Accelerator(split_batches=...)`` keyword, so it goes through DataLoaderConfiguration
-    # --precision bf16: accelerate wraps the prepared model's forward in bf16 autocast (outputs back in
-    # fp32); parameters, gradients, optimiser states and the methods' own algebra stay fp32
     accelerator = Accelerator(
         dataloader_config=DataLoaderConfiguration(split_batches=True),
-        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
         cpu=not torch.cuda.is_available(),
         log_with=["tensorboard"] if cfg.report_to == "tensorboard" else None,
         project_dir=str(out),
@@ -431,8 +428,7 @@ def finetune(
         model = method.prepare_for_resume(model, cfg)  # the warmed head is among the checkpoint's tensors
     else:
         if test_tokens is not None:
-            # the model is not prepared yet: autocast here as the prepared forward will be
-            with accelerator.autocast() if cfg.precision == "bf16" else contextlib.nullcontext():
+            with autocast(cfg.precision, device.type):  # in the precision the run trains and tests in
                 start_metrics["step0"] = evaluate(model, test_tokens, cfg.eval_batch_size, device)
             phase("evaluate")
         if cfg.head_warmup:
@@ -481,6 +477,9 @@ def finetune(
             for i in range(cfg.steps * cfg.grad_accum)
         )
         model = method.prepare(model, cfg, prep_batches)
+    # --precision bf16: from here every forward runs in bf16 autocast (gradkit.train.precision); the
+    # weights, gradients, optimiser states and the methods' own algebra stay fp32
+    model = autocast_forward(model, cfg.precision, device.type)
     phase("prepare")  # LoRA-GA's gradient estimation and SVDs happen here
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = method.make_optimizer(model, cfg, lr)

@@ -57,10 +57,9 @@ def _bf16_loss(model: nn.Module, batch: dict[str, Any]):
     """``model(**batch).loss`` with the forward in bf16 autocast (``--precision bf16``: the gradient
     LoRA-GA estimates is the one training will follow); the weights, their gradients, the SVD and the
     base offset stay fp32, since only this forward is autocast."""
-    import torch
+    from gradkit.train.precision import autocast
 
-    device = next(model.parameters()).device
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+    with autocast("bf16", next(model.parameters()).device.type):
         loss = model(**batch).loss
     return loss.float()
 
