@@ -71,3 +71,13 @@ def test_per_example_source_on_sharded_model_equals_one_process(ranks):
 def test_every_rank_reports_the_same_estimates(ranks):
     for case in ("one_micro", "accumulate_no_sync", "accumulate_sync_each", "per_example"):
         assert ranks[0][case]["got"] == ranks[1][case]["got"], case
+
+
+def test_refuses_what_it_cannot_measure(ranks):
+    """A sharded model with distributed=False or fused=True (both would read the reduced gradient as a
+    local one), and a trainable parameter outside fully_shard (FSDP2 never reduces it): clear errors."""
+    for rank in ranks:
+        got = rank["refusals"]
+        assert "distributed=False" in got["distributed_false"]
+        assert "fused=True" in got["fused"]
+        assert "'head.weight'" in got["plain_parameter"] and "fully_shard" in got["plain_parameter"]

@@ -105,9 +105,34 @@ def run_per_example(rank: int, world: int) -> dict:
     return {"got": got, "want": want}
 
 
+def refusals() -> dict:
+    """What the recorder refuses on a sharded model, with its message."""
+    from torch.distributed.fsdp import fully_shard
+
+    from gradkit.errors import GradkitError
+
+    partly = tiny_mlp()
+    for block in partly.blocks:
+        fully_shard(block)  # the head stays a plain parameter that FSDP2 never reduces
+    cases = {
+        "distributed_false": (shard(tiny_mlp()), {"distributed": False}),
+        "fused": (shard(tiny_mlp()), {"fused": True}),
+        "plain_parameter": (partly, {}),
+    }
+    out = {}
+    for name, (model, kwargs) in cases.items():
+        try:
+            NoiseScale(model).accumulation_hooks(**kwargs).remove()
+            out[name] = ""
+        except GradkitError as err:
+            out[name] = str(err)
+    return out
+
+
 def run(rank: int, world: int, argv: list[str]) -> dict:
     torch.manual_seed(0)
     return {
+        "refusals": refusals(),
         "one_micro": run_accumulation(rank, world, micro=1, sync_each=True),
         "accumulate_no_sync": run_accumulation(rank, world, micro=2, sync_each=False),
         "accumulate_sync_each": run_accumulation(rank, world, micro=2, sync_each=True),

@@ -17,8 +17,14 @@ Where the two batch sizes come from (all cheap):
 - :meth:`NoiseScale.accumulation_hooks` — micro-batches inside gradient accumulation (``b`` = a
   micro-batch, ``B`` = the accumulated batch) and, under DDP, each rank's local gradient versus the
   all-reduced one; the only extra communication is one 3-number all-reduce per optimiser step.
+- the same under FSDP2 (``fully_shard``): a rank's local gradient exists only on FSDP2's unsharded
+  parameters, between the backward that computes it and the reduce-scatter that leaves each rank a
+  shard of the mean. Tensor hooks on those unsharded parameters read ``|g_local|²`` (summed over the
+  parameters, one at a time, no copy), and ``|G_B|² = Σ_ranks Σ_p |shard_p|²`` (the mean gradient's
+  squared norm from the ranks' shards) joins the same all-reduce, now of 4 numbers. ``b`` = a rank's
+  micro-batch, ``B`` = all ranks' examples of the step, exactly as under DDP.
 - :meth:`NoiseScale.per_example_hooks` — exact per-example gradient norms of ``nn.Linear`` layers
-  (``b = 1``), see :mod:`gradkit.scaling.per_example`.
+  (``b = 1``), see :mod:`gradkit.scaling.per_example` (also under FSDP2).
 
 :func:`b_noise_hessian` gives the Hessian-aware ``B_noise = tr(HΣ)/(GᵀHG)`` on a held batch, with H and the
 gradients from independent halves of it (unbiased).
@@ -408,6 +414,18 @@ class GradNormRecorder:
     Under DDP (``torch.distributed`` initialised, or ``distributed=True``) ``.grad`` after the synced
     backward is the mean over ranks, so ``B = world × local batch``; the small-batch norms of every
     rank are averaged with one all-reduce of three numbers. One micro-batch per step is then enough.
+
+    Under FSDP2 (``fully_shard``; the trainable parameters are sharded DTensors) autograd computes a
+    rank's local gradient on FSDP2's *unsharded* parameters and FSDP2 then reduce-scatters it, leaving
+    ``.grad`` = this rank's shard of the mean. The hooks therefore sit on the unsharded parameters
+    (added after each FSDP module's forward, as FSDP2 creates them at its first all-gather and keeps
+    them), where they see ``Δ_i`` before any reduction, with FSDP2's gradient sync on or off
+    (``set_requires_gradient_sync(False)`` for all but the last micro-batch is fine). :meth:`step`
+    computes ``|G_B|² = Σ_ranks Σ_p |local shard of p.grad|²`` (divided by the replica count of a
+    shard under HSDP) in the same all-reduce as the small norms. Every trainable parameter must be
+    managed by ``fully_shard`` over all ranks; FSDP2's default gradient averaging is assumed (or pass
+    ``grad_scale``). No gradient is gathered or copied: the extra cost is one norm per parameter and
+    micro-batch and one 4-number all-reduce per step.
     Use it as a context manager (or call :meth:`remove`) to take the hooks off (and free the copy).
     """
 

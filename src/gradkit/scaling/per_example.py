@@ -95,6 +95,12 @@ class PerExampleRecorder:
     is ``grad_scale`` times the mean gradient over the step's examples, so an example's gradient is
     ``B_local/grad_scale`` times what its output gradients hold. Under DDP each rank's estimates (at
     ``b = 1`` and ``B = local batch``) are averaged with one all-reduce of three numbers.
+
+    Under FSDP2 (``fully_shard``) the per-example norms are local as above (the layer inputs and output
+    gradients are the rank's own), while ``.grad`` is the rank's shard of the gradient averaged over
+    all ranks (FSDP2 runs the post-accumulate-grad hooks of the sharded parameters after its
+    reduce-scatter). So ``B`` is all ranks' examples: ``|G_B|² = Σ_ranks Σ_p |local shard of p.grad|²``
+    and ``|G_1|²`` the mean over ranks of their per-example means, in one all-reduce of four numbers.
     """
 
     def __init__(
