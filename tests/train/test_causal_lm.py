@@ -374,3 +374,33 @@ def test_missing_files_and_wrong_models_are_refused(models, data, tmp_path, caps
         "--text-field text names the text of a causal-LM data file",
     )
     refused(capsys, tmp_path, [*base, "--model", str(tiny_model_dir)], "is not a causal language model")
+
+
+@pytest.mark.distributed
+def test_two_processes_weigh_ranks_by_their_tokens(models, data, tmp_path):
+    """Under torchrun the ranks hold different numbers of response tokens: the logged loss of step 1 (the
+    global batch's token mean, before any update) and the trained weights' test loss equal one process's."""
+    import os
+    import subprocess
+
+    args = [
+        *("finetune", "--task", "causal-lm", "--method", "full", "--model", str(models["llama"])),
+        *("--train", str(data[0]), "--test", str(data[1]), "--steps", "2", "--batch-size", "8"),
+        *("--max-length", "48", "--lr", "1e-3"),
+    ]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*launcher, "-m", "gradkit", *args, "--out", str(tmp_path / "two")]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def read(name):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        rows = [json.loads(r) for r in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return summary, [r["loss"] for r in rows if "loss" in r]
+
+    (one, one_losses), (two, two_losses) = read("one"), read("two")
+    assert two["num_processes"] == 2 and two["ranks_identical"] is True
+    assert two_losses == pytest.approx(one_losses, rel=1e-6)
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)

@@ -153,10 +153,23 @@ def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
 def parts_of(batch: dict[str, Any], cfg: TrainConfig, accelerator: Any) -> list[tuple[dict[str, Any], float]]:
     """This process's batch cut into weighted parts (:func:`gradkit.train.batching.split_batch`): at most
     ``batch_size / processes`` examples each (``--grad-accum`` K gives K or more parts), sorted by
-    length with little padding unless ``--no-trim-padding``."""
+    length with little padding unless ``--no-trim-padding``. With per-token labels (a causal LM) on
+    several processes the weights are scaled so that the mean over ranks is the global token mean."""
     from gradkit.train.batching import split_batch
 
-    return split_batch(batch, max_examples=cfg.batch_size // accelerator.num_processes, trim=cfg.trim_padding)
+    parts = split_batch(
+        batch, max_examples=cfg.batch_size // accelerator.num_processes, trim=cfg.trim_padding
+    )
+    labels = batch["labels"]
+    if labels.ndim == 2 and accelerator.num_processes > 1:
+        # a token mean (causal LM): the ranks hold different numbers of labelled tokens T_r, and DDP
+        # averages their gradients equally; scaling rank r's weights by P * T_r / T makes the average
+        # (1/P) sum_r (P T_r / T) L_r = sum_r (T_r / T) L_r, the global batch's token mean
+        local = (labels[:, 1:] != -100).sum().float()
+        total = accelerator.reduce(local.clone(), reduction="sum")
+        scale = float(local * accelerator.num_processes / total)
+        parts = [(part, weight * scale) for part, weight in parts]
+    return parts
 
 
 def accumulate_gradients(model: nn.Module, parts: list[tuple[dict[str, Any], float]], accelerator: Any):
