@@ -81,7 +81,14 @@ def main() -> None:
             "tables": [
                 {
                     "caption": "all-MiniLM-L6-v2, mean pooling, at most 128 tokens; test = GLUE dev (SST-2 872, RTE 277 pairs)",
-                    "columns": ["task", "label texts (label-id order)", "accuracy %", "macro-F1 %", "MCC", "majority class %"],
+                    "columns": [
+                        "task",
+                        "label texts (label-id order)",
+                        "accuracy %",
+                        "macro-F1 %",
+                        "MCC",
+                        "majority class %",
+                    ],
                     "rows": rows,
                 }
             ],
