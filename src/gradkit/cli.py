@@ -58,6 +58,12 @@ def _common(parser: argparse.ArgumentParser, method_options: bool = True) -> Non
         "states kept in fp32",
     )
     g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model over the processes with FSDP2 (fully_shard on each transformer block and the "
+        "root) instead of replicating it (DDP); needs torchrun --nproc_per_node N with N >= 2 (docs/fsdp.md)",
+    )
+    g.add_argument(
         "--max-length", type=int, default=d.max_length, help="tokens per example (default %(default)s)"
     )
     g.add_argument("--pooling", choices=["mean", "cls"], default=d.pooling, help="pooled output for the head")
@@ -199,6 +205,7 @@ _CONFIG_KEYS = (
     "metric",
     "text_field",
     "precision",
+    "fsdp",
     "head_init",
     "label_text",
     "label_template",

@@ -9,7 +9,9 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` holding
 - ``state.pt``: the step, the losses so far, the optimiser (LoRA-Pro's moments, ZerothOrder's
   generator and step count), the scheduler, the EMA, the method's own state and the loop's;
 - ``rng-rank{r}.pt``: each process's torch, CUDA, Python and NumPy random states and the method's
-  per-process state (policy gradient's sampling generator).
+  per-process state (policy gradient's sampling generator); under ``--fsdp`` also the process's shards
+  of the optimiser and EMA state (``sharded``: :mod:`gradkit.train.sharding`), which ``state.pt`` then
+  leaves out. ``tensors.safetensors`` holds whole tensors either way (gathered under ``--fsdp``).
 
 The data position is the step: the training stream is a fixed function of the seed. The folder is
 filled under a temporary name and renamed; then ``checkpoints/latest.json`` is replaced atomically
@@ -91,12 +93,14 @@ def save_checkpoint(
     state: dict[str, Any],
     best: dict[str, torch.Tensor] | None = None,
     local_state: dict[str, Any] | None = None,
+    sharded_state: dict[str, Any] | None = None,
     accelerator: Any = None,
     process_index: int = 0,
     main: bool = True,
 ) -> Path:
     """Write the checkpoint of ``step`` (every process calls this; the main one writes the shared files,
-    each its random state), point ``latest.json`` at it and remove older ones. Returns its folder."""
+    each its random state and ``sharded_state``), point ``latest.json`` at it and remove older ones.
+    Returns its folder."""
     from safetensors.torch import save_file
 
     root = out / CHECKPOINTS
@@ -114,7 +118,10 @@ def save_checkpoint(
         if best is not None:
             save_file(best, str(tmp / "best.safetensors"))
         torch.save(state, tmp / "state.pt")
-    torch.save({"rng": rng_state(), "local": local_state or {}}, tmp / f"rng-rank{process_index}.pt")
+    own = {"rng": rng_state(), "local": local_state or {}}
+    if sharded_state is not None:
+        own["sharded"] = sharded_state
+    torch.save(own, tmp / f"rng-rank{process_index}.pt")
     _barrier(accelerator)
     if main:
         if final.exists():
@@ -159,7 +166,11 @@ def load_checkpoint(folder: Path, process_index: int = 0):
 
 
 def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy checkpoint tensors into the model's parameters and buffers of the same names (exact)."""
+    """Copy checkpoint tensors into the model's parameters and buffers of the same names (exact). A
+    parameter sharded by FSDP2 takes this rank's rows of a whole tensor (or a DTensor laid out like it),
+    and the model is resharded so that its next forward gathers the new values."""
+    from gradkit.fsdp import is_dtensor, local, local_part, reshard
+
     own = dict(model.named_parameters())
     own.update(model.named_buffers())
     missing = [name for name in tensors if name not in own]
@@ -170,7 +181,12 @@ def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
         )
     with torch.no_grad():
         for name, value in tensors.items():
-            own[name].copy_(value)
+            target = own[name]
+            if is_dtensor(target) and not is_dtensor(value):
+                local(target).copy_(local_part(value.to(target.device), target))
+            else:
+                target.copy_(value)
+    reshard(model)
 
 
 def write_status(out: Path, status: str, **fields: Any) -> None:

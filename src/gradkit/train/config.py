@@ -25,6 +25,7 @@ class TrainConfig:
     metric: str | None = None  # reported and used by --keep-best; None = accuracy / pearson / perplexity
     text_field: str | None = None  # causal-lm: the JSON key of plain texts (loss on every token)
     precision: str = "fp32"  # or "bf16": bf16 autocast of the forward (CPU and CUDA), fp32 master weights
+    fsdp: bool = False  # FSDP2: fully_shard per transformer block, then the root; torchrun N >= 2
     head_init: str = "random"  # or "labels": a LabelTextHead from the encoder's embeddings of the label texts
     label_text: str | None = (
         None  # the label texts, comma-separated in label-id order; None = the label names

@@ -211,13 +211,16 @@ def evaluate_texts(
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Exact bytes of every tensor held in the optimiser's per-parameter state."""
+    """Exact bytes of every tensor held in the optimiser's per-parameter state (on this process: a
+    tensor sharded by ``--fsdp`` counts its local shard)."""
+    from gradkit.fsdp import local
+
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     total = 0
     for state in optimizer.state.values():
         for value in state.values():
             if torch.is_tensor(value):
-                total += value.numel() * value.element_size()
+                total += local(value).numel() * value.element_size()
     return total
 
 
@@ -229,14 +232,18 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def ranks_agree(model: torch.nn.Module, accelerator) -> bool:
-    """True when every process holds bit-identical parameters (a SHA-256 of their bytes, gathered)."""
+    """True when every process holds bit-identical parameters (a SHA-256 of their bytes, gathered).
+    Under ``--fsdp`` each parameter is first gathered whole (one at a time, every rank takes part)."""
     import hashlib
 
     from accelerate.utils import gather_object
 
+    from gradkit.fsdp import full
+
     digest = hashlib.sha256()
     for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        whole = full(param.detach())
+        digest.update(whole.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     digests = gather_object([digest.hexdigest()])
     return len(set(digests)) == 1
 
@@ -339,6 +346,13 @@ def finetune(
     from gradkit.train.model import label_text_head, load_classifier, load_tokenizer
     from gradkit.train.plots import plot_losses
     from gradkit.train.precision import autocast, autocast_forward
+    from gradkit.train.sharding import (
+        full_tensors,
+        full_weights,
+        load_local_optimizer_state,
+        local_optimizer_state,
+        shard_model,
+    )
 
     phases: dict[str, float] = {}  # seconds of each phase of this session, for the summary
     mark = time.perf_counter()
@@ -477,6 +491,8 @@ def finetune(
             for i in range(cfg.steps * cfg.grad_accum)
         )
         model = method.prepare(model, cfg, prep_batches)
+    if cfg.fsdp:  # each transformer block, then the root (gradkit.train.sharding)
+        model = shard_model(model)
     # --precision bf16: from here every forward runs in bf16 autocast (gradkit.train.precision); the
     # weights, gradients, optimiser states and the methods' own algebra stay fp32
     model = autocast_forward(model, cfg.precision, device.type)
@@ -494,7 +510,11 @@ def finetune(
                 f"(this launch has {processes})"
             )
         method.load_checkpoint_tensors(model, tensors)
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp:  # each rank's shards of the optimiser and EMA state (gradkit.train.sharding)
+            load_local_optimizer_state(optimizer, local["sharded"]["optimizer"])
+            state["ema"] = local["sharded"]["ema"]
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(local["local"])
     # the run folder is made only now: a setting, data, model or method that fails leaves nothing behind
@@ -505,7 +525,10 @@ def finetune(
         write_json(out / "config.json", {**cfg.to_dict(), "lr": lr, "num_processes": processes})
         if cfg.task != "causal-lm":  # a causal LM has no labels
             save_label_map(train_data, out / "labels.json")
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.fsdp:  # FSDP2 already reduces the gradients: no DDP around it
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = None
     if cfg.ema is not None:
@@ -558,17 +581,24 @@ def finetune(
             "skipped": skipped,
             "train_seconds": seconds_before + time.perf_counter() - start,
             "num_processes": processes,
-            "optimizer": getattr(optimizer, "optimizer", optimizer).state_dict(),
+            "optimizer": None if cfg.fsdp else getattr(optimizer, "optimizer", optimizer).state_dict(),
             "scheduler": scheduler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
+            "ema": ema.state_dict() if ema is not None and not cfg.fsdp else None,
         }
+        sharded = None
+        if cfg.fsdp:
+            sharded = {
+                "optimizer": local_optimizer_state(optimizer),
+                "ema": ema.state_dict() if ema is not None else None,
+            }
         ckpt.save_checkpoint(
             out,
             step,
-            tensors=method.checkpoint_tensors(unwrapped),
+            tensors=full_tensors(method.checkpoint_tensors(unwrapped)),  # whole tensors under --fsdp too
             state=loop_state,
-            best=best_tensors,
+            best=full_tensors(best_tensors) if best_tensors is not None else None,
             local_state=method.state_dict(),
+            sharded_state=sharded,
             accelerator=accelerator,
             process_index=rank,
             main=main,
@@ -699,12 +729,14 @@ def finetune(
             ema_results = {}
             if test_tokens is not None:
                 ema_results = evaluate(unwrapped, test_tokens, cfg.eval_batch_size, device)
-            if main:
-                method.save(unwrapped, out / "ema")  # the EMA weights, in the method's own format
+            with full_weights(unwrapped, keep=main):  # --fsdp: gathered; every rank takes part
+                if main:
+                    method.save(unwrapped, out / "ema")  # the EMA weights, in the method's own format
         results["ema"] = {"decay": cfg.ema, "warmup": cfg.ema_warmup, **ema_results}
     phase("evaluate")
-    if main:
-        method.save(unwrapped, out)  # the final weights
+    with full_weights(unwrapped, keep=main):
+        if main:
+            method.save(unwrapped, out)  # the final weights
     if best_tensors is not None:
         # the best-on-dev weights: chosen on dev alone, then tested once, saved beside the final ones
         final = _cpu_copy(method.checkpoint_tensors(unwrapped))
@@ -712,8 +744,9 @@ def finetune(
         best_test = {}
         if test_tokens is not None:
             best_test = evaluate(unwrapped, test_tokens, cfg.eval_batch_size, device)
-        if main:
-            method.save(unwrapped, out / "best")
+        with full_weights(unwrapped, keep=main):
+            if main:
+                method.save(unwrapped, out / "best")
         method.load_checkpoint_tensors(unwrapped, final)
         results["best"] = {**best, **best_test}
     phase("evaluate")
@@ -742,6 +775,7 @@ def finetune(
         "trainable_parameters": trainable,
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "num_processes": processes,
+        "fsdp": cfg.fsdp,
         "ranks_identical": agree,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),  # bits can differ with the thread count (reduction order)

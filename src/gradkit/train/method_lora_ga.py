@@ -64,6 +64,20 @@ def _bf16_loss(model: nn.Module, batch: dict[str, Any]):
     return loss.float()
 
 
+def _check_even_share(cfg: TrainConfig, count: int) -> None:
+    """Under ``--fsdp`` each backward is a collective (reduce-scatter): the ranks must get equally many
+    of the ``min(count, steps x grad-accum)`` estimation batches."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    used = min(count, cfg.steps * cfg.grad_accum)
+    if used % world:
+        raise GradkitError(
+            f"--fsdp with --method {cfg.method}: the {used} LoRA-GA batches do not split evenly over {world} "
+            f"processes (each backward is collective); pass --ga-batches as a multiple of {world}"
+        )
+
+
 @register_method
 class LoraGA(Lora):
     """PEFT LoRA whose factors start from the SVD of the full fine-tuning gradient (LoRA-GA)."""
@@ -115,6 +129,13 @@ class LoraGA(Lora):
         if count < 1:
             raise GradkitError(f"--ga-batches {count} must be at least 1")
         peft_model = super().prepare(model, cfg, batches)
+        if getattr(cfg, "fsdp", False):
+            # --fsdp: shard first, so that the exact estimator sums each rank's rows of the reduce-scattered
+            # gradients (no whole gradient on any rank); every rank must run as many backwards
+            from gradkit.train.sharding import shard_model
+
+            _check_even_share(cfg, count)
+            peft_model = shard_model(peft_model)
         self.report = lora_ga_init(
             peft_model,
             _rank_share(batches, count),

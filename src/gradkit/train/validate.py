@@ -87,6 +87,7 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
         raise GradkitError("--keep-best picks the best of the dev evaluations: pass --eval-every N with it")
     check_task(cfg)
     check_precision(cfg)
+    check_fsdp(cfg)
     if cfg.report_to not in REPORT_TO:
         raise GradkitError(f"--report-to {cfg.report_to!r} is not one of: {', '.join(REPORT_TO)}")
     if cfg.report_to == "tensorboard" and not (
@@ -224,6 +225,28 @@ def check_precision(cfg: TrainConfig) -> None:
             raise GradkitError(
                 "--precision bf16: this GPU does not compute in bfloat16; use --precision fp32"
             )
+
+
+# methods that cannot train an FSDP2-sharded model, and why (gradkit.train.sharding)
+FSDP_REFUSED: dict[str, str] = {}
+
+
+def check_fsdp(cfg: TrainConfig, processes: int | None = None) -> None:
+    """``--fsdp`` shards the model over the launch's processes: it is refused in a one-process run
+    (``processes``: the launch's count, by default torchrun's ``WORLD_SIZE``), where there is nothing to
+    shard over, and with a method that cannot run sharded."""
+    if not cfg.fsdp:
+        return
+    if processes is None:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes < 2:
+        raise GradkitError(
+            "--fsdp shards the model over several processes and this run has one; launch it with "
+            "torchrun --nproc_per_node N (N >= 2), or drop --fsdp"
+        )
+    reason = FSDP_REFUSED.get(cfg.method)
+    if reason is not None:
+        raise GradkitError(f"--fsdp with --method {cfg.method}: {reason}")
 
 
 def check_data(cfg: TrainConfig, train: Any) -> list[str] | None:

@@ -1,0 +1,156 @@
+"""``gradkit finetune --fsdp`` under torchrun (2 processes, gloo on CPU) on the tiny BERT: lora (with an
+EMA) and full fine-tuning finish with the model sharded, their saved weights reload and score the test
+set as summary.json says, they equal the same runs without --fsdp (DDP), and a stopped --fsdp run
+resumes to the same bytes.
+
+Every run of the test is one launch: a driver calls the CLI's ``main`` once per command line (the
+same code as ``python -m gradkit finetune ...``), which saves four interpreter and process-group
+start-ups."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gradkit.errors import GradkitError
+from gradkit.train.config import TrainConfig
+
+SST2 = Path(__file__).parents[2] / "src" / "gradkit" / "data" / "sst2"
+
+DRIVER = """
+import json, sys
+from gradkit.cli import main
+from gradkit.train.loop import finetune, resume
+
+for argv in json.loads(sys.argv[1]):
+    if argv[0] == "stop":  # finetune(..., stop_after=N), then resume: a stopped run continued
+        from gradkit.cli import _config, build_parser
+
+        args = build_parser().parse_args(["finetune", *argv[2:]])
+        finetune(_config(args, args.method), progress=False, stop_after=int(argv[1]))
+        resume(args.out, progress=False)
+    elif main(argv) != 0:
+        sys.exit(f"failed: {argv}")
+"""
+
+# state tolerance: the two runs differ only in how the gradient mean is reduced (reduce-scatter of
+# rows vs all-reduce) and in the clipping norm's summation order: fp32 rounding, a few ulps per step
+TOLERANCE = 1e-6
+
+
+def _common(model: Path, out: Path, method: str) -> list[str]:
+    args = ["finetune", "--method", method, "--model", str(model), "--steps", "4", "--batch-size", "8"]
+    args += ["--max-length", "32", "--out", str(out)]
+    args += ["--train", str(out.parent / "train.tsv"), "--test", str(out.parent / "test.tsv")]
+    return args + (["--ema", "0.9"] if method == "lora" else [])
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fsdp-harness")
+    for split, rows in (("train", 64), ("test", 128)):  # small files: the launch is the test's time
+        lines = (SST2 / f"{split}.tsv").read_text().splitlines(keepends=True)
+        (root / f"{split}.tsv").write_text("".join(lines[: rows + 1]))
+    lines = []
+    for method in ("lora", "full"):
+        lines.append(
+            [*_common(tiny_model_dir, root / f"{method}-fsdp", method), "--fsdp", "--save-every", "2"]
+        )
+        lines.append(_common(tiny_model_dir, root / f"{method}-ddp", method))
+    lines.append(
+        [
+            "stop",
+            "3",
+            *_common(tiny_model_dir, root / "lora-resumed", "lora")[1:],
+            "--fsdp",
+            "--save-every",
+            "2",
+        ]
+    )
+    driver = root / "driver.py"
+    driver.write_text(textwrap.dedent(DRIVER))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(driver), json.dumps(lines)]
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root
+
+
+def _weights(run: Path, sub: str = "") -> dict:
+    from safetensors.torch import load_file
+
+    folder = run / sub
+    path = folder / "adapter" / "adapter_model.safetensors"
+    return load_file(str(path if path.is_file() else folder / "trainable.safetensors"))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_run_finishes_sharded_with_identical_ranks(runs, method):
+    fsdp = json.loads((runs / f"{method}-fsdp" / "summary.json").read_text())
+    ddp = json.loads((runs / f"{method}-ddp" / "summary.json").read_text())
+    assert fsdp["status"] == "finished" and fsdp["fsdp"] is True and ddp["fsdp"] is False
+    assert fsdp["num_processes"] == 2 and fsdp["ranks_identical"] is True
+    # each rank holds about half of the optimiser state (its rows of every moment), DDP all of it
+    assert fsdp["optimizer_state_bytes"] < 0.6 * ddp["optimizer_state_bytes"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_weights_equal_the_ddp_runs(runs, method):
+    for sub in ("", "ema") if method == "lora" else ("",):
+        fsdp, ddp = _weights(runs / f"{method}-fsdp", sub), _weights(runs / f"{method}-ddp", sub)
+        assert fsdp.keys() == ddp.keys() and len(fsdp) > 1
+        diff = max((fsdp[k] - ddp[k]).abs().max().item() for k in fsdp)
+        assert diff <= TOLERANCE, (sub, diff)  # measured: lora 1.5e-8 (EMA 7.5e-9), full 0
+    fsdp = json.loads((runs / f"{method}-fsdp" / "summary.json").read_text())
+    ddp = json.loads((runs / f"{method}-ddp" / "summary.json").read_text())
+    assert abs(fsdp["test_loss"] - ddp["test_loss"]) < 1e-5
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_saved_weights_reload_and_score_as_the_summary_says(runs, method):
+    from gradkit.data import load_label_map, load_text_classification
+    from gradkit.train.loop import evaluate_texts
+    from gradkit.train.reload import load_trained
+
+    run = runs / f"{method}-fsdp"
+    summary = json.loads((run / "summary.json").read_text())
+    names = load_label_map(run / "labels.json")
+    test = load_text_classification(str(runs / "test.tsv"), split="test", label_names=names)
+    for which, expected in [("final", summary)] + ([("ema", summary["ema"])] if method == "lora" else []):
+        model, tokenizer = load_trained(run, which)
+        got = evaluate_texts(model, test, tokenizer, 32)
+        assert got["test_accuracy"] == expected["test_accuracy"], which
+        assert abs(got["test_loss"] - expected["test_loss"]) < 1e-6, which
+
+
+@pytest.mark.distributed
+def test_a_stopped_fsdp_run_resumes_to_the_same_bytes(runs):
+    """The checkpoint holds whole tensors (tensors.safetensors, as without --fsdp) and each rank's
+    shards of the optimiser and EMA state (rng-rank{r}.pt)."""
+    from gradkit.train.checkpoint import latest_checkpoint
+
+    resumed, through = runs / "lora-resumed", runs / "lora-fsdp"
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 2
+    for sub in ("", "ema"):
+        assert (resumed / sub / "adapter" / "adapter_model.safetensors").read_bytes() == (
+            through / sub / "adapter" / "adapter_model.safetensors"
+        ).read_bytes()
+    assert latest_checkpoint(through) is not None
+
+
+def test_fsdp_is_refused_in_one_process(monkeypatch):
+    from gradkit.train.validate import check_config
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(GradkitError, match="--fsdp shards the model over several processes"):
+        check_config(TrainConfig(fsdp=True))
