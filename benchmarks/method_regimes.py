@@ -127,9 +127,16 @@ def finetune(args: list[str], out: Path, report_only: bool) -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "gradkit", "finetune", *args, "--out", str(out), "--overwrite"]
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(command)}\n{done.stderr[-2000:]}")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.stderr", "w") as err:
+        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own CPU time, whatever else runs
+        child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(
+            f"failed: {' '.join(command)}\n{(out.parent / f'{out.name}.stderr').read_text()[-2000:]}"
+        )
+    (out / "cpu.json").write_text(json.dumps({"cpu_seconds": usage.ru_utime + usage.ru_stime}))
     record.write_text(json.dumps(args))
     print(f"done {out.relative_to(RUNS)} ({time.perf_counter() - started:.0f} s wall)", flush=True)
     return json.loads((out / "summary.json").read_text())
@@ -209,6 +216,10 @@ def summarise(m: dict) -> dict:
             "peak_memory_mb": s["peak_memory_mb"],
             "trainable": s["trainable_parameters"],
             "optimizer_state_bytes": s["optimizer_state_bytes"],
+            "cpu_seconds": json.loads((out / "cpu.json").read_text())["cpu_seconds"]
+            if (out / "cpu.json").exists()
+            else None,
+            "train_seconds": s["train_seconds"],
         }
     return {"metric": metric, "runs": rows}
 
