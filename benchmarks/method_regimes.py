@@ -9,10 +9,12 @@ thread, two runs at a time on the 2 cores; each method at its best learning rate
   on RTE (pairs), 100 steps; lr chosen by the mean train loss over the 100 steps, which is the goal
   (LoRA-GA below LoRA by more than 2 seed-sd).
 - ``lag``: CoLA (Matthews correlation), LoRA at rank 1 on every encoder Linear against full fine-tuning,
-  LoRA-Pro, LoRA-GA+Pro and LoRA+, 300 steps; lr chosen by the dev MCC (10% of the training file carved
+  LoRA-Pro (LoRA-GA+Pro and LoRA+ as extra rows, `--studies lag-extra`), 300 steps; lr chosen by the dev
+  MCC (10% of the training file carved
   off; the GLUE dev set is the test set and chooses nothing).
 - ``zo``: mezo (LoRA + head) from the label-text head on SST-2, 1,000 steps with a dev curve every 250, lr by
-  final dev accuracy; beside it policy gradient and backprop LoRA from the same head, for accuracy per
+  final dev accuracy (a tie: the lower final dev loss); beside it policy gradient and backprop LoRA from
+  the same head, for accuracy per
   forward pass.
 
     python benchmarks/method_regimes.py                    # everything (resumable: finished runs are reused)
@@ -65,7 +67,7 @@ GROUPS = [
         "sst2",
         "mezo",
         SST2_LABELS + ["--steps", "1000", "--eval-every", "250"],
-        (1e-3, 2e-3, 4e-3),
+        (5e-4, 1e-3, 2e-3, 4e-3),
         "dev",
     ),
     (
@@ -162,6 +164,13 @@ def score(summary: dict, out: Path, choose: str) -> float:
     return dev[-1][f"dev_{summary['metric']}"]
 
 
+def tie_breaker(out: Path, choose: str) -> float:
+    """Minus the final dev loss (``choose == "dev"``), else 0."""
+    if choose != "dev":
+        return 0.0
+    return -rows_of(out)[1][-1]["dev_loss"]
+
+
 def measure(group, pool: ThreadPoolExecutor, report_only: bool) -> dict:
     study, task, method, extra, grid, choose = group
     base = [*COMMON, *TASKS[task], "--method", method, *extra]
@@ -175,7 +184,9 @@ def measure(group, pool: ThreadPoolExecutor, report_only: bool) -> dict:
     if any(s is None for s in sweep.values()):
         return {}
     scores = {lr: score(s, run_dir(study, task, method, lr, SEEDS[0]), choose) for lr, s in sweep.items()}
-    best_lr = max(scores, key=scores.get)
+    # a tie of the dev metric (accuracy moves in steps of 1/400) goes to the lower final dev loss
+    tie_break = {lr: tie_breaker(run_dir(study, task, method, lr, SEEDS[0]), choose) for lr in sweep}
+    best_lr = max(scores, key=lambda lr: (scores[lr], tie_break[lr]))
     seeds = {SEEDS[0]: sweep[best_lr]}
     futures = {seed: job(best_lr, seed) for seed in SEEDS[1:]}
     seeds.update({seed: f.result() for seed, f in futures.items()})
