@@ -9,13 +9,11 @@ thread, two runs at a time on the 2 cores; each method at its best learning rate
   on RTE (pairs), 100 steps; lr chosen by the mean train loss over the 100 steps, which is the goal
   (LoRA-GA below LoRA by more than 2 seed-sd).
 - ``lag``: CoLA (Matthews correlation), LoRA at rank 1 on every encoder Linear against full fine-tuning,
-  LoRA-Pro (LoRA-GA+Pro and LoRA+ as extra rows, `--studies lag-extra`), 300 steps; lr chosen by the dev
-  MCC (10% of the training file carved
-  off; the GLUE dev set is the test set and chooses nothing).
+  LoRA-Pro (LoRA-GA+Pro and LoRA+ as extra rows, ``--studies lag-extra``), 300 steps; lr chosen by the
+  dev MCC (10% of the training file carved off; the GLUE dev set is the test set and chooses nothing).
 - ``zo``: mezo (LoRA + head) from the label-text head on SST-2, 1,000 steps with a dev curve every 250, lr by
   final dev accuracy (a tie: the lower final dev loss); beside it policy gradient and backprop LoRA from
-  the same head, for accuracy per
-  forward pass.
+  the same head, for accuracy per forward pass.
 
     python benchmarks/method_regimes.py                    # everything (resumable: finished runs are reused)
     python benchmarks/method_regimes.py --studies warm     # one study
