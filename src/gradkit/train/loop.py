@@ -371,9 +371,8 @@ def finetune(
     head_texts = check_data(cfg, train_data)
     metric = check_metric(cfg.task, cfg.metric)
     step_examples = cfg.batch_size * cfg.grad_accum
-    warmup_examples = (
-        cfg.head_warmup * step_examples
-    )  # the warm-up reads the stream first; the method goes on
+    # the head warm-up reads the stream's first batches; the method's step 1 takes the next one
+    warmup_examples = cfg.head_warmup * step_examples
     if progress and int(os.environ.get("RANK", "0")) == 0:
         print(describe_data(train_data, test_data, dev=dev_data))
     tokenizer = load_tokenizer(cfg.model)
