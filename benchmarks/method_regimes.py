@@ -109,7 +109,7 @@ GROUPS = [
     ("lag", "cola", "lora-pro", ["--rank", "1", "--steps", "300"], (4e-4, 8e-4, 1.6e-3), "dev"),
     ("lag", "stsb", "full", ["--steps", "300"], (2.5e-5, 5e-5, 1e-4, 2e-4), "dev"),
     ("lag", "stsb", "lora", LAG_LORA, (5e-4, 1e-3, 2e-3, 4e-3), "dev"),
-    ("lag", "stsb", "lora-pro", LAG_LORA, (4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3), "dev"),
+    ("lag", "stsb", "lora-pro", LAG_LORA, (4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3, 1.28e-2), "dev"),
     # extra rows, run after the rest when time allows (--studies lag-extra)
     ("lag-extra", "stsb", "lora-ga-pro", LAG_LORA, (4e-4, 8e-4, 1.6e-3), "dev"),
     ("lag-extra", "stsb", "lora-plus", LAG_LORA, (2.5e-4, 5e-4, 1e-3), "dev"),
