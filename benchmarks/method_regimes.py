@@ -385,7 +385,9 @@ def method_guide(raw: dict) -> dict:
                 r["method"],
                 f"{r['lr']:g}",
                 format_metric(metric, runs[0]["step0"]) if runs[0]["step0"] is not None else "-",
-                mean_sd([x["test"] for x in runs], scale, 2 if scale == 100 else 4),
+                mean_sd([x["test"] for x in runs], scale, 2 if scale == 100 else 4)
+                if len(runs) > 1
+                else f"{format_metric(metric, runs[0]['test'])} (1 seed)",
                 f"{statistics.mean(x['seconds_per_step'] for x in runs):.2f}"
                 + (f" × {steps}" if steps and r["study"] == "zo" else ""),
                 f"{max(x['peak_memory_mb'] for x in runs):.0f}",
@@ -396,7 +398,8 @@ def method_guide(raw: dict) -> dict:
     return {
         "marker": "method-guide",
         "caption": (
-            "all-MiniLM-L6-v2 on 2 CPU cores (one torch thread per run, two runs at a time), batch 16, each "
+            "all-MiniLM-L6-v2 on 2 CPU cores (one torch thread per run, up to four runs at a time: s/step is wall "
+            "time under load), batch 16, each "
             "method at its best lr from a factor-2 grid, test metric mean ± sd over 3 seeds "
             "(`benchmarks/method_regimes.py`; details in docs/benchmarks.md)."
         ),
