@@ -82,5 +82,7 @@ def global_loss():
     return loss / world
 
 
-print(f"rank {rank} zeroth-order loss {float(zo.step(global_loss)):.6f}")  # the same on every rank
+# the same on every rank; one write per line, so the two ranks' lines never interleave in a shared pipe
+sys.stdout.write(f"rank {rank} zeroth-order loss {float(zo.step(global_loss)):.6f}\n")
+sys.stdout.flush()
 dist.destroy_process_group()
