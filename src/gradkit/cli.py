@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from gradkit.errors import GradkitError
 
@@ -270,12 +271,31 @@ def _check_resume_alone(args: argparse.Namespace) -> None:
         )
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown option, a value outside ``choices``, a missing value) as one
+    line through main's GradkitError path: exit 2, no usage block, nothing written."""
+
+    def error(self, message: str) -> NoReturn:
+        raise GradkitError(f"{message}; `{self.prog} --help` lists every option")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        # argparse reports a subcommand's unknown options from the top parser; name the subcommand
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = getattr(parsed, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            raise GradkitError(
+                f"unrecognized arguments: {' '.join(unknown)}; `{prog} --help` lists every option"
+            )
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gradkit.train.compare import DEFAULT_METHODS
     from gradkit.train.methods import available_methods
 
     methods = available_methods()
-    parser = argparse.ArgumentParser(prog="gradkit", description="Cheaper fine-tuning, measured.")
+    parser = _OneLineParser(prog="gradkit", description="Cheaper fine-tuning, measured.")
     sub = parser.add_subparsers(dest="command", required=True)
     listing = "; ".join(f"{name}: {cls.summary}" for name, cls in sorted(methods.items()))
     defaults = argparse.ArgumentDefaultsHelpFormatter  # every option shows its default

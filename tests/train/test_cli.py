@@ -76,6 +76,24 @@ def test_bad_options_give_one_line_errors(tmp_path, tiny_model_dir):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["finetune", "--precision", "fp8"], ["--precision", "'fp8'", "gradkit finetune --help"]),
+        (["compare", "--steps", "x"], ["--steps", "'x'", "gradkit compare --help"]),
+        (["compare", "--bogus", "1"], ["--bogus 1", "gradkit compare --help"]),
+        (["diagnose", "--blocks"], ["--blocks", "expected one argument"]),
+        (["nosuch"], ["'nosuch'", "gradkit --help"]),
+        ([], ["command"]),
+    ],
+    ids=["bad-choice", "bad-int", "unknown-option", "missing-value", "unknown-command", "no-command"],
+)
+def test_argparse_errors_are_one_line_too(tmp_path, args, fragments):
+    """What argparse itself rejects ends like every other bad input: one line, exit 2, no usage block."""
+    assert_clean_error(gradkit(*args, cwd=tmp_path), *fragments)
+    assert list(tmp_path.iterdir()) == []  # a run's default folder is under the working directory
+
+
 def test_compare_runs_each_method_and_writes_table_and_plot(tmp_path, tiny_model_dir):
     out = tmp_path / "cmp"
     result = gradkit(
