@@ -369,14 +369,22 @@ class EMA:
             for n, s, t in zip(self.names, self.shadow, self._live(), strict=True)
         }
 
+    @property
+    def sharded(self) -> bool:
+        """True when some tracked tensor is sharded by FSDP2: each rank then averages its own shard, and
+        :meth:`save_safetensors` is a collective (every rank must call it)."""
+        return bool(self._sharded)
+
     @torch.no_grad()
-    def save_safetensors(self, path: str, *, full_precision: bool = False) -> None:
+    def save_safetensors(
+        self, path: str, *, full_precision: bool = False, metadata: dict[str, str] | None = None
+    ) -> None:
         """Save the averaged weights as one safetensors file keyed like :meth:`averaged_state_dict`.
 
         Under FSDP2 every rank must call it: each sharded tensor is all-gathered in turn (one whole
         tensor at a time on each rank) and rank 0 writes the file, so rank 0 holds the whole averaged
         model on the CPU while writing. Without FSDP it is ``safetensors.torch.save_file`` of
-        :meth:`averaged_state_dict` (rank 0 only under DDP)."""
+        :meth:`averaged_state_dict` (rank 0 only under DDP). ``metadata``: the file's string metadata."""
         from safetensors.torch import save_file
 
         dist = torch.distributed
@@ -391,7 +399,7 @@ class EMA:
                 out[name] = value.detach().to("cpu").contiguous()
             del value
         if rank == 0:
-            save_file(out, path)
+            save_file(out, path, metadata=metadata)
 
     @property
     def shadow_bytes(self) -> int:

@@ -75,3 +75,28 @@ def training_args(out, **overrides):
 
 def lora_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def cpu_fsdp_trainer(trainer_cls):
+    """``trainer_cls`` made to honour ``fsdp=`` on CPU (gloo). accelerate (1.x) keeps the FSDP plugin
+    only when the processes run on accelerators (``AcceleratorState`` switches MULTI_GPU/XPU/NPU/...
+    runs to ``DistributedType.FSDP``, not MULTI_CPU ones), so with ``use_cpu=True`` the Trainer silently
+    falls back to DDP. This subclass shows accelerate a MULTI_GPU state while the Trainer builds its
+    Accelerator, so that state becomes FSDP and accelerate's own FSDP2 path (``fully_shard`` on a CPU
+    mesh, the optimiser's parameters swapped for the sharded ones) runs as it would on GPUs. Tests only."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    class CpuFSDP(trainer_cls):
+        def create_accelerator_and_postprocess(self):
+            shared = PartialState._shared_state
+            before = shared.get("distributed_type")
+            if before == DistributedType.MULTI_CPU and self.args.fsdp:
+                shared["distributed_type"] = DistributedType.MULTI_GPU
+            try:
+                super().create_accelerator_and_postprocess()
+            finally:
+                shared["distributed_type"] = before
+
+    CpuFSDP.__name__ = CpuFSDP.__qualname__ = f"CpuFSDP{trainer_cls.__name__}"
+    return CpuFSDP

@@ -20,7 +20,11 @@ What the callback does, event by event (transformers' Trainer calls them in this
 - ``on_train_end``: writes ``<output_dir>/ema_model.safetensors``; with ``apply_at_end=True`` it also
   copies the EMA weights into the model, so a following ``trainer.save_model()`` saves the EMA model.
 
-Only the main process writes files.
+Only the main process writes files. Under FSDP2 (the Trainer's ``fsdp=`` options with
+``fsdp_config={"version": 2}``, or a model sharded by ``fully_shard``) each rank averages its own shard:
+every rank then takes part in writing ``ema_model.safetensors`` (each tensor is gathered in turn and
+the main process writes the whole weights), and each rank saves its shard of the EMA state as
+``ema_state-rank<r>.pt``, which a resumed run with the same number of processes loads.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ __all__ = ["EMACallback"]
 
 EMA_WEIGHTS = "ema_model.safetensors"
 EMA_STATE = "ema_state.pt"
+EMA_STATE_RANK = "ema_state-rank{rank}.pt"  # FSDP2: each rank's shard of the average
 
 
 class EMACallback(_Base):
@@ -93,7 +98,7 @@ class EMACallback(_Base):
             raise GradkitError("EMACallback got no model from the Trainer; add it with trainer.add_callback")
         self.ema = EMA(model, **self.ema_args)
         if state.global_step > 0:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", EMA_STATE)
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self._state_name(args))
             if os.path.exists(path):
                 self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
@@ -114,25 +119,33 @@ class EMACallback(_Base):
         self._close()
 
     def on_save(self, args, state, control, **kwargs):
-        if self.save_ema and state.is_world_process_zero:
-            self._write(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), with_state=True)
+        if self.save_ema and (state.is_world_process_zero or self.ema.sharded):
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            self._write(args, folder, state.is_world_process_zero, with_state=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._close()
-        if self.save_ema and state.is_world_process_zero:
-            self._write(args.output_dir, with_state=False)
+        if self.save_ema and (state.is_world_process_zero or self.ema.sharded):
+            self._write(args, args.output_dir, state.is_world_process_zero, with_state=False)
         if self.apply_at_end:
             self.ema.copy_to()
 
-    def _write(self, folder: str, with_state: bool) -> None:
-        from safetensors.torch import save_file
+    def _state_name(self, args) -> str:
+        return EMA_STATE_RANK.format(rank=args.process_index) if self.ema.sharded else EMA_STATE
 
+    def _write(self, args, folder: str, main: bool, with_state: bool) -> None:
+        """Write the EMA files into ``folder``. Under FSDP2 every rank calls this (the weights are
+        gathered one tensor at a time; only ``main`` writes them) and each rank writes its state shard."""
         from gradkit.files import atomic_path
 
-        os.makedirs(folder, exist_ok=True)
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.ema.averaged_state_dict().items()}
-        with atomic_path(os.path.join(folder, EMA_WEIGHTS)) as tmp:
-            save_file(weights, str(tmp), metadata={"format": "pt", "ema_step": str(self.ema.step)})
+        metadata = {"format": "pt", "ema_step": str(self.ema.step)}
+        path = os.path.join(folder, EMA_WEIGHTS)
+        if main:
+            os.makedirs(folder, exist_ok=True)
+            with atomic_path(path) as tmp:
+                self.ema.save_safetensors(str(tmp), metadata=metadata)
+        else:  # a sharded average: this rank's part of the gathers; it writes nothing
+            self.ema.save_safetensors(path, metadata=metadata)
         if with_state:
-            with atomic_path(os.path.join(folder, EMA_STATE)) as tmp:
+            with atomic_path(os.path.join(folder, self._state_name(args))) as tmp:
                 torch.save(self.ema.state_dict(), tmp)
