@@ -114,6 +114,11 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     for mode in sys.argv[2:]:
         run(out, mode, rank)
+    # skip the interpreter teardown, where torch 2.13's gloo backend now and then aborts after the work
+    # is done (see tests/fsdp/fsdp_common.exit_without_teardown)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
