@@ -1,5 +1,5 @@
 """``gradkit finetune --fsdp`` under torchrun (2 processes, gloo on CPU) on the tiny BERT: lora (with an
-EMA) and full fine-tuning finish with the model sharded, their saved weights reload and score the test
+EMA), lora-pro and full fine-tuning finish with the model sharded, their saved weights reload and score the test
 set as summary.json says, they equal the same runs without --fsdp (DDP), and a stopped --fsdp run
 resumes to the same bytes.
 
@@ -63,7 +63,7 @@ def runs(tiny_model_dir, tmp_path_factory) -> Path:
         lines = (SST2 / f"{split}.tsv").read_text().splitlines(keepends=True)
         (root / f"{split}.tsv").write_text("".join(lines[: rows + 1]))
     lines = []
-    for method in ("lora", "full"):
+    for method in ("lora", "full", "lora-pro"):
         lines.append(
             [*_common(tiny_model_dir, root / f"{method}-fsdp", method), "--fsdp", "--save-every", "2"]
         )
@@ -97,31 +97,37 @@ def _weights(run: Path, sub: str = "") -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "lora-pro"])
 def test_fsdp_run_finishes_sharded_with_identical_ranks(runs, method):
     fsdp = json.loads((runs / f"{method}-fsdp" / "summary.json").read_text())
     ddp = json.loads((runs / f"{method}-ddp" / "summary.json").read_text())
     assert fsdp["status"] == "finished" and fsdp["fsdp"] is True and ddp["fsdp"] is False
     assert fsdp["num_processes"] == 2 and fsdp["ranks_identical"] is True
-    # each rank holds about half of the optimiser state (its rows of every moment), DDP all of it
-    assert fsdp["optimizer_state_bytes"] < 0.6 * ddp["optimizer_state_bytes"]
+    if method == "lora-pro":
+        # LoRAPro keeps its projected moments whole on every rank (O(r(in+out)) per layer, see
+        # docs/fsdp.md); only the head's AdamW moments are sharded: 86,280 vs 86,544 bytes measured
+        assert (
+            0.9 * ddp["optimizer_state_bytes"] < fsdp["optimizer_state_bytes"] <= ddp["optimizer_state_bytes"]
+        )
+    else:  # each rank holds about half of the optimiser state (its rows of every moment), DDP all of it
+        assert fsdp["optimizer_state_bytes"] < 0.6 * ddp["optimizer_state_bytes"]
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "lora-pro"])
 def test_fsdp_weights_equal_the_ddp_runs(runs, method):
     for sub in ("", "ema") if method == "lora" else ("",):
         fsdp, ddp = _weights(runs / f"{method}-fsdp", sub), _weights(runs / f"{method}-ddp", sub)
         assert fsdp.keys() == ddp.keys() and len(fsdp) > 1
         diff = max((fsdp[k] - ddp[k]).abs().max().item() for k in fsdp)
-        assert diff <= TOLERANCE, (sub, diff)  # measured: lora 1.5e-8 (EMA 7.5e-9), full 0
+        assert diff <= TOLERANCE, (sub, diff)  # measured: lora 1.5e-8 (EMA 7.5e-9), full 0, lora-pro 0
     fsdp = json.loads((runs / f"{method}-fsdp" / "summary.json").read_text())
     ddp = json.loads((runs / f"{method}-ddp" / "summary.json").read_text())
     assert abs(fsdp["test_loss"] - ddp["test_loss"]) < 1e-5
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "lora-pro"])
 def test_fsdp_saved_weights_reload_and_score_as_the_summary_says(runs, method):
     from gradkit.data import load_label_map, load_text_classification
     from gradkit.train.loop import evaluate_texts
