@@ -164,7 +164,7 @@ def _common(parser: argparse.ArgumentParser, method_options: bool = True) -> Non
     g.add_argument(
         "--keep-best",
         action="store_true",
-        help="also keep the weights of the best dev accuracy in best/ and test them (chosen on dev only)",
+        help="also keep the weights of the best dev score (--metric) in best/ and test them (chosen on dev only)",
     )
     g.add_argument(
         "--save-every",

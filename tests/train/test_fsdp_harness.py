@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from gradkit.errors import GradkitError
 from gradkit.train.config import TrainConfig
@@ -78,6 +79,12 @@ def runs(tiny_model_dir, tmp_path_factory) -> Path:
             "2",
         ]
     )
+    best = ["--keep-best", "--dev", str(root / "test.tsv"), "--eval-every", "1"]
+    lines.append([*_common(tiny_model_dir, root / "lora-best-fsdp", "lora"), *best, "--fsdp"])
+    lines.append([*_common(tiny_model_dir, root / "lora-best-ddp", "lora"), *best])
+    lines.append([*_common(tiny_model_dir, root / "mezo-fsdp", "mezo"), "--fsdp", "--save-every", "2"])
+    stopped = _common(tiny_model_dir, root / "mezo-resumed", "mezo")[1:]
+    lines.append(["stop", "3", *stopped, "--fsdp", "--save-every", "2"])
     driver = root / "driver.py"
     driver.write_text(textwrap.dedent(DRIVER))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -165,3 +172,29 @@ def test_fsdp_is_refused_in_one_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(GradkitError, match="--fsdp shards the model over several processes"):
         check_config(TrainConfig(fsdp=True))
+
+
+@pytest.mark.distributed
+def test_fsdp_keep_best_equals_the_ddp_run(runs):
+    """--keep-best under --fsdp: the same dev step is chosen, and best/ holds the same weights (the
+    weights are kept and put back by name after dev evaluations, where FSDP2 leaves the root's
+    unsharded parameters registered)."""
+    fsdp = json.loads((runs / "lora-best-fsdp" / "summary.json").read_text())
+    ddp = json.loads((runs / "lora-best-ddp" / "summary.json").read_text())
+    # the best dev step (1 of 4) is not the last, so best/ comes from weights put back after training
+    assert fsdp["best"]["step"] == ddp["best"]["step"] < 4
+    assert abs(fsdp["best"]["test_loss"] - ddp["best"]["test_loss"]) < 1e-5
+    got, want = _weights(runs / "lora-best-fsdp", "best"), _weights(runs / "lora-best-ddp", "best")
+    assert got.keys() == want.keys() and len(got) > 1
+    assert max((got[k] - want[k]).abs().max().item() for k in got) <= TOLERANCE
+
+
+@pytest.mark.distributed
+def test_a_stopped_fsdp_mezo_run_resumes_to_the_same_bytes(runs):
+    """Zeroth order keeps no optimiser state, only its seed stream: a resumed sharded run redraws the
+    same perturbations."""
+    resumed, through = runs / "mezo-resumed", runs / "mezo-fsdp"
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 2
+    got, want = _weights(resumed), _weights(through)
+    assert got.keys() == want.keys() and len(got) > 1
+    assert all(torch.equal(got[k], want[k]) for k in got)

@@ -171,6 +171,7 @@ def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
     and the model is resharded so that its next forward gathers the new values."""
     from gradkit.fsdp import is_dtensor, local, local_part, reshard
 
+    reshard(model)  # after a forward alone FSDP2 leaves the root's unsharded parameters registered
     own = dict(model.named_parameters())
     own.update(model.named_buffers())
     missing = [name for name in tensors if name not in own]

@@ -238,12 +238,14 @@ def ranks_agree(model: torch.nn.Module, accelerator) -> bool:
 
     from accelerate.utils import gather_object
 
-    from gradkit.fsdp import full
+    from gradkit.fsdp import full, reshard
 
+    reshard(model)  # after a forward alone FSDP2 leaves the root's unsharded parameters registered
     digest = hashlib.sha256()
     for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        whole = full(param.detach())
-        digest.update(whole.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # a copy: .numpy() pins its tensor's storage, and FSDP2 must be able to free a parameter's
+        whole = full(param.detach()).to("cpu", copy=True).contiguous()
+        digest.update(whole.view(torch.uint8).numpy().tobytes())
     digests = gather_object([digest.hexdigest()])
     return len(set(digests)) == 1
 

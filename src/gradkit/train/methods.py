@@ -85,7 +85,11 @@ class Method:
 
     def checkpoint_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint must hold to resume exactly: default, every trainable parameter.
-        A method whose :meth:`prepare` changes frozen tensors (LoRA-GA's base offset) adds them."""
+        A method whose :meth:`prepare` changes frozen tensors (LoRA-GA's base offset) adds them.
+        Under FSDP2 these are the sharded parameters (DTensors)."""
+        from gradkit.fsdp import reshard
+
+        reshard(model)  # after a forward alone FSDP2 leaves the root's unsharded parameters registered
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     def load_checkpoint_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
