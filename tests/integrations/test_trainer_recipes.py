@@ -152,20 +152,20 @@ def test_noise_scale_callback_logs_finite_values(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
-@pytest.mark.distributed
-def test_trainer_recipes_two_processes_agree(tmp_path):
-    worker = Path(__file__).with_name("trainer_recipes_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
+def _torchrun(worker: str, out: Path, *args: str) -> None:
+    """``tests/integrations/<worker> out *args`` under torchrun, 2 processes (gloo on CPU)."""
+    script = Path(__file__).with_name(worker)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
-        [*cmd, str(worker), str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [*cmd, str(script), str(out), *args], cwd=out, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.distributed
+def test_trainer_recipes_two_processes_agree(tmp_path):
+    _torchrun("trainer_recipes_worker.py", tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for key in ("init", "lora", "ema"):
         assert ranks[0][key].keys() == ranks[1][key].keys() and ranks[0][key]
@@ -188,18 +188,7 @@ def test_trainer_fsdp2_recipes_equal_ddp(tmp_path):
 
     from gradkit.scaling.noise_scale import NoiseScale
 
-    worker = Path(__file__).with_name("trainer_fsdp_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*cmd, str(worker), str(tmp_path), "ddp", "fsdp"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    _torchrun("trainer_fsdp_worker.py", tmp_path, "ddp", "fsdp")
     runs = {
         m: [torch.load(tmp_path / f"{m}-rank{r}.pt", weights_only=False) for r in range(2)]
         for m in ("ddp", "fsdp")
