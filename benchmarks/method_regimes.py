@@ -111,8 +111,10 @@ GROUPS = [
     ("lag", "stsb", "lora", LAG_LORA, (5e-4, 1e-3, 2e-3, 4e-3), "dev"),
     ("lag", "stsb", "lora-pro", LAG_LORA, (4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3, 1.28e-2), "dev"),
     # extra rows, run after the rest when time allows (--studies lag-extra)
-    ("lag-extra", "stsb", "lora-ga-pro", LAG_LORA, (4e-4, 8e-4, 1.6e-3), "dev"),
-    ("lag-extra", "stsb", "lora-plus", LAG_LORA, (2.5e-4, 5e-4, 1e-3), "dev"),
+    # LoRA-GA+Pro's best sat at the top edge, as LoRA-Pro's did: extended to LoRA-Pro's best and beyond;
+    # LoRA+'s (B at 16x the lr) at the bottom edge: extended down
+    ("lag-extra", "stsb", "lora-ga-pro", LAG_LORA, (4e-4, 8e-4, 1.6e-3, 3.2e-3, 6.4e-3, 1.28e-2), "dev"),
+    ("lag-extra", "stsb", "lora-plus", LAG_LORA, (1.25e-4, 2.5e-4, 5e-4, 1e-3), "dev"),
     ("zo", "sst2", "policy-gradient", SST2_LABELS + ["--steps", "200", "--eval-every", "50"], (1e-3,), "dev"),
     ("zo", "sst2", "lora", SST2_LABELS + ["--steps", "200", "--eval-every", "50"], (1e-3,), "dev"),
 ]
