@@ -498,9 +498,10 @@ def goals(raw: dict) -> list[str]:
             other = runs(key)
             if other and gap > 0:
                 closed = (statistics.mean(x["test"] for x in other) - statistics.mean(lo)) / gap
+                verb = "closes" if closed >= 0 else "falls below LoRA by"
                 notes.append(
-                    f"  {key.split('/')[-1]}: Pearson {statistics.mean(x['test'] for x in other):.4f}, closes "
-                    f"{100 * closed:.0f}% of the LoRA-full gap (goal for lora-pro: >= 50%)."
+                    f"  {key.split('/')[-1]}: Pearson {statistics.mean(x['test'] for x in other):.4f}, {verb} "
+                    f"{100 * abs(closed):.0f}% of the LoRA-full gap (goal: >= 50% closed)."
                 )
     mezo = runs("zo/sst2/mezo")
     if mezo:
