@@ -147,5 +147,6 @@ class EMACallback(_Base):
         else:  # a sharded average: this rank's part of the gathers; it writes nothing
             self.ema.save_safetensors(path, metadata=metadata)
         if with_state:
+            os.makedirs(folder, exist_ok=True)  # each rank's own shard: also where ranks share no disk
             with atomic_path(os.path.join(folder, self._state_name(args))) as tmp:
                 torch.save(self.ema.state_dict(), tmp)
