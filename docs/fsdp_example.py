@@ -2,6 +2,7 @@
 
 gloo on CPU (nccl on GPUs works the same); each rank trains on its own half of every batch."""
 
+import os
 import sys
 
 import torch
@@ -16,6 +17,7 @@ import gradkit
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
+os.makedirs(out_dir, exist_ok=True)  # a new folder, as in the docs' command
 
 
 class Block(nn.Module):

@@ -22,13 +22,18 @@ def test_the_documented_torchrun_example_runs(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
-        [*cmd, str(SCRIPT), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        [*cmd, str(SCRIPT), str(tmp_path / "fsdp-run")],  # a folder that does not exist yet, as in the docs
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     steps = re.findall(r"^step \d+ loss ([0-9.]+)$", result.stdout, re.M)
     assert len(steps) == 5
     zo = re.findall(r"^rank (\d) zeroth-order loss ([0-9.]+)$", result.stdout, re.M)
     assert sorted(r for r, _ in zo) == ["0", "1"] and zo[0][1] == zo[1][1]
-    saved = load_file(str(tmp_path / "ema.safetensors"))
+    saved = load_file(str(tmp_path / "fsdp-run" / "ema.safetensors"))
     assert any("lora_A" in k for k in saved) and any("base_layer.weight" in k for k in saved)
     assert saved["base_model.model.blocks.0.up.base_layer.weight"].shape == (64, 32)
