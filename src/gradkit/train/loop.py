@@ -240,12 +240,13 @@ def ranks_agree(model: torch.nn.Module, accelerator) -> bool:
 
     from gradkit.fsdp import full, reshard
 
-    reshard(model)  # after a forward alone FSDP2 leaves the root's unsharded parameters registered
+    # after a forward alone FSDP2 leaves the root's unsharded parameters registered; .numpy() below
+    # would pin their storage, which FSDP2 must free: reshard, so every sharded one is gathered afresh
+    reshard(model)
     digest = hashlib.sha256()
     for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        # a copy: .numpy() pins its tensor's storage, and FSDP2 must be able to free a parameter's
-        whole = full(param.detach()).to("cpu", copy=True).contiguous()
-        digest.update(whole.view(torch.uint8).numpy().tobytes())
+        whole = full(param.detach())
+        digest.update(whole.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     digests = gather_object([digest.hexdigest()])
     return len(set(digests)) == 1
 
