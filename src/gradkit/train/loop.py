@@ -458,7 +458,7 @@ def finetune(
 
             def on_warmup_step(_: int, loss: float) -> None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{window_mean(warmup_losses + [loss], len(warmup_losses) + 1):.4f}")
+                bar.set_postfix(loss=f"{loss:.4f}")
 
             warmed = warm_up_head(
                 model,

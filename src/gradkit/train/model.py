@@ -211,7 +211,7 @@ def label_texts(label_names: list[str], label_text: str | None, template: str | 
         if len(texts) != len(label_names) or not all(texts):
             shown = ", ".join(f"{i} = {n!r}" for i, n in enumerate(label_names[:10]))
             raise GradkitError(
-                f"--label-text gives {len(texts)} texts{' (one is empty)' if not all(texts) else ''} for "
+                f"--label-text gives {len(texts)} text{'' if len(texts) == 1 else 's'}{' (one is empty)' if not all(texts) else ''} for "
                 f"{len(label_names)} labels ({shown}); pass one non-empty text per label, in label-id order"
             )
     else:
