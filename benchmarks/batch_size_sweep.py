@@ -57,7 +57,7 @@ from gradkit.scaling.noise_scale import (  # noqa: E402
     trace_sigma_estimate,
 )
 
-TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+TEXT = ROOT / "data" / "tinyshakespeare" / "input.txt"
 
 
 class CharMLP(nn.Module):
@@ -91,7 +91,7 @@ class Windows:
 def load_text(quick: bool) -> tuple[torch.Tensor, int]:
     if not TEXT.is_file():
         raise SystemExit(
-            f"{TEXT} not found: this benchmark needs ../shared/data/tinyshakespeare beside the repo"
+            f"{TEXT} not found: this benchmark reads data/tinyshakespeare/input.txt of the repository"
         )
     text = TEXT.read_text()
     if quick:

@@ -39,7 +39,7 @@ from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
 from gradkit.models import toy_transformer  # noqa: E402
 from gradkit.optim import SteepestDescent  # noqa: E402
 
-TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+TEXT = ROOT / "data" / "tinyshakespeare" / "input.txt"
 CACHE = ROOT / "benchmarks" / "runs" / "dynamics_char_transformer"
 
 # lr grids, a factor 2 apart, centred on each rule's usual scale for a model this size; a grid whose
@@ -58,7 +58,7 @@ GRIDS = {
 def load_tokens() -> tuple[torch.Tensor, torch.Tensor, int]:
     if not TEXT.is_file():
         raise SystemExit(
-            f"{TEXT} not found: this benchmark needs ../shared/data/tinyshakespeare beside the repo"
+            f"{TEXT} not found: this benchmark reads data/tinyshakespeare/input.txt of the repository"
         )
     text = TEXT.read_text()
     chars = sorted(set(text))

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / "runs" / "dynamics"
-SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
+SST2 = ROOT / "data" / "sst2" / "train.tsv"
 
 
 def sst2_embeddings(n: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, load_timm_file, write_result  # noqa: E402
 
-SST2_TEST = ROOT.parent / "shared" / "data" / "sst2" / "test.tsv"
+SST2_TEST = ROOT / "data" / "sst2" / "test.tsv"
 
 
 def _version(dist: str) -> str:

@@ -7,7 +7,7 @@ and the real MiniLM against the same architecture freshly initialised.
 a. ``gradkit.models.toy_transformer`` (d_model 256, 4 heads, vocab = Tiny Shakespeare's 65 characters)
    with 24 and 48 blocks, Post-LN and Pre-LN, BERT init with real std 0.02, 3 seeds: the gradient of
    the next-character loss on one batch of 16 × 64 characters (the first 90 % of
-   ../shared/data/tinyshakespeare/input.txt), per block, through ``gradkit.gradient_flow``. The
+   data/tinyshakespeare/input.txt), per block, through ``gradkit.gradient_flow``. The
    per-block factor is fitted (``gradkit.diagnostics.depth_decay``: least squares on log norm against
    block index, blocks 1..L−1; block 0 sits on the embeddings, whose std 0.02·√2 is not an LN output).
    A toy block has two residual sub-layers (attention, MLP), so the 1/√2-per-sub-layer argument
@@ -40,7 +40,7 @@ from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
 from gradkit.diagnostics import depth_decay, gradient_flow, plot_gradient_flow  # noqa: E402
 from gradkit.models import toy_transformer  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+DATA = ROOT / "data" / "tinyshakespeare" / "input.txt"
 HALF = 1 / math.sqrt(2)
 EMB_SCALE = 50.0  # a Pre-LN control whose residual stream starts at RMS ≈ 1.4 instead of 0.028
 

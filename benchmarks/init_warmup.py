@@ -3,7 +3,7 @@
     nice -n 10 python benchmarks/init_warmup.py --steps 20 --seeds 1     # a smoke run (seconds)
     nice -n 10 python benchmarks/init_warmup.py                          # the measured curves
 
-Char-level language model on Tiny Shakespeare (../shared/data/tinyshakespeare/input.txt, the first
+Char-level language model on Tiny Shakespeare (data/tinyshakespeare/input.txt, the first
 90 % of the characters for training, the last 10 % held out), ``gradkit.models.toy_transformer`` with
 12 blocks, Post-LN and Pre-LN, BERT init with real std 0.02. AdamW (betas 0.9/0.999, weight decay
 0.01, no clipping) at lr 3e-4 and 1e-3; warmup 0 or 10 % of the steps (linear from 0), then a linear
@@ -36,7 +36,7 @@ from common import IMAGES, RESULTS, ROOT, save_figure, write_result  # noqa: E40
 from gradkit.models import toy_transformer  # noqa: E402
 
 PLATEAU_TOL = 0.05
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+DATA = ROOT / "data" / "tinyshakespeare" / "input.txt"
 
 
 def load_text(path: Path) -> tuple[torch.Tensor, torch.Tensor, int]:

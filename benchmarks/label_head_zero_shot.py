@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, write_result  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"
 # (task, label texts in label-id order or None for the file's names, template)
 CASES = [
     ("sst2", "terrible,great", "It was {}."),

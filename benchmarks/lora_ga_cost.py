@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, write_result  # noqa: E402
 
-SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
+SST2 = ROOT / "data" / "sst2" / "train.tsv"
 METHODS = ("peft", "gradkit-exact", "gradkit-sketch", "gradkit-sketch2", "backward-reference")
 LABELS = {
     "peft": "PEFT preprocess_loraga + init_lora_weights='lora_ga'",

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
 
-SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
+SST2 = ROOT / "data" / "sst2" / "train.tsv"
 CHECKPOINTS = (1, 10, 50, 100)
 SHADOWS = ("full", "projected", "factor")
 LABELS = {

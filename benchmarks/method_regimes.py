@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"
 RUNS = ROOT / "benchmarks" / "runs" / "method_regimes"
 SEEDS = (0, 1, 2)
 COMMON = ["--batch-size", "16", "--max-length", "128", "--dev-fraction", "0.1"]

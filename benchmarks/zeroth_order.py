@@ -47,7 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import IMAGES, ROOT, machine, save_figure, write_result  # noqa: E402
 
-SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
+SST2 = ROOT / "data" / "sst2" / "train.tsv"
 MODES = (
     "inference",
     "inference-lora",

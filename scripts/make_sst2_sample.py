@@ -4,7 +4,7 @@ train.tsv: the header plus 4,000 rows drawn without replacement, with a fixed se
 SST-2 train file (kept in their original order, so the sample is easy to diff against the source).
 test.tsv: the 872 rows of the GLUE dev set (our test file), copied byte for byte.
 
-Run from the repository root:  python scripts/make_sst2_sample.py [--source ../shared/data/sst2]
+Run from the repository root:  python scripts/make_sst2_sample.py [--source data/sst2]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 SEED = 0
 TRAIN_ROWS = 4000
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "sst2"
+DEFAULT_SOURCE = REPO / "data" / "sst2"
 DEST = REPO / "src" / "gradkit" / "data" / "sst2"
 
 

@@ -10,7 +10,7 @@ import pytest
 from gradkit.data import load_text_classification
 from gradkit.errors import GradkitError
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 def write(tmp_path: Path, name: str, content: str) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "data" / "tinyshakespeare" / "input.txt"
 
 
 def shakespeare_lines(n: int, start: int = 0) -> list[str]:

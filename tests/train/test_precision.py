@@ -20,7 +20,7 @@ from gradkit.train.config import TrainConfig  # noqa: E402
 from gradkit.train.loop import finetune  # noqa: E402
 from gradkit.train.methods import get_method  # noqa: E402
 
-SST2 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "sst2"
+SST2 = Path(__file__).resolve().parents[2] / "data" / "sst2"
 
 
 def head_of(path: Path, rows: int, out: Path) -> Path:

@@ -14,7 +14,7 @@ from gradkit.cli import main
 from gradkit.train.config import TrainConfig
 from gradkit.train.loop import finetune
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 def head_of(path: Path, rows: int, out: Path, header: bool = True) -> Path:
