@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gradkit.optim.linalg import default_rtol, factor_svd, solve_sylvester_sym
+from gradkit.linalg import default_rtol, factor_svd, solve_sylvester_sym
 
 
 def _gram(rows: int, r: int, dtype=torch.float64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ __all__ = [
     "like_sharded",
     "fsdp_modules",
     "reshard",
-    "all_reduce_sum",
+    "all_reduce_shard_sum",
     "gather_rows",
     "replicas",
     "fsdp_param_records",
@@ -133,7 +133,7 @@ def like_sharded(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     )
 
 
-def all_reduce_sum(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def all_reduce_shard_sum(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` (plain, the same shape on every rank) in place over the ranks that hold *different*
     shards of ``like`` (the mesh dimensions where ``like`` is ``Shard``; replicas are not added twice).
     The identity when ``like`` is not sharded."""
@@ -158,7 +158,7 @@ def gather_rows(part: torch.Tensor, like: torch.Tensor, dims_offset: int = 0) ->
     shape = (*part.shape[:dims_offset], *like.shape)
     whole = part.new_zeros(shape)
     local_part(whole, like, dims_offset).copy_(part)
-    return all_reduce_sum(whole, like)
+    return all_reduce_shard_sum(whole, like)
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:

@@ -80,7 +80,7 @@ def test_arb2r_takes_top_r_for_a_and_next_r_for_b():
 
 
 def test_randomized_truncated_svd_is_near_optimal_and_leaves_the_rng_alone():
-    from gradkit.lora.ga import EXACT_SVD_MAX_DIM, truncated_svd
+    from gradkit.linalg import EXACT_SVD_MAX_DIM, truncated_svd
     from gradkit.lora.sketch import relative_excess_error
 
     gen = torch.Generator().manual_seed(2)

@@ -30,7 +30,7 @@ def _needs_cuda(t: torch.Tensor) -> bool:
     return dist.get_backend() == "nccl" and not t.is_cuda
 
 
-def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+def all_reduce_tensors_(tensors: list[torch.Tensor]) -> None:
     """Sum over processes in place."""
     import torch.distributed as dist
 
@@ -60,5 +60,5 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
 def global_count(count: int, device: torch.device) -> int:
     """The sum of ``count`` over processes."""
     t = torch.tensor([float(count)], dtype=torch.float64, device=device)
-    all_reduce_sum([t])
+    all_reduce_tensors_([t])
     return int(t.item())

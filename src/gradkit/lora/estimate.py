@@ -15,6 +15,7 @@ from torch import nn
 from gradkit.fsdp import is_sharded, local, shard_offset
 from gradkit.lora import distributed
 from gradkit.lora.pairs import LoraPair
+from gradkit.lora.sharded import ShardedGradient
 from gradkit.lora.sketch import StreamingSketch, TwoPassSketch
 
 Sketch = StreamingSketch | TwoPassSketch
@@ -115,7 +116,7 @@ def estimate_gradients(
         g = sums.pop(pair.name, None)
         if g is None:  # no batch here, or the layer does not reach the loss
             g = torch.zeros(weight.shape, device=device)
-        distributed.all_reduce_sum([g])
+        distributed.all_reduce_tensors_([g])
         g.div_(max(total, 1))
         grads[pair.name] = g.T if getattr(pair.layer, "fan_in_fan_out", False) else g
     return grads, total
@@ -125,8 +126,6 @@ def _estimate_sharded(model, batches, pairs, weights, loss_fn, num_batches, prog
     """FSDP2: after every backward, add this rank's rows of each base weight's (reduce-scattered,
     rank-averaged) gradient to an fp32 sum and free the gradient; the whole gradient of a layer is
     never formed. Returns ({name: ShardedGradient}, total batches)."""
-    from gradkit.lora.sharded import ShardedGradient
-
     sums: dict[str, torch.Tensor] = {}
 
     def after_backward() -> None:

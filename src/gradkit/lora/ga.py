@@ -33,6 +33,7 @@ from torch import nn
 
 from gradkit.errors import GradkitError
 from gradkit.fsdp import full, is_dtensor, local, local_part, reshard
+from gradkit.linalg import truncated_svd
 from gradkit.lora.estimate import estimate_gradients, estimate_sketches
 from gradkit.lora.pairs import LoraPair, lora_pairs
 from gradkit.lora.sharded import ShardedGradient, local_rows
@@ -42,11 +43,6 @@ SCALES = ("stable", "unit", "gd")
 ESTIMATORS = ("exact", "sketch")
 # the attribute of a LoRA layer that records {adapter: (A0, B0)} (CPU copies) for save_adapter
 RECORD = "gradkit_lora_ga"
-# exact LAPACK SVD up to this min(out, in); randomized subspace iteration above. Measured on one CPU
-# thread for rank 16: 384 x 384 takes 14 ms exact against 3.7 ms randomized, 384 x 1536 54 against 12 ms,
-# 1024 x 4096 580 against 84 ms; on MiniLM's SST-2 gradients the randomized rank-16 error is within 1e-7
-# of the optimal one (6 power steps, 2 * rank + 8 columns)
-EXACT_SVD_MAX_DIM = 128
 
 
 # ---------------------------------------------------------------------------------------------- math
@@ -99,28 +95,6 @@ def first_sgd_step(
     """The weight change of one SGD step on (A, B) to first order: with g_A = s B^T G, g_B = s G A^T,
     ``dW = s (B dA + dB A) = -lr s^2 (B B^T G + G A^T A)``."""
     return -lr * scaling**2 * (B @ (B.T @ G) + (G @ A.T) @ A)
-
-
-def truncated_svd(G: torch.Tensor, rank: int, *, niter: int = 6, seed: int = 0):
-    """Top-``rank`` singular triplets (U, S, Vh) of G in fp32.
-
-    Exact (LAPACK) when min(G.shape) <= EXACT_SVD_MAX_DIM; otherwise randomized subspace iteration
-    (Halko, Martinsson & Tropp 2011, Alg. 4.4) with 2*rank + 8 columns and ``niter`` re-orthonormalised
-    power steps, from a private generator (the global RNG is untouched).
-    """
-    G = G.float()
-    m, n = G.shape
-    if min(m, n) <= EXACT_SVD_MAX_DIM or 2 * rank + 8 >= min(m, n):
-        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-        return U[:, :rank], S[:rank], Vh[:rank]
-    generator = torch.Generator(device=G.device).manual_seed(seed)
-    omega = torch.randn(n, 2 * rank + 8, generator=generator, device=G.device)
-    Q, _ = torch.linalg.qr(G @ omega)
-    for _ in range(niter):
-        Q, _ = torch.linalg.qr(G.T @ Q)
-        Q, _ = torch.linalg.qr(G @ Q)
-    Ub, S, Vh = torch.linalg.svd(Q.T @ G, full_matrices=False)
-    return (Q @ Ub)[:, :rank], S[:rank], Vh[:rank]
 
 
 # -------------------------------------------------------------------------------------------- report

@@ -17,6 +17,7 @@ import torch
 
 from gradkit.errors import GradkitError
 from gradkit.fsdp import shard_offset
+from gradkit.linalg import truncated_svd
 
 
 class ShardedGradient:
@@ -69,10 +70,8 @@ class ShardedGradient:
     # --- the SVD --------------------------------------------------------------------------------
     def svd(self, rank: int, *, owner: int, seed: int = 0):
         """Top-``rank`` triplets (U, S, Vh) of G (out x in), the same on every rank: G is gathered on
-        group rank ``owner % world``, which runs :func:`gradkit.lora.ga.truncated_svd` and broadcasts them."""
+        group rank ``owner % world``, which runs :func:`gradkit.linalg.truncated_svd` and broadcasts them."""
         import torch.distributed as dist
-
-        from gradkit.lora.ga import truncated_svd
 
         group, part = self.group, self.part
         world, me = dist.get_world_size(group), dist.get_rank(group)

@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from gradkit.lora.distributed import all_gather, all_reduce_tensors_, world_size
+
 PROBE = 8  # columns of the Gaussian probe G Theta (only for the ||G||_F^2 in the energy figure)
 
 
@@ -203,13 +205,11 @@ class StreamingSketch:
 
     def reduce(self) -> None:
         """Combine the ranks' states under torch.distributed (identical result on every rank)."""
-        from gradkit.lora.distributed import all_gather, all_reduce_sum, world_size
-
         if world_size() == 1:
             return
         # a batch with NaN/Inf on any rank fails the layer on every rank (all raise the same error)
         failed = torch.tensor([float(self.failed or not bool(self.finite))], device=self.device)
-        all_reduce_sum([self.probe, failed])
+        all_reduce_tensors_([self.probe, failed])
         if failed.item() > 0:
             self.failed = True
             return
@@ -345,9 +345,7 @@ class TwoPassSketch:
         return [self.Y, self.Z] if self.phase == 1 else [self.A, self.B, self.T]
 
     def reduce(self) -> None:
-        from gradkit.lora.distributed import all_reduce_sum
-
-        all_reduce_sum(self.tensors())
+        all_reduce_tensors_(self.tensors())
 
     @property
     def nbytes(self) -> int:

@@ -54,8 +54,8 @@ import torch
 from torch import nn
 
 from gradkit.errors import GradkitError
-from gradkit.fsdp import all_reduce_sum, full, gather_rows, is_dtensor, local, local_part, shard_offset
-from gradkit.optim.linalg import compute_dtype
+from gradkit.fsdp import all_reduce_shard_sum, full, gather_rows, is_dtensor, local, local_part, shard_offset
+from gradkit.linalg import compute_dtype
 from gradkit.optim.lora_pro_math import (
     X_SOLUTIONS,
     adjusted_lora_grads,
@@ -107,7 +107,7 @@ class LoRAPro(torch.optim.Optimizer):
         x_solution: ``"sylvester"`` (the paper's), ``"symmetric"`` or ``"zero"``.
         adapter: adapter name (default: the active one).
         rtol: relative rank tolerance of the factors' SVDs (default ``max(m, r) * eps`` of the compute
-            dtype, see :mod:`gradkit.optim.linalg`): factor directions below it count as absent.
+            dtype, see :mod:`gradkit.linalg`): factor directions below it count as absent.
     """
 
     def __init__(
@@ -275,7 +275,7 @@ class LoRAPro(torch.optim.Optimizer):
         if bucket.moments == "full":
             (D,) = bucket.out  # this rank's rows of the Adam direction (all of them without FSDP)
             B0 = bucket.members[0][2]
-            d_A = all_reduce_sum(s * (b[:, bucket.rows].mT @ D), B0)  # a sum over rows: over ranks
+            d_A = all_reduce_shard_sum(s * (b[:, bucket.rows].mT @ D), B0)  # a sum over rows: over ranks
             d_B = gather_rows(s * (D @ a.mT), B0, dims_offset=1)
         else:
             D_K, D_L = bucket.out

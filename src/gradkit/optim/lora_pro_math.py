@@ -13,7 +13,7 @@ and then ``s (B ĝ_A + ĝ_B A) = P_B G + (I - P_B) G P_A`` (``P_A = A^T (A A^T)^
 
 Numerics. Nothing here forms or inverts a Gram matrix: every pseudo-inverse and projector comes from
 the rank-revealing thin SVDs ``B = U_B diag(σ) V_B^T`` and ``A^T = Z diag(τ) W^T``
-(:func:`gradkit.optim.linalg.factor_svd`, at least fp32), in which they are diagonal scalings
+(:func:`gradkit.linalg.factor_svd`, at least fp32), in which they are diagonal scalings
 (``(B^T B)^+ = V_B diag(1/σ^2) V_B^T``, ``P_B = U_B U_B^T`` over the kept directions, ...). A direction
 is kept when its singular value exceeds ``max(rtol * σ_max, sqrt(tiny))`` with ``rtol = max(m, r) * eps``
 of the compute dtype by default. Above that tolerance the results are exact up to rounding (relative
@@ -29,14 +29,14 @@ from typing import NamedTuple
 import torch
 
 from gradkit.errors import GradkitError
-from gradkit.optim.linalg import FactorSVD, compute_dtype, factor_svd, sylvester_diag
+from gradkit.linalg import FactorSVD, compute_dtype, factor_svd, sylvester_diag
 
 X_SOLUTIONS = ("sylvester", "symmetric", "zero")
 
 
 def factor_svds(A: torch.Tensor, B: torch.Tensor, rtol: float | None = None) -> tuple[FactorSVD, FactorSVD]:
     """Rank-revealing thin SVDs of ``B`` (out x r) and ``A^T`` (in x r), in at least fp32
-    (see :func:`gradkit.optim.linalg.factor_svd`)."""
+    (see :func:`gradkit.linalg.factor_svd`)."""
     return factor_svd(B, rtol), factor_svd(A.mT, rtol)
 
 

@@ -23,7 +23,7 @@ def world_size(distributed: bool | None) -> int:
     return dist.get_world_size()
 
 
-def all_reduce_sum(values: list[torch.Tensor | float], world: int, device: torch.device) -> list[float]:
+def all_reduce_floats(values: list[torch.Tensor | float], world: int, device: torch.device) -> list[float]:
     """One collective for a handful of scalars (the only extra communication of the DDP source)."""
     t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
     if world > 1:

@@ -52,7 +52,7 @@ from gradkit.fsdp import (
     reshard,
     unsharded_param,
 )
-from gradkit.scaling.collectives import all_reduce_sum, sq_norm, world_size
+from gradkit.scaling.collectives import all_reduce_floats, sq_norm, world_size
 
 __all__ = [
     "NoiseScale",
@@ -574,12 +574,12 @@ class GradNormRecorder:
         inv_b = sum(1.0 / b for _, b in micro)
         if self._fsdp is None:
             big = _sq_norm_sum(grads) / self.grad_scale**2  # DDP: .grad is already the mean over ranks
-            small_sum, inv_b, count = all_reduce_sum([small_sum, inv_b, float(len(micro))], world, device)
+            small_sum, inv_b, count = all_reduce_floats([small_sum, inv_b, float(len(micro))], world, device)
         else:
             # FSDP2: each rank holds a shard of the mean gradient; |G_B|^2 = sum over ranks of
             # |shard|^2 (divided by the replicas of a shard under HSDP), in the same all-reduce
             part = self._fsdp.shard_sq_norm() / self.grad_scale**2
-            small_sum, inv_b, count, big = all_reduce_sum(
+            small_sum, inv_b, count, big = all_reduce_floats(
                 [small_sum, inv_b, float(len(micro)), part], world, device
             )
         b_small = count / inv_b  # harmonic mean: E[mean |G_b_i|^2] = |G|^2 + tr(Sigma)·mean(1/b_i)

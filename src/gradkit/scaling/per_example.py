@@ -31,7 +31,7 @@ from torch import nn
 
 from gradkit.errors import GradkitError
 from gradkit.fsdp import is_dtensor, local, replicas, reshard
-from gradkit.scaling.collectives import all_reduce_sum, sq_norm, world_size
+from gradkit.scaling.collectives import all_reduce_floats, sq_norm, world_size
 
 if TYPE_CHECKING:  # the recorder feeds a NoiseScale, which imports this module lazily
     from gradkit.scaling.noise_scale import NoiseScale
@@ -315,13 +315,13 @@ class PerExampleRecorder:
         if self.sharded:
             # FSDP2: |G_B|^2 of the reduced gradient (B = all ranks' examples) is the sum of the ranks'
             # shard norms; the per-example norms are averaged over the ranks
-            small_sum, big, count, b_all = all_reduce_sum(
+            small_sum, big, count, b_all = all_reduce_floats(
                 [per_example.mean(), big.to(per_example.device), 1.0, float(b_local)],
                 world,
                 per_example.device,
             )
             return self.gns.update(small_sum / count, big, 1, b_all)
-        small_sum, big_sum, count = all_reduce_sum(
+        small_sum, big_sum, count = all_reduce_floats(
             [per_example.mean(), big.to(per_example.device), 1.0], world, per_example.device
         )
         return self.gns.update(small_sum / count, big_sum / count, 1, b_local)
