@@ -256,14 +256,14 @@ def test_ddp_model_is_really_updated():
 
 def test_dtype_and_device_options():
     model = nn.Linear(3, 3).to(torch.bfloat16)
-    ema = EMA(model, decay=0.9, device="cpu", dtype=torch.float32)
+    ema = EMA(model, decay=0.9, device="cpu", shadow_dtype=torch.float32)
     assert all(s.dtype == torch.float32 and s.device.type == "cpu" for s in ema.shadow)
     ema.update()
     with ema.swapped():
         assert model.weight.dtype == torch.bfloat16
 
 
-# -- half precision (issue 12, item 4) ------------------------------------------------------------
+# -- half precision -----------------------------------------------------------------------------
 HALF = [torch.bfloat16, torch.float16]
 
 
@@ -285,7 +285,7 @@ def _exact_towards(target, init, coeffs):
 def test_half_precision_average_moves_and_matches_fp64_closed_form(dtype, warmup):
     """Weights 1.0 at step 1, then 1.5: Θ_n = 1.5 + (Θ_1 − 1.5)·∏_{s=2}^{n} a_s. With decay 0.999 the
     step (1 − a)·Δ ≤ 5e-4 is below half an ulp of bf16 (and fp16) at 1.0, so a shadow kept in the
-    parameter's dtype never moves (issue 12: 1.0000 after 1,000 updates, exact 1.3162); the default fp32
+    parameter's dtype never moves (1.0000 after 1,000 updates, exact 1.3162); the default fp32
     shadow follows the fp64 closed form, and rounds to it in the model's dtype, at every checkpoint."""
     model = _constant_target_model(dtype)
     ema = EMA(model, decay=0.999, warmup=warmup)
@@ -347,7 +347,7 @@ def test_shadow_dtype_param_keeps_the_memory_and_the_documented_stall(dtype):
             p.fill_(1.5)
     for _ in range(1000):
         ema.update()
-    # the stall of issue 12 item 4: bf16 stays at 1.0, fp16 stops at 1.0117; exact is 1.3162
+    # the stall in the parameter's dtype: bf16 stays at 1.0, fp16 stops at 1.0117; exact is 1.3162
     exact = _exact_towards(1.5, 1.0, [0.999] * 1000)
     assert all((s.double() - exact).abs().min().item() > 0.3 for s in ema.shadow)
     assert ema.shadow_bytes == sum(p.numel() * p.element_size() for p in model.parameters())
@@ -359,11 +359,8 @@ def test_shadow_dtype_options_and_fp32_models_unchanged():
     model = nn.Linear(3, 3)
     assert all(s.dtype == torch.float32 for s in EMA(model).shadow)
     assert all(s.dtype == torch.float64 for s in EMA(model, shadow_dtype=torch.float64).shadow)
-    assert all(s.dtype == torch.float64 for s in EMA(model, dtype=torch.float64).shadow)  # old name
     with pytest.raises(GradkitError, match="shadow_dtype"):
         EMA(model, shadow_dtype="half")
-    with pytest.raises(GradkitError, match="shadow_dtype"):
-        EMA(model, shadow_dtype=torch.float64, dtype=torch.float32)
     with pytest.raises(GradkitError, match="floating"):
         EMA(model, shadow_dtype=torch.int64)
 

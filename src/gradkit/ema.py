@@ -169,7 +169,6 @@ class EMA:
             ``decay=0.999`` a bf16 average stays put unless ``|θ − Θ|`` exceeds about 2-4 times
             ``|Θ|`` (fp16: 0.25-0.5 times), i.e. it stalls.
             A ``torch.dtype`` (e.g. ``torch.float64``): that dtype for every floating tensor.
-        dtype: the former name of ``shadow_dtype`` (a ``torch.dtype``); kept for compatibility.
         every: average only every ``every``-th optimiser step, with the product of the per-step
             coefficients (:func:`interval_decay`), so the horizon in steps stays the same.
 
@@ -188,7 +187,6 @@ class EMA:
         gamma: float = 1.0,
         power: float = 2 / 3,
         shadow_dtype: str | torch.dtype = "auto",
-        dtype: torch.dtype | None = None,
     ) -> None:
         if not 0.0 <= decay < 1.0:
             raise GradkitError(f"EMA decay must be in [0, 1), got {decay}; e.g. decay=0.999")
@@ -200,13 +198,6 @@ class EMA:
             raise GradkitError(f"EMA every must be a positive integer, got {every!r}")
         if gamma <= 0 or power <= 0:
             raise GradkitError(f"EMA warmup needs gamma > 0 and power > 0, got gamma={gamma}, power={power}")
-        if dtype is not None:
-            if shadow_dtype != "auto" and shadow_dtype != dtype:
-                raise GradkitError(
-                    f"EMA got shadow_dtype={shadow_dtype!r} and dtype={dtype!r}; pass only shadow_dtype "
-                    "(dtype is its former name)"
-                )
-            shadow_dtype = dtype
         if isinstance(shadow_dtype, torch.dtype):
             if not shadow_dtype.is_floating_point:
                 raise GradkitError(
