@@ -12,8 +12,8 @@ goes, and what the harness' padding-aware batches save against one padded forwar
 The accuracies of (a) are set against the seed-0 numbers the default compare gave before (issue 14's
 floor: head 77.87 %, LoRA 82.91 %, LoRA-GA 82.57 %, full 84.75 %).
 
-    python benchmarks/compare_time.py            # (a) and (b), about 15 minutes on 2 CPU cores
-    python benchmarks/compare_time.py --quick    # a smoke run: 5 steps, the same code path
+    python -m benchmarks.compare_time            # (a) and (b), about 15 minutes on 2 CPU cores
+    python -m benchmarks.compare_time --quick    # a smoke run: 5 steps, the same code path
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_result  # noqa: E402
+from benchmarks.common import ROOT, write_result
 
 METHODS = ("head", "lora", "lora-ga", "full")
 BEFORE = {"head": 0.7787, "lora": 0.8291, "lora-ga": 0.8257, "full": 0.8475}  # seed 0, the floor

@@ -16,8 +16,8 @@ Protocol (a CPU budget shortcut, stated in the docs): each optimiser's lr from a
 two evaluations); that lr is then run with ``--seeds`` seeds. Held-out loss on a fixed set of
 ``--eval-windows`` windows every ``--eval-every`` steps; steps to the target loss interpolated.
 
-    nice -n 10 python benchmarks/dynamics_char_transformer.py            # the measured run (~20 CPU-minutes)
-    python benchmarks/dynamics_char_transformer.py --quick               # smoke run: seconds
+    nice -n 10 python -m benchmarks.dynamics_char_transformer            # the measured run (~20 CPU-minutes)
+    python -m benchmarks.dynamics_char_transformer --quick               # smoke run: seconds
 """
 
 from __future__ import annotations
@@ -26,18 +26,14 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
-
-from gradkit.models import toy_transformer  # noqa: E402
-from gradkit.optim import SteepestDescent  # noqa: E402
+from benchmarks.common import IMAGES, ROOT, save_figure, write_result
+from gradkit.models import toy_transformer
+from gradkit.optim import SteepestDescent
 
 TEXT = ROOT / "data" / "tinyshakespeare" / "input.txt"
 CACHE = ROOT / "benchmarks" / "runs" / "dynamics_char_transformer"

@@ -12,7 +12,7 @@ to the target, then run at seeds 0, 1, 2. ErrorControlledGD uses ``reuse_gradien
 gradient per accepted step) on full batches and ``reuse_gradient=False`` (two per step, both on the
 step's batch) on the char MLP.
 
-    nice -n 10 python benchmarks/dynamics_error_control.py      # ~6 CPU-minutes
+    nice -n 10 python -m benchmarks.dynamics_error_control      # ~6 CPU-minutes
 """
 
 from __future__ import annotations
@@ -20,20 +20,16 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch_size_sweep import CharMLP, Windows, load_text  # noqa: E402
-from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
-from dynamics_problems import PROBLEMS  # noqa: E402
-
-from gradkit.dynamics import hessian_max_eigenvalue, loglog_slope  # noqa: E402
-from gradkit.optim import ErrorControlledGD  # noqa: E402
+from benchmarks.batch_size_sweep import CharMLP, Windows, load_text
+from benchmarks.common import IMAGES, ROOT, save_figure, write_result
+from benchmarks.dynamics_problems import PROBLEMS
+from gradkit.dynamics import hessian_max_eigenvalue, loglog_slope
+from gradkit.optim import ErrorControlledGD
 
 SEEDS = (0, 1, 2)
 MAX_STEPS = {"quadratic": 3000, "logistic": 4000, "mlp": 4000, "char_mlp": 3000}

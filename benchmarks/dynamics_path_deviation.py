@@ -15,23 +15,19 @@ frozen MiniLM SST-2 embeddings, a small MLP on them), with λ_max the Hessian's 
    (GD 2/λ, heavy ball 2(1 + μ)/λ, torch's Nesterov 2(1 + μ)/((1 + 2μ)λ)), at which 300 steps end
    above the starting loss.
 
-    nice -n 10 python benchmarks/dynamics_path_deviation.py     # ~5 CPU-minutes (+1 the first time: embeddings)
+    nice -n 10 python -m benchmarks.dynamics_path_deviation     # ~5 CPU-minutes (+1 the first time: embeddings)
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
-from dynamics_problems import PROBLEMS  # noqa: E402
-
-from gradkit.dynamics import hessian_max_eigenvalue, loglog_slope, path_deviation  # noqa: E402
+from benchmarks.common import IMAGES, ROOT, save_figure, write_result
+from benchmarks.dynamics_problems import PROBLEMS
+from gradkit.dynamics import hessian_max_eigenvalue, loglog_slope, path_deviation
 
 MU = 0.9
 FRACTIONS = [1.0, 0.5, 0.25, 0.125, 0.0625]

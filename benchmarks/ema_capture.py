@@ -6,8 +6,8 @@ fp16: where each EMA ends after 1,000 updates of decay 0.999 from weights 1.0 to
 exact ``1.5 − 0.5·0.999^1000`` (a small Linear; issue 12: an average kept in the parameter's dtype
 stalls), and the bf16 MiniLM update time of gradkit (float32 average) against timm's.
 
-    python benchmarks/ema_capture.py                 # 20 rounds of 5 EMA updates, 24 forward repeats
-    python benchmarks/ema_capture.py --rounds 5 --repeats 5   # a quick look
+    python -m benchmarks.ema_capture                 # 20 rounds of 5 EMA updates, 24 forward repeats
+    python -m benchmarks.ema_capture --rounds 5 --repeats 5   # a quick look
 
 timm cannot be imported without torchvision (``timm/__init__`` pulls in torchvision); its
 ``timm/utils/model_ema.py`` only imports torch, so it is loaded from the installed timm by file path,
@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, load_timm_file, write_result  # noqa: E402
+from benchmarks.common import ROOT, load_timm_file, write_result
 
 SST2_TEST = ROOT / "data" / "sst2" / "test.tsv"
 

@@ -4,8 +4,8 @@ Protocol (the harness's defaults): bundled SST-2 sample (4,000 train rows), GLUE
 rows), the same seeds, data order, step budget and linear warmup/decay for every method, each at its
 default learning rate. Every run is a child process (``gradkit compare``), so peak memory is its own.
 
-    python benchmarks/finetune_quality.py                 # 300 steps of batch 32, seeds 0 1 2
-    python benchmarks/finetune_quality.py --steps 50 --seeds 0   # a quick look
+    python -m benchmarks.finetune_quality                 # 300 steps of batch 32, seeds 0 1 2
+    python -m benchmarks.finetune_quality --steps 50 --seeds 0   # a quick look
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, finished_run, save_figure, write_result  # noqa: E402
+from benchmarks.common import IMAGES, ROOT, finished_run, save_figure, write_result
 
 
 def mean_sd(values: list[float], scale: float = 1.0, digits: int = 3) -> str:

@@ -7,8 +7,8 @@ initialisation (exact and sketch estimators, 8 batches, timed once). Each step i
 after ``--warmup`` untimed steps; the median of ``--steps`` steps is reported, with the peak allocated
 memory (``torch.cuda.max_memory_allocated``) of each method.
 
-    python benchmarks/gpu_timing.py                          # on a CUDA machine; writes results/gpu_timing.json
-    python benchmarks/gpu_timing.py --device cpu --steps 2   # a smoke run of the same code (writes nothing)
+    python -m benchmarks.gpu_timing                          # on a CUDA machine; writes results/gpu_timing.json
+    python -m benchmarks.gpu_timing --device cpu --steps 2   # a smoke run of the same code (writes nothing)
 
 ``benchmarks/gpu_check.sh`` runs it; without CUDA it exits at once (status 0) unless ``--device cpu``.
 """
@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from benchmarks.common import write_result
 
 TARGETS = ["query", "key", "value", "dense"]
 

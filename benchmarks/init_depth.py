@@ -1,8 +1,8 @@
 """init_depth: gradient norm per block at initialisation, Post-LN against Pre-LN, against depth and init std;
 and the real MiniLM against the same architecture freshly initialised.
 
-    nice -n 10 python benchmarks/init_depth.py --depths 4 --seeds 1 --no-write     # a smoke run
-    nice -n 10 python benchmarks/init_depth.py                                      # the measured tables
+    nice -n 10 python -m benchmarks.init_depth --depths 4 --seeds 1 --no-write     # a smoke run
+    nice -n 10 python -m benchmarks.init_depth                                      # the measured tables
 
 a. ``gradkit.models.toy_transformer`` (d_model 256, 4 heads, vocab = Tiny Shakespeare's 65 characters)
    with 24 and 48 blocks, Post-LN and Pre-LN, BERT init with real std 0.02, 3 seeds: the gradient of
@@ -26,19 +26,15 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 import types
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
-
-from gradkit.diagnostics import depth_decay, gradient_flow, plot_gradient_flow  # noqa: E402
-from gradkit.models import toy_transformer  # noqa: E402
+from benchmarks.common import IMAGES, ROOT, save_figure, write_result
+from gradkit.diagnostics import depth_decay, gradient_flow, plot_gradient_flow
+from gradkit.models import toy_transformer
 
 DATA = ROOT / "data" / "tinyshakespeare" / "input.txt"
 HALF = 1 / math.sqrt(2)

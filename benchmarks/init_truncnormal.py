@@ -1,7 +1,7 @@
 """init_truncnormal: what std and what tail each "truncated normal, std 0.02" really gives, on 10^8 draws.
 
-    OMP_NUM_THREADS=1 python benchmarks/init_truncnormal.py --draws 1000000   # seconds: a smoke run
-    python benchmarks/init_truncnormal.py                                     # the measured table, 10^8 draws
+    OMP_NUM_THREADS=1 python -m benchmarks.init_truncnormal --draws 1000000   # seconds: a smoke run
+    python -m benchmarks.init_truncnormal                                     # the measured table, 10^8 draws
 
 Peers, all asked for std 0.02, in the same process:
 
@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_timm_file, write_result  # noqa: E402
-
-from gradkit.init import truncated_normal_, truncation_std_factor  # noqa: E402
+from benchmarks.common import load_timm_file, write_result
+from gradkit.init import truncated_normal_, truncation_std_factor
 
 STD = 0.02
 CHUNK = 10**7

@@ -1,7 +1,7 @@
 """init_warmup: does a 12-layer Post-LN transformer need learning-rate warmup where Pre-LN does not?
 
-    nice -n 10 python benchmarks/init_warmup.py --steps 20 --seeds 1     # a smoke run (seconds)
-    nice -n 10 python benchmarks/init_warmup.py                          # the measured curves
+    nice -n 10 python -m benchmarks.init_warmup --steps 20 --seeds 1     # a smoke run (seconds)
+    nice -n 10 python -m benchmarks.init_warmup                          # the measured curves
 
 Char-level language model on Tiny Shakespeare (data/tinyshakespeare/input.txt, the first
 90 % of the characters for training, the last 10 % held out), ``gradkit.models.toy_transformer`` with
@@ -23,17 +23,14 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, RESULTS, ROOT, save_figure, write_result  # noqa: E402
-
-from gradkit.models import toy_transformer  # noqa: E402
+from benchmarks.common import IMAGES, RESULTS, ROOT, save_figure, write_result
+from gradkit.models import toy_transformer
 
 PLATEAU_TOL = 0.05
 DATA = ROOT / "data" / "tinyshakespeare" / "input.txt"

@@ -5,17 +5,14 @@ The head is ``scale * cos(pooled sentence, pooled label text)`` with all-MiniLM-
 embeddings (``--head-init labels``); nothing is trained, so the numbers are exact and reproducible. The
 issue's reference: "It was terrible." / "It was great." gives roughly 70% on SST-2.
 
-    python benchmarks/label_head_zero_shot.py
+    python -m benchmarks.label_head_zero_shot
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_result  # noqa: E402
+from benchmarks.common import ROOT, write_result
 
 DATA = ROOT / "data"
 # (task, label texts in label-id order or None for the file's names, template)

@@ -19,8 +19,8 @@ Settings:
       ~300 M parameters) with batches of 2 x 32 SST-2 tokens, 8 batches (gradients dominate memory).
 LoRA r = 8, alpha = 16 on every encoder Linear, classification head in ``modules_to_save``.
 
-    python benchmarks/lora_ga_cost.py            # both settings (several minutes on 2 CPU cores)
-    python benchmarks/lora_ga_cost.py --quick    # a smoke run: tiny sizes, the same code path
+    python -m benchmarks.lora_ga_cost            # both settings (several minutes on 2 CPU cores)
+    python -m benchmarks.lora_ga_cost --quick    # a smoke run: tiny sizes, the same code path
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, write_result  # noqa: E402
+from benchmarks.common import ROOT, machine, write_result
 
 SST2 = ROOT / "data" / "sst2" / "train.tsv"
 METHODS = ("peft", "gradkit-exact", "gradkit-sketch", "gradkit-sketch2", "backward-reference")
@@ -258,13 +257,21 @@ LIVE_PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 def run_child(
     method: str, setting: dict[str, Any], threads: int | None, live_peak: bool = False
 ) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", method, "--setting", json.dumps(setting)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.lora_ga_cost",
+        "--child",
+        method,
+        "--setting",
+        json.dumps(setting),
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if live_peak:
         env.update(LIVE_PEAK_ENV)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -17,8 +17,8 @@ along the same trajectory), mean and minimum over layers, at steps 1, 10, 50, 10
 time, median over interleaved rounds, and exact optimiser-state bytes of LoRA + AdamW, LoRA-Pro with
 full moments, projected and factor moments, and the SGD form.
 
-    python benchmarks/lora_pro.py                  # 100 alignment steps, 12 cost rounds
-    python benchmarks/lora_pro.py --steps 10 --rounds 4   # a quick look
+    python -m benchmarks.lora_pro                  # 100 alignment steps, 12 cost rounds
+    python -m benchmarks.lora_pro --steps 10 --rounds 4   # a quick look
 """
 
 from __future__ import annotations
@@ -26,14 +26,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
+from benchmarks.common import IMAGES, ROOT, save_figure, write_result
 
 SST2 = ROOT / "data" / "sst2" / "train.tsv"
 CHECKPOINTS = (1, 10, 50, 100)

@@ -13,13 +13,13 @@ Methods are harness names, optionally with options: ``lora-pro:pro_moments=facto
 under ``--out``; a rerun reuses every finished run with the same settings (so an interrupted benchmark
 resumes where it stopped).
 
-    python benchmarks/lora_quality.py                               # 100 steps, seeds 0 1 2
-    python benchmarks/lora_quality.py --methods lora,lora-ga --steps 30 --seeds 0 --name smoke
+    python -m benchmarks.lora_quality                               # 100 steps, seeds 0 1 2
+    python -m benchmarks.lora_quality --methods lora,lora-ga --steps 30 --seeds 0 --name smoke
 
 Re-measuring some methods after a change (``--merge`` keeps the other methods' rows of the existing
 result file, carried over as they were; ``--grid`` narrows a method's sweep around its known best):
 
-    python benchmarks/lora_quality.py --methods lora-pro --grid lora-pro=8e-4,1.6e-3,3.2e-3 --merge
+    python -m benchmarks.lora_quality --methods lora-pro --grid lora-pro=8e-4,1.6e-3,3.2e-3 --merge
 """
 
 from __future__ import annotations
@@ -27,13 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, finished_run, write_result  # noqa: E402
-from finetune_quality import mean_sd, plot  # noqa: E402
+from benchmarks.common import IMAGES, ROOT, finished_run, write_result
+from benchmarks.finetune_quality import mean_sd, plot
 
 # learning-rate grids: around each method's default, a factor 2 apart unless said
 GRIDS = {

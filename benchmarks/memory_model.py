@@ -16,23 +16,20 @@ in :data:`METHODS` and in docs/memory.md.
 Activations are not counted anywhere (they depend on batch x sequence, checkpointing and attention
 kernel); the "working set" column is FSDP2's own transient all-gather buffers, modelled, not measured.
 
-    python benchmarks/memory_model.py            # meta-device table + tiny-config check (about 30 s)
+    python -m benchmarks.memory_model            # meta-device table + tiny-config check (about 30 s)
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from benchmarks.common import write_result
 
 GIB = 2**30
 GPU_GIB = 80  # an "80 GB" A100/H100 holds 80 GiB (81,920 MiB on the A100)

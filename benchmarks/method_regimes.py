@@ -17,9 +17,9 @@ thread, two runs at a time on the 2 cores; each method at its best learning rate
   final dev accuracy (a tie: the lower final dev loss); beside it policy gradient and backprop LoRA from
   the same head, for accuracy per forward pass.
 
-    python benchmarks/method_regimes.py                    # everything (resumable: finished runs are reused)
-    python benchmarks/method_regimes.py --studies warm     # one study
-    python benchmarks/method_regimes.py --report-only      # rewrite the result from finished runs
+    python -m benchmarks.method_regimes                    # everything (resumable: finished runs are reused)
+    python -m benchmarks.method_regimes --studies warm     # one study
+    python -m benchmarks.method_regimes --report-only      # rewrite the result from finished runs
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
+from benchmarks.common import IMAGES, ROOT, save_figure, write_result
 
 DATA = ROOT / "data"
 RUNS = ROOT / "benchmarks" / "runs" / "method_regimes"

@@ -3,8 +3,8 @@ one multi-tensor read of the accumulated gradients per micro-batch, the default;
 tensor hooks, ``fused=False``) vs the per-example Linear hooks vs torch.func per-example gradients
 (vmap(grad)), on a small transformer encoder (batch x tokens x features), same process, same data.
 
-    OMP_NUM_THREADS=1 python benchmarks/noise_scale.py --quick     # seconds: a smoke run
-    python benchmarks/noise_scale.py                               # the measured claim (minutes)
+    OMP_NUM_THREADS=1 python -m benchmarks.noise_scale --quick     # seconds: a smoke run
+    python -m benchmarks.noise_scale                               # the measured claim (minutes)
 
 The modes run round robin (one step of each in turn), so a change in the machine's load hits them
 alike. The batch-size sweep (B_crit from the S-E fit vs B_simple) is benchmarks/batch_size_sweep.py.
@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
-
-from gradkit import NoiseScale  # noqa: E402
+from benchmarks.common import write_result
+from gradkit import NoiseScale
 
 
 class Encoder(nn.Module):

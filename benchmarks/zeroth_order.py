@@ -25,9 +25,9 @@ Goals (issues 4 and 14): ZerothOrder peak memory <= 1.10 x inference; step time 
 ``--estimates K`` (on by default, 64) also compares the two laws of z in the same process on the
 same batch: K single-direction estimates of each on every weight, against the autograd gradient g.
 
-    python benchmarks/zeroth_order.py               # cost rows (a minute or two on 2 CPU cores)
-    python benchmarks/zeroth_order.py --no-cost --quality --direct   # about an hour of CPU
-    python benchmarks/zeroth_order.py --quick       # smoke run: a tiny random BERT, seconds
+    python -m benchmarks.zeroth_order               # cost rows (a minute or two on 2 CPU cores)
+    python -m benchmarks.zeroth_order --no-cost --quality --direct   # about an hour of CPU
+    python -m benchmarks.zeroth_order --quick       # smoke run: a tiny random BERT, seconds
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, machine, save_figure, write_result  # noqa: E402
+from benchmarks.common import IMAGES, ROOT, machine, save_figure, write_result
 
 SST2 = ROOT / "data" / "sst2" / "train.tsv"
 MODES = (
