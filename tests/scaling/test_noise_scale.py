@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from gradkit import GradkitError, NoiseScale
-from gradkit.scaling.noise_scale import b_noise_hessian, grad_sq_norm_estimate, trace_sigma_estimate
+from gradkit.scaling.hessian import b_noise_hessian
+from gradkit.scaling.noise_scale import grad_sq_norm_estimate, trace_sigma_estimate
 
 D, NOISE = 5, 0.7
 

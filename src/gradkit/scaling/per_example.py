@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,9 +31,7 @@ from torch import nn
 from gradkit.errors import GradkitError
 from gradkit.fsdp import is_dtensor, local, replicas, reshard
 from gradkit.scaling.collectives import all_reduce_floats, sq_norm, world_size
-
-if TYPE_CHECKING:  # the recorder feeds a NoiseScale, which imports this module lazily
-    from gradkit.scaling.noise_scale import NoiseScale
+from gradkit.scaling.sink import NoiseScaleSink
 
 __all__ = ["PerExampleRecorder", "linear_per_example_sq_norms"]
 
@@ -68,6 +65,70 @@ def linear_per_example_sq_norms(x: torch.Tensor, dy: torch.Tensor, *, bias: bool
     return out
 
 
+def _measurable_linears(
+    model: nn.Module, modules: Iterable[nn.Module] | None, names: dict[int, str]
+) -> tuple[list[nn.Linear], dict[int, str]]:
+    """The trainable Linears to measure (``modules``, or all of ``model``'s) and their names by id.
+
+    A parameter also held by a module that is not a measured Linear (an Embedding tied to the output
+    layer) has gradient parts the hooks never see, so its norm cannot be exact: such a Linear is refused
+    when passed in ``modules`` and left out with a warning when found by the default search."""
+    candidates = list(modules) if modules is not None else list(model.modules())
+    linears: list[nn.Linear] = []
+    for m in candidates:
+        if isinstance(m, nn.Linear) and m.weight.requires_grad and m not in linears:
+            linears.append(m)
+    known = {id(m): names.get(id(m), type(m).__name__) for m in linears}
+    measured = {id(m) for m in linears}
+    foreign = {
+        id(p)
+        for m in model.modules()
+        if id(m) not in measured
+        for p in m._parameters.values()
+        if p is not None
+    }
+    tied = [m for m in linears if any(id(p) in foreign for p in (m.weight, m.bias) if p is not None)]
+    if tied:
+        listed = ", ".join(repr(known[id(m)]) for m in tied)
+        if modules is not None:
+            raise GradkitError(
+                f"Linear {listed} shares its weight with a module that is not a measured Linear (e.g. a "
+                "tied embedding): its per-example gradient has parts these hooks never see; pass "
+                "modules= without it"
+            )
+        warnings.warn(
+            f"per-example noise scale: Linear {listed} shares its weight with a module that is not a "
+            "measured Linear (e.g. a tied embedding); left out of both norms",
+            stacklevel=4,
+        )
+        linears = [m for m in linears if m not in tied]
+    if not linears:
+        raise GradkitError("no trainable nn.Linear layer to measure; use accumulation_hooks for other models")
+    return linears, known
+
+
+def _weight_sharing_groups(linears: list[nn.Linear]) -> list[int]:
+    """For each Linear, its group: Linears connected by a shared parameter are measured together (their
+    calls' tokens are one sequence for the shared weight). Union-find over the Linear indices."""
+    parent = list(range(len(linears)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    first_owner: dict[int, int] = {}  # id(parameter) -> the first Linear holding it
+    for j, m in enumerate(linears):
+        for p in (m.weight, m.bias):
+            if p is None:
+                continue
+            if id(p) in first_owner:
+                parent[find(j)] = find(first_owner[id(p)])
+            else:
+                first_owner[id(p)] = j
+    return [find(j) for j in range(len(linears))]
+
+
 class PerExampleRecorder:
     """Per-example gradient norms (``b = 1``) of every trainable ``nn.Linear`` versus the batch gradient.
 
@@ -91,7 +152,7 @@ class PerExampleRecorder:
     calling the module (``F.linear(x, lin.weight)``, MultiheadAttention's ``out_proj``) is left out of
     both norms; if it is also called, the functional use is not seen, so keep such modules out of
     ``modules``. Every call must be batch-first with the same batch size. Conventions as for
-    :class:`gradkit.scaling.noise_scale.GradNormRecorder`: after the step's backward passes ``.grad``
+    :class:`gradkit.scaling.accumulation.GradNormRecorder`: after the step's backward passes ``.grad``
     is ``grad_scale`` times the mean gradient over the step's examples, so an example's gradient is
     ``B_local/grad_scale`` times what its output gradients hold. Under DDP each rank's estimates (at
     ``b = 1`` and ``B = local batch``) are averaged with one all-reduce of three numbers.
@@ -105,7 +166,7 @@ class PerExampleRecorder:
 
     def __init__(
         self,
-        gns: NoiseScale,
+        gns: NoiseScaleSink,
         model: nn.Module,
         *,
         modules: Iterable[nn.Module] | None = None,
@@ -118,61 +179,8 @@ class PerExampleRecorder:
         # FSDP2 keeps the root's unsharded parameters registered after a forward: find the sharded ones
         reshard(model)
         names = {id(m): n or "<model>" for n, m in model.named_modules(remove_duplicate=False)}
-        candidates = list(modules) if modules is not None else list(model.modules())
-        linears = []
-        for m in candidates:
-            if isinstance(m, nn.Linear) and m.weight.requires_grad and m not in linears:
-                linears.append(m)
-        self._names = {id(m): names.get(id(m), type(m).__name__) for m in linears}
-        # a parameter also held by a module that is not a measured Linear (an Embedding tied to the
-        # output layer): its gradient has parts the hooks never see, so its norm cannot be exact
-        measured = {id(m) for m in linears}
-        foreign = {
-            id(p)
-            for m in model.modules()
-            if id(m) not in measured
-            for p in m._parameters.values()
-            if p is not None
-        }
-        tied = [m for m in linears if any(id(p) in foreign for p in (m.weight, m.bias) if p is not None)]
-        if tied:
-            listed = ", ".join(repr(self._names[id(m)]) for m in tied)
-            if modules is not None:
-                raise GradkitError(
-                    f"Linear {listed} shares its weight with a module that is not a measured Linear (e.g. a "
-                    "tied embedding): its per-example gradient has parts these hooks never see; pass "
-                    "modules= without it"
-                )
-            warnings.warn(
-                f"per-example noise scale: Linear {listed} shares its weight with a module that is not a "
-                "measured Linear (e.g. a tied embedding); left out of both norms",
-                stacklevel=3,
-            )
-            linears = [m for m in linears if m not in tied]
-        self.linears = linears
-        if not self.linears:
-            raise GradkitError(
-                "no trainable nn.Linear layer to measure; use accumulation_hooks for other models"
-            )
-        # groups: Linears connected by a shared parameter are measured together (their calls' tokens
-        # are one sequence for the shared weight)
-        parent = list(range(len(self.linears)))  # union-find over Linear indices
-
-        def find(i: int) -> int:
-            while parent[i] != i:
-                i = parent[i]
-            return i
-
-        first_owner: dict[int, int] = {}  # id(parameter) -> the first Linear holding it
-        for j, m in enumerate(self.linears):
-            for p in (m.weight, m.bias):
-                if p is None:
-                    continue
-                if id(p) in first_owner:
-                    parent[find(j)] = find(first_owner[id(p)])
-                else:
-                    first_owner[id(p)] = j
-        self._group = [find(j) for j in range(len(self.linears))]  # Linear index -> group
+        self.linears, self._names = _measurable_linears(model, modules, names)
+        self._group = _weight_sharing_groups(self.linears)  # Linear index -> group
         self.params, self._owner = [], []  # distinct trainable parameters, the group of each
         seen_params: set[int] = set()
         for j, m in enumerate(self.linears):
@@ -293,7 +301,7 @@ class PerExampleRecorder:
         return hook
 
     def step(self) -> float | None:
-        """Update the :class:`NoiseScale` from this step's backward passes and reset. Returns B_simple."""
+        """Update the noise scale (``gns.update``) from this step's backward passes and reset. Returns B_simple."""
         for key in list(self._open):  # calls whose output gradient never came contribute zero
             self._close(key)
         sums, self._sums = [s for s in self._sums if s is not None], []
