@@ -27,8 +27,8 @@ Protocol, per optimiser (plain SGD, then Adam):
 Goal: B_crit within a factor 2 of B_simple at that loss. For Adam: does the optimal lr rise and then
 fall with B (the surge), and where is its peak, against the mean-field prediction (a peak at B_noise)?
 
-    OMP_NUM_THREADS=1 python benchmarks/batch_size_sweep.py            # the measured sweep (tens of minutes)
-    OMP_NUM_THREADS=1 python benchmarks/batch_size_sweep.py --quick    # smoke run: seconds; numbers mean nothing
+    OMP_NUM_THREADS=1 python -m benchmarks.batch_size_sweep            # the measured sweep (tens of minutes)
+    OMP_NUM_THREADS=1 python -m benchmarks.batch_size_sweep --quick    # smoke run: seconds; numbers mean nothing
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import argparse
 import collections
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,16 +45,11 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMAGES, ROOT, save_figure, write_result  # noqa: E402
-
-from gradkit import NoiseScale, steps_examples_tradeoff  # noqa: E402
-from gradkit.errors import GradkitError  # noqa: E402
-from gradkit.scaling.noise_scale import (  # noqa: E402
-    b_noise_hessian,
-    grad_sq_norm_estimate,
-    trace_sigma_estimate,
-)
+from benchmarks.common import IMAGES, ROOT, save_figure, write_result
+from gradkit import NoiseScale, steps_examples_tradeoff
+from gradkit.errors import GradkitError
+from gradkit.scaling.hessian import b_noise_hessian
+from gradkit.scaling.noise_scale import grad_sq_norm_estimate, trace_sigma_estimate
 
 TEXT = ROOT / "data" / "tinyshakespeare" / "input.txt"
 
