@@ -1,5 +1,5 @@
 """batch_size_sweep: does the gradient noise scale measured while training predict the critical batch
-size of a real batch-size sweep? (issue 7; McCandlish et al. 2018, arXiv 1812.06162; Li et al. 2024)
+size of a real batch-size sweep? (McCandlish et al. 2018, arXiv 1812.06162; Li et al. 2024)
 
 Model and data: a character-level MLP language model (Bengio et al. 2003 style: the previous
 ``--context`` characters, embedded and concatenated, two tanh hidden layers, a softmax over the 65

@@ -5,12 +5,12 @@ goes, and what the harness' padding-aware batches save against one padded forwar
     all-MiniLM-L6-v2 on the bundled SST-2 sample, 300 steps of batch 32): wall time and peak RSS of the
     whole command, and each method's phases from its summary.json (reading data, tokenising, loading
     the model, preparing it, LoRA-GA's estimation included, training, evaluating).
-(b) The same four methods for ``--steps 40`` with and without ``--no-trim-padding`` (the harness before
-    issue 14: each batch one forward pass padded to its longest text), interleaved: seconds per step and
-    the padded token positions each computes.
+(b) The same four methods for ``--steps 40`` with and without ``--no-trim-padding`` (each batch one
+    forward pass padded to its longest text), interleaved: seconds per step and the padded token
+    positions each computes.
 
-The accuracies of (a) are set against the seed-0 numbers the default compare gave before (issue 14's
-floor: head 77.87 %, LoRA 82.91 %, LoRA-GA 82.57 %, full 84.75 %).
+The accuracies of (a) are set against the seed-0 floor the one-padded-pass harness gave (head
+77.87 %, LoRA 82.91 %, LoRA-GA 82.57 %, full 84.75 %; CHANGELOG.md, 2026-11-30).
 
     python -m benchmarks.compare_time            # (a) and (b), about 15 minutes on 2 CPU cores
     python -m benchmarks.compare_time --quick    # a smoke run: 5 steps, the same code path
@@ -136,7 +136,7 @@ def main() -> None:
         {
             "title": "README command 1: the default gradkit compare, timed",
             "claim": "The default `gradkit compare` (4 methods x 300 steps on the bundled SST-2 sample) finishes "
-            "in under 10 minutes on 2 CPU cores with no method below its earlier seed-0 accuracy (issue 14).",
+            "in under 10 minutes on 2 CPU cores with no method below the seed-0 accuracy the one-padded-pass harness gave.",
             "tables": [
                 {
                     "caption": "(a) `gradkit compare` on its defaults, each method's test accuracy and phases "

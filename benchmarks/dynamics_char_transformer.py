@@ -1,5 +1,5 @@
 """dynamics_char_transformer: steepest descent under each norm against AdamW, SGD + momentum and
-torch's Muon on a tiny char-level transformer (issue 18 item 4).
+torch's Muon on a tiny char-level transformer.
 
 Model: ``gradkit.models.toy_transformer`` (Pre-LN, tied embeddings) on Tiny Shakespeare, first 90%
 of the text to train, last 10% held out. Every batch is ``--batch`` windows of ``--context``
@@ -304,7 +304,7 @@ def main() -> None:
             "title": "Steepest descent under each norm vs AdamW, SGD+momentum and Muon on a char transformer",
             "claim": "Which geometry trains a small transformer fastest: steepest descent under l2 (normalised GD), "
             "RMS, l-infinity (sign descent) or the spectral norm (orthogonalised updates, what Muon approximates), "
-            "against AdamW and SGD+momentum; issue 18 item 4.",
+            "against AdamW and SGD+momentum.",
             "tables": [
                 {
                     "caption": f"Held-out loss after {args.steps} steps and steps to held-out loss {args.target} "

@@ -1,5 +1,5 @@
 """dynamics_error_control: ErrorControlledGD (step size from a local error estimate) against tuned SGD,
-SGD + momentum and Adam, and what its step size ends up tracking (issue 18 item 2).
+SGD + momentum and Adam, and what its step size ends up tracking.
 
 Problems: the three full-batch problems of ``dynamics_problems.py`` (seed = θ0 / init) and the
 char-level MLP of ``batch_size_sweep.py`` on Tiny Shakespeare (mini-batches of 64 windows; seed =
@@ -331,7 +331,7 @@ def main() -> None:
             "title": "ErrorControlledGD against tuned SGD, SGD+momentum and Adam",
             "claim": "A step size set by an embedded Euler/Heun error estimate (as ODE solvers do) reaches a target loss in "
             "as few gradient evaluations as tuned first-order methods, without an lr to tune; and its step tracks the "
-            "curvature (the stability limit) rather than 1/|g| or Adam's per-coordinate rule (issue 18 item 2).",
+            "curvature (the stability limit) rather than 1/|g| or Adam's per-coordinate rule.",
             "tables": [
                 {
                     "caption": "To the target (full batch: 99% of the way from L0 to the L-BFGS optimum, quadratic 99.9%; char MLP: "

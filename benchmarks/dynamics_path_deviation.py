@@ -1,5 +1,5 @@
 """dynamics_path_deviation: how far do GD, heavy ball and Nesterov stray from the gradient flow, how
-does that scale with lr, and where does each become unstable against 2/λ_max? (issue 18 item 1)
+does that scale with lr, and where does each become unstable against 2/λ_max?
 
 On the three problems of ``dynamics_problems.py`` (ill-conditioned quadratic, logistic regression on
 frozen MiniLM SST-2 embeddings, a small MLP on them), with λ_max the Hessian's largest eigenvalue at
@@ -178,7 +178,7 @@ def main() -> None:
             "title": "Optimisers as integrators: deviation from the gradient flow and the stability limit",
             "claim": "GD is Euler's method for dθ/dt = −∇L: its deviation from the flow is O(η) (slope 1 on a log-log plot); "
             "heavy ball and Nesterov follow θ'' + γθ' = −∇L at t = k√η, and in the overdamped limit the plain flow at "
-            "t = kη/(1 − μ); each is unstable past its bound on 2/λ_max (issue 18 item 1).",
+            "t = kη/(1 − μ); each is unstable past its bound on 2/λ_max.",
             "tables": [
                 {
                     "caption": "GD against the gradient flow at t = kη, over t ≤ T (T = 100/λ_max; MLP 20/λ_max): max deviation "

@@ -1,4 +1,4 @@
-"""The three small full-batch problems shared by the dynamics benchmarks (issue 18), as
+"""The three small full-batch problems shared by the dynamics benchmarks, as
 ``loss_fn(theta) -> scalar`` on a flat float64 vector (the form ``gradkit.dynamics`` takes):
 
 (a) ``quadratic``: L = ½ θᵀAθ, n = 20, eigenvalues log-spaced in [1, 100] (condition number 100).

@@ -3,7 +3,7 @@
 Both on all-MiniLM-L6-v2 with a classification head (22.7 M parameters), in one process, peers
 interleaved round by round so that load from other processes hits every peer alike. Also, in bf16 and
 fp16: where each EMA ends after 1,000 updates of decay 0.999 from weights 1.0 towards 1.5, against the
-exact ``1.5 − 0.5·0.999^1000`` (a small Linear; issue 12: an average kept in the parameter's dtype
+exact ``1.5 − 0.5·0.999^1000`` (a small Linear: an average kept in the parameter's dtype
 stalls), and the bf16 MiniLM update time of gradkit (float32 average) against timm's.
 
     python -m benchmarks.ema_capture                 # 20 rounds of 5 EMA updates, 24 forward repeats

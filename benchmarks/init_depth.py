@@ -153,8 +153,8 @@ def part_ab(args) -> dict:
 def part_d(args) -> dict:
     from transformers import AutoConfig, AutoModel
 
+    from gradkit.cli.diagnose import make_batches
     from gradkit.data.text import load_text_classification
-    from gradkit.diagnose_cli import make_batches
     from gradkit.train.model import (
         SequenceClassifier,
         default_model_path,

@@ -74,7 +74,7 @@ def main() -> None:
         "label_head_zero_shot",
         {
             "title": "The label-text head at step 0: zero-shot accuracy from the encoder's own label embeddings",
-            "claim": "issue 15 item 2: on the bundled MiniLM, 'It was terrible.' / 'It was great.' gives roughly 70% on SST-2",
+            "claim": "on the bundled MiniLM, 'It was terrible.' / 'It was great.' gives roughly 70% on SST-2",
             "tables": [
                 {
                     "caption": "all-MiniLM-L6-v2, mean pooling, at most 128 tokens; test = GLUE dev (SST-2 872, RTE 277 pairs)",

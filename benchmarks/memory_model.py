@@ -275,7 +275,7 @@ METHODS = {
     "time); the base is not sharded (DeepSpeed ZeRO-3 is not supported). GPU: weights plus about one "
     "gradient in flight (2x the largest tensor).",
     "LoRA-GA init, gradkit estimator='exact'": "one fp32 gradient sum per adapted weight, sharded 1/N like "
-    "FSDP2's reduce-scattered gradients (issue 16 item 1: never whole on one rank); the working set adds "
+    "FSDP2's reduce-scattered gradients (never whole on one rank); the working set adds "
     "two layers' unsharded fp32 gradients of the adapted weights before reduce-scatter.",
     "LoRA-GA init, gradkit estimator='sketch'": "per adapted layer w (in + out + 1) + 8 out fp32 "
     "(w = 2r + max(8, r) = 24), reduced across ranks so whole on every rank; the working set adds one "
@@ -595,7 +595,7 @@ def main() -> None:
             f"The formulas equal the allocated bytes exactly on the tiny Llama: {exact} (0-dim step counters are "
             "listed apart; they are a few bytes per tensor).",
             "The 8 and 64 rank columns are the formula; the FSDP2 check on real sharded tensors is the 2-process "
-            "test of issue 16 item 1, not this script.",
+            "test tests/fsdp/test_lora_ga_fsdp.py, not this script.",
         ],
         "raw": {
             "counts": counts,

@@ -1,7 +1,7 @@
 """method_regimes: LoRA-GA, LoRA-Pro and zeroth order judged in the regime their papers made them for:
 a head that already knows the labels, sentence pairs, and a task where LoRA lags full fine-tuning.
 
-Studies (issue 15, item 4); every run is ``gradkit finetune`` on all-MiniLM-L6-v2, batch 16, one torch
+Studies; every run is ``gradkit finetune`` on all-MiniLM-L6-v2, batch 16, one torch
 thread, two runs at a time on the 2 cores; each method at its best learning rate from a factor-2 grid
 (swept on seed 0), then seeds 1 and 2 at that lr:
 
@@ -362,7 +362,7 @@ def report(results: list[dict], args, seconds: float) -> None:
         "method_regimes",
         {
             "title": "LoRA-GA, LoRA-Pro and zeroth order in their regimes: label-text head, head warm-up, pairs, CoLA",
-            "claim": "issue 15 item 4: each method at its best lr (factor-2 grid on seed 0), 3 seeds, mean ± sd",
+            "claim": "each method at its best lr (factor-2 grid on seed 0), 3 seeds, mean ± sd",
             "tables": tables,
             "plots": plots,
             "notes": notes,

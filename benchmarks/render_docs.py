@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from benchmarks.common import RESULTS, ROOT
@@ -29,10 +30,11 @@ def machine_line(m: dict) -> str:
 
 def command_line(command: str) -> str:
     """The shell command of a result's recorded ``command`` (the script's file name and its arguments,
-    as :func:`benchmarks.common.write_result` records them): ``python -m benchmarks.<module> ...``."""
-    script, _, args = command.partition(" ")
-    module = f"python -m benchmarks.{script.removesuffix('.py')}"
-    return f"{module} {args}" if args else module
+    as :func:`benchmarks.common.write_result` records them): ``python -m benchmarks.<module> ...``.
+    Each ``--note`` value is shown as ``NOTE``: the notes themselves are listed under the tables."""
+    script, *args = shlex.split(command)
+    shown = ["NOTE" if i > 0 and args[i - 1] == "--note" else a for i, a in enumerate(args)]
+    return shlex.join(["python", "-m", f"benchmarks.{script.removesuffix('.py')}", *shown])
 
 
 def render(result: dict) -> str:

@@ -20,7 +20,7 @@ the median over the repeats after one warm-up. Modes:
   adamw-lora    forward, backward, AdamW step on PEFT LoRA factors + head
   adamw-full    forward, backward, AdamW step on every weight
 
-Goals (issues 4 and 14): ZerothOrder peak memory <= 1.10 x inference; step time <= 2.3 x one forward.
+Goals: ZerothOrder peak memory <= 1.10 x inference; step time <= 2.3 x one forward.
 
 ``--estimates K`` (on by default, 64) also compares the two laws of z in the same process on the
 same batch: K single-direction estimates of each on every weight, against the autograd gradient g.
