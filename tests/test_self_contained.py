@@ -14,7 +14,6 @@ DATA = REPO / "data"
 PACKAGE_DATA = REPO / "src" / "gradkit" / "data"
 CHECKED = ("tests", "docs", "src", "benchmarks", "README.md")
 TEXT_SUFFIXES = {".py", ".md", ".json", ".toml", ".txt", ".sh", ".cfg", ".yaml", ".yml"}
-# spelled in pieces so this file does not match itself
 OUTSIDE = ("../" + "shared", "shared" + "/data", '"shared" / "data"', "'shared' / 'data'")
 SETS = sorted(p.name for p in DATA.iterdir() if p.is_dir()) if DATA.is_dir() else []
 SET_NAMES = "|".join(map(re.escape, SETS)) or "(?!)"
@@ -49,6 +48,7 @@ def test_nothing_names_a_folder_outside_the_repository():
     offenders = [
         f"{path.relative_to(REPO)}: {needle}"
         for path in tracked_files()
+        if path.name != Path(__file__).name  # the needles are spelled here
         for needle in OUTSIDE
         if needle in path.read_text(encoding="utf-8", errors="replace")
     ]
