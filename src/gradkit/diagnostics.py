@@ -16,8 +16,9 @@ identity path and a depth-independent gradient.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,21 @@ def gradient_flow(
     ``train_mode=True`` keeps train mode) with every module's mode restored. Raises
     :class:`GradkitError` for bad input.
     """
+    _check_arguments(model, lr, flag_factor, num_batches)
+    if isinstance(batches, (Mapping, torch.Tensor)):
+        batches = [batches]
+    targets = _Targets.of(model, blocks, branches)
+    with _left_as_found(model, targets.all_params, train_mode):
+        measured = _measure(model, batches, loss_fn, targets, num_batches)
+    rows = [
+        _block_row(n, position, targets, measured, (lr, betas, eps, weight_decay))
+        for position, n in enumerate(targets.names)
+    ]
+    _flag(rows, flag_factor)
+    return rows
+
+
+def _check_arguments(model: Any, lr: Any, flag_factor: Any, num_batches: Any) -> None:
     if not isinstance(model, nn.Module):
         raise GradkitError(f"gradient_flow takes an nn.Module, got {type(model).__name__}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -250,137 +266,197 @@ def gradient_flow(
         isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
     ):
         raise GradkitError(f"num_batches must be a positive integer or None, got {num_batches!r}")
-    if isinstance(batches, (Mapping, torch.Tensor)):
-        batches = [batches]
-    found = find_blocks(model, blocks)
-    names = list(found)
-    branch_names = {
-        n: [
-            m for m in dict(found[n].named_modules()) if m and any(name_matches(m, b) for b in branches or ())
-        ]
-        for n in names
-    }
-    if branches and not any(branch_names.values()):
-        raise GradkitError(
-            f"branches {list(branches)!r} match no sub-module of the blocks (e.g. {names[0]!r})"
-        )
-    branch_full = [f"{n}.{b}" for n in names for b in branch_names[n]]
 
-    params = {n: [p for p in found[n].parameters() if p.is_floating_point()] for n in names}
-    all_params: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for n in names:
-        for p in params[n]:
-            if id(p) not in seen:
-                seen.add(id(p))
-                all_params.append(p)
-    if not all_params:
-        raise GradkitError("the blocks have no floating-point parameters to measure")
-    index = {id(p): i for i, p in enumerate(all_params)}
 
+@dataclass
+class _Targets:
+    """What gradient_flow measures: the blocks by name, the branch sub-modules named in each (relative
+    names, and their full names), each block's floating parameters, and all of them once each."""
+
+    names: list[str]
+    branch_names: dict[str, list[str]]
+    branch_full: list[str]
+    params: dict[str, list[torch.Tensor]]
+    all_params: list[torch.Tensor]
+    index: dict[int, int]  # id(parameter) -> position in all_params
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, blocks: str | Sequence[str] | None, branches: Sequence[str] | None
+    ) -> _Targets:
+        found = find_blocks(model, blocks)
+        names = list(found)
+        branch_names = {
+            n: [
+                m
+                for m in dict(found[n].named_modules())
+                if m and any(name_matches(m, b) for b in branches or ())
+            ]
+            for n in names
+        }
+        if branches and not any(branch_names.values()):
+            raise GradkitError(
+                f"branches {list(branches)!r} match no sub-module of the blocks (e.g. {names[0]!r})"
+            )
+        branch_full = [f"{n}.{b}" for n in names for b in branch_names[n]]
+        params = {n: [p for p in found[n].parameters() if p.is_floating_point()] for n in names}
+        all_params: list[torch.Tensor] = []
+        seen: set[int] = set()
+        for n in names:
+            for p in params[n]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    all_params.append(p)
+        if not all_params:
+            raise GradkitError("the blocks have no floating-point parameters to measure")
+        index = {id(p): i for i, p in enumerate(all_params)}
+        return cls(names, branch_names, branch_full, params, all_params, index)
+
+
+@contextlib.contextmanager
+def _left_as_found(model: nn.Module, params: list[torch.Tensor], train_mode: bool) -> Iterator[None]:
+    """Measure in eval mode (or train mode) with ``requires_grad`` on ``params`` and the global RNG
+    forked; every parameter's ``requires_grad`` and every module's mode are restored afterwards."""
     requires = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
-    sums: dict[str, dict[str, float]] = {
-        n: {"y2": 0.0, "n": 0.0, "x2": 0.0, "d2": 0.0, "res": 1.0} for n in names
-    }
-    branch_sums = {b: [0.0, 0.0] for b in branch_full}
-    grads: list[torch.Tensor | None] = [None] * len(all_params)
-    count = 0
-    nonfinite_loss = False
     try:
         with torch.random.fork_rng(devices=_devices(model)):
             model.train(train_mode)
-            for p in all_params:
+            for p in params:
                 p.requires_grad_(True)
-            for batch in batches:
-                if num_batches is not None and count >= num_batches:
-                    break
-                with (
-                    capture(model, names + branch_full, what="output", to=None) as outs,
-                    capture(model, names + branch_full, what="input", to=None) as ins,
-                ):
-                    loss = _loss(model, batch, loss_fn)
-                    if not loss.requires_grad:
-                        raise GradkitError(
-                            "the loss does not depend on any parameter of the blocks (computed under "
-                            "torch.no_grad, or detached?); return a loss computed from the model's output"
-                        )
-                    got = torch.autograd.grad(loss, all_params, allow_unused=True)
-                nonfinite_loss |= not bool(torch.isfinite(loss.detach()))
-                for i, g in enumerate(got):
-                    if g is not None:
-                        grads[i] = g.detach().clone() if grads[i] is None else grads[i] + g
-                for n in names:
-                    s = sums[n]
-                    for y, x in zip(outs[n], ins[n], strict=True):
-                        if y is None:
-                            continue
-                        s["y2"] += _sq(y)
-                        s["n"] += y.numel()
-                        x = first_tensor(x)
-                        if x is None or x.shape != y.shape:
-                            s["res"] = 0.0  # no residual ratio for this block
-                            continue
-                        s["x2"] += _sq(x)
-                        s["d2"] += _sq(y.double() - x.double())
-                for b in branch_full:
-                    for y, x in zip(outs[b], ins[b], strict=True):
-                        x = first_tensor(x)
-                        if y is not None and x is not None:
-                            branch_sums[b][0] += _sq(y)
-                            branch_sums[b][1] += _sq(x)
-                count += 1
+            yield
     finally:
         for p, flag in requires:
             p.requires_grad_(flag)
         for m, mode in modes:
             m.training = mode
-    if count == 0:
-        raise GradkitError("batches is empty; pass at least one batch")
 
-    rows: list[FlowRow] = []
+
+@dataclass
+class _Measured:
+    """Sums over the batches: per block ``y2``, ``n``, ``x2``, ``d2`` (Σ y², #elements, Σ x², Σ (y − x)²)
+    and ``res`` (0 once a block's input and output differ in shape); per branch [Σ y², Σ x²]; the
+    summed gradient of each parameter; the batch count; whether a loss was not finite."""
+
+    sums: dict[str, dict[str, float]]
+    branch_sums: dict[str, list[float]]
+    grads: list[torch.Tensor | None]
+    count: int = 0
+    nonfinite_loss: bool = False
+
+
+def _measure(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+    targets: _Targets,
+    num_batches: int | None,
+) -> _Measured:
+    """Forward and backward on each batch (up to ``num_batches``), adding up activations and gradients."""
+    names, branch_full = targets.names, targets.branch_full
+    measured = _Measured(
+        sums={n: {"y2": 0.0, "n": 0.0, "x2": 0.0, "d2": 0.0, "res": 1.0} for n in names},
+        branch_sums={b: [0.0, 0.0] for b in branch_full},
+        grads=[None] * len(targets.all_params),
+    )
+    grads = measured.grads
+    for batch in batches:
+        if num_batches is not None and measured.count >= num_batches:
+            break
+        with (
+            capture(model, names + branch_full, what="output", to=None) as outs,
+            capture(model, names + branch_full, what="input", to=None) as ins,
+        ):
+            loss = _loss(model, batch, loss_fn)
+            if not loss.requires_grad:
+                raise GradkitError(
+                    "the loss does not depend on any parameter of the blocks (computed under "
+                    "torch.no_grad, or detached?); return a loss computed from the model's output"
+                )
+            got = torch.autograd.grad(loss, targets.all_params, allow_unused=True)
+        measured.nonfinite_loss |= not bool(torch.isfinite(loss.detach()))
+        for i, g in enumerate(got):
+            if g is not None:
+                grads[i] = g.detach().clone() if grads[i] is None else grads[i] + g
+        _add_activations(measured, names, branch_full, outs, ins)
+        measured.count += 1
+    if measured.count == 0:
+        raise GradkitError("batches is empty; pass at least one batch")
+    return measured
+
+
+def _add_activations(
+    measured: _Measured, names: list[str], branch_full: list[str], outs: Mapping, ins: Mapping
+) -> None:
     for n in names:
-        g2 = w2 = u2 = 0.0
-        nonfinite = nonfinite_loss
-        for p in params[n]:
-            g = grads[index[id(p)]]
-            g = torch.zeros_like(p) if g is None else g / count
-            w2 += _sq(p)
-            g2 += _sq(g)
-            u2 += _sq(adamw_first_step(p, g, lr, betas, eps, weight_decay))
-        s = sums[n]
-        act = math.sqrt(s["y2"] / s["n"]) if s["n"] else math.nan
-        has_res = s["res"] > 0 and s["n"] > 0
-        input_rms = math.sqrt(s["x2"] / s["n"]) if has_res else None
-        ratio = math.sqrt(s["d2"] / s["x2"]) if has_res and s["x2"] > 0 else None
-        branch = {}
-        for b in branch_names[n]:
-            y2, x2 = branch_sums[f"{n}.{b}"]
-            branch[b] = math.sqrt(y2 / x2) if x2 > 0 else math.nan
-        weight_norm, grad_norm = math.sqrt(w2), math.sqrt(g2)
-        nonfinite |= not all(math.isfinite(v) for v in (grad_norm, act))
-        rows.append(
-            FlowRow(
-                index=_block_index(n) if _block_index(n) is not None else len(rows),
-                name=n,
-                num_params=sum(p.numel() for p in params[n]),
-                act_rms=act,
-                input_rms=input_rms,
-                residual_ratio=ratio,
-                grad_norm=grad_norm,
-                weight_norm=weight_norm,
-                update_norm=math.sqrt(u2),
-                update_ratio=math.sqrt(u2) / weight_norm if weight_norm > 0 else math.inf,
-                grad_rel=math.nan,
-                branch_ratios=branch,
-                flags=("nonfinite",) if nonfinite else (),
-            )
-        )
-    _flag(rows, flag_factor)
-    return rows
+        s = measured.sums[n]
+        for y, x in zip(outs[n], ins[n], strict=True):
+            if y is None:
+                continue
+            s["y2"] += _sq(y)
+            s["n"] += y.numel()
+            x = first_tensor(x)
+            if x is None or x.shape != y.shape:
+                s["res"] = 0.0  # no residual ratio for this block
+                continue
+            s["x2"] += _sq(x)
+            s["d2"] += _sq(y.double() - x.double())
+    for b in branch_full:
+        for y, x in zip(outs[b], ins[b], strict=True):
+            x = first_tensor(x)
+            if y is not None and x is not None:
+                measured.branch_sums[b][0] += _sq(y)
+                measured.branch_sums[b][1] += _sq(x)
+
+
+def _block_row(
+    n: str,
+    position: int,
+    targets: _Targets,
+    measured: _Measured,
+    adamw: tuple[float, tuple[float, float], float, float],
+) -> FlowRow:
+    """One block's row from the sums (``grad_rel`` and the gradient flags come from :func:`_flag`)."""
+    lr, betas, eps, weight_decay = adamw
+    g2 = w2 = u2 = 0.0
+    nonfinite = measured.nonfinite_loss
+    for p in targets.params[n]:
+        g = measured.grads[targets.index[id(p)]]
+        g = torch.zeros_like(p) if g is None else g / measured.count
+        w2 += _sq(p)
+        g2 += _sq(g)
+        u2 += _sq(adamw_first_step(p, g, lr, betas, eps, weight_decay))
+    s = measured.sums[n]
+    act = math.sqrt(s["y2"] / s["n"]) if s["n"] else math.nan
+    has_res = s["res"] > 0 and s["n"] > 0
+    input_rms = math.sqrt(s["x2"] / s["n"]) if has_res else None
+    ratio = math.sqrt(s["d2"] / s["x2"]) if has_res and s["x2"] > 0 else None
+    branch = {}
+    for b in targets.branch_names[n]:
+        y2, x2 = measured.branch_sums[f"{n}.{b}"]
+        branch[b] = math.sqrt(y2 / x2) if x2 > 0 else math.nan
+    weight_norm, grad_norm = math.sqrt(w2), math.sqrt(g2)
+    nonfinite |= not all(math.isfinite(v) for v in (grad_norm, act))
+    index = _block_index(n)
+    return FlowRow(
+        index=index if index is not None else position,
+        name=n,
+        num_params=sum(p.numel() for p in targets.params[n]),
+        act_rms=act,
+        input_rms=input_rms,
+        residual_ratio=ratio,
+        grad_norm=grad_norm,
+        weight_norm=weight_norm,
+        update_norm=math.sqrt(u2),
+        update_ratio=math.sqrt(u2) / weight_norm if weight_norm > 0 else math.inf,
+        grad_rel=math.nan,
+        branch_ratios=branch,
+        flags=("nonfinite",) if nonfinite else (),
+    )
 
 
 def _flag(rows: list[FlowRow], factor: float) -> None:
+    """Set each row's ``grad_rel`` and add its "vanishing" / "exploding" flags against the medians."""
     med_g = _median([r.grad_norm for r in rows])
     med_a = _median([r.act_rms for r in rows])
     for r in rows:
