@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import ROOT, write_result
 
@@ -76,10 +77,11 @@ def padded_positions(steps: int, trim: bool) -> tuple[int, int]:
     return total, real
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure; returns the result (``name`` and the fields of ``benchmarks/results/<name>.json``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 steps: check the script, not the numbers")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     load = os.getloadavg()[0]
     short = 5 if args.quick else 40
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,9 +133,9 @@ def main() -> None:
         f"({untrimmed / real:.2f}x and {trimmed / real:.2f}x the real count).",
         f"Load average when the benchmark started: {load:.2f} (2 cores; above about 0.5 other work shared them).",
     ]
-    write_result(
-        "compare_time",
-        {
+    return {
+        "name": "compare_time",
+        **{
             "title": "README command 1: the default gradkit compare, timed",
             "claim": "The default `gradkit compare` (4 methods x 300 steps on the bundled SST-2 sample) finishes "
             "in under 10 minutes on 2 CPU cores with no method below the seed-0 accuracy the one-padded-pass harness gave.",
@@ -170,7 +172,16 @@ def main() -> None:
                 "load_average": load,
             },
         },
-    )
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command)."""
+    write_result(result["name"], result)
+
+
+def main() -> None:
+    report(run())
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import json
 import math
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -195,7 +196,9 @@ def crossing(rec: dict, target: float, axis: str = "steps") -> float:
     return math.inf
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Measure; returns the result (``name`` and the fields of ``benchmarks/results/<name>.json``), or
+    None for a run that writes nothing (a smoke run)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
@@ -208,7 +211,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--target", type=float, default=2.5)
     ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
         args.steps, args.eval_every, args.seeds, args.d_model, args.eval_windows = 10, 5, 2, 32, 16
@@ -298,9 +301,9 @@ def main() -> None:
             vocab, args.d_model, args.layers, args.heads, norm="pre", max_len=args.context
         ).parameters()
     )
-    write_result(
-        "dynamics_char_transformer",
-        {
+    return {
+        "name": "dynamics_char_transformer",
+        **{
             "title": "Steepest descent under each norm vs AdamW, SGD+momentum and Muon on a char transformer",
             "claim": "Which geometry trains a small transformer fastest: steepest descent under l2 (normalised GD), "
             "RMS, l-infinity (sign descent) or the spectral norm (orthogonalised updates, what Muon approximates), "
@@ -348,7 +351,18 @@ def main() -> None:
                 "args": vars(args),
             },
         },
-    )
+    }
+
+
+def report(result: dict[str, Any] | None) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command); None
+    writes nothing."""
+    if result is not None:
+        write_result(result["name"], result)
+
+
+def main() -> None:
+    report(run())
 
 
 if __name__ == "__main__":

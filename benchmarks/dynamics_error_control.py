@@ -21,6 +21,7 @@ import argparse
 import math
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -203,11 +204,12 @@ def summary(recs) -> tuple[str, str, str, str]:
     return f("steps", ".0f"), f("evals", ".0f"), f("wall", ".2f"), f"{len(ok)}/{len(recs)}"
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure; returns the result (``name`` and the fields of ``benchmarks/results/<name>.json``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--char-target", type=float, default=2.5)
     ap.add_argument("--skip-char", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cpu0 = time.process_time()
     rows, search_rows, scaling_rows, raw = [], [], [], {}
@@ -325,9 +327,9 @@ def main() -> None:
     save_figure(fig, plot)
     cpu = time.process_time() - cpu0
     thin(traces)
-    write_result(
-        "dynamics_error_control",
-        {
+    return {
+        "name": "dynamics_error_control",
+        **{
             "title": "ErrorControlledGD against tuned SGD, SGD+momentum and Adam",
             "claim": "A step size set by an embedded Euler/Heun error estimate (as ODE solvers do) reaches a target loss in "
             "as few gradient evaluations as tuned first-order methods, without an lr to tune; and its step tracks the "
@@ -389,7 +391,16 @@ def main() -> None:
             ],
             "raw": {"results": raw, "traces": traces},
         },
-    )
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command)."""
+    write_result(result["name"], result)
+
+
+def main() -> None:
+    report(run())
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import torch
 
@@ -66,7 +67,8 @@ def unstable(loss_fn, theta0, lr, kind, steps=300) -> bool:
     return not math.isfinite(end) or end > start
 
 
-def main() -> None:
+def run() -> dict[str, Any]:
+    """Measure; returns the result (``name`` and the fields of ``benchmarks/results/<name>.json``)."""
     torch.set_num_threads(1)
     t_start = time.process_time()
     raw, dev_rows, mom_rows, stab_rows = {}, [], [], []
@@ -172,9 +174,9 @@ def main() -> None:
     plot = IMAGES / "dynamics_path_deviation.png"
     save_figure(fig, plot)
     cpu = time.process_time() - t_start
-    write_result(
-        "dynamics_path_deviation",
-        {
+    return {
+        "name": "dynamics_path_deviation",
+        **{
             "title": "Optimisers as integrators: deviation from the gradient flow and the stability limit",
             "claim": "GD is Euler's method for dθ/dt = −∇L: its deviation from the flow is O(η) (slope 1 on a log-log plot); "
             "heavy ball and Nesterov follow θ'' + γθ' = −∇L at t = k√η, and in the overdamped limit the plain flow at "
@@ -224,7 +226,16 @@ def main() -> None:
             ],
             "raw": raw,
         },
-    )
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command)."""
+    write_result(result["name"], result)
+
+
+def main() -> None:
+    report(run())
 
 
 if __name__ == "__main__":

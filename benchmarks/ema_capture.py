@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -230,14 +231,15 @@ def timing_rows(times: dict[str, list[float]], ours: str, label: str) -> list[li
     return rows
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure; returns the result (``name`` and the fields of ``benchmarks/results/<name>.json``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--per-round", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=24)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--decay", type=float, default=0.999)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from gradkit.train.model import load_classifier, load_tokenizer
@@ -310,9 +312,9 @@ def main() -> None:
         f"by {spread * 100:.0f}% (max - min over repeats) on this shared machine. "
         "Variant order is rotated each repeat.",
     ]
-    write_result(
-        "ema_capture",
-        {
+    return {
+        "name": "ema_capture",
+        **{
             "title": "EMA update time and capture overhead (MiniLM)",
             "claim": "gradkit.EMA updates at least as fast as timm's ModelEmaV3 (foreach); in bf16 and fp16 its "
             "average follows the exact one; capturing all 6 encoder layer outputs adds little to a forward pass.",
@@ -359,7 +361,16 @@ def main() -> None:
                 "params": n_params,
             },
         },
-    )
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command)."""
+    write_result(result["name"], result)
+
+
+def main() -> None:
+    report(run())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import IMAGES, ROOT, finished_run, save_figure, write_result
 
@@ -51,7 +52,8 @@ def plot(curves: dict[str, list[list[float]]], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure; returns the result (``name`` and the fields of ``benchmarks/results/<name>.json``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="head,lora,full")
     parser.add_argument("--seeds", default="0,1,2")
@@ -69,7 +71,7 @@ def main() -> None:
         default=0.99,
         help="also evaluate a weight EMA of this decay (it never changes training); 0 disables",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from gradkit.train.compare import compare
     from gradkit.train.config import TrainConfig
@@ -153,9 +155,9 @@ def main() -> None:
             )
     plot_path = IMAGES / f"{args.name}.png"
     plot(curves, plot_path, f"MiniLM-L6 on SST-2: {args.steps} steps of batch {args.batch_size}")
-    write_result(
-        args.name,
-        {
+    return {
+        "name": args.name,
+        **{
             "title": f"Fine-tuning quality: {' vs '.join(methods)}, raw and EMA weights, {args.steps} steps "
             "(all-MiniLM-L6-v2, SST-2)",
             "claim": "LoRA and full fine-tuning reach at least 85% SST-2 test accuracy within the budget the README "
@@ -193,7 +195,16 @@ def main() -> None:
                 for m, summaries in runs.items()
             },
         },
-    )
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command)."""
+    write_result(result["name"], result)
+
+
+def main() -> None:
+    report(run())
 
 
 if __name__ == "__main__":

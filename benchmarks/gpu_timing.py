@@ -19,6 +19,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -130,7 +131,9 @@ def step_fns(device: str, dtype: torch.dtype) -> dict[str, Callable[[], tuple]]:
     }
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Measure; returns the result (``name`` and the fields of ``benchmarks/results/<name>.json``), or
+    None for a run that writes nothing (a smoke run)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=20)
@@ -138,7 +141,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--no-write", action="store_true", help="print only (the CPU smoke run never writes)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_timing: no CUDA device; nothing timed")
@@ -179,9 +182,9 @@ def main() -> None:
         print(rows[-1], flush=True)
     if not on_gpu or args.no_write:
         return
-    write_result(
-        "gpu_timing",
-        {
+    return {
+        "name": "gpu_timing",
+        **{
             "title": "GPU step time of each method on all-MiniLM-L6-v2 (bf16 autocast)",
             "claim": "Seconds per training step of each gradkit method against plain AdamW on the same GPU and batches.",
             "tables": [
@@ -197,7 +200,18 @@ def main() -> None:
             ],
             "raw": raw,
         },
-    )
+    }
+
+
+def report(result: dict[str, Any] | None) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command); None
+    writes nothing."""
+    if result is not None:
+        write_result(result["name"], result)
+
+
+def main() -> None:
+    report(run())
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -105,11 +106,12 @@ def measure(fill, cut: float, dtype: torch.dtype, draws: int, seed: int) -> dict
     }
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure; returns the result (``name`` and the fields of ``benchmarks/results/<name>.json``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--draws", type=int, default=10**8)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     f2 = truncation_std_factor(2.0)
     raw: dict = {"std_requested": STD, "truncation_std_factor_2": f2, "runs": []}
     tables, notes = [], []
@@ -234,9 +236,9 @@ def main() -> None:
         "value inside the cut, so bf16 rounding cannot carry a value past it.",
         "fill seconds: time spent in the initialiser itself, on a shared 2-core machine (indicative only).",
     ]
-    write_result(
-        "init_truncnormal",
-        {
+    return {
+        "name": "init_truncnormal",
+        **{
             "title": "Truncated-normal init: the real std and the tail of 'std 0.02'",
             "claim": (
                 "gradkit.truncated_normal_(t, 0.02) has real std 0.02 and no value outside its ±2σ cut in fp32 "
@@ -247,7 +249,16 @@ def main() -> None:
             "notes": notes,
             "raw": raw,
         },
-    )
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command)."""
+    write_result(result["name"], result)
+
+
+def main() -> None:
+    report(run())
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import math
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -62,7 +63,7 @@ def lr_at(step: int, steps: int, warmup: int, peak: float) -> float:
     return peak * max(0.0, (steps - step) / max(1, steps - warmup))
 
 
-def run(args, train, held, vocab, norm: str, lr: float, warmup_frac: float, seed: int) -> dict:
+def train_one(args, train, held, vocab, norm: str, lr: float, warmup_frac: float, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     model = toy_transformer(
         vocab, args.d_model, args.layers, args.heads, norm=norm, max_len=args.ctx, generator=g
@@ -106,7 +107,8 @@ def run(args, train, held, vocab, norm: str, lr: float, warmup_frac: float, seed
     }
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure; returns the result (``name`` and the fields of ``benchmarks/results/<name>.json``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, default=3)
@@ -124,7 +126,7 @@ def main() -> None:
         action="store_true",
         help="rewrite the tables, plot and notes from the runs in the existing JSON",
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     train, val, vocab = load_text(DATA)
     held_g = torch.Generator().manual_seed(12345)
@@ -152,7 +154,7 @@ def main() -> None:
         for lr in lrs:
             for warmup in (0.0, 0.1):
                 for seed in range(args.seeds):
-                    r = run(args, train, held, vocab, norm, lr, warmup, seed)
+                    r = train_one(args, train, held, vocab, norm, lr, warmup, seed)
                     runs.append(r)
                     print(
                         f"{norm}-LN lr {lr:g} warmup {warmup:.0%} seed {seed}: held-out loss "
@@ -252,9 +254,9 @@ def main() -> None:
         "2-core machine shared with other jobs (the 's per run' column is wall-clock too)"
         + (f", {sum(cpu) / 60:.1f} CPU-minutes of process time." if len(cpu) == len(runs) else ".")
     )
-    write_result(
-        "init_warmup",
-        {
+    return {
+        "name": "init_warmup",
+        **{
             "title": "Warmup: 12-layer Post-LN vs Pre-LN char transformers on Tiny Shakespeare",
             "claim": "Without learning-rate warmup a deep Post-LN transformer diverges or stalls at an lr where it "
             "trains with warmup; Pre-LN trains without warmup (Xiong et al. 2020; Liu et al. 2020).",
@@ -279,7 +281,16 @@ def main() -> None:
             "notes": notes,
             "raw": {"args": vars(args), "runs": runs},
         },
-    )
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command)."""
+    write_result(result["name"], result)
+
+
+def main() -> None:
+    report(run())
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ issue's reference: "It was terrible." / "It was great." gives roughly 70% on SST
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from benchmarks.common import ROOT, write_result
 
@@ -26,13 +27,14 @@ CASES = [
 ]
 
 
-def main() -> None:
+def run() -> dict[str, Any]:
+    """Measure; returns the result (``name`` and the fields of ``benchmarks/results/<name>.json``)."""
     import torch
 
     from gradkit.data import load_text_classification
-    from gradkit.train.batching import tokenize_data
     from gradkit.train.loop import evaluate
     from gradkit.train.model import label_text_head, label_texts, load_classifier, load_tokenizer
+    from gradkit.train.tokenize import tokenize_data
 
     tokenizer = load_tokenizer(None)
     data = {
@@ -70,9 +72,9 @@ def main() -> None:
         )
         raw.append({"task": task, "label_texts": texts, **result, "majority": majority})
         print(rows[-1], flush=True)
-    write_result(
-        "label_head_zero_shot",
-        {
+    return {
+        "name": "label_head_zero_shot",
+        **{
             "title": "The label-text head at step 0: zero-shot accuracy from the encoder's own label embeddings",
             "claim": "on the bundled MiniLM, 'It was terrible.' / 'It was great.' gives roughly 70% on SST-2",
             "tables": [
@@ -98,7 +100,16 @@ def main() -> None:
             ],
             "raw": raw,
         },
-    )
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command)."""
+    write_result(result["name"], result)
+
+
+def main() -> None:
+    report(run())
 
 
 if __name__ == "__main__":

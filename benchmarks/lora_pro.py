@@ -28,6 +28,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -255,14 +256,15 @@ def plot(per_step, path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure; returns the result (``name`` and the fields of ``benchmarks/results/<name>.json``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)  # OpenMP threads spin badly when the 2 shared cores are oversubscribed
 
@@ -306,9 +308,9 @@ def main() -> None:
     plot(per_step, img)
     light = costs["LoRA-Pro AdamW, projected moments"]
     cols_G = ["step"] + [LABELS[k] for k in LABELS if k != "best_adam"]
-    write_result(
-        "lora_pro",
-        {
+    return {
+        "name": "lora_pro",
+        **{
             "title": "LoRA-Pro: alignment with full fine-tuning, and cost",
             "claim": "LoRA-Pro's update of W is the closest LoRA can make to full fine-tuning's at every step; "
             "the memory-light AdamW form keeps the state at O(r (in + out)) per layer",
@@ -364,7 +366,16 @@ def main() -> None:
                 "cos_adam": {k: v for k, v in per_step["adam"].items()},
             },
         },
-    )
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command)."""
+    write_result(result["name"], result)
+
+
+def main() -> None:
+    report(run())
 
 
 if __name__ == "__main__":

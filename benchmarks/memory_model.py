@@ -456,9 +456,10 @@ def gib(b: int) -> float:
     return b / GIB
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure; returns the result (``name`` and the fields of ``benchmarks/results/<name>.json``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args()
+    parser.parse_args(argv)
     models, counts = {}, {}
     for name, cfg in SIZES.items():
         model = lora_llama(cfg)
@@ -607,7 +608,16 @@ def main() -> None:
             "targets": TARGETS,
         },
     }
-    write_result("memory_model", result)
+    return {"name": "memory_model", **result}
+
+
+def report(result: dict[str, Any]) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command)."""
+    write_result(result["name"], result)
+
+
+def main() -> None:
+    report(run())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,7 +77,9 @@ def _step_fn(mode: str, model: nn.Module, opt, micro: int, k: int):
     return step
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Measure; returns the result (``name`` and the fields of ``benchmarks/results/<name>.json``), or
+    None for a run that writes nothing (a smoke run)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a few steps: a smoke run")
     ap.add_argument("--steps", type=int, default=20)
@@ -87,7 +90,7 @@ def main() -> None:
         "hold up under such load.",
         help="a note on the machine's load, written into the result",
     )
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     d, layers, batch, tokens, k = (32, 1, 8, 8, 2) if args.quick else (128, 4, 32, 64, 4)
     steps = 3 if args.quick else args.steps
     micro = batch // k
@@ -137,9 +140,9 @@ def main() -> None:
     if args.quick:  # a smoke run never goes into benchmarks/results/ (docs/benchmarks.md is made from it)
         print("--quick: not written to benchmarks/results/")
         return
-    write_result(
-        "noise_scale",
-        {
+    return {
+        "name": "noise_scale",
+        **{
             "title": "Noise-scale monitor overhead per training step",
             "claim": "the accumulation/DDP source costs <= 5% per step; per-example Linear hooks are far cheaper than torch.func per-example gradients",
             "tables": [
@@ -169,7 +172,18 @@ def main() -> None:
             ],
             "raw": {"cpu_seconds": times, "wall_seconds": wall},
         },
-    )
+    }
+
+
+def report(result: dict[str, Any] | None) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command); None
+    writes nothing."""
+    if result is not None:
+        write_result(result["name"], result)
+
+
+def main() -> None:
+    report(run())
 
 
 if __name__ == "__main__":
