@@ -381,7 +381,7 @@ def test_public_name_and_plot(tmp_path):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from gradkit.diagnose_cli import add_arguments
+    from gradkit.cli.diagnose import add_arguments
 
     parser = argparse.ArgumentParser(prog="gradkit diagnose")
     add_arguments(parser)
@@ -390,7 +390,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _diagnose(argv: list[str], capsys) -> tuple[int, str]:
     """The diagnose runner as the CLI calls it: a GradkitError is one line and exit status 2."""
-    from gradkit.diagnose_cli import run_diagnose
+    from gradkit.cli.diagnose import run_diagnose
 
     try:
         run_diagnose(_parser().parse_args(argv), progress=False)
@@ -402,7 +402,7 @@ def _diagnose(argv: list[str], capsys) -> tuple[int, str]:
 def test_diagnose_end_to_end_on_a_tiny_random_bert(tiny_model_dir, tmp_path, capsys):
     from gradkit.audit import audit_init
     from gradkit.data.text import load_text_classification
-    from gradkit.diagnose_cli import make_batches
+    from gradkit.cli.diagnose import make_batches
     from gradkit.train.model import load_classifier, load_tokenizer
 
     out = tmp_path / "run"
@@ -519,7 +519,7 @@ def test_diagnose_refuses_a_missing_or_non_model_folder(tmp_path, capsys):
 
 
 def test_the_gradkit_diagnose_command(tiny_model_dir, tmp_path, capsys):
-    """Through ``gradkit.cli.main`` (the subcommand is registered in cli.py's build_parser and main)."""
+    """Through ``gradkit.cli.main`` (the subcommand is registered in gradkit.cli's build_parser and main)."""
     from gradkit.cli import main
 
     out = tmp_path / "run"

@@ -12,8 +12,6 @@ SRC = Path(gradkit.__file__).parent
 HARNESS = (
     "gradkit.train",
     "gradkit.cli",
-    "gradkit.scaling.cli",
-    "gradkit.diagnose_cli",
 )  # the harness and the commands
 
 

@@ -10,7 +10,7 @@ import torch
 from gradkit.errors import GradkitError
 from gradkit.train.config import TrainConfig
 from gradkit.train.loop import finetune
-from gradkit.train.method_zeroth_order import objective_value
+from gradkit.train.methods.zeroth_order import objective_value
 from gradkit.train.metrics import accuracy, macro_f1
 
 
@@ -107,7 +107,7 @@ def test_objective_values_match_the_metrics():
 
 def test_mezo_run_survives_a_step_the_optimiser_skips(tiny_model_dir, tmp_path, monkeypatch):
     """A non-finite loss inside a ZerothOrder step skips that step (counted), not the whole run."""
-    import gradkit.train.method_zeroth_order as zo_method
+    import gradkit.train.methods.zeroth_order as zo_method
 
     calls = {"n": 0}
     real = zo_method.objective_value
@@ -129,7 +129,7 @@ def test_mezo_run_survives_a_step_the_optimiser_skips(tiny_model_dir, tmp_path, 
 def test_a_run_with_no_finite_loss_fails_with_a_clear_error(tiny_model_dir, tmp_path, monkeypatch):
     """Every step skipped (fewer than max_bad_steps, so the optimiser itself does not raise): the run
     has nothing to report and fails instead of writing NaN results."""
-    import gradkit.train.method_zeroth_order as zo_method
+    import gradkit.train.methods.zeroth_order as zo_method
 
     real = zo_method.objective_value
     monkeypatch.setattr(zo_method, "objective_value", lambda *a, **k: real(*a, **k) * float("nan"))

@@ -125,6 +125,6 @@ def test_unknown_distribution_is_a_clear_error():
 
 def test_cli_choices_match_the_library():
     from gradkit.optim import zeroth_order
-    from gradkit.train import method_zeroth_order
+    from gradkit.train import method_options
 
-    assert method_zeroth_order.ZO_DISTRIBUTIONS == zeroth_order.DISTRIBUTIONS == DISTRIBUTIONS
+    assert method_options.ZO_DISTRIBUTIONS == zeroth_order.DISTRIBUTIONS == DISTRIBUTIONS

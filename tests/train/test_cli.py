@@ -203,9 +203,9 @@ def test_help_loads_no_torch_and_every_option_has_help_and_its_default():
 def test_cli_choices_written_out_match_the_library():
     from gradkit.lora import ga
     from gradkit.optim import lora_pro, lora_pro_math
-    from gradkit.train import method_lora_ga, method_lora_pro
+    from gradkit.train import method_options
 
-    assert (method_lora_ga.ESTIMATORS, method_lora_ga.SCALES) == (ga.ESTIMATORS, ga.SCALES)
-    assert method_lora_pro.MOMENTS == lora_pro.MOMENTS and method_lora_pro.OPTIMIZERS == lora_pro.OPTIMIZERS
-    assert method_lora_pro.DEFAULT_MOMENTS == lora_pro.DEFAULT_MOMENTS
-    assert method_lora_pro.X_SOLUTIONS == lora_pro_math.X_SOLUTIONS
+    assert (method_options.ESTIMATORS, method_options.SCALES) == (ga.ESTIMATORS, ga.SCALES)
+    assert method_options.MOMENTS == lora_pro.MOMENTS and method_options.OPTIMIZERS == lora_pro.OPTIMIZERS
+    assert method_options.DEFAULT_MOMENTS == lora_pro.DEFAULT_MOMENTS
+    assert method_options.X_SOLUTIONS == lora_pro_math.X_SOLUTIONS

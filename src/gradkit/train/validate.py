@@ -9,73 +9,30 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from gradkit.errors import GradkitError
 from gradkit.train.config import TrainConfig
-
-# where --report-to can send the metrics besides metrics.jsonl (accelerate's trackers)
-REPORT_TO = ("none", "tensorboard")
+from gradkit.train.method_options import ZerothOrderOptions, check_options
+from gradkit.train.metrics import check_metric
+from gradkit.train.model import adaptable_layers, label_texts, layer_shape
+from gradkit.train.settings import check_settings, settings_from
 
 # a warning (not an error) when LoRA would train more than this share of the model's parameters
 LORA_SHARE_WARNING = 0.25
 
 
-def _number(
-    name: str,
-    value: Any,
-    *,
-    low: float,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = False,
-    example: str,
-) -> None:
-    """``value`` finite and within [low, high] (open ends where asked), else one clear error."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        left, right = "(" if low_open else "[", ")" if high_open else "]"
-        allowed = (
-            f"in {left}{low:g}, {high:g}{right}"
-            if math.isfinite(high)
-            else (f"> {low:g}" if low_open else f">= {low:g}")
-        )
-        raise GradkitError(
-            f"--{name} {value} is not allowed: it must be finite and {allowed}; pass e.g. --{name} {example}"
-        )
-
-
 def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
     """The settings' own ranges and the run folder (an existing one when ``resume``); nothing is
     loaded and nothing is written."""
-    _number("steps", cfg.steps, low=1, example="300")
-    _number("batch-size", cfg.batch_size, low=1, example="32")
-    _number("eval-batch-size", cfg.eval_batch_size, low=1, example="128")
-    _number("max-length", cfg.max_length, low=1, example="128")
-    if cfg.lr is not None:
-        _number("lr", cfg.lr, low=0, low_open=True, example="1e-4")
-    _number("warmup-ratio", cfg.warmup_ratio, low=0, high=1, example="0.1")
-    _number("weight-decay", cfg.weight_decay, low=0, example="0.01")
-    if cfg.max_grad_norm is not None:  # 0 turns clipping off
-        _number("max-grad-norm", cfg.max_grad_norm, low=0, example="1.0 (or 0 for no clipping)")
-    _number("rank", cfg.rank, low=1, example="8")
-    _number("alpha", cfg.alpha, low=0, low_open=True, example="16")
-    _number("lora-dropout", cfg.lora_dropout, low=0, high=1, high_open=True, example="0.1")
-    _number("seed", cfg.seed, low=0, example="0")
-    if cfg.ema is not None:
-        _number("ema", cfg.ema, low=0, high=1, high_open=True, example="0.99")
-    _number("grad-accum", cfg.grad_accum, low=1, example="4")
-    _number("eval-every", cfg.eval_every, low=0, example="50 (or 0: the dev set at the end only)")
-    _number("save-every", cfg.save_every, low=0, example="100 (or 0: no checkpoints)")
-    if cfg.dev_fraction is not None:
-        _number("dev-fraction", cfg.dev_fraction, low=0, high=0.5, low_open=True, example="0.1")
+    check_settings(cfg)  # every field's choices and range (gradkit.train.config)
+    check_options(cfg.options)  # every method option's (gradkit.train.method_options)
     if cfg.dev is not None and cfg.dev_fraction is not None:
         raise GradkitError("--dev and --dev-fraction both name a dev set; pass one of them")
     if cfg.eval_every and cfg.dev is None and cfg.dev_fraction is None:
@@ -88,8 +45,6 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
     check_task(cfg)
     check_precision(cfg)
     check_fsdp(cfg)
-    if cfg.report_to not in REPORT_TO:
-        raise GradkitError(f"--report-to {cfg.report_to!r} is not one of: {', '.join(REPORT_TO)}")
     if cfg.report_to == "tensorboard" and not (
         importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
     ):
@@ -97,8 +52,6 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
             "--report-to tensorboard needs the tensorboard package: pip install tensorboard "
             "(or pip install 'gradkit[tensorboard]')"
         )
-    if cfg.schedule not in ("linear", "constant"):
-        raise GradkitError(f"schedule {cfg.schedule!r} is not one of: linear, constant")
     if cfg.targets != "all-linear" and not [t for t in cfg.targets.split(",") if t.strip()]:
         raise GradkitError(
             f"--targets {cfg.targets!r} names no layer; pass comma-separated Linear names (e.g. query,value) "
@@ -115,16 +68,9 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
         check_out(Path(cfg.out), cfg.overwrite)
 
 
-HEAD_INITS = ("random", "labels")
-
-
 def check_task(cfg: TrainConfig) -> None:
     """The task, its metric, the head's initialisation and the head warm-up agree with each other."""
-    from gradkit.train.metrics import check_metric
-
     check_metric(cfg.task, cfg.metric)
-    if cfg.head_init not in HEAD_INITS:
-        raise GradkitError(f"--head-init {cfg.head_init!r} is not one of: {', '.join(HEAD_INITS)}")
     if cfg.head_init == "labels" and cfg.task == "regression":
         raise GradkitError(
             "--head-init labels builds one class vector per label text, and --task regression has no "
@@ -146,11 +92,8 @@ def check_task(cfg: TrainConfig) -> None:
             f"--text-field {cfg.text_field} names the text of a causal-LM data file: pass --task causal-lm "
             "with it (classification reads --text-col)"
         )
-    _number("head-warmup", cfg.head_warmup, low=0, example="100 (or 0: no head warm-up)")
-    if cfg.head_lr is not None:
-        _number("head-lr", cfg.head_lr, low=0, low_open=True, example="2e-3")
-        if not cfg.head_warmup:
-            raise GradkitError("--head-lr is the head warm-up's learning rate: pass --head-warmup N with it")
+    if cfg.head_lr is not None and not cfg.head_warmup:
+        raise GradkitError("--head-lr is the head warm-up's learning rate: pass --head-warmup N with it")
 
 
 # methods that need a classification head (or sampled class labels) and so have no causal-LM form
@@ -184,13 +127,13 @@ def check_causal_lm(cfg: TrainConfig) -> None:
                 f"--{option} is a column of classification data; causal-LM data are JSON lines of "
                 '"prompt"/"response" (or --text-field NAME for plain texts): drop it'
             )
-    objective = cfg.options.get("objective") or "loss"
-    if objective != "loss":
+    options = settings_from(ZerothOrderOptions, cfg.options)
+    if options.objective != "loss":
         raise GradkitError(
-            f"--objective {objective} scores predicted classes, and --task causal-lm has none; use "
+            f"--objective {options.objective} scores predicted classes, and --task causal-lm has none; use "
             "--objective loss"
         )
-    if (cfg.options.get("zo_params") or "lora") == "head":
+    if options.zo_params == "head":
         raise GradkitError(
             "--zo-params head trains a classification head, which a causal LM has not; use lora or all"
         )
@@ -210,21 +153,11 @@ def check_causal_lm(cfg: TrainConfig) -> None:
         )
 
 
-PRECISIONS = ("fp32", "bf16")
-
-
 def check_precision(cfg: TrainConfig) -> None:
     """``--precision``: fp32, or bf16 where the device computes it (every CPU; CUDA GPUs that support
-    bf16)."""
-    if cfg.precision not in PRECISIONS:
-        raise GradkitError(f"--precision {cfg.precision!r} is not one of: {', '.join(PRECISIONS)}")
-    if cfg.precision == "bf16":
-        import torch
-
-        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-            raise GradkitError(
-                "--precision bf16: this GPU does not compute in bfloat16; use --precision fp32"
-            )
+    bf16; the value itself is checked with the other settings)."""
+    if cfg.precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise GradkitError("--precision bf16: this GPU does not compute in bfloat16; use --precision fp32")
 
 
 # methods that cannot train an FSDP2-sharded model, and why (gradkit.train.sharding)
@@ -253,8 +186,6 @@ def check_data(cfg: TrainConfig, train: Any) -> list[str] | None:
     """What the settings and the loaded training data decide together: the step's batch fits the data
     (:func:`check_step_batch`), and the label-text head has one text per label. Returns the label
     texts for ``--head-init labels`` (else None)."""
-    from gradkit.train.model import label_texts
-
     check_step_batch(cfg, len(train))
     if cfg.head_init == "labels" and cfg.task != "causal-lm":
         return label_texts(train.label_names, cfg.label_text, cfg.label_template)
@@ -315,8 +246,6 @@ def check_model(cfg: TrainConfig, model: nn.Module, tokenizer: Any, path: str) -
 def check_lora_rank(cfg: TrainConfig, model: nn.Module, targets: list[str]) -> None:
     """The rank fits every targeted layer (1 .. min(in, out)); warn when LoRA would train a large share
     of the model (a rank that large gives up what LoRA is for)."""
-    from gradkit.train.model import adaptable_layers, layer_shape
-
     shapes = [
         layer_shape(m)
         for name, m in adaptable_layers(model)

@@ -2,7 +2,8 @@
 
 It runs the harness' training loop (:func:`gradkit.train.loop.finetune`: same data order, seeding,
 checks and run folder as ``gradkit finetune``) on its classifier (a local Hugging Face encoder with a
-head, the bundled SST-2 sample by default) with :class:`NoiseScaleProbe` as the method: each step's
+head, the bundled SST-2 sample by default) with :class:`~gradkit.train.methods.NoiseScaleProbe` as the
+method: each step's
 batch is split into micro-batches (gradient accumulation), the gradient noise scale is measured from
 them (:class:`gradkit.NoiseScale`), and the lr is constant. The run folder holds ``config.json``,
 ``labels.json``, ``metrics.jsonl`` (loss and ``B_simple`` per step), ``summary.json`` (the final
@@ -13,72 +14,46 @@ them (:class:`gradkit.NoiseScale`), and the lr is constant. The run folder holds
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+from gradkit.cli.options import add_settings, values_of
 from gradkit.errors import GradkitError
-from gradkit.train.methods import Method
+from gradkit.files import atomic_path, write_json
+from gradkit.scaling.laws import lr_for_batch
+from gradkit.train.config import TrainConfig
+from gradkit.train.method_options import NoiseScaleOptions
+from gradkit.train.settings import check_values, settings_from
 
 TABLE_BATCHES = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
+# the run's settings shared with gradkit finetune (declared in TrainConfig), and this command's defaults
+SHARED = ("model", "train", "text_col", "label_col", "max_length", "steps", "batch_size", "lr", "seed")
+SHARED += ("out", "overwrite")
+DEFAULTS = {"max_length": 64, "steps": 100, "lr": 5e-5}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``gradkit noise-scale`` options."""
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="local Hugging Face encoder folder (default: bundled all-MiniLM-L6-v2)")
-    g.add_argument("--train", help="training file: TSV, CSV or JSON lines (default: bundled SST-2 sample)")
-    g.add_argument("--text-col", help="text column: name or 0-based index")
-    g.add_argument("--label-col", help="label column: name or 0-based index")
-    g.add_argument("--max-length", type=int, default=64, help="tokens per example (default %(default)s)")
-    g = p.add_argument_group("training and measurement")
-    g.add_argument("--steps", type=int, default=100, help="optimiser steps (default %(default)s)")
-    g.add_argument(
-        "--batch-size", type=int, default=32, help="known-good batch size, trained with (default %(default)s)"
-    )
-    g.add_argument("--lr", type=float, default=5e-5, help="known-good learning rate at --batch-size")
-    g.add_argument(
-        "--micro-batches",
-        type=int,
-        default=4,
-        help="micro-batches per step: the small batch is batch-size/micro-batches (default %(default)s)",
-    )
-    g.add_argument(
-        "--optimizer", choices=["adam", "sgd"], default="adam", help="optimiser of the measuring run"
-    )
-    g.add_argument(
-        "--trainable", choices=["full", "head"], default="full", help="train every weight or the head only"
-    )
-    g.add_argument(
-        "--beta", type=float, default=0.95, help="EMA coefficient of the estimates (default %(default)s)"
-    )
-    g.add_argument("--seed", type=int, default=0, help="seeds the data order and the new head")
-    g.add_argument("--out", help="run folder, new or empty (default: runs/noise-scale-<time>)")
-    g.add_argument(
-        "--overwrite", action="store_true", help="allow --out to be a folder that holds files: it is cleared"
-    )
+    """The ``gradkit noise-scale`` options: the shared model, data and budget settings, and the
+    measurement's own (:class:`~gradkit.train.method_options.NoiseScaleOptions`)."""
+    add_settings(p, TrainConfig, names=SHARED, defaults=DEFAULTS)
+    add_settings(p, NoiseScaleOptions, title=NoiseScaleOptions.title)
 
 
-def _check(args: argparse.Namespace) -> None:
-    if args.steps < 1:
-        raise GradkitError(f"--steps {args.steps} must be at least 1")
-    if args.micro_batches < 2:
+def _check(args: argparse.Namespace) -> NoiseScaleOptions:
+    """Every setting against its declared range, and the batch against the micro-batches."""
+    check_values(TrainConfig, vars(args))
+    options = settings_from(NoiseScaleOptions, vars(args))
+    if args.batch_size < options.micro_batches or args.batch_size % options.micro_batches:
         raise GradkitError(
-            f"--micro-batches {args.micro_batches} must be at least 2 (two batch sizes are needed)"
-        )
-    if args.batch_size < args.micro_batches or args.batch_size % args.micro_batches:
-        raise GradkitError(
-            f"--batch-size {args.batch_size} must be a multiple of --micro-batches {args.micro_batches}; "
+            f"--batch-size {args.batch_size} must be a multiple of --micro-batches {options.micro_batches}; "
             "e.g. --batch-size 32 --micro-batches 4"
         )
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise GradkitError(f"--lr {args.lr} must be a positive learning rate, e.g. --lr 5e-5")
-    if not 0.0 <= args.beta < 1.0:
-        raise GradkitError(f"--beta {args.beta} must be in [0, 1), e.g. --beta 0.95")
-    if args.max_length < 2:
-        raise GradkitError(f"--max-length {args.max_length} must be at least 2 tokens")
+    return options
 
 
 def advice_table(
@@ -90,8 +65,6 @@ def advice_table(
     rule with ``κ² ≈ B_simple`` and the peak at ``B_simple``. Steps and examples relative to their
     minima: ``S/S_min = 1 + B_simple/B``, ``E/E_min = 1 + B/B_simple`` (``B_crit ≈ B_simple``).
     """
-    from gradkit.scaling.laws import lr_for_batch
-
     rows = []
     for b in batches:
         rows.append(
@@ -115,8 +88,6 @@ def _plots(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from gradkit.files import atomic_path
 
     written = []
 
@@ -177,107 +148,28 @@ def _plots(
     return written
 
 
-class NoiseScaleProbe(Method):
-    """The measuring run as a harness method: each step's batch is split into ``micro_batches``
-    micro-batches whose gradients accumulate (``.grad`` ends as the whole batch's mean gradient), and
-    :meth:`NoiseScale.accumulation_hooks` reads the micro-batch and batch squared norms for the
-    two-batch-size estimate. The optimiser is plain AdamW or SGD at the given lr (no weight decay, no
-    clipping: the run measures, it does not tune), and nothing is saved but the run folder's files."""
-
-    name = "noise-scale"
-
-    def __init__(self, micro_batches: int, optimizer: str, trainable: str, beta: float):
-        self.micro_batches, self.optimizer_name, self.trainable, self.beta = (
-            micro_batches,
-            optimizer,
-            trainable,
-            beta,
-        )
-        self.gns: Any = None
-        self._hooks: Any = None
-        self._recorder: Any = None
-
-    def prepare(self, model, cfg, batches):
-        from gradkit.scaling.noise_scale import NoiseScale
-
-        for name, p in model.named_parameters():
-            p.requires_grad_(self.trainable == "full" or name.startswith("head."))
-        self.gns = NoiseScale(model, beta=self.beta)
-        self._hooks = self.gns.accumulation_hooks()
-        self._recorder = self._hooks.__enter__()
-        return model
-
-    def make_optimizer(self, model, cfg, lr):
-        import torch
-
-        params = [p for p in model.parameters() if p.requires_grad]
-        return (torch.optim.AdamW if self.optimizer_name == "adam" else torch.optim.SGD)(params, lr=lr)
-
-    def train_step(self, model, batch, optimizer, accelerator, cfg):
-        import torch
-
-        from gradkit.train.batching import split_batch
-
-        k = self.micro_batches
-        micro = len(batch["labels"]) // k
-        total = torch.zeros(())
-        # k equal micro-batches in the stream's order (the estimator needs the size b = B / k), each
-        # padded only to its own longest text
-        for part, _ in split_batch(batch, max_examples=micro, trim=False):
-            loss = model(**part).loss
-            accelerator.backward(loss / k)  # .grad ends as the mean gradient over the whole batch
-            self._recorder.micro_step(micro)
-            total += loss.detach().float() / k
-        self._recorder.step()  # before the optimiser step: reads the accumulated gradient
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return total
-
-    def step_metrics(self) -> dict[str, Any]:
-        return self.gns.metrics()
-
-    def save(self, model, out_dir):
-        """Nothing to keep but the measurement: take the hooks off."""
-        self.close()
-
-    def close(self) -> None:
-        if self._hooks is not None:
-            self._hooks.__exit__(None, None, None)
-            self._hooks = self._recorder = None
-
-
 def run_noise_scale(args: argparse.Namespace, *, progress: bool = True) -> dict[str, Any]:
     """Run ``gradkit noise-scale`` with parsed ``args`` through the harness' training loop
-    (:func:`gradkit.train.loop.finetune` with :class:`NoiseScaleProbe`); prints the table and returns
+    (:func:`gradkit.train.loop.finetune` with :class:`~gradkit.train.methods.NoiseScaleProbe`); prints the table and returns
     the summary."""
-    _check(args)
-    from gradkit.files import write_json
-    from gradkit.train.config import TrainConfig
-    from gradkit.train.loop import finetune
+    options = _check(args)
+    from gradkit.train.loop import finetune  # the harness loads torch: not for --help
+    from gradkit.train.methods import NoiseScaleProbe
 
-    cfg = TrainConfig(
+    settings = values_of(args, TrainConfig)
+    settings.update(
         method=NoiseScaleProbe.name,
-        model=args.model,
-        train=args.train,
-        text_col=args.text_col,
-        label_col=args.label_col,
-        max_length=args.max_length,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
         warmup_ratio=0.0,
         weight_decay=0.0,
         max_grad_norm=None,
-        seed=args.seed,
         out=args.out or str(Path("runs") / f"noise-scale-{time.strftime('%Y%m%d-%H%M%S')}"),
-        overwrite=args.overwrite,
         schedule="constant",
         evaluate=False,
-        options={k: getattr(args, k) for k in ("micro_batches", "optimizer", "trainable", "beta")},
+        options=dataclasses.asdict(options),
     )
-    probe = NoiseScaleProbe(args.micro_batches, args.optimizer, args.trainable, args.beta)
+    probe = NoiseScaleProbe(options)
     try:
-        harness_summary = finetune(cfg, progress=progress, method=probe)
+        harness_summary = finetune(TrainConfig(**settings), progress=progress, method=probe)
     finally:
         probe.close()
     gns = probe.gns

@@ -20,70 +20,55 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradkit.cli.options import add_settings
 from gradkit.errors import GradkitError
+from gradkit.files import atomic_dir, atomic_path, write_json
+from gradkit.train.config import TrainConfig
+from gradkit.train.settings import Range, check_values, setting
 
-__all__ = ["add_arguments", "run_diagnose", "make_batches"]
+__all__ = ["DiagnoseOptions", "add_arguments", "run_diagnose", "make_batches"]
+
+# the settings shared with gradkit finetune (declared in TrainConfig), and this command's defaults
+SHARED = ("model", "train", "text_col", "label_col", "max_length", "batch_size", "seed", "out", "overwrite")
+DEFAULTS = {"max_length": 64, "batch_size": 16}
+
+
+@dataclass(frozen=True)
+class DiagnoseOptions:
+    """The measurement's own settings."""
+
+    batches: int = setting(
+        4, "batches to average the gradient over", range=Range(1), example="4", group="measurement"
+    )
+    lr: float = setting(
+        1e-3,
+        "lr of the AdamW step whose relative update is reported",
+        range=Range(0, low_open=True),
+        example="1e-3",
+        group="measurement",
+    )
+    blocks: str | None = setting(
+        None,
+        "glob naming the blocks (default: built-in patterns for BERT, GPT-2, Llama: encoder.layer.N, h.N, "
+        "layers.N)",
+        group="measurement",
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``gradkit diagnose`` options."""
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", help="local Hugging Face encoder folder (default: bundled all-MiniLM-L6-v2)")
-    g.add_argument(
-        "--train", help="text-classification file: TSV, CSV or JSON lines (default: bundled SST-2 sample)"
-    )
-    g.add_argument(
-        "--text-col", help="text column: name or 0-based index (default: sentence/text, else first)"
-    )
-    g.add_argument("--label-col", help="label column: name or 0-based index (default: label, else last)")
-    g.add_argument("--max-length", type=int, default=64, help="tokens per example (default %(default)s)")
-    g = p.add_argument_group("measurement")
-    g.add_argument(
-        "--batches", type=int, default=4, help="batches to average the gradient over (default %(default)s)"
-    )
-    g.add_argument("--batch-size", type=int, default=16, help="examples per batch (default %(default)s)")
-    g.add_argument(
-        "--lr",
-        type=float,
-        default=1e-3,
-        help="lr of the AdamW step whose relative update is reported (default %(default)s)",
-    )
-    g.add_argument(
-        "--blocks",
-        help="glob naming the blocks (default: built-in patterns for BERT, GPT-2, Llama: encoder.layer.N, h.N, layers.N)",
-    )
-    g.add_argument(
-        "--seed", type=int, default=0, help="seeds the example order and the new head (default %(default)s)"
-    )
-    g.add_argument("--out", help="run folder, new or empty (default: runs/diagnose-<time>)")
-    g.add_argument(
-        "--overwrite", action="store_true", help="allow --out to be a folder that holds files: it is replaced"
-    )
-
-
-def _at_least(name: str, value: Any, low: float, example: str, *, open_low: bool = False) -> None:
-    ok = (
-        isinstance(value, (int, float))
-        and math.isfinite(value)
-        and (value > low if open_low else value >= low)
-    )
-    if not ok:
-        allowed = f"> {low:g}" if open_low else f">= {low:g}"
-        raise GradkitError(
-            f"--{name} {value} is not allowed: it must be finite and {allowed}; pass e.g. --{name} {example}"
-        )
+    """The ``gradkit diagnose`` options: the shared model and data settings, and the measurement's."""
+    add_settings(p, TrainConfig, names=SHARED, defaults=DEFAULTS)
+    add_settings(p, DiagnoseOptions)
 
 
 def _check(args: argparse.Namespace) -> None:
     """Every setting that needs nothing loaded; nothing is written."""
-    _at_least("batches", args.batches, 1, "4")
-    _at_least("batch-size", args.batch_size, 1, "16")
-    _at_least("max-length", args.max_length, 2, "64")
-    _at_least("lr", args.lr, 0, "1e-3", open_low=True)
-    _at_least("seed", args.seed, 0, "0")
+    check_values(DiagnoseOptions, vars(args))
+    check_values(TrainConfig, {name: getattr(args, name) for name in SHARED})
     if args.model is not None:
         path = Path(args.model)
         if not path.is_dir():
@@ -102,7 +87,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.out is not None:
         if not str(args.out).strip():
             raise GradkitError("--out is empty; pass a folder path for the run")
-        from gradkit.train.validate import check_out
+        from gradkit.train.validate import check_out  # the harness loads torch: not for --help
 
         check_out(Path(args.out), args.overwrite)
 
@@ -138,8 +123,6 @@ def _audit_plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gradkit.files import atomic_path
-
     shown = [r for r in rows if r.expected_std and r.std > 0]
     fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
     x = list(range(len(shown)))
@@ -163,11 +146,11 @@ def _audit_plot(rows, path: Path) -> None:
 def run_diagnose(args: argparse.Namespace, *, progress: bool = True) -> dict[str, Any]:
     """Run ``gradkit diagnose`` with parsed ``args``: audit and gradient flow, one run folder; returns the summary."""
     _check(args)
+    # the library and the harness load torch: imported when the command runs, not for --help
     from gradkit.audit import audit_init
     from gradkit.audit import to_markdown as audit_markdown
     from gradkit.data.text import load_text_classification
     from gradkit.diagnostics import depth_decay, gradient_flow, plot_gradient_flow, to_markdown
-    from gradkit.files import atomic_dir, atomic_path, write_json
     from gradkit.train.model import default_model_path, load_classifier, load_tokenizer
     from gradkit.train.validate import position_limit
 

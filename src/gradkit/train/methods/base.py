@@ -1,6 +1,6 @@
-"""The methods registry: each fine-tuning method is a small object that prepares the model and
-the optimiser and takes one training step. Every method shares the loop, data order, schedule and
-evaluation in :mod:`gradkit.train.loop`, so comparisons differ in the method alone.
+"""The methods registry and the base class: each fine-tuning method is a small object that prepares
+the model and the optimiser and takes one training step. Every method shares the loop, data order,
+schedule and evaluation in :mod:`gradkit.train.loop`, so comparisons differ in the method alone.
 
 A new method subclasses :class:`Method` and registers itself::
 
@@ -10,32 +10,30 @@ A new method subclasses :class:`Method` and registers itself::
         default_lr = 1e-4
         def prepare(self, model, cfg, batches): ...
 
-and its module is listed in ``PLUGIN_MODULES`` so the CLI sees it.
+its module is imported by :mod:`gradkit.train.methods`, and its entry in
+:data:`gradkit.train.method_options.CATALOGUE` (a one-line summary, its option groups) is what the
+command line shows.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
 
 from gradkit.errors import GradkitError
+from gradkit.files import atomic_path
+from gradkit.fsdp import reshard
+from gradkit.train.batching import split_batch
+from gradkit.train.checkpoint import load_tensors
 from gradkit.train.config import TrainConfig
 
-if TYPE_CHECKING:  # torch is imported where it is used, so `gradkit --help` does not load it
-    import torch
-    from torch import nn
-
 METHODS: dict[str, type[Method]] = {}
-
-# modules that register further methods when imported (kept import-light: no work at import)
-PLUGIN_MODULES: list[str] = [
-    "gradkit.train.method_lora_ga",
-    "gradkit.train.method_lora_pro",
-    "gradkit.train.method_peft_lora_ga",
-    "gradkit.train.method_zeroth_order",
-]
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -45,18 +43,15 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def available_methods() -> dict[str, type[Method]]:
-    import importlib
-
-    for module in PLUGIN_MODULES:
-        importlib.import_module(module)
+    """Every registered method by name (importing :mod:`gradkit.train.methods` registers gradkit's own)."""
     return METHODS
 
 
 def get_method(name: str) -> Method:
-    methods = available_methods()
-    if name not in methods:
-        raise GradkitError(f"unknown method {name!r}; choose one of: {', '.join(sorted(methods))}")
-    return methods[name]()
+    """A new instance of the method registered as ``name``, or one clear error listing the names."""
+    if name not in METHODS:
+        raise GradkitError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[name]()
 
 
 class Method:
@@ -64,11 +59,6 @@ class Method:
 
     name: ClassVar[str] = ""
     default_lr: ClassVar[float] = 1e-4
-    summary: ClassVar[str] = ""
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add method-specific CLI options; their values arrive in ``cfg.options``."""
 
     def prepare(self, model: nn.Module, cfg: TrainConfig, batches: Iterable[dict[str, Any]]) -> nn.Module:
         """Return the model to train (e.g. PEFT-wrapped) with ``requires_grad`` set as the method needs.
@@ -87,15 +77,11 @@ class Method:
         """The tensors a checkpoint must hold to resume exactly: default, every trainable parameter.
         A method whose :meth:`prepare` changes frozen tensors (LoRA-GA's base offset) adds them.
         Under FSDP2 these are the sharded parameters (DTensors)."""
-        from gradkit.fsdp import reshard
-
         reshard(model)  # after a forward alone FSDP2 leaves the root's unsharded parameters registered
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     def load_checkpoint_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         """Put :meth:`checkpoint_tensors` back (by name, exactly)."""
-        from gradkit.train.checkpoint import load_tensors
-
         load_tensors(model, tensors)
 
     def state_dict(self) -> dict[str, Any]:
@@ -107,7 +93,8 @@ class Method:
         """Restore :meth:`state_dict`."""
 
     def make_optimizer(self, model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-        return adamw(_decay_groups(model, cfg.weight_decay), lr)
+        """AdamW over the trainable parameters at ``lr``, with weight decay off biases and norms."""
+        return adamw(decay_groups(model, cfg.weight_decay), lr)
 
     def train_step(
         self,
@@ -133,10 +120,6 @@ class Method:
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
         """Save what the method trained. Default: the trainable tensors as safetensors."""
-        from safetensors.torch import save_file
-
-        from gradkit.files import atomic_path
-
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         with atomic_path(out_dir / "trainable.safetensors") as tmp:
             save_file(tensors, str(tmp))
@@ -146,8 +129,6 @@ def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
     """``torch.optim.AdamW`` with its fused kernel where torch has one for these tensors (CPU since torch
     2.4, CUDA): one pass over each tensor instead of several multi-tensor kernels, which on a CPU is
     most of a full fine-tuning step's optimiser time. Otherwise the multi-tensor path."""
-    import torch
-
     try:
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device, dtype or torch
@@ -159,8 +140,6 @@ def parts_of(batch: dict[str, Any], cfg: TrainConfig, accelerator: Any) -> list[
     ``batch_size / processes`` examples each (``--grad-accum`` K gives K or more parts), sorted by
     length with little padding unless ``--no-trim-padding``. With per-token labels (a causal LM) on
     several processes the weights are scaled so that the mean over ranks is the global token mean."""
-    from gradkit.train.batching import split_batch
-
     parts = split_batch(
         batch, max_examples=cfg.batch_size // accelerator.num_processes, trim=cfg.trim_padding
     )
@@ -180,8 +159,6 @@ def accumulate_gradients(model: nn.Module, parts: list[tuple[dict[str, Any], flo
     """Backward ``w_c * loss_c`` for every part, so ``.grad`` ends as the whole batch's mean gradient;
     under DDP only the last part's backward all-reduces (the others run in ``no_sync``). Returns the
     batch's mean loss, detached."""
-    import contextlib
-
     total = None
     for i, (part, weight) in enumerate(parts):
         last = i == len(parts) - 1
@@ -193,7 +170,7 @@ def accumulate_gradients(model: nn.Module, parts: list[tuple[dict[str, Any], flo
     return total
 
 
-def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases and normalisation weights (the usual BERT recipe)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -204,83 +181,3 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-@register_method
-class Head(Method):
-    """Linear probe: the encoder is frozen, only the classification head trains."""
-
-    name = "head"
-    default_lr = 2e-3
-    summary = "linear probe: only the classification head trains"
-
-    def prepare(self, model, cfg, batches):
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith("head."))
-        return model
-
-
-@register_method
-class Full(Method):
-    """Full fine-tuning: every weight trains with AdamW."""
-
-    name = "full"
-    default_lr = 5e-5
-    summary = "full fine-tuning: every weight, AdamW"
-
-    def prepare(self, model, cfg, batches):
-        model.requires_grad_(True)
-        return model
-
-
-@register_method
-class Lora(Method):
-    """PEFT LoRA on the encoder's Linear layers; the head trains fully (PEFT ``modules_to_save``)."""
-
-    name = "lora"
-    default_lr = 1e-3
-    summary = "PEFT LoRA on the encoder's attention and feed-forward Linear layers"
-
-    def lora_config(self, model: nn.Module, cfg: TrainConfig, **overrides: Any):
-        from peft import LoraConfig
-
-        from gradkit.train.model import lora_target_names
-        from gradkit.train.validate import check_lora_rank
-
-        targets = lora_target_names(model, cfg.targets)
-        check_lora_rank(cfg, model, targets)
-        kwargs = dict(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=targets,
-            use_rslora=cfg.rslora,
-            modules_to_save=["head"],
-        )
-        if cfg.task == "causal-lm":
-            # no head to save; PEFT's causal-LM wrapper (generate, and the task type in adapter_config.json);
-            # GPT-2's Conv1D layers store W transposed, which PEFT adapts with fan_in_fan_out
-            from gradkit.train.model import adaptable_layers
-
-            conv = [
-                type(m).__name__ == "Conv1D"
-                for n, m in adaptable_layers(model)
-                if n.rsplit(".", 1)[-1] in targets
-            ]
-            kwargs.update(
-                modules_to_save=None, task_type="CAUSAL_LM", fan_in_fan_out=bool(conv) and all(conv)
-            )
-        kwargs.update(overrides)
-        return LoraConfig(**kwargs)
-
-    def prepare(self, model, cfg, batches):
-        from peft import get_peft_model
-
-        return get_peft_model(model, self.lora_config(model, cfg))
-
-    def save(self, model, out_dir):
-        from gradkit.files import atomic_dir
-        from gradkit.train.model import quiet_transformers
-
-        with quiet_transformers(), atomic_dir(out_dir / "adapter") as tmp:
-            model.save_pretrained(str(tmp))

@@ -20,28 +20,26 @@ error rate of the sampled labels) for ``policy-gradient``.
 
 from __future__ import annotations
 
-import argparse
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from torch import nn
 
 from gradkit.errors import GradkitError
+from gradkit.estimators import policy_gradient_loss
+from gradkit.optim.zeroth_order import ZerothOrder
+from gradkit.train.batching import forward_parts
 from gradkit.train.config import TrainConfig
-from gradkit.train.methods import Lora, Method, register_method
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-ZO_PARAMS = ("lora", "all", "head")
-OBJECTIVES = ("loss", "accuracy", "f1")
-ZO_DISTRIBUTIONS = ("gaussian", "rademacher")  # gradkit.optim.zeroth_order.DISTRIBUTIONS
+from gradkit.train.method_options import ZerothOrderOptions
+from gradkit.train.methods.base import Method, parts_of, register_method
+from gradkit.train.methods.lora import Lora
+from gradkit.train.settings import settings_from
 
 
 def _prepare_params(method: Lora, model: nn.Module, cfg: TrainConfig, which: str) -> nn.Module:
     """``lora``: PEFT LoRA (like the ``lora`` method) with the head trainable; ``head``: the head
     only; ``all``: every weight. ``requires_grad`` marks what trains (no gradient is ever taken by
     ``mezo``; the flag is how the harness counts and saves the trained tensors)."""
-    if which not in ZO_PARAMS:
-        raise GradkitError(f"unknown parameter set {which!r}; choose one of: {', '.join(ZO_PARAMS)}")
     if which == "lora":
         return Lora.prepare(method, model, cfg, [])
     for name, param in model.named_parameters():
@@ -63,8 +61,6 @@ def objective_value(
     """The value to minimise on this batch, identical on every rank: the loss (mean over ranks,
     whose slices are equal-sized), or ``1 - metric`` of argmax predictions computed from counts
     summed over ranks (a global F1 needs global counts, not a mean of per-rank F1s)."""
-    import torch
-
     if objective == "loss":
         return accelerator.reduce(loss.detach().float(), reduction="mean")
     preds = logits.argmax(-1)
@@ -93,76 +89,35 @@ class Mezo(Lora):
 
     name = "mezo"
     default_lr = 1e-4  # SGD on a noisy n-dim estimate: far below AdamW's; sweep it (see docs)
-    summary = "zeroth-order (MeZO): two forwards per step, no backward, memory of inference"
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group(
-            "zeroth order (--method mezo) and policy gradient (--method policy-gradient)"
-        )
-        g.add_argument(
-            "--zo-params",
-            choices=ZO_PARAMS,
-            default="lora",
-            help="what trains: lora (LoRA factors and head, default), all (every weight) or head",
-        )
-        g.add_argument(
-            "--zo-eps", type=float, default=1e-3, help="perturbation scale eps (default %(default)s)"
-        )
-        g.add_argument("--zo-samples", type=int, default=1, help="directions per step (default %(default)s)")
-        g.add_argument(
-            "--zo-distribution",
-            choices=ZO_DISTRIBUTIONS,
-            default="gaussian",
-            help="law of the directions z: gaussian (MeZO) or rademacher (±1, Spall's SPSA; cheaper to draw)",
-        )
-        g.add_argument(
-            "--objective",
-            choices=OBJECTIVES,
-            default="loss",
-            help="mezo minimises the loss (default), or 1 - accuracy / 1 - macro-F1 of argmax predictions",
-        )
-        g.add_argument(
-            "--pg-temperature",
-            type=float,
-            default=1.0,
-            help="policy-gradient: labels are sampled from softmax(logits / T) (default %(default)s)",
-        )
 
     def prepare(self, model, cfg, batches):
-        objective = cfg.options.get("objective") or "loss"
+        options = settings_from(ZerothOrderOptions, cfg.options)
+        objective = options.objective
         if cfg.task == "regression" and objective != "loss":
             raise GradkitError(
                 f"--objective {objective} scores argmax predictions of classes, and --task regression has "
                 "none; use --objective loss"
             )
-        return _prepare_params(self, model, cfg, cfg.options.get("zo_params") or "lora")
+        return _prepare_params(self, model, cfg, options.zo_params)
 
     def save(self, model, out_dir):
         _save(self, model, out_dir)
 
     def make_optimizer(self, model, cfg, lr):
-        from gradkit.optim.zeroth_order import ZerothOrder
-
-        options = cfg.options
+        options = settings_from(ZerothOrderOptions, cfg.options)
         params = [p for p in model.parameters() if p.requires_grad]
         return ZerothOrder(
             params,
             lr=lr,
-            eps=options.get("zo_eps") or 1e-3,
-            n_samples=options.get("zo_samples") or 1,
-            distribution=options.get("zo_distribution") or "gaussian",
+            eps=options.zo_eps,
+            n_samples=options.zo_samples,
+            distribution=options.zo_distribution,
             weight_decay=cfg.weight_decay,
             seed=cfg.seed,  # the same on every rank: the same directions everywhere
         )
 
     def train_step(self, model, batch, optimizer, accelerator, cfg):
-        objective = cfg.options.get("objective") or "loss"
-        if objective not in OBJECTIVES:
-            raise GradkitError(f"unknown objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
-        from gradkit.train.batching import forward_parts
-        from gradkit.train.methods import parts_of
-
+        objective = settings_from(ZerothOrderOptions, cfg.options).objective
         parts = parts_of(batch, cfg, accelerator)  # less padding; the objective is the whole batch's
 
         def closure() -> torch.Tensor:
@@ -189,7 +144,6 @@ class PolicyGradient(Lora):
 
     name = "policy-gradient"
     default_lr = 1e-3
-    summary = "REINFORCE: sample labels from softmax(logits/T), reward correctness (optimises accuracy)"
 
     def prepare(self, model, cfg, batches):
         if cfg.task == "regression":
@@ -197,7 +151,7 @@ class PolicyGradient(Lora):
                 "policy-gradient samples class labels, and --task regression has none; use mezo, lora or "
                 "full for regression"
             )
-        return _prepare_params(self, model, cfg, cfg.options.get("zo_params") or "lora")
+        return _prepare_params(self, model, cfg, settings_from(ZerothOrderOptions, cfg.options).zo_params)
 
     def save(self, model, out_dir):
         _save(self, model, out_dir)
@@ -206,13 +160,7 @@ class PolicyGradient(Lora):
         return Method.make_optimizer(self, model, cfg, lr)
 
     def train_step(self, model, batch, optimizer, accelerator, cfg):
-        from gradkit.estimators import policy_gradient_loss
-
-        temperature = cfg.options.get("pg_temperature") or 1.0
-        if not temperature > 0:
-            raise GradkitError(f"--pg-temperature must be > 0, got {temperature}")
-        import torch
-
+        temperature = settings_from(ZerothOrderOptions, cfg.options).pg_temperature
         if not hasattr(self, "_generator"):
             # private sampling stream, different on every rank (each rank samples its own slice)
             self._generator = torch.Generator(device=batch["labels"].device).manual_seed(
@@ -221,8 +169,6 @@ class PolicyGradient(Lora):
             saved = getattr(self, "_saved_generator", None)
             if saved is not None:  # a resumed run continues the sampling stream
                 self._generator.set_state(saved)
-        from gradkit.train.methods import parts_of
-
         # every part's logits with their graph, then one loss: the mean-reward baseline is the batch's
         parts = [part for part, _ in parts_of(batch, cfg, accelerator)]
         logits = torch.cat([model(**{k: v for k, v in p.items() if k != "labels"}).logits for p in parts])

@@ -21,32 +21,33 @@ Defaults, and why:
 
 from __future__ import annotations
 
-import argparse
 import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
 
 from gradkit.errors import GradkitError
+from gradkit.files import write_json
+from gradkit.lora.export import save_adapter
+from gradkit.lora.ga import RECORD, lora_ga_init
+from gradkit.lora.pairs import lora_pairs
+from gradkit.train.checkpoint import load_tensors
 from gradkit.train.config import TrainConfig
-from gradkit.train.methods import Lora, register_method
-
-if TYPE_CHECKING:
-    from torch import nn
-
-# gradkit.lora.ga's ESTIMATORS and SCALES, written out so that building the CLI imports no torch
-# (tests/train/test_cli.py checks they stay equal)
-ESTIMATORS = ("exact", "sketch")
-SCALES = ("stable", "unit", "gd")
-
-DEFAULT_GA_BATCHES = 8
+from gradkit.train.method_options import LoraGAOptions
+from gradkit.train.methods.base import register_method
+from gradkit.train.methods.lora import Lora
+from gradkit.train.model import quiet_transformers
+from gradkit.train.precision import autocast
+from gradkit.train.settings import settings_from
+from gradkit.train.sharding import shard_model
 
 
 def _rank_share(batches: Iterable[Any], count: int) -> Iterator[Any]:
     """This process's share of the first ``count`` batches (every world-size-th one): the harness gives
     every rank the same whole batches, and lora_ga_init all-reduces, so each batch is used exactly once."""
-    import torch.distributed as dist
-
     world, rank = 1, 0
     if dist.is_available() and dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
@@ -57,8 +58,6 @@ def _bf16_loss(model: nn.Module, batch: dict[str, Any]):
     """``model(**batch).loss`` with the forward in bf16 autocast (``--precision bf16``: the gradient
     LoRA-GA estimates is the one training will follow); the weights, their gradients, the SVD and the
     base offset stay fp32, since only this forward is autocast."""
-    from gradkit.train.precision import autocast
-
     with autocast("bf16", next(model.parameters()).device.type):
         loss = model(**batch).loss
     return loss.float()
@@ -67,8 +66,6 @@ def _bf16_loss(model: nn.Module, batch: dict[str, Any]):
 def _check_even_share(cfg: TrainConfig, count: int) -> None:
     """Under ``--fsdp`` each backward is a collective (reduce-scatter): the ranks must get equally many
     of the ``min(count, steps x grad-accum)`` estimation batches."""
-    import torch.distributed as dist
-
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     used = min(count, cfg.steps * cfg.grad_accum)
     if used % world:
@@ -84,66 +81,23 @@ class LoraGA(Lora):
 
     name = "lora-ga"
     default_lr = 4e-4  # the measured best (see the module docstring)
-    summary = "LoRA initialised with LoRA-GA: the first step is the best rank-2r step of full fine-tuning"
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("LoRA-GA (--method lora-ga, lora-ga-pro)")
-        g.add_argument(
-            "--ga-batches",
-            type=int,
-            default=DEFAULT_GA_BATCHES,
-            help="training batches whose mean gradient initialises the adapter (default %(default)s)",
-        )
-        g.add_argument(
-            "--ga-estimator",
-            choices=ESTIMATORS,
-            default="exact",
-            help="exact (one fp32 gradient per target weight, default) or sketch (never forms it; "
-            "O(r (in + out)) memory per layer)",
-        )
-        g.add_argument(
-            "--ga-sketch-passes",
-            type=int,
-            choices=(1, 2),
-            default=1,
-            help="passes of the sketch estimator: 1 (streaming, default) or 2 (linear in the gradient: "
-            "under torchrun it equals the one-process sketch exactly)",
-        )
-        g.add_argument(
-            "--ga-scale",
-            choices=SCALES,
-            default="stable",
-            help="factor scale: stable (the paper's out^(1/4)/sqrt(gamma), default), unit, or gd "
-            "(first SGD step = -lr * G_2r)",
-        )
-        g.add_argument(
-            "--ga-gamma", type=float, default=16.0, help="gamma of the stable scale (default %(default)s)"
-        )
 
     def prepare(self, model: nn.Module, cfg: TrainConfig, batches: Iterable[dict[str, Any]]) -> nn.Module:
-        from gradkit.lora.ga import lora_ga_init
-
-        options = cfg.options
-        count = options.get("ga_batches") or DEFAULT_GA_BATCHES
-        if count < 1:
-            raise GradkitError(f"--ga-batches {count} must be at least 1")
+        options = settings_from(LoraGAOptions, cfg.options)
         peft_model = super().prepare(model, cfg, batches)
-        if getattr(cfg, "fsdp", False):
+        if cfg.fsdp:
             # --fsdp: shard first, so that the exact estimator sums each rank's rows of the reduce-scattered
             # gradients (no whole gradient on any rank); every rank must run as many backwards
-            from gradkit.train.sharding import shard_model
-
-            _check_even_share(cfg, count)
+            _check_even_share(cfg, options.ga_batches)
             peft_model = shard_model(peft_model)
         self.report = lora_ga_init(
             peft_model,
-            _rank_share(batches, count),
+            _rank_share(batches, options.ga_batches),
             loss_fn=_bf16_loss if cfg.precision == "bf16" else None,
-            estimator=options.get("ga_estimator") or "exact",
-            sketch_passes=options.get("ga_sketch_passes") or 1,
-            scale=options.get("ga_scale") or "stable",
-            stable_gamma=options.get("ga_gamma") or 16.0,
+            estimator=options.ga_estimator,
+            sketch_passes=options.ga_sketch_passes,
+            scale=options.ga_scale,
+            stable_gamma=options.ga_gamma,
             seed=cfg.seed,
         )
         return peft_model
@@ -156,9 +110,6 @@ class LoraGA(Lora):
     def checkpoint_tensors(self, model: nn.Module) -> dict[str, Any]:
         """The trainable tensors, the offset base weight of every adapted layer, and the initial factors
         (A0, B0) that :func:`gradkit.save_adapter` subtracts (keys ``<layer>.gradkit_lora_ga.A0|B0``)."""
-        from gradkit.lora.ga import RECORD
-        from gradkit.lora.pairs import lora_pairs
-
         tensors = super().checkpoint_tensors(model)
         for pair in lora_pairs(model):
             weight = pair.layer.get_base_layer().weight
@@ -169,10 +120,6 @@ class LoraGA(Lora):
         return tensors
 
     def load_checkpoint_tensors(self, model: nn.Module, tensors: dict[str, Any]) -> None:
-        from gradkit.lora.ga import RECORD
-        from gradkit.lora.pairs import lora_pairs
-        from gradkit.train.checkpoint import load_tensors
-
         tensors = dict(tensors)
         for pair in lora_pairs(model):
             A0 = tensors.pop(f"{pair.name}.{RECORD}.A0")
@@ -188,10 +135,6 @@ class LoraGA(Lora):
         self.report_dict = state.get("report")
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
-        from gradkit.files import write_json
-        from gradkit.lora.export import save_adapter
-        from gradkit.train.model import quiet_transformers
-
         with quiet_transformers():
             save_adapter(model, out_dir / "adapter")
         report = getattr(self, "report", None)

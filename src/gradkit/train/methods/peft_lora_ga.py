@@ -10,10 +10,18 @@ RNG (forked here, so the run's data order is unchanged). The adapter is saved wi
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
-from gradkit.train.methods import Lora, register_method
+import torch
+from peft import LoraConfig, get_peft_model
+
+from gradkit.lora.export import save_adapter
+from gradkit.lora.ga import RECORD
+from gradkit.lora.pairs import lora_pairs
+from gradkit.train.method_options import PeftLoraGAOptions
+from gradkit.train.methods.base import register_method
+from gradkit.train.methods.lora import Lora
+from gradkit.train.settings import settings_from
 
 
 @register_method
@@ -22,22 +30,16 @@ class PeftLoraGA(Lora):
 
     name = "peft-lora-ga"
     default_lr = 5e-4
-    summary = "PEFT's own LoRA-GA initialisation (preprocess_loraga), for comparison with lora-ga"
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("PEFT's LoRA-GA (--method peft-lora-ga)")
-        g.add_argument("--peft-ga-batches", type=int, default=8, help="batches for the gradient estimate")
 
     def prepare(self, model, cfg, batches):
-        import torch
-        from peft import LoraConfig, get_peft_model
+        # PEFT's LoRA-GA is newer than the PEFT gradkit needs: only this method requires it
         from peft.tuners.lora import LoraGAConfig
         from peft.tuners.lora.loraga import preprocess_loraga
 
         config = self.lora_config(model, cfg, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
         assert isinstance(config, LoraConfig)
-        head = list(itertools.islice(batches, cfg.options.get("peft_ga_batches") or 8))
+        count = settings_from(PeftLoraGAOptions, cfg.options).peft_ga_batches
+        head = list(itertools.islice(batches, count))
 
         def train_step() -> None:
             for batch in head:
@@ -50,15 +52,10 @@ class PeftLoraGA(Lora):
         # record PEFT's (A0, B0) as gradkit's lora_ga_init does, so gradkit.save_adapter writes the adapter for
         # the original base (PEFT's own conversion, path_initial_model_for_weight_conversion, fails when the
         # model has modules_to_save such as the classification head)
-        from gradkit.lora.ga import RECORD
-        from gradkit.lora.pairs import lora_pairs
-
         for pair in lora_pairs(peft_model):
             records = pair.layer.__dict__.setdefault(RECORD, {})
             records[pair.adapter] = (pair.A.detach().cpu().clone(), pair.B.detach().cpu().clone())
         return peft_model
 
     def save(self, model, out_dir):
-        from gradkit.lora.export import save_adapter
-
         save_adapter(model, out_dir / "adapter")

@@ -1,0 +1,47 @@
+"""The harness' fine-tuning methods: the registry and base class (:mod:`.base`), and one module per
+method family. Importing this package registers every method; the command line lists them from
+:data:`gradkit.train.method_options.CATALOGUE` without importing it (and so without torch)."""
+
+from gradkit.train.methods.base import (
+    METHODS,
+    Method,
+    accumulate_gradients,
+    adamw,
+    available_methods,
+    decay_groups,
+    get_method,
+    parts_of,
+    register_method,
+)
+from gradkit.train.methods.full import Full, Head
+from gradkit.train.methods.lora import Lora
+from gradkit.train.methods.lora_ga import LoraGA
+from gradkit.train.methods.lora_pro import LoraGaPro, LoraPlus, LoraPro, lora_pro_optimizer
+from gradkit.train.methods.noise_scale_probe import NoiseScaleProbe
+from gradkit.train.methods.peft_lora_ga import PeftLoraGA
+from gradkit.train.methods.zeroth_order import Mezo, PolicyGradient, objective_value
+
+__all__ = [
+    "METHODS",
+    "Full",
+    "Head",
+    "Lora",
+    "LoraGA",
+    "LoraGaPro",
+    "LoraPlus",
+    "LoraPro",
+    "Method",
+    "Mezo",
+    "NoiseScaleProbe",
+    "PeftLoraGA",
+    "PolicyGradient",
+    "accumulate_gradients",
+    "adamw",
+    "available_methods",
+    "decay_groups",
+    "get_method",
+    "lora_pro_optimizer",
+    "objective_value",
+    "parts_of",
+    "register_method",
+]
