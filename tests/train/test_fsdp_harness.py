@@ -31,7 +31,8 @@ from gradkit.train.loop import finetune, resume
 
 for argv in json.loads(sys.argv[1]):
     if argv[0] == "stop":  # finetune(..., stop_after=N), then resume: a stopped run continued
-        from gradkit.cli import _config, build_parser
+        from gradkit.cli import build_parser
+        from gradkit.cli.finetune import config_from_args as _config
 
         args = build_parser().parse_args(["finetune", *argv[2:]])
         finetune(_config(args, args.method), progress=False, stop_after=int(argv[1]))
