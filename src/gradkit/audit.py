@@ -195,51 +195,8 @@ def audit_init(model: nn.Module, rule: str = "auto") -> list[InitRow]:
         mean, std, max_z, beyond2, beyond4, finite = _stats(param)
         n = param.numel()
 
-        chosen: str | None
-        exp_mean: float | None = 0.0
-        exp_std: float | None
-        if role == "norm_weight":
-            chosen, exp_mean, exp_std = "one", 1.0, 0.0
-        elif role == "norm_bias":
-            chosen, exp_std = "zero", 0.0
-        elif role == "bias":
-            zero = std == 0.0 and mean == 0.0
-            if fan_in is not None and (rule == "torch" or (rule == "auto" and not zero)):
-                chosen, exp_std = "torch", 1.0 / math.sqrt(3.0 * fan_in)
-            else:
-                chosen, exp_std = "zero", 0.0
-        elif role in ("weight", "embedding"):
-            emb = role == "embedding"
-            if rule == "auto":
-                chosen = min(
-                    RULES, key=lambda r: _log_distance(std, expected_std(r, fan_in, fan_out, embedding=emb))
-                )
-            else:
-                chosen = rule
-            exp_std = expected_std(chosen, fan_in, fan_out, embedding=emb)
-        else:
-            chosen, exp_mean, exp_std = None, None, None
-
-        flags = []
-        ratio = tol = None
-        if exp_std is not None and exp_mean is not None:
-            if exp_std == 0.0:
-                atol = _CONST_ATOL * max(1.0, abs(exp_mean))
-                if std > atol:
-                    flags.append("std")
-                if abs(mean - exp_mean) > atol:
-                    flags.append("mean")
-            else:
-                ratio = std / exp_std
-                tol = max(STD_TOLERANCE, 3.0 / math.sqrt(2.0 * max(n - 1, 1)))
-                if abs(ratio - 1.0) > tol:
-                    flags.append("std")
-                if abs(mean - exp_mean) > max(0.1 * exp_std, 4.0 * exp_std / math.sqrt(n)):
-                    flags.append("mean")
-        if max_z > TAIL_SIGMAS:
-            flags.append("tail")
-        if not finite:
-            flags.append("nonfinite")
+        chosen, exp_mean, exp_std = _expectation(role, rule, mean, std, fan_in, fan_out)
+        flags, ratio, tol = _flags(n, mean, std, max_z, finite, exp_mean, exp_std)
         rows.append(
             InitRow(
                 name, shape, role, fan_in, fan_out, n, mean, std, max_z, beyond2, beyond4,
@@ -247,6 +204,66 @@ def audit_init(model: nn.Module, rule: str = "auto") -> list[InitRow]:
             )
         )  # fmt: skip
     return rows
+
+
+def _expectation(
+    role: str, rule: str, mean: float, std: float, fan_in: int | None, fan_out: int | None
+) -> tuple[str | None, float | None, float | None]:
+    """The rule chosen for a tensor of ``role`` and the mean and std it expects (None, None, None for
+    ``other``); see :func:`audit_init` for the choice under ``rule="auto"``."""
+    if role == "norm_weight":
+        return "one", 1.0, 0.0
+    if role == "norm_bias":
+        return "zero", 0.0, 0.0
+    if role == "bias":
+        zero = std == 0.0 and mean == 0.0
+        if fan_in is not None and (rule == "torch" or (rule == "auto" and not zero)):
+            return "torch", 0.0, 1.0 / math.sqrt(3.0 * fan_in)
+        return "zero", 0.0, 0.0
+    if role in ("weight", "embedding"):
+        emb = role == "embedding"
+        if rule == "auto":
+            chosen = min(
+                RULES, key=lambda r: _log_distance(std, expected_std(r, fan_in, fan_out, embedding=emb))
+            )
+        else:
+            chosen = rule
+        return chosen, 0.0, expected_std(chosen, fan_in, fan_out, embedding=emb)
+    return None, None, None
+
+
+def _flags(
+    n: int,
+    mean: float,
+    std: float,
+    max_z: float,
+    finite: bool,
+    exp_mean: float | None,
+    exp_std: float | None,
+) -> tuple[list[str], float | None, float | None]:
+    """The flags of a measured tensor against its expectation, with ``std / expected`` and the
+    tolerance it was held to (None for the constant rules and for no rule)."""
+    flags = []
+    ratio = tol = None
+    if exp_std is not None and exp_mean is not None:
+        if exp_std == 0.0:
+            atol = _CONST_ATOL * max(1.0, abs(exp_mean))
+            if std > atol:
+                flags.append("std")
+            if abs(mean - exp_mean) > atol:
+                flags.append("mean")
+        else:
+            ratio = std / exp_std
+            tol = max(STD_TOLERANCE, 3.0 / math.sqrt(2.0 * max(n - 1, 1)))
+            if abs(ratio - 1.0) > tol:
+                flags.append("std")
+            if abs(mean - exp_mean) > max(0.1 * exp_std, 4.0 * exp_std / math.sqrt(n)):
+                flags.append("mean")
+    if max_z > TAIL_SIGMAS:
+        flags.append("tail")
+    if not finite:
+        flags.append("nonfinite")
+    return flags, ratio, tol
 
 
 def _fmt(value: Any, digits: int) -> str:

@@ -294,19 +294,7 @@ def lora_ga_init(
     non-finite or all-zero gradient, a quantised base, DoRA, a merged adapter or a non-zero ``lora_B``.
     """
     start = time.perf_counter()
-    for value, allowed, what in (
-        (estimator, ESTIMATORS, "estimator"),
-        (direction, DIRECTIONS, "direction"),
-        (scale, SCALES, "scale"),
-    ):
-        if value not in allowed:
-            raise GradkitError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
-    if sketch_passes not in (1, 2):
-        raise GradkitError(f"sketch_passes must be 1 or 2 (got {sketch_passes})")
-    if num_batches is not None and num_batches < 1:
-        raise GradkitError(
-            f"num_batches must be at least 1 (got {num_batches}); pass None to use every batch"
-        )
+    _check_options(estimator, direction, scale, sketch_passes, num_batches)
     # DDP / accelerate wrappers: estimate on the module itself (its gradients need no reducer)
     while isinstance(getattr(peft_model, "module", None), nn.Module):
         peft_model = peft_model.module
@@ -328,6 +316,40 @@ def lora_ga_init(
             **kwargs,
         )
     estimate_seconds = time.perf_counter() - start
+    _check_estimates(pairs, estimates, total)
+    bytes_held = sum(_nbytes(e) for e in estimates.values())
+    if estimator == "sketch":
+        bytes_held += max(e.work_nbytes for e in estimates.values())
+    report = LoraGAReport(estimator, direction, scale, total, estimate_seconds, 0.0, bytes_held)
+    for index, pair in enumerate(pairs):
+        report.layers.append(
+            _init_layer(pair, index, estimates, estimator, direction, scale, stable_gamma, seed)
+        )
+    reshard(peft_model)  # FSDP2: the next forward gathers the new shards
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _check_options(
+    estimator: str, direction: str, scale: str, sketch_passes: int, num_batches: int | None
+) -> None:
+    for value, allowed, what in (
+        (estimator, ESTIMATORS, "estimator"),
+        (direction, DIRECTIONS, "direction"),
+        (scale, SCALES, "scale"),
+    ):
+        if value not in allowed:
+            raise GradkitError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
+    if sketch_passes not in (1, 2):
+        raise GradkitError(f"sketch_passes must be 1 or 2 (got {sketch_passes})")
+    if num_batches is not None and num_batches < 1:
+        raise GradkitError(
+            f"num_batches must be at least 1 (got {num_batches}); pass None to use every batch"
+        )
+
+
+def _check_estimates(pairs: list[LoraPair], estimates: dict[str, Any], total: int) -> None:
+    """Refuse no batches, a non-finite estimate, or estimates that are all zero."""
     if total == 0:
         raise GradkitError("lora_ga_init got no batches; pass an iterable with at least one batch")
     bad = [p.name for p in pairs if not _finite(estimates[p.name])]
@@ -341,40 +363,44 @@ def lora_ga_init(
             "every estimated gradient is zero; the loss must depend on the adapted layers and be computed "
             "with gradients enabled (check loss_fn, or that model(**batch).loss is set)"
         )
-    bytes_held = sum(_nbytes(e) for e in estimates.values())
-    if estimator == "sketch":
-        bytes_held += max(e.work_nbytes for e in estimates.values())
-    report = LoraGAReport(estimator, direction, scale, total, estimate_seconds, 0.0, bytes_held)
-    for index, pair in enumerate(pairs):
-        t0 = time.perf_counter()
-        estimate = estimates.pop(pair.name)  # freed layer by layer
-        held = _nbytes(estimate)
-        if isinstance(estimate, ShardedGradient):  # FSDP2: gathered on one rank (round robin) for the SVD
-            U, S, Vh = estimate.svd(2 * pair.rank, owner=index, seed=seed)
-            total_sq = estimate.frobenius_sq()
-        elif estimator == "exact":
-            U, S, Vh = truncated_svd(estimate, 2 * pair.rank, seed=seed)
-            total_sq = float(torch.linalg.vector_norm(estimate, dtype=torch.float64)) ** 2
-        else:
-            U, S, Vh = estimate.svd(2 * pair.rank)
-            total_sq = estimate.frobenius_sq()
-        del estimate
-        _apply(pair, U, Vh, direction, scale, stable_gamma)
-        energy = min(1.0, float(S.double().square().sum()) / total_sq) if total_sq > 0 else 0.0
-        report.layers.append(
-            LayerReport(
-                pair.name,
-                tuple(pair.base_weight.shape),
-                pair.rank,
-                S.detach().cpu(),
-                energy,
-                time.perf_counter() - t0,
-                held,
-            )
-        )
-    reshard(peft_model)  # FSDP2: the next forward gathers the new shards
-    report.seconds = time.perf_counter() - start
-    return report
+
+
+def _init_layer(
+    pair: LoraPair,
+    index: int,
+    estimates: dict[str, Any],
+    estimator: str,
+    direction: str,
+    scale: str,
+    gamma: float,
+    seed: int,
+) -> LayerReport:
+    """Top-2r SVD of one layer's estimate, written into its adapter (:func:`_apply`); its report line.
+    The estimate is taken out of ``estimates`` and freed before the adapter is written."""
+    t0 = time.perf_counter()
+    estimate = estimates.pop(pair.name)
+    held = _nbytes(estimate)
+    if isinstance(estimate, ShardedGradient):  # FSDP2: gathered on one rank (round robin) for the SVD
+        U, S, Vh = estimate.svd(2 * pair.rank, owner=index, seed=seed)
+        total_sq = estimate.frobenius_sq()
+    elif estimator == "exact":
+        U, S, Vh = truncated_svd(estimate, 2 * pair.rank, seed=seed)
+        total_sq = float(torch.linalg.vector_norm(estimate, dtype=torch.float64)) ** 2
+    else:
+        U, S, Vh = estimate.svd(2 * pair.rank)
+        total_sq = estimate.frobenius_sq()
+    del estimate
+    _apply(pair, U, Vh, direction, scale, gamma)
+    energy = min(1.0, float(S.double().square().sum()) / total_sq) if total_sq > 0 else 0.0
+    return LayerReport(
+        pair.name,
+        tuple(pair.base_weight.shape),
+        pair.rank,
+        S.detach().cpu(),
+        energy,
+        time.perf_counter() - t0,
+        held,
+    )
 
 
 def _finite(estimate) -> bool:
