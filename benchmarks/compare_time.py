@@ -62,9 +62,10 @@ def padded_positions(steps: int, trim: bool) -> tuple[int, int]:
     """Token positions the default stream computes in ``steps`` steps (padding included) and real tokens."""
     from gradkit.data import load_text_classification
     from gradkit.train.batching import padded_positions as positions
-    from gradkit.train.batching import split_batch, tokenize
-    from gradkit.train.loop import training_order
+    from gradkit.train.batching import split_batch
+    from gradkit.train.datasets import training_order
     from gradkit.train.model import load_tokenizer
+    from gradkit.train.tokenize import tokenize
 
     data = load_text_classification(None, split="train")
     tokens = tokenize(load_tokenizer(None), data.texts, data.labels, 128)

@@ -32,7 +32,7 @@ def run() -> dict[str, Any]:
     import torch
 
     from gradkit.data import load_text_classification
-    from gradkit.train.loop import evaluate
+    from gradkit.train.evaluate import evaluate
     from gradkit.train.model import label_text_head, label_texts, load_classifier, load_tokenizer
     from gradkit.train.tokenize import tokenize_data
 

@@ -237,11 +237,12 @@ def curve(
     accuracy every ``eval_every`` steps. Returns the curve against forward passes."""
     import torch
 
-    from gradkit.train.batching import tokenize
     from gradkit.train.config import TrainConfig
-    from gradkit.train.loop import evaluate, load_datasets, training_order
+    from gradkit.train.datasets import load_datasets, training_order
+    from gradkit.train.evaluate import evaluate
     from gradkit.train.methods import get_method
     from gradkit.train.model import load_classifier, load_tokenizer
+    from gradkit.train.tokenize import tokenize
 
     cfg = TrainConfig(
         method=method_name,
@@ -424,11 +425,12 @@ def direct(
 
     import torch
 
-    from gradkit.train.batching import tokenize
     from gradkit.train.config import TrainConfig
-    from gradkit.train.loop import evaluate, load_datasets, training_order
+    from gradkit.train.datasets import load_datasets, training_order
+    from gradkit.train.evaluate import evaluate
     from gradkit.train.methods import get_method
     from gradkit.train.model import load_classifier, load_tokenizer
+    from gradkit.train.tokenize import tokenize
 
     base_cfg = TrainConfig(model=model_dir, max_length=args.max_length, weight_decay=0.0, seed=0)
     train, _, test = load_datasets(base_cfg)
