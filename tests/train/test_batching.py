@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 
-from gradkit.train.batching import _cuts, padded_positions, split_batch, tokenize
+from gradkit.train.batching import _cuts, padded_positions, split_batch
 from gradkit.train.config import TrainConfig
 from gradkit.train.loop import finetune
 from gradkit.train.methods import accumulate_gradients
+from gradkit.train.tokenize import tokenize
 
 
 class _NoAccelerator:
@@ -144,7 +145,8 @@ def test_grad_accum_equals_one_batch_of_the_same_examples(no_dropout_model_dir, 
 def test_dev_evaluation_and_best_weights_are_chosen_on_dev_only(tiny_model_dir, tmp_path):
     from peft import PeftModel
 
-    from gradkit.train.loop import evaluate_texts, load_datasets
+    from gradkit.train.datasets import load_datasets
+    from gradkit.train.evaluate import evaluate_texts
     from gradkit.train.model import load_classifier, load_tokenizer
 
     cfg = TrainConfig(

@@ -62,7 +62,7 @@ def test_response_only_labels_match_a_hand_built_example(models):
     """Llama-style tokenizer: <s> + prompt + response + </s>; labels -100 on <s> and the prompt, the ids of
     the response and </s> after; GPT-2-style (no BOS): position 0 is -100 all the same (nothing predicts it)."""
     from gradkit.data.causal import CausalLMData
-    from gradkit.train.causal import tokenize_causal
+    from gradkit.train.tokenize import tokenize_causal
 
     data = CausalLMData(["First Citizen:\n"], ["Speak, speak."], "hand", [1])
     for arch, bos in (("llama", True), ("gpt2", False)):
@@ -88,7 +88,7 @@ def test_response_only_labels_match_a_hand_built_example(models):
 
 def test_plain_texts_train_on_every_token_and_batches_pad_on_the_right(models, tmp_path):
     from gradkit.data.causal import load_causal_lm_data
-    from gradkit.train.causal import tokenize_causal
+    from gradkit.train.tokenize import tokenize_causal
 
     lines = shakespeare_lines(3)
     (tmp_path / "t.txt").write_text("\n\n".join(lines) + "\n", encoding="utf-8")
@@ -116,7 +116,8 @@ def test_token_weighted_parts_give_the_whole_batch_loss_and_gradient(models, dat
     and gradient (weighting by examples, n_c / N, would not)."""
     from gradkit.data.causal import load_causal_lm_data
     from gradkit.train.batching import split_batch
-    from gradkit.train.causal import load_causal_lm, tokenize_causal
+    from gradkit.train.causal import load_causal_lm
+    from gradkit.train.tokenize import tokenize_causal
 
     tokens = tokenize_causal(tokenizer_of(models[arch]), load_causal_lm_data(data[0]), 48)
     batch = tokens.collate(list(range(10)))
@@ -143,7 +144,9 @@ def test_token_weighted_parts_give_the_whole_batch_loss_and_gradient(models, dat
 
 def test_held_out_loss_is_the_mean_nll_per_response_token(models, data):
     from gradkit.data.causal import load_causal_lm_data
-    from gradkit.train.causal import evaluate_causal, load_causal_lm, tokenize_causal
+    from gradkit.train.causal import load_causal_lm
+    from gradkit.train.evaluate import evaluate_causal
+    from gradkit.train.tokenize import tokenize_causal
 
     tokens = tokenize_causal(tokenizer_of(models["llama"]), load_causal_lm_data(data[1]), 48)
     model = load_causal_lm(str(models["llama"])).eval()
@@ -186,7 +189,8 @@ def plain_peft(base: Path, adapter: Path):
 @pytest.mark.parametrize("method", ["lora", "lora-ga", "lora-pro", "full", "mezo"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_every_method_trains_and_reloads(models, data, tmp_path, arch, method):
-    from gradkit.train.loop import evaluate_texts, load_datasets
+    from gradkit.train.datasets import load_datasets
+    from gradkit.train.evaluate import evaluate_texts
     from gradkit.train.reload import load_trained
 
     cfg = tiny(models[arch], data, tmp_path / "run", method=method)
@@ -219,7 +223,7 @@ def test_every_method_trains_and_reloads(models, data, tmp_path, arch, method):
 
 
 def test_batch(tokenizer, data, max_length):
-    from gradkit.train.causal import tokenize_causal
+    from gradkit.train.tokenize import tokenize_causal
 
     batch = tokenize_causal(tokenizer, data, max_length).collate(range(4))
     return {k: v for k, v in batch.items() if k != "labels"}

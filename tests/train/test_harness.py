@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gradkit.train.config import TrainConfig
-from gradkit.train.loop import finetune, training_order
+from gradkit.train.datasets import training_order
+from gradkit.train.loop import finetune
 from gradkit.train.methods import get_method
 
 

@@ -46,7 +46,8 @@ def test_lora_finetune_on_minilm_writes_an_adapter_that_plain_peft_reloads(tmp_p
         assert (out / name).is_file(), name
 
     # the adapter on a freshly loaded original MiniLM scores the test set exactly as the trained model did
-    from gradkit.train.loop import evaluate_texts, load_datasets
+    from gradkit.train.datasets import load_datasets
+    from gradkit.train.evaluate import evaluate_texts
 
     path = default_model_path()
     loaded = PeftModel.from_pretrained(load_classifier(path, 2, seed=123), out / "adapter")

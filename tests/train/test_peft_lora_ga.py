@@ -11,7 +11,9 @@ from gradkit.train.config import TrainConfig
 def test_peft_lora_ga_run_saves_an_adapter_for_the_original_base(tiny_model_dir, tmp_path):
     from peft import PeftModel
 
-    from gradkit.train.loop import evaluate_texts, finetune, load_datasets
+    from gradkit.train.datasets import load_datasets
+    from gradkit.train.evaluate import evaluate_texts
+    from gradkit.train.loop import finetune
     from gradkit.train.model import load_classifier, load_tokenizer
 
     cfg = TrainConfig(
@@ -39,10 +41,10 @@ def test_peft_lora_ga_run_saves_an_adapter_for_the_original_base(tiny_model_dir,
 
 def test_peft_lora_ga_init_is_not_a_plain_lora_init(tiny_model_dir):
     """B is non-zero after PEFT's LoRA-GA, and the global RNG is left alone."""
-    from gradkit.train.batching import tokenize
-    from gradkit.train.loop import load_datasets
+    from gradkit.train.datasets import load_datasets
     from gradkit.train.methods import get_method
     from gradkit.train.model import load_classifier, load_tokenizer
+    from gradkit.train.tokenize import tokenize
 
     cfg = TrainConfig(model=str(tiny_model_dir), rank=4, options={"peft_ga_batches": 2})
     train, _, _ = load_datasets(cfg)

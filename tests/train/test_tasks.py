@@ -48,8 +48,8 @@ def tiny(tiny_model_dir, out: Path, **kw) -> TrainConfig:
 
 def test_pairs_are_encoded_as_one_pair_with_segment_ids(tiny_model_dir, rte):
     from gradkit.data import load_text_classification
-    from gradkit.train.batching import tokenize_data
     from gradkit.train.model import load_tokenizer
+    from gradkit.train.tokenize import tokenize_data
 
     data = load_text_classification(rte[0])
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -100,7 +100,8 @@ def test_regression_trains_with_mse_and_reports_correlations(tiny_model_dir, tmp
     assert "test_accuracy" not in summary
     assert -1.0 <= summary["test_pearson"] <= 1.0
 
-    from gradkit.train.loop import evaluate_texts, load_datasets
+    from gradkit.train.datasets import load_datasets
+    from gradkit.train.evaluate import evaluate_texts
     from gradkit.train.reload import load_trained
 
     # the adapter reloads with the regression head and gives the same test loss (MSE of the one output)
@@ -206,10 +207,10 @@ def test_zero_shot_head_classifies_texts_that_are_their_label_texts(tiny_model_d
 def test_label_head_adapter_reloads_in_plain_peft_and_reproduces_the_logits(tiny_model_dir, tmp_path, rte):
     from peft import PeftModel
 
-    from gradkit.train.batching import tokenize_data
-    from gradkit.train.loop import load_datasets
+    from gradkit.train.datasets import load_datasets
     from gradkit.train.model import LabelTextHead, load_classifier
     from gradkit.train.reload import load_trained
+    from gradkit.train.tokenize import tokenize_data
 
     out = tmp_path / "lh"
     cfg = tiny(
@@ -244,7 +245,8 @@ def test_label_head_adapter_reloads_in_plain_peft_and_reproduces_the_logits(tiny
 
 @pytest.mark.parametrize("method", ["head", "full"])
 def test_saved_label_heads_of_other_methods_reload(tiny_model_dir, tmp_path, rte, method):
-    from gradkit.train.loop import evaluate_texts, load_datasets
+    from gradkit.train.datasets import load_datasets
+    from gradkit.train.evaluate import evaluate_texts
     from gradkit.train.reload import load_trained
 
     cfg = tiny(
@@ -289,9 +291,9 @@ def test_head_warmup_reads_the_streams_first_batches_before_the_method(tiny_mode
     """The warm-up sees the stream's first N step batches, before ``prepare``; the method's step 1 takes
     the next batch of the stream; metrics.jsonl has the warm-up's rows apart, first."""
     from gradkit.train import head_warmup, methods
-    from gradkit.train.batching import tokenize_data
-    from gradkit.train.loop import TrainingStream, load_datasets
+    from gradkit.train.datasets import TrainingStream, load_datasets
     from gradkit.train.model import load_tokenizer
+    from gradkit.train.tokenize import tokenize_data
 
     events: list[tuple[str, list[int]]] = []
     real_warmup, real_step, real_prepare = (

@@ -16,103 +16,16 @@ batch are unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from gradkit.train.tokenize import IGNORE_INDEX, PER_TOKEN
 
 # one more forward/backward pass costs about as much as this many padded token positions (a part's
 # fixed cost: Python, kernel launches, small-matrix inefficiency); benchmarks/compare_time.py measures
 # the parts against one padded pass per batch
 PART_OVERHEAD_TOKENS = 128
-
-# the keys of a batch that hold one value per token position (sliced when padding is trimmed)
-_PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-
-
-@dataclass
-class Tokenized:
-    """Texts tokenised once (no padding), with their labels (class ids, or float targets for
-    regression): a batch is ``collate(indices)``."""
-
-    features: list[dict[str, list[int]]]
-    labels: list[int] | list[float]
-    pad_id: int
-    padding_side: str
-    label_dtype: torch.dtype = torch.long
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def lengths(self) -> list[int]:
-        return [len(f["input_ids"]) for f in self.features]
-
-    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """The examples at ``indices`` padded to the longest of them (the tokenizer's padding side)."""
-        rows = [self.features[i] for i in indices]
-        batch = pad_features(rows, self.pad_id, self.padding_side)
-        batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=self.label_dtype)
-        return batch
-
-
-def tokenize(
-    tokenizer: Any,
-    texts: Sequence[str],
-    labels: Sequence[int] | Sequence[float],
-    max_length: int,
-    pairs: Sequence[str] | None = None,
-) -> Tokenized:
-    """Tokenise every text (or text pair, in the tokenizer's pair encoding: ``[CLS] a [SEP] b [SEP]``
-    with segment ids for BERT) once, truncated to ``max_length`` (a pair loses tokens from its longer
-    text first); padding happens per batch. Float labels (regression targets) stay floats."""
-    if pairs is None:
-        encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
-    else:
-        encoded = tokenizer(list(texts), list(pairs), truncation="longest_first", max_length=max_length)
-    keys = [k for k in _PER_TOKEN if k in encoded]
-    features = [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
-    floats = any(isinstance(v, float) for v in labels)
-    return Tokenized(
-        features,
-        list(labels),
-        int(tokenizer.pad_token_id),
-        tokenizer.padding_side,
-        torch.float32 if floats else torch.long,
-    )
-
-
-def tokenize_data(tokenizer: Any, data: Any, max_length: int) -> Tokenized:
-    """:func:`tokenize` a loaded data set (:class:`gradkit.data.TextClassificationData`), pairs and all;
-    causal-LM data (:class:`gradkit.data.causal.CausalLMData`) go to
-    :func:`gradkit.train.causal.tokenize_causal` (per-token labels)."""
-    if getattr(data, "task", None) == "causal-lm":
-        from gradkit.train.causal import tokenize_causal
-
-        return tokenize_causal(tokenizer, data, max_length)
-    tokens = tokenize(tokenizer, data.texts, data.labels, max_length, getattr(data, "pairs", None))
-    if getattr(data, "task", "classification") == "regression":
-        tokens.label_dtype = torch.float32  # targets written as integers ("4") are still targets
-    return tokens
-
-
-def pad_features(
-    rows: Sequence[dict[str, list[int]]], pad_id: int, side: str = "right"
-) -> dict[str, torch.Tensor]:
-    """Stack token lists into tensors padded to the longest row: ``input_ids`` with ``pad_id``, the
-    attention mask and the other per-token keys with 0, on the left or the right."""
-    longest = max(len(r["input_ids"]) for r in rows)
-    out = {}
-    for key in rows[0]:
-        fill = pad_id if key == "input_ids" else 0
-        data = torch.full((len(rows), longest), fill, dtype=torch.long)
-        for i, row in enumerate(rows):
-            values = torch.tensor(row[key], dtype=torch.long)
-            if side == "left":
-                data[i, longest - len(values) :] = values
-            else:
-                data[i, : len(values)] = values
-        out[key] = data
-    return out
 
 
 def _cuts(sorted_lengths: Sequence[int], max_examples: int, overhead: int) -> list[int]:
@@ -180,7 +93,7 @@ def split_batch(
         part = {}
         for key, value in batch.items():
             value = value[rows]
-            if (key in _PER_TOKEN or key == "labels") and value.ndim == 2:
+            if (key in PER_TOKEN or key == "labels") and value.ndim == 2:
                 value = value[:, -longest:] if left else value[:, :longest]
             part[key] = value
         parts.append((part, weight(rows, end - begin)))
@@ -192,7 +105,7 @@ def _label_tokens(labels: torch.Tensor) -> torch.Tensor | None:
     """Labelled positions of each row of per-token (causal, shifted) labels; None for one label a row."""
     if labels.ndim != 2:
         return None
-    return (labels[:, 1:] != -100).sum(1)
+    return (labels[:, 1:] != IGNORE_INDEX).sum(1)
 
 
 def padded_positions(parts: Sequence[tuple[dict[str, torch.Tensor], float]]) -> int:

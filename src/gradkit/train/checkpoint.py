@@ -1,4 +1,4 @@
-"""Checkpoints that resume a run bit for bit, and the run folder's status.
+"""Checkpoints that resume a run bit for bit.
 
 A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` holding
 
@@ -17,17 +17,13 @@ The data position is the step: the training stream is a fixed function of the se
 filled under a temporary name and renamed; then ``checkpoints/latest.json`` is replaced atomically
 to point at it, and older checkpoints are removed. A run stopped at any moment therefore leaves
 either the previous checkpoint or the new one, never a half-written one.
-
-``status.json`` in the run folder says ``running``, ``stopped`` (interrupted), ``failed`` (an error:
-its one-line reason) or ``finished``, with the step reached and the step of the checkpoint a resumed
-run starts from.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +31,9 @@ import torch
 
 from gradkit.errors import GradkitError
 from gradkit.files import write_json
+from gradkit.fsdp import is_dtensor, local, local_part, reshard
 
 CHECKPOINTS = "checkpoints"
-STATUS = "status.json"
 
 
 def rng_state() -> dict[str, Any]:
@@ -137,8 +133,6 @@ def save_checkpoint(
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The folder ``checkpoints/latest.json`` points at, or None when the run saved none."""
-    import json
-
     pointer = out / CHECKPOINTS / "latest.json"
     if not pointer.is_file():
         return None
@@ -169,8 +163,6 @@ def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
     """Copy checkpoint tensors into the model's parameters and buffers of the same names (exact). A
     parameter sharded by FSDP2 takes this rank's rows of a whole tensor (or a DTensor laid out like it),
     and the model is resharded so that its next forward gathers the new values."""
-    from gradkit.fsdp import is_dtensor, local, local_part, reshard
-
     reshard(model)  # after a forward alone FSDP2 leaves the root's unsharded parameters registered
     own = dict(model.named_parameters())
     own.update(model.named_buffers())
@@ -188,11 +180,3 @@ def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
             else:
                 target.copy_(value)
     reshard(model)
-
-
-def write_status(out: Path, status: str, **fields: Any) -> None:
-    """Replace ``status.json``: ``{"status": ..., "updated": <UTC time>, ...fields}``."""
-    write_json(
-        out / STATUS,
-        {"status": status, "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields},
-    )

@@ -17,14 +17,19 @@ from typing import Any
 from gradkit.errors import GradkitError
 from gradkit.files import atomic_path, clear_folder, write_json
 from gradkit.train.config import TrainConfig
+from gradkit.train.datasets import load_datasets
+from gradkit.train.loop import finetune
+from gradkit.train.methods import get_method
+from gradkit.train.metrics import format_metric
+from gradkit.train.plots import plot_losses
+from gradkit.train.run_folder import default_out
+from gradkit.train.validate import check_config, check_data, check_out
 
 DEFAULT_METHODS = ("head", "lora", "lora-ga", "full")
 
 
 def _child(cfg: TrainConfig, debug: bool, report: Any) -> None:
     """Run one method; send ``None`` on success or the failure's one-line reason through ``report``."""
-    from gradkit.train.loop import finetune
-
     try:
         finetune(cfg)
     except GradkitError as err:
@@ -47,8 +52,6 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
     """A Markdown table of the headline numbers, one row per method: the task's metric at step 0
     (before any training), after the head warm-up when there was one, at the end, with EMA and
     best-on-dev where the run kept them."""
-    from gradkit.train.metrics import format_metric
-
     done = [s for s in summaries if "error" not in s]
     metric = done[0].get("metric", "accuracy") if done else "accuracy"
     name = {"accuracy": "acc", "macro_f1": "macro-F1", "mcc": "MCC"}.get(metric, metric)
@@ -113,11 +116,6 @@ def compare(
     (for scripts that gather runs in one folder, such as the benchmarks) it may hold other runs, and
     only each method's own folder ``out/<method>`` must be new or empty (``cfg.overwrite`` clears that
     folder alone)."""
-    from gradkit.train.loop import default_out, load_datasets
-    from gradkit.train.methods import get_method
-    from gradkit.train.plots import plot_losses
-    from gradkit.train.validate import check_config, check_data, check_out
-
     for name in methods:
         get_method(name)  # unknown names fail before anything runs
     if not methods:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from gradkit.train.batching import split_batch
+from gradkit.train.methods import adamw
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
@@ -48,8 +49,6 @@ def warm_up_head(
     Each batch is cut into length-sorted parts as training does (the same mean gradient). Returns
     ``{"steps", "lr", "losses", "seconds"}``; ``on_step(step, loss)`` sees every step's batch loss.
     """
-    from gradkit.train.methods import adamw
-
     head_params = list(model.head.parameters())
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training

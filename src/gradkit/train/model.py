@@ -43,7 +43,8 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _check_model_dir(path: str) -> None:
+def check_model_dir(path: str) -> None:
+    """Refuse a model folder without ``config.json`` (what every ``from_pretrained`` reads first)."""
     if not Path(path, "config.json").is_file():
         raise GradkitError(
             f"model folder {path} has no config.json; pass --model a local Hugging Face model folder "
@@ -55,7 +56,7 @@ def load_tokenizer(path: str | None = None):
     from transformers import AutoTokenizer
 
     path = path or default_model_path()
-    _check_model_dir(path)
+    check_model_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -167,7 +168,7 @@ def load_classifier(
     from transformers import AutoModel
 
     path = path or default_model_path()
-    _check_model_dir(path)
+    check_model_dir(path)
     # fork_rng: weight-init draws inside from_pretrained and nn.Linear leave the global RNG as it was
     with quiet_transformers(), torch.random.fork_rng(devices=[]):
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from gradkit.files import atomic_path
+
 
 def smooth(values: Sequence[float], beta: float = 0.9) -> list[float]:
     """Bias-corrected exponential moving average, as TensorBoard draws loss curves."""
@@ -27,8 +29,6 @@ def plot_losses(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from gradkit.files import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for i, (name, (steps, losses)) in enumerate(curves.items()):

@@ -11,7 +11,10 @@ from typing import Any
 
 import torch
 
+from gradkit.data import load_label_map
 from gradkit.errors import GradkitError
+from gradkit.train.causal import load_causal_lm
+from gradkit.train.model import LabelTextHead, load_classifier, load_tokenizer
 
 WEIGHTS = ("final", "best", "ema")
 
@@ -25,9 +28,6 @@ def load_trained(run_dir: str | os.PathLike, which: str = "final") -> tuple[Any,
     (``PeftModel.from_pretrained``), other methods their ``trainable.safetensors`` (the tensors they
     trained, by name). ``which``: ``"final"``, ``"best"`` (``--keep-best``) or ``"ema"`` (``--ema``).
     """
-    from gradkit.data import load_label_map
-    from gradkit.train.model import LabelTextHead, load_classifier, load_tokenizer
-
     if which not in WEIGHTS:
         raise GradkitError(f"which={which!r} is not one of: {', '.join(WEIGHTS)}")
     run = Path(run_dir)
@@ -42,8 +42,6 @@ def load_trained(run_dir: str | os.PathLike, which: str = "final") -> tuple[Any,
     task = cfg.get("task", "classification")
     names = load_label_map(run / "labels.json") if task == "classification" else []
     if task == "causal-lm":  # the plain AutoModelForCausalLM, fp32; a LoRA adapter goes on it with PEFT
-        from gradkit.train.causal import load_causal_lm
-
         model = load_causal_lm(cfg["model"])
     else:
         model = load_classifier(cfg["model"], max(len(names), 1), pooling=cfg["pooling"], task=task)

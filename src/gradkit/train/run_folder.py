@@ -1,0 +1,141 @@
+"""The run folder's own files, written by the main process alone (the others' calls do nothing):
+
+- ``config.json``: the settings, with the learning rate used and the number of processes;
+- ``labels.json``: the label map (id = label as in the training file; none for a causal LM);
+- ``status.json``: ``running``, ``stopped`` (interrupted, or ``stop_after``), ``failed`` (an error: its
+  one-line reason) or ``finished``, with the step reached and the step of the checkpoint a resumed
+  run starts from;
+- ``metrics.jsonl``: one JSON row per logged train step, dev evaluation and head warm-up step;
+- ``summary.json`` and ``loss.png`` when the run finishes.
+
+The weights, ``checkpoints/`` (:mod:`gradkit.train.checkpoint`) and ``ema/``, ``best/`` are written
+by the method and the checkpoint code into the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from gradkit.data import save_label_map
+from gradkit.files import atomic_path, clear_folder, json_line, write_json
+from gradkit.train.config import TrainConfig
+from gradkit.train.plots import plot_losses
+from gradkit.train.run_state import RunState
+
+CONFIG = "config.json"
+STATUS = "status.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+def default_out(method: str) -> Path:
+    """``runs/<method>-<time>``, with ``-2``, ``-3``, ... when a run of the same second has it."""
+    base = Path("runs") / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+class RunFolder:
+    """The files of the run folder ``path`` of a run of ``steps`` steps; ``main``: this process writes
+    them (the other processes of a data-parallel run hold a RunFolder that writes nothing)."""
+
+    def __init__(self, path: Path, *, steps: int, main: bool = True):
+        self.path, self.steps, self.main = path, steps, main
+        self._metrics: IO[str] | None = None
+
+    def create(self, cfg: TrainConfig, lr: float, processes: int, train_data: Any) -> None:
+        """Make the folder (cleared first with ``cfg.overwrite``) with ``config.json`` and ``labels.json``."""
+        if not self.main:
+            return
+        if cfg.overwrite and self.path.is_dir():
+            clear_folder(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.path / CONFIG, {**cfg.to_dict(), "lr": lr, "num_processes": processes})
+        if cfg.task != "causal-lm":  # a causal LM has no labels
+            save_label_map(train_data, self.path / "labels.json")
+
+    def has_config(self) -> bool:
+        """True when the folder holds a ``config.json`` (it is a run folder)."""
+        return (self.path / CONFIG).is_file()
+
+    def read_config(self) -> dict[str, Any]:
+        """The settings ``config.json`` holds."""
+        return json.loads((self.path / CONFIG).read_text())
+
+    def read_status(self) -> str | None:
+        """The ``status`` of ``status.json``; None without one."""
+        path = self.path / STATUS
+        return json.loads(path.read_text()).get("status") if path.is_file() else None
+
+    def status(
+        self, status: str, *, step: int, checkpoint_step: int | None, reason: str | None = None
+    ) -> None:
+        """Replace ``status.json``: ``{"status", "updated": <UTC time>, ["reason",] "step", "steps",
+        "checkpoint_step"}``."""
+        if not self.main:
+            return
+        fields: dict[str, Any] = {"reason": reason} if reason is not None else {}
+        fields.update(step=step, steps=self.steps, checkpoint_step=checkpoint_step)
+        updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write_json(self.path / STATUS, {"status": status, "updated": updated, **fields})
+
+    def open_metrics(self, resumed_at: int | None, warmup_losses: list[float]) -> None:
+        """Start ``metrics.jsonl``: a new run writes it afresh, the head warm-up's rows first (apart
+        from the method's); a run resumed at step ``resumed_at`` keeps the complete rows up to there
+        and appends."""
+        if not self.main:
+            return
+        path = self.path / METRICS
+        if resumed_at is not None:
+            _keep_rows(path, resumed_at)
+        self._metrics = open(path, "a" if resumed_at is not None else "w")  # noqa: SIM115 (open across the loop)
+        if resumed_at is None:
+            for i, loss in enumerate(warmup_losses, 1):
+                self._metrics.write(json_line({"head_warmup_step": i, "loss": loss}) + "\n")
+
+    def write_row(self, row: dict[str, Any]) -> None:
+        """Append one row to ``metrics.jsonl`` and flush it (a row is on disk once written)."""
+        if self._metrics is not None:
+            self._metrics.write(json_line(row) + "\n")
+            self._metrics.flush()
+
+    def close_metrics(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+    def finish(self, summary: dict[str, Any], method: str, state: RunState) -> None:
+        """Write ``summary.json`` and ``loss.png`` (the train loss, and the dev loss when there was one)."""
+        if not self.main:
+            return
+        write_json(self.path / SUMMARY, summary)
+        curve = state.dev_curve
+        dev = {method: ([s for s, _ in curve], [v for _, v in curve])} if curve else None
+        plot_losses(
+            {method: (state.loss_steps, state.losses)},
+            self.path / "loss.png",
+            title=f"{method}: train loss" + (" and dev loss" if curve else ""),
+            dev=dev,
+        )
+
+
+def _keep_rows(path: Path, last_step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) with only its complete rows of steps up to ``last_step``: a
+    resumed run appends from there (a row cut short by a hard kill is dropped too)."""
+    kept = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0 if "head_warmup_step" in row else last_step + 1) <= last_step:
+                kept.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
