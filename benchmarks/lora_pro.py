@@ -164,7 +164,7 @@ def alignment(batches, lr: float):
 
 def cost(batches, rounds: int, lr: float):
     from gradkit.optim.lora_pro import LoRAPro
-    from gradkit.train.loop import optimizer_state_bytes
+    from gradkit.train.measures import optimizer_state_bytes
 
     def lora_adamw(model):
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
