@@ -128,43 +128,17 @@ def compare(
         if cfg.overwrite and folder.is_dir():
             clear_folder(folder)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = multiprocessing.get_context("spawn")
     summaries: list[dict[str, Any]] = []
     curves, dev_curves = {}, {}
     for name in methods:
         run_dir = out / name
-        reader, writer = ctx.Pipe(duplex=False)
-        method_cfg = dataclasses.replace(cfg, method=name, out=str(run_dir), overwrite=False)
-        child = ctx.Process(target=_child, args=(method_cfg, debug, writer))
-        child.start()
-        writer.close()  # the child holds the only writer: recv() ends when it exits, whatever happens
-        try:
-            reason = reader.recv()
-        except EOFError:  # killed (out of memory, a signal) before it could say why
-            reason = None
-        child.join()
-        reader.close()
-        summary_path = run_dir / "summary.json"
-        if child.exitcode != 0 or not summary_path.exists():
-            if reason is None:
-                code = child.exitcode
-                reason = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            summaries.append({"method": name, "error": reason})
-            continue
-        summary = json.loads(summary_path.read_text())
+        summary = _run_method(dataclasses.replace(cfg, method=name, out=str(run_dir), overwrite=False), debug)
         summaries.append(summary)
-        steps, losses, dev_steps, dev_losses = [], [], [], []
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            row = json.loads(line)
-            if "step" in row and "loss" in row:  # a train row (dev rows: dev_loss; warm-up rows: no step)
-                steps.append(row["step"])
-                losses.append(row["loss"])
-            elif "dev_loss" in row:
-                dev_steps.append(row["step"])
-                dev_losses.append(row["dev_loss"])
-        curves[name] = (steps, losses)
-        if dev_steps:
-            dev_curves[name] = (dev_steps, dev_losses)
+        if "error" in summary:
+            continue
+        curves[name], dev = _curves(run_dir / "metrics.jsonl")
+        if dev[0]:
+            dev_curves[name] = dev
     table = format_table(summaries)
     write_json(out / "comparison.json", {"config": cfg.to_dict(), "methods": methods, "summaries": summaries})
     with atomic_path(out / "table.md") as tmp:
@@ -179,3 +153,43 @@ def compare(
     print(table)
     print(f"\nrun folder: {out}")
     return summaries
+
+
+def _run_method(cfg: TrainConfig, debug: bool) -> dict[str, Any]:
+    """Run ``cfg`` in a child process: its summary, or ``{"method", "error"}`` with the one-line reason
+    it failed (the child's own, or how it ended when it could not say)."""
+    ctx = multiprocessing.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(cfg, debug, writer))
+    child.start()
+    writer.close()  # the child holds the only writer: recv() ends when it exits, whatever happens
+    try:
+        reason = reader.recv()
+    except EOFError:  # killed (out of memory, a signal) before it could say why
+        reason = None
+    child.join()
+    reader.close()
+    summary_path = Path(cfg.out) / "summary.json"
+    if child.exitcode != 0 or not summary_path.exists():
+        if reason is None:
+            code = child.exitcode
+            reason = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return {"method": cfg.method, "error": reason}
+    return json.loads(summary_path.read_text())
+
+
+Curve = tuple[list[int], list[float]]
+
+
+def _curves(metrics: Path) -> tuple[Curve, Curve]:
+    """The train-loss and dev-loss curves ``(steps, losses)`` of a run's metrics.jsonl."""
+    steps, losses, dev_steps, dev_losses = [], [], [], []
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if "step" in row and "loss" in row:  # a train row (dev rows: dev_loss; warm-up rows: no step)
+            steps.append(row["step"])
+            losses.append(row["loss"])
+        elif "dev_loss" in row:
+            dev_steps.append(row["step"])
+            dev_losses.append(row["dev_loss"])
+    return (steps, losses), (dev_steps, dev_losses)

@@ -169,8 +169,8 @@ class FineTune:
                 f"{out} holds no checkpoint to resume from; it ran without --save-every or stopped before "
                 "its first one: start it again"
             )
-        # the global batch is split across processes; recent accelerate silently ignores the old
-        # ``Accelerator(split_batches=...)`` keyword, so it goes through DataLoaderConfiguration
+        # the global batch is split across processes: accelerate takes that through
+        # DataLoaderConfiguration (it ignores an ``Accelerator(split_batches=...)`` keyword)
         self.accelerator = Accelerator(
             dataloader_config=DataLoaderConfiguration(split_batches=True),
             cpu=not torch.cuda.is_available(),
