@@ -29,6 +29,7 @@ from torch import nn
 from gradkit.capture import capture, first_tensor, name_matches
 from gradkit.ema import unwrap_model
 from gradkit.errors import GradkitError
+from gradkit.files import atomic_path
 
 __all__ = [
     "BLOCK_PATTERNS",
@@ -569,8 +570,6 @@ def plot_gradient_flow(
         fig.suptitle(title)
     if path is None:
         return fig
-    from gradkit.files import atomic_path
-
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

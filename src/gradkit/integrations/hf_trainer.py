@@ -36,6 +36,7 @@ import torch
 
 from gradkit.ema import EMA
 from gradkit.errors import GradkitError
+from gradkit.files import atomic_path
 
 try:  # transformers is optional for the rest of gradkit
     from transformers import TrainerCallback as _Base
@@ -136,8 +137,6 @@ class EMACallback(_Base):
     def _write(self, args, folder: str, main: bool, with_state: bool) -> None:
         """Write the EMA files into ``folder``. Under FSDP2 every rank calls this (the weights are
         gathered one tensor at a time; only ``main`` writes them) and each rank writes its state shard."""
-        from gradkit.files import atomic_path
-
         metadata = {"format": "pt", "ema_step": str(self.ema.step)}
         path = os.path.join(folder, EMA_WEIGHTS)
         if main:

@@ -27,6 +27,7 @@ import os
 from typing import Any
 
 from gradkit.errors import GradkitError
+from gradkit.files import atomic_path, write_json
 from gradkit.scaling.noise_scale import NoiseScale
 
 try:  # transformers is optional for the rest of gradkit
@@ -90,8 +91,6 @@ class NoiseScaleCallback(_Base):
 
     def on_save(self, args, state, control, **kwargs):
         if self.gns is not None and state.is_world_process_zero:
-            from gradkit.files import write_json
-
             write_json(
                 os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE),
                 self.gns.state_dict(),
@@ -102,8 +101,6 @@ class NoiseScaleCallback(_Base):
             self.recorder.remove()
             self.recorder = None
         if self.write_history and state.is_world_process_zero:
-            from gradkit.files import atomic_path
-
             os.makedirs(args.output_dir, exist_ok=True)
             with atomic_path(os.path.join(args.output_dir, HISTORY_FILE)) as tmp:
                 tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))

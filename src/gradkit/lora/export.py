@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from gradkit.errors import GradkitError
+from gradkit.files import atomic_dir
 from gradkit.lora.ga import RECORD
 
 
@@ -162,8 +163,6 @@ def save_adapter(peft_model: nn.Module, path: str | os.PathLike, *, adapter: str
     (an existing folder is replaced). Returns ``path``.
     """
     from peft import LoraConfig, PeftModel
-
-    from gradkit.files import atomic_dir
 
     model = _unwrap(peft_model)
     if not isinstance(model, PeftModel):

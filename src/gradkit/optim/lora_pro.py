@@ -56,6 +56,7 @@ from torch import nn
 from gradkit.errors import GradkitError
 from gradkit.fsdp import all_reduce_shard_sum, full, gather_rows, is_dtensor, local, local_part, shard_offset
 from gradkit.linalg import compute_dtype
+from gradkit.lora.pairs import lora_pairs
 from gradkit.optim.lora_pro_math import (
     X_SOLUTIONS,
     adjusted_lora_grads,
@@ -124,8 +125,6 @@ class LoRAPro(torch.optim.Optimizer):
         adapter: str | None = None,
         rtol: float | None = None,
     ):
-        from gradkit.lora.pairs import lora_pairs
-
         _check_choice("optimizer", optimizer, OPTIMIZERS)
         _check_choice("moments", moments, MOMENTS)
         _check_choice("x_solution", x_solution, X_SOLUTIONS)
