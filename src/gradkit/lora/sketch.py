@@ -16,11 +16,12 @@ the top singular triplets of ``G = sum_b G_b`` use only such products:
   is linear in G, so an all-reduce gives exactly the single-process result.
 
 Why not Tropp et al.'s single-pass recovery ``Q (Psi Q)^+ Z``: on all-MiniLM-L6-v2's SST-2 gradients
-(r = 8, so rank 16) its error was 30-90 % above the optimal ``||G - G_16||_F`` even at sketch size 96.
+(r = 8, so rank 16) its error is 30-90 % above the optimal ``||G - G_16||_F`` even at sketch size 96.
 The gradients have heavy spectral tails, and an oblivious linear sketch needs size ~rank/eps for a
 (1 + eps) error (Clarkson & Woodruff, STOC 2009). The streaming sketch is adaptive (each batch is
 multiplied by bases found from the earlier ones, as in block power iteration), which a linear sketch
-cannot be; measured on the same gradients it is a few per cent above optimal with state width 1.5 * rank.
+cannot be; on the same gradients it is a few per cent above optimal with state width 1.5 * rank
+(the accuracy rows of benchmarks/lora_ga_cost.py measure both sketches against the exact gradient).
 """
 
 from __future__ import annotations
