@@ -29,8 +29,9 @@ LORA_SHARE_WARNING = 0.25
 
 
 def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
-    """The settings' own ranges and the run folder (an existing one when ``resume``); nothing is
-    loaded and nothing is written."""
+    """The settings' own choices and ranges (declared with each field of TrainConfig and of the
+    methods' options dataclasses), how they combine, and the run folder (an existing one when
+    ``resume``); nothing is loaded and nothing is written."""
     check_settings(cfg)  # every field's choices and range (gradkit.train.config)
     check_options(cfg.options)  # every method option's (gradkit.train.method_options)
     if cfg.dev is not None and cfg.dev_fraction is not None:
