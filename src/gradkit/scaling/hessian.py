@@ -66,42 +66,16 @@ def b_noise_hessian(
     if not params:
         raise GradkitError("the model has no trainable parameters; set requires_grad first")
 
-    def flat(ts: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        return torch.cat(
-            [
-                (t if t is not None else torch.zeros_like(p)).reshape(-1)
-                for t, p in zip(ts, params, strict=True)
-            ]
-        )
-
     chunk_grads = []
     for chunk in batches:
         grads = torch.autograd.grad(loss_fn(model, chunk), params, allow_unused=True)
-        chunk_grads.append(flat(grads).detach())
+        chunk_grads.append(_flat(grads, params).detach())
     g = torch.stack(chunk_grads)  # k x P
     half = k // 2
     halves = (list(range(half)), list(range(half, k)))
-
-    def hessian_quad(chunks: list[int]) -> Callable[[torch.Tensor], float]:
-        """v ↦ vᵀĤv with Ĥ the Hessian of the mean loss over ``chunks``, one HVP per call."""
-        total = sum(loss_fn(model, batches[i]) for i in chunks) / len(chunks)
-        first = torch.autograd.grad(total, params, create_graph=True, allow_unused=True)
-        first = [t if t is not None else torch.zeros_like(p) for t, p in zip(first, params, strict=True)]
-
-        def quad(v: torch.Tensor) -> float:
-            pieces, start = [], 0
-            for p in params:
-                pieces.append(v[start : start + p.numel()].view_as(p))
-                start += p.numel()
-            dot = sum((f * piece).sum() for f, piece in zip(first, pieces, strict=True))
-            hv = torch.autograd.grad(dot, params, retain_graph=True, allow_unused=True)
-            return float((flat(hv) * v).sum())
-
-        return quad
-
     tr_parts, ghg_parts = [], []
     for h_chunks, g_chunks in ((halves[0], halves[1]), (halves[1], halves[0])):
-        quad = hessian_quad(h_chunks)  # the graph is freed when quad goes out of scope
+        quad = _hessian_quad(model, loss_fn, [batches[i] for i in h_chunks], params)  # graph freed with quad
         gy = g[g_chunks]
         ky, mean_y = len(g_chunks), gy.mean(0)
         tr_y = b / (ky - 1) * sum(quad(d) for d in gy - mean_y)
@@ -123,3 +97,34 @@ def b_noise_hessian(
         trace_sigma=tr_sigma,
         eta_max=g2 / g_h_g if g_h_g > 0 and g2 > 0 else None,
     )
+
+
+def _flat(ts: Sequence[torch.Tensor | None], params: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors ``ts`` (one per parameter, None for zero) as one flat vector."""
+    return torch.cat(
+        [(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(ts, params, strict=True)]
+    )
+
+
+def _hessian_quad(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    chunks: Sequence[Any],
+    params: list[torch.Tensor],
+) -> Callable[[torch.Tensor], float]:
+    """v ↦ vᵀĤv with Ĥ the Hessian of the mean loss over ``chunks``, one Hessian-vector product per call
+    (double backward through one graph, kept while the returned function lives)."""
+    total = sum(loss_fn(model, chunk) for chunk in chunks) / len(chunks)
+    first = torch.autograd.grad(total, params, create_graph=True, allow_unused=True)
+    first = [t if t is not None else torch.zeros_like(p) for t, p in zip(first, params, strict=True)]
+
+    def quad(v: torch.Tensor) -> float:
+        pieces, start = [], 0
+        for p in params:
+            pieces.append(v[start : start + p.numel()].view_as(p))
+            start += p.numel()
+        dot = sum((f * piece).sum() for f, piece in zip(first, pieces, strict=True))
+        hv = torch.autograd.grad(dot, params, retain_graph=True, allow_unused=True)
+        return float((_flat(hv, params) * v).sum())
+
+    return quad
