@@ -42,7 +42,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 # public subpackages, imported on first attribute access (``gradkit.init.bert_init_`` after ``import gradkit``)
-_SUBMODULES = ("audit", "dynamics", "init", "models", "optim")
+_SUBMODULES = ("audit", "dynamics", "init", "models", "optim", "scaling")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 
