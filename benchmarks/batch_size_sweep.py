@@ -340,7 +340,8 @@ def _save_quick(out_dir: Path, name: str, result: dict[str, Any]) -> None:
     print(f"wrote {path} (a smoke run: not a result)")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--quick`` swaps in the smoke run's sizes and name."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny budget, numbers mean nothing")
     ap.add_argument("--batches", default="8,16,32,64,128,256,512,1024")
@@ -370,10 +371,16 @@ def main() -> None:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="batch_size_sweep")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick:
         args.batches, args.target, args.max_examples = "16,64,256", 2.6, 100_000
         args.eval_size, args.precise_draws, args.hidden, args.name = 1024, 10, 64, "batch_size_sweep_quick"
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Sweep, fit and measure; returns the result (``name`` and the fields of
+    ``benchmarks/results/<name>.json``) and draws its plot."""
     torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
     started = time.perf_counter()
     tokens, vocab = load_text(args.quick)
@@ -540,10 +547,9 @@ def main() -> None:
     out_dir = Path(tempfile.mkdtemp(prefix="batch-size-sweep-")) if args.quick else None
     plot_path = (out_dir or IMAGES) / f"{args.name}.png"
     plot(results, fits, b_ref, plot_path, precise["b_noise_hessian"])
-    save = write_result if out_dir is None else lambda name, result: _save_quick(out_dir, name, result)
-    save(
-        args.name,
-        {
+    return {
+        "name": args.name,
+        **{
             "title": "Batch-size sweep vs the measured gradient noise scale (char MLP, Tiny Shakespeare)",
             "claim": "B_crit from the fitted steps/examples trade-off is within a factor 2 of B_simple measured at the "
             "target loss; Adam's tuned lr peaks (surge) near B_noise.",
@@ -600,7 +606,22 @@ def main() -> None:
                 },
             },
         },
-    )
+    }
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command); a smoke
+    run's (``--quick``) goes beside its plot in a temporary folder instead."""
+    if args.quick:
+        fields = {k: v for k, v in result.items() if k != "name"}
+        _save_quick(Path(result["plots"][0]).parent, result["name"], fields)
+    else:
+        write_result(result["name"], result)
+
+
+def main() -> None:
+    args = parse_args()
+    report(run(args), args)
 
 
 if __name__ == "__main__":
