@@ -28,6 +28,7 @@ import math
 import statistics
 import time
 import types
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -180,21 +181,36 @@ def part_d(args) -> dict:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", type=int, nargs="+", default=[24, 48])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Measure parts a, b and d; returns the results by name (``init_depth``, and ``init_minilm_flow``
+    unless ``--skip-minilm``), each with ``name`` and the fields of ``benchmarks/results/<name>.json``,
+    and draws their plots; ``--no-write`` returns none."""
     torch.set_num_threads(1)
     t0, c0 = time.perf_counter(), time.process_time()
     ab = part_ab(args)
     d = None if args.skip_minilm else part_d(args)
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     if args.no_write:
-        return
+        return {}
+    results = {"init_depth": depth_result(args, ab, total, cpu)}
+    if d is not None:
+        results["init_minilm_flow"] = minilm_result(d)
+    return results
+
+
+def depth_result(args: argparse.Namespace, ab: dict, total: float, cpu: float) -> dict[str, Any]:
+    """Tables a and b, their plot and notes: the ``init_depth`` result."""
     runs = ab["runs"]
 
     def pick(layers, norm, std, emb_scale=1.0):
@@ -288,9 +304,9 @@ def main() -> None:
         f"next-character cross-entropy; seeds 0..{args.seeds - 1} set the init; {cpu / 60:.1f} CPU-minutes "
         f"(process time, one thread; {total / 60:.1f} min wall-clock on a shared 2-core machine) for the whole script.",
     ]
-    write_result(
-        "init_depth",
-        {
+    return {
+        "name": "init_depth",
+        **{
             "title": "Post-LN vs Pre-LN: gradient norm per block at initialisation, against depth and init std",
             "claim": "At initialisation, a deep Post-LN transformer's lower blocks get geometrically smaller gradients "
             "(1/√2 per residual sub-layer when |F(x)| ≈ |x|); Pre-LN stays flat within a factor 2; a small init std "
@@ -334,9 +350,15 @@ def main() -> None:
             "notes": notes_ab,
             "raw": {"args": vars(args), "runs": runs},
         },
-    )
-    if d is None:
-        return
+    }
+
+
+def minilm_result(d: dict) -> dict[str, Any]:
+    """Part d's table, plot and notes: the ``init_minilm_flow`` result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     plot_d = IMAGES / "init_minilm_flow.png"
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
@@ -354,9 +376,9 @@ def main() -> None:
             ]
         )  # fmt: skip
     summary = {k: summarise(v) for k, v in d.items()}
-    write_result(
-        "init_minilm_flow",
-        {
+    return {
+        "name": "init_minilm_flow",
+        **{
             "title": "Gradient flow of all-MiniLM-L6-v2: pretrained vs from_config (BERT init)",
             "claim": "The gradient-flow report tells a trained Post-LN encoder from the same architecture at BERT init.",
             "tables": [
@@ -385,7 +407,18 @@ def main() -> None:
             ],
             "raw": {k: [r.as_dict() for r in v] for k, v in d.items()},
         },
-    )
+    }
+
+
+def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    """Write each result to ``benchmarks/results/<name>.json`` (with the machine and the command)."""
+    for result in results.values():
+        write_result(result["name"], result)
+
+
+def main() -> None:
+    args = parse_args()
+    report(run(args), args)
 
 
 if __name__ == "__main__":
