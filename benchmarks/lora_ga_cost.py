@@ -289,7 +289,8 @@ def _ratio(x: float, y: float) -> str:
     return f"{x / y:.2f}x" if y else "n/a"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--child`` and ``--setting`` are the child process's."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -304,103 +305,112 @@ def main() -> None:
     )
     parser.add_argument("--child", choices=(*METHODS, ACCURACY), help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child, json.loads(args.setting), args.threads)))
-        return
+    return parser.parse_args(argv)
 
+
+def measure_setting(key: str, setting: dict[str, Any], args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Every method on one setting, each in its own child, round robin: the cost table (and, for setting
+    a, the sketches' accuracy table) and the raw runs."""
+    tables: list[dict[str, Any]] = []
+    repeats: dict[str, list[dict[str, Any]]] = {method: [] for method in METHODS}
+    live: dict[str, dict[str, Any]] = {}
+    for rep in range(args.repeats + 1):  # round robin, so a drift in the machine's load hits every method
+        for method in METHODS:
+            live_run = rep == args.repeats
+            kind = "live peak" if live_run else f"timed run {rep + 1}/{args.repeats}"
+            print(f"{setting['title']}: {LABELS[method]} ({kind}) ...", flush=True)
+            r = run_child(method, setting, args.threads, live_peak=live_run)
+            if live_run:
+                live[method] = r
+            else:
+                repeats[method].append(r)
+            print(
+                f"  {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s CPU), peak +{r['peak_increase_mb']:.0f} MB, "
+                f"estimator {r['estimator_bytes'] / 2**20:.1f} MiB",
+                flush=True,
+            )
+    runs = {method: _median_run(done) for method, done in repeats.items()}
+    peft_run = runs["peft"]
+    rows = []
+    for method in METHODS:
+        r = runs[method]
+        rows.append(
+            [
+                LABELS[method],
+                f"{r['seconds']:.1f}",
+                _ratio(r["seconds"], peft_run["seconds"]),
+                f"{r['cpu_seconds']:.1f}",
+                _ratio(r["cpu_seconds"], peft_run["cpu_seconds"]),
+                f"{live[method]['peak_increase_mb']:.0f}",
+                _ratio(live[method]["peak_increase_mb"], live["peft"]["peak_increase_mb"]),
+                ", ".join(f"{x['peak_increase_mb']:.0f}" for x in repeats[method]),
+                f"{r['estimator_bytes'] / 2**20:.1f}",
+                _ratio(r["estimator_bytes"], peft_run["estimator_bytes"]),
+            ]
+        )
+        if method != "peft":
+            print(
+                f"{setting['title']}: {method} / PEFT: wall {rows[-1][2]}, CPU {rows[-1][4]}, "
+                f"peak increase {rows[-1][6]}, estimator bytes {rows[-1][9]}"
+            )
+    shape = (
+        f"{setting['batches']} batches of {setting['size']} x {setting['length']} tokens, "
+        f"{peft_run['parameters'] / 1e6:.1f} M parameters"
+    )
+    tables.append(
+        {
+            "caption": f"{setting['title']}: {shape}; LoRA r = {RANK}; ratios are against PEFT (< 1: cheaper)",
+            "columns": [
+                "initialisation",
+                "wall s",
+                "wall / PEFT",
+                "CPU s",
+                "CPU / PEFT",
+                "live peak increase MB",
+                "live peak / PEFT",
+                "RSS peak increase MB, timed runs",
+                "estimator MiB",
+                "bytes / PEFT",
+            ],
+            "rows": rows,
+        }
+    )
+    raw = {"setting": setting, "runs": repeats, "live_peak_runs": live}
+    if key == "a":
+        print(f"{setting['title']}: sketch accuracy against the exact gradients ...", flush=True)
+        acc = run_child(ACCURACY, setting, args.threads)
+        raw["accuracy"] = acc
+        tables.append(
+            {
+                "caption": f"{setting['title']}, the same batches: each sketch's rank-{2 * RANK} error "
+                f"||G - G_hat||_F against the optimal ||G - G_{2 * RANK}||_F, over {acc['layers']} layers",
+                "columns": ["sketch", "layers within 5 % of optimal", "median excess", "worst excess"],
+                "rows": [
+                    [
+                        LABELS[method].split(", ", 1)[1],
+                        f"{100 * acc[part]['within_5pct']:.0f} %",
+                        f"{100 * acc[part]['median']:.1f} %",
+                        f"{100 * acc[part]['max']:.1f} %",
+                    ]
+                    for method, part in (("gradkit-sketch", "passes_1"), ("gradkit-sketch2", "passes_2"))
+                ],
+            }
+        )
+        print(json.dumps(acc), flush=True)
+    return tables, raw
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every setting of ``--settings``; returns the result (``name`` and the fields of
+    ``benchmarks/results/<name>.json``)."""
     import peft
 
     table_settings = QUICK if args.quick else SETTINGS
     load_before = os.getloadavg()[0]  # other work on the machine skews wall times: say how much there was
     tables, raw, notes = [], {}, []
     for key in [s.strip() for s in args.settings.split(",") if s.strip()]:
-        setting = table_settings[key]
-        repeats: dict[str, list[dict[str, Any]]] = {method: [] for method in METHODS}
-        live: dict[str, dict[str, Any]] = {}
-        for rep in range(args.repeats + 1):  # round robin, so a drift in the machine's load hits every method
-            for method in METHODS:
-                live_run = rep == args.repeats
-                kind = "live peak" if live_run else f"timed run {rep + 1}/{args.repeats}"
-                print(f"{setting['title']}: {LABELS[method]} ({kind}) ...", flush=True)
-                r = run_child(method, setting, args.threads, live_peak=live_run)
-                if live_run:
-                    live[method] = r
-                else:
-                    repeats[method].append(r)
-                print(
-                    f"  {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s CPU), peak +{r['peak_increase_mb']:.0f} MB, "
-                    f"estimator {r['estimator_bytes'] / 2**20:.1f} MiB",
-                    flush=True,
-                )
-        runs = {method: _median_run(done) for method, done in repeats.items()}
-        peft_run = runs["peft"]
-        rows = []
-        for method in METHODS:
-            r = runs[method]
-            rows.append(
-                [
-                    LABELS[method],
-                    f"{r['seconds']:.1f}",
-                    _ratio(r["seconds"], peft_run["seconds"]),
-                    f"{r['cpu_seconds']:.1f}",
-                    _ratio(r["cpu_seconds"], peft_run["cpu_seconds"]),
-                    f"{live[method]['peak_increase_mb']:.0f}",
-                    _ratio(live[method]["peak_increase_mb"], live["peft"]["peak_increase_mb"]),
-                    ", ".join(f"{x['peak_increase_mb']:.0f}" for x in repeats[method]),
-                    f"{r['estimator_bytes'] / 2**20:.1f}",
-                    _ratio(r["estimator_bytes"], peft_run["estimator_bytes"]),
-                ]
-            )
-            if method != "peft":
-                print(
-                    f"{setting['title']}: {method} / PEFT: wall {rows[-1][2]}, CPU {rows[-1][4]}, "
-                    f"peak increase {rows[-1][6]}, estimator bytes {rows[-1][9]}"
-                )
-        shape = (
-            f"{setting['batches']} batches of {setting['size']} x {setting['length']} tokens, "
-            f"{peft_run['parameters'] / 1e6:.1f} M parameters"
-        )
-        tables.append(
-            {
-                "caption": f"{setting['title']}: {shape}; LoRA r = {RANK}; ratios are against PEFT (< 1: cheaper)",
-                "columns": [
-                    "initialisation",
-                    "wall s",
-                    "wall / PEFT",
-                    "CPU s",
-                    "CPU / PEFT",
-                    "live peak increase MB",
-                    "live peak / PEFT",
-                    "RSS peak increase MB, timed runs",
-                    "estimator MiB",
-                    "bytes / PEFT",
-                ],
-                "rows": rows,
-            }
-        )
-        raw[key] = {"setting": setting, "runs": repeats, "live_peak_runs": live}
-        if key == "a":
-            print(f"{setting['title']}: sketch accuracy against the exact gradients ...", flush=True)
-            acc = run_child(ACCURACY, setting, args.threads)
-            raw[key]["accuracy"] = acc
-            tables.append(
-                {
-                    "caption": f"{setting['title']}, the same batches: each sketch's rank-{2 * RANK} error "
-                    f"||G - G_hat||_F against the optimal ||G - G_{2 * RANK}||_F, over {acc['layers']} layers",
-                    "columns": ["sketch", "layers within 5 % of optimal", "median excess", "worst excess"],
-                    "rows": [
-                        [
-                            LABELS[method].split(", ", 1)[1],
-                            f"{100 * acc[part]['within_5pct']:.0f} %",
-                            f"{100 * acc[part]['median']:.1f} %",
-                            f"{100 * acc[part]['max']:.1f} %",
-                        ]
-                        for method, part in (("gradkit-sketch", "passes_1"), ("gradkit-sketch2", "passes_2"))
-                    ],
-                }
-            )
-            print(json.dumps(acc), flush=True)
+        setting_tables, raw[key] = measure_setting(key, table_settings[key], args)
+        tables += setting_tables
     notes += [
         f"peft {peft.__version__}. PEFT estimates in train mode (dropout on) with a full fp32 gradient per target "
         "weight; gradkit estimates in eval mode. PEFT folds the singular values into B and scales only B; "
@@ -423,7 +433,8 @@ def main() -> None:
     ]
     if args.quick:
         notes.insert(0, "QUICK smoke run (tiny sizes): the numbers say nothing about cost.")
-    result = {
+    return {
+        "name": "lora_ga_cost",
         "title": "LoRA-GA initialisation cost: gradkit exact and sketch vs PEFT",
         "claim": "gradkit's one-pass sketch estimator holds a fraction of the gradient bytes PEFT's LoRA-GA "
         "holds, with a rank-2r error near the optimal one; time and peak memory as measured.",
@@ -431,12 +442,26 @@ def main() -> None:
         "notes": notes,
         "raw": raw,
     }
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command); a smoke
+    run's (``--quick``) to the temporary folder instead."""
     if args.quick:  # never into benchmarks/results/, which docs/benchmarks.md is rendered from
+        fields = {k: v for k, v in result.items() if k != "name"}
         path = Path(tempfile.gettempdir()) / "lora_ga_cost_quick.json"
-        path.write_text(json.dumps({"name": "lora_ga_cost_quick", "machine": machine(), **result}, indent=2))
+        path.write_text(json.dumps({"name": "lora_ga_cost_quick", "machine": machine(), **fields}, indent=2))
         print(f"wrote {path} (quick run: not a result)")
     else:
-        write_result("lora_ga_cost", result)
+        write_result(result["name"], result)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:  # one measured run, in a process of its own: its result on the last line of stdout
+        print(json.dumps(child(args.child, json.loads(args.setting), args.threads)))
+        return
+    report(run(args), args)
 
 
 if __name__ == "__main__":
