@@ -28,9 +28,11 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from benchmarks.common import IMAGES, ROOT, finished_run, write_result
+from benchmarks.common import IMAGES, RESULTS, ROOT, finished_run, write_result
 from benchmarks.finetune_quality import mean_sd, plot
 
 # learning-rate grids: around each method's default, a factor 2 apart unless said
@@ -67,9 +69,11 @@ class NotRun(Exception):
     """A run that ``--report-only`` would have had to start."""
 
 
-def run(
+def train_one(
     cfg, label: str, name: str, options: dict, lr: float, seed: int, out: Path, report_only: bool
 ) -> dict:
+    """One harness run of method ``name`` at ``lr`` and ``seed`` in ``out`` (a finished one is reused): its
+    summary, with its per-step losses and their mean."""
     import dataclasses
 
     from gradkit.train.compare import compare
@@ -98,16 +102,17 @@ def measure(args, spec: str, base, seeds: list[int]) -> tuple[dict[float, dict],
     sweep = {}
     for lr in args.grid.get(label) or GRIDS.get(label, GRIDS[name]):
         out = Path(args.out) / tag / f"lr{lr:g}-seed{seeds[0]}"
-        sweep[lr] = run(base, label, name, options, lr, seeds[0], out, args.report_only)
+        sweep[lr] = train_one(base, label, name, options, lr, seeds[0], out, args.report_only)
     lr_best = min(sweep, key=lambda lr: sweep[lr]["mean_loss"])
     best = [sweep[lr_best]]
     for seed in seeds[1:]:
         out = Path(args.out) / tag / f"lr{lr_best:g}-seed{seed}"
-        best.append(run(base, label, name, options, lr_best, seed, out, args.report_only))
+        best.append(train_one(base, label, name, options, lr_best, seed, out, args.report_only))
     return sweep, best
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--grid`` parsed into {method: learning rates}."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--seeds", default="0,1,2")
@@ -135,12 +140,21 @@ def main() -> None:
         metavar="METHOD=LR,LR,...",
         help="this invocation's learning-rate grid for one method (e.g. a re-run around its best lr)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.grid = {
         spec.rpartition("=")[0]: tuple(float(lr) for lr in spec.rpartition("=")[2].split(","))
         for spec in args.grid
     }
+    return args
 
+
+def run(
+    args: argparse.Namespace, partial: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any] | None:
+    """Measure each method of ``--methods``; returns the result (``name`` and the fields of
+    ``benchmarks/results/<name>.json``), or None when no method's runs were all there (``--report-only``).
+    The measuring takes hours: ``partial`` is given the result so far after each method before the last,
+    so that a cut-short invocation still leaves one."""
     from gradkit.train.config import TrainConfig
 
     started = time.perf_counter()
@@ -151,20 +165,22 @@ def main() -> None:
     planned = args.methods.split(",")
     matched: dict[str, list[str]] = {}
     previous = load_previous(args, planned) if args.merge else None
-    for spec in planned:
+    result = None
+    for i, spec in enumerate(planned):
         try:
             sweeps[spec], best[spec] = measure(args, spec, base, seeds)
         except NotRun:
             continue
         matched[spec] = against_plain(args, spec, base, best[spec])
-        report(args, seeds, sweeps, best, started, planned, matched, previous)
+        result = build_result(args, seeds, sweeps, best, started, planned, matched, previous)
+        if partial is not None and i < len(planned) - 1:
+            partial(result)
+    return result
 
 
 def load_previous(args, planned: list[str]) -> dict | None:
     """The existing result file's methods that this invocation does not measure: their best-lr runs
     (``raw``), sweeps, run-by-run notes and row order, to carry over unchanged (``--merge``)."""
-    from common import RESULTS
-
     path = RESULTS / f"{args.name}.json"
     if not path.exists():
         return None
@@ -209,7 +225,7 @@ def against_plain(args, spec: str, base, runs: list[dict]) -> list[str]:
     for variant in runs:
         out = Path(args.out) / name / f"lr{variant['lr']:g}-seed{variant['seed']}"
         try:
-            plain = run(base, name, name, {}, variant["lr"], variant["seed"], out, report_only=True)
+            plain = train_one(base, name, name, {}, variant["lr"], variant["seed"], out, report_only=True)
         except NotRun:
             continue
         pairs.append((variant, plain))
@@ -224,7 +240,9 @@ def against_plain(args, spec: str, base, runs: list[dict]) -> list[str]:
     ]
 
 
-def report(args, seeds, sweeps, best, started, planned, matched, previous=None) -> None:
+def build_result(args, seeds, sweeps, best, started, planned, matched, previous=None) -> dict[str, Any]:
+    """The result of the methods measured so far (``best``), with the carried-over ones of ``previous``
+    (``--merge``) in their old order; draws its plot."""
     measured = list(best)
     if previous:  # carried-over rows in the old order, re-measured ones in their old place
         order = [*previous["order"], *(m for m in measured if m not in previous["order"])]
@@ -318,9 +336,9 @@ def report(args, seeds, sweeps, best, started, planned, matched, previous=None) 
         if previous
         else []
     )
-    write_result(
-        args.name,
-        {
+    return {
+        "name": args.name,
+        **{
             "title": "LoRA variants vs full fine-tuning at their best learning rates (all-MiniLM-L6-v2, SST-2)",
             "claim": "LoRA-GA and LoRA-Pro bring LoRA's training closer to full fine-tuning's than plain LoRA; "
             "LoRA-GA closes at least half of LoRA's gap on the mean train loss over the run.",
@@ -362,7 +380,19 @@ def report(args, seeds, sweeps, best, started, planned, matched, previous=None) 
                 label: {f"{lr:g}": s["mean_loss"] for lr, s in sw.items()} for label, sw in sweeps.items()
             },
         },
-    )
+    }
+
+
+def report(result: dict[str, Any] | None, args: argparse.Namespace) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command); None
+    writes nothing."""
+    if result is not None:
+        write_result(result["name"], result)
+
+
+def main() -> None:
+    args = parse_args()
+    report(run(args, partial=lambda result: report(result, args)), args)
 
 
 if __name__ == "__main__":
