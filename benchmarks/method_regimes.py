@@ -34,6 +34,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import IMAGES, ROOT, save_figure, write_result
 
@@ -259,7 +260,8 @@ def summarise(m: dict) -> dict:
     return {"metric": metric, "runs": rows}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", default="warm,lag,zo,lag-extra,lagv")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
@@ -271,7 +273,12 @@ def main() -> None:
     )
     parser.add_argument("--skip", default="", help="comma-separated study/task/method keys not to run now")
     parser.add_argument("--note", action="append", default=[])
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every group of ``--studies`` (``--jobs`` runs at a time; finished runs reused); returns the
+    result (``name`` and the fields of ``benchmarks/results/<name>.json``)."""
     studies = args.studies.split(",")
 
     def key(g) -> str:
@@ -279,7 +286,6 @@ def main() -> None:
 
     only, skip = set(filter(None, args.only.split(","))), set(filter(None, args.skip.split(",")))
     groups = [g for g in GROUPS if g[0] in studies and (not only or key(g) in only) and key(g) not in skip]
-    started = time.time()
     lock = threading.Lock()
     results: list[dict] = []
     with ThreadPoolExecutor(args.jobs) as pool, ThreadPoolExecutor(len(groups)) as coordinators:
@@ -289,10 +295,12 @@ def main() -> None:
             if m:
                 with lock:
                     results.append(m)
-    report(results, args, time.time() - started)
+    return build_result(results, args)
 
 
-def report(results: list[dict], args, seconds: float) -> None:
+def build_result(results: list[dict], args: argparse.Namespace) -> dict[str, Any]:
+    """The tables, notes (the goals among them), zeroth-order plot and README method guide of the
+    measured groups."""
     from gradkit.train.metrics import format_metric
 
     raw = {f"{m['study']}/{m['task']}/{m['method']}": {**m, **summarise(m), "seeds": None} for m in results}
@@ -358,9 +366,9 @@ def report(results: list[dict], args, seconds: float) -> None:
         "test suite and other agents' work at times), so s/step is wall time under load; CPU seconds are "
         "each child's own (os.wait4)."
     )
-    write_result(
-        "method_regimes",
-        {
+    return {
+        "name": "method_regimes",
+        **{
             "title": "LoRA-GA, LoRA-Pro and zeroth order in their regimes: label-text head, head warm-up, pairs, CoLA",
             "claim": "each method at its best lr (factor-2 grid on seed 0), 3 seeds, mean ± sd",
             "tables": tables,
@@ -369,7 +377,12 @@ def report(results: list[dict], args, seconds: float) -> None:
             "raw": raw,
             "readme_table": guide,
         },
-    )
+    }
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command)."""
+    write_result(result["name"], result)
 
 
 def method_guide(raw: dict) -> dict:
@@ -565,6 +578,11 @@ def plot_zo(raw: dict) -> str:
     path = IMAGES / "method_regimes_zo.png"
     save_figure(fig, path)
     return str(path.relative_to(ROOT))
+
+
+def main() -> None:
+    args = parse_args()
+    report(run(args), args)
 
 
 if __name__ == "__main__":
