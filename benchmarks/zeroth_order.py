@@ -208,12 +208,20 @@ def child(mode: str, model_dir: str | None, batch_size: int, max_length: int, re
 
 
 def run_child(mode: str, args: argparse.Namespace, model_dir: str | None) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", mode, "--batch-size", str(args.batch_size)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.zeroth_order",
+        "--child",
+        mode,
+        "--batch-size",
+        str(args.batch_size),
+    ]
     cmd += ["--max-length", str(args.max_length), "--repeats", str(args.repeats)]
     if model_dir:
         cmd += ["--model", model_dir]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=ROOT)
     if result.returncode:
         raise SystemExit(f"child {mode} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -490,7 +498,8 @@ def _metrics(result: dict[str, float]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--child`` (with the sizes and ``--model``) is a cost child's."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", choices=MODES)
     parser.add_argument("--model", help="local Hugging Face folder (default: bundled all-MiniLM-L6-v2)")
@@ -529,10 +538,13 @@ def main() -> None:
         default="Other jobs shared the 2 cores during this run: the step/forward ratios are CPU-time ratios "
         "measured next to each other in one process, which such load does not move much.",
     )
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child, args.model, args.batch_size, args.max_length, args.repeats)))
-        return
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Measure the cost rows (unless ``--no-cost``), then ``--quality`` and ``--direct``; returns the
+    results by name, each with ``name`` and the fields of ``benchmarks/results/<name>.json``, and draws
+    their plots. ``--quick`` swaps in a tiny random BERT and tiny budgets."""
     model_dir = args.model
     if args.quick:
         model_dir = model_dir or _tiny_model_dir()
@@ -541,22 +553,38 @@ def main() -> None:
         args.zo_cpu_minutes = args.full_cpu_minutes = 0.01
         args.direct_steps = 3
         args.estimates = min(args.estimates, 4)
+    results = []
     if not args.no_cost:
-        cost(args, model_dir)
+        results.append(cost(args, model_dir))
     if args.quality or args.direct:
-        quality_and_direct(args, model_dir)
+        results.append(quality_and_direct(args, model_dir))
+    return {result["name"]: result for result in results}
 
 
-def save(args: argparse.Namespace, name: str, result: dict[str, Any]) -> None:
-    if args.quick:  # never into benchmarks/results/, which docs/benchmarks.md is rendered from
-        path = Path(tempfile.gettempdir()) / f"{name}_quick.json"
-        path.write_text(json.dumps({"name": f"{name}_quick", "machine": machine(), **result}, indent=2))
-        print(f"wrote {path} (quick run: not a result)")
-    else:
-        write_result(name, result)
+def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    """Write each result to ``benchmarks/results/<name>.json`` (with the machine and the command); a smoke
+    run's (``--quick``) to ``<name>_quick.json`` in the temporary folder instead."""
+    for name, result in results.items():
+        if args.quick:  # never into benchmarks/results/, which docs/benchmarks.md is rendered from
+            fields = {k: v for k, v in result.items() if k != "name"}
+            path = Path(tempfile.gettempdir()) / f"{name}_quick.json"
+            path.write_text(json.dumps({"name": f"{name}_quick", "machine": machine(), **fields}, indent=2))
+            print(f"wrote {path} (quick run: not a result)")
+        else:
+            write_result(name, result)
 
 
-def cost(args: argparse.Namespace, model_dir: str | None) -> None:
+def main() -> None:
+    args = parse_args()
+    if args.child:  # one cost row, in a process of its own: its result on the last line of stdout
+        print(json.dumps(child(args.child, args.model, args.batch_size, args.max_length, args.repeats)))
+        return
+    report(run(args), args)
+
+
+def cost(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any]:
+    """The cost rows, each from its own child, and (``--estimates``) Gaussian against Rademacher z: the
+    ``--name`` result."""
     results = {mode: run_child(mode, args, model_dir) for mode in MODES}
     for mode, r in results.items():
         print(
@@ -629,17 +657,16 @@ def cost(args: argparse.Namespace, model_dir: str | None) -> None:
         notes.append(
             "--quick: a tiny random BERT and batch of 8, a smoke run of the code path, not a measurement."
         )
-    save(
-        args,
-        args.name,
-        {
+    return {
+        "name": args.name,
+        **{
             "title": "Zeroth order (MeZO-style): memory and time of a step vs inference and backprop",
             "claim": "A ZerothOrder step fits in the memory of inference and costs about two forwards.",
             "tables": tables,
             "notes": notes,
             "raw": {"cost": results},
         },
-    )
+    }
 
 
 def estimate_quality(args: argparse.Namespace, model_dir: str | None) -> tuple[dict[str, Any], str, Any]:
@@ -732,7 +759,9 @@ def estimate_quality(args: argparse.Namespace, model_dir: str | None) -> tuple[d
     return table, note, raw
 
 
-def quality_and_direct(args: argparse.Namespace, model_dir: str | None) -> None:
+def quality_and_direct(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any]:
+    """The accuracy-per-forward-pass runs (``--quality``) and the metrics optimised directly
+    (``--direct``): the ``<name>_quality`` result (``<name>_direct`` with ``--direct`` alone)."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -804,10 +833,9 @@ def quality_and_direct(args: argparse.Namespace, model_dir: str | None) -> None:
         "min of wall time while other benchmarks shared the 2 cores."
     )
     suffix = "_quality" if args.quality else "_direct"  # --quality --direct together: one file
-    save(
-        args,
-        f"{args.name}{suffix}",
-        {
+    return {
+        "name": f"{args.name}{suffix}",
+        **{
             "title": {
                 "_quality": "Zeroth order (MeZO-style) and policy gradient: accuracy per forward pass",
                 "_direct": "Optimising accuracy or F1 directly: mezo and policy gradient from a checkpoint",
@@ -822,7 +850,7 @@ def quality_and_direct(args: argparse.Namespace, model_dir: str | None) -> None:
             "notes": notes,
             "raw": raw,
         },
-    )
+    }
 
 
 if __name__ == "__main__":
