@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 16 item 6): on a machine with CUDA, run the tiny-config tests on the GPU and time each
+# GPU check: on a machine with CUDA, run the tiny-config tests on the GPU and time each
 # method on all-MiniLM-L6-v2 in bf16 (benchmarks/gpu_timing.py, which writes
 # benchmarks/results/gpu_timing.json). Without CUDA it prints one line and exits 0.
 #
@@ -24,6 +24,6 @@ for t in tests/integrations tests/fsdp tests/lora tests/test_lora_pro.py tests/t
 done
 "$PY" -m pytest -q -m "not integration" "${tests[@]}"
 
-"$PY" benchmarks/gpu_timing.py --device cuda --steps "${GPU_CHECK_STEPS:-20}"
-"$PY" benchmarks/render_docs.py
+"$PY" -m benchmarks.gpu_timing --device cuda --steps "${GPU_CHECK_STEPS:-20}"
+"$PY" -m benchmarks.render_docs
 echo "gpu_check: done; results in benchmarks/results/gpu_timing.json"
