@@ -169,3 +169,13 @@ def test_bad_settings():
     ):
         with pytest.raises(GradkitError):
             gradkit.optim.SteepestDescent(p, **{"lr": 0.1, **kw})
+
+
+@pytest.mark.parametrize(("dtype", "shape"), [(torch.bfloat16, (64, 32)), (torch.float16, (256, 1024))])
+def test_low_precision_spectral_step_keeps_every_direction(dtype, shape):
+    # The SVD runs in float64 on g's exact values, so a full-rank bf16/fp16 g keeps all its directions.
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    d = one_step(g, "spectral", 1.0).double()
+    nuclear = float(dual_norm_of(g.double(), "spectral"))
+    assert float((g.double() * d).sum()) == pytest.approx(nuclear, rel=1e-2)
+    assert torch.linalg.svdvals(d).sub(1).abs().max() < 2e-2

@@ -67,9 +67,11 @@ def orthogonalize(
     if g.dim() != 2:
         raise GradkitError(f"orthogonalize takes a 2-D tensor, got shape {tuple(g.shape)}")
     if min(g.shape) <= svd_max:
+        # g's values are exact in float64, so the rank cut is float64's rounding level, not g.dtype's
+        # (bf16's eps times a side of 128 would cut every direction).
         x = g.to(torch.float64)
         u, s, vh = torch.linalg.svd(x, full_matrices=False)
-        keep = (s > s[0] * max(g.shape) * torch.finfo(g.dtype).eps).to(x.dtype) if s.numel() else s
+        keep = (s > s[0] * max(g.shape) * torch.finfo(x.dtype).eps).to(x.dtype) if s.numel() else s
         return ((u * keep) @ vh).to(g.dtype)
     x = g.to(torch.float32)
     tall = x.shape[0] > x.shape[1]
