@@ -179,3 +179,12 @@ def test_low_precision_spectral_step_keeps_every_direction(dtype, shape):
     nuclear = float(dual_norm_of(g.double(), "spectral"))
     assert float((g.double() * d).sum()) == pytest.approx(nuclear, rel=1e-2)
     assert torch.linalg.svdvals(d).sub(1).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("norm", ["l2", "rms", "spectral"])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_fp16_gradient_whose_norm_overflows_fp16_still_steps(norm, foreach):
+    g = torch.full((1000,), 3000.0, dtype=torch.float16)  # ‖g‖₂ ≈ 94868 > fp16's max 65504
+    d = one_step(g, norm, 0.1, foreach=foreach).float()
+    assert float(norm_of(d, "l2" if norm == "spectral" else norm)) == pytest.approx(0.1, rel=1e-3)
+    assert torch.allclose(d, torch.full_like(d, d[0].item())) and d[0] > 0

@@ -39,7 +39,8 @@ rank-deficient g) are damped towards 0, which costs at most their share of ‖g�
 
 Momentum (``momentum=μ > 0``): b ← μ b + g, and the steepest step is taken on b (Nesterov:
 on g + μ b); weight decay is decoupled, θ ← θ(1 − lr·λ) before the step (as AdamW and Muon).
-A zero gradient gives a zero step.
+A zero gradient gives a zero step. The l2/rms norms are accumulated in at least float32 (an fp16
+gradient's ‖g‖₂ can exceed fp16's 65504).
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ def orthogonalize(
     return (x.T if tall else x).to(g.dtype)
 
 
+def _norm32(g: torch.Tensor) -> torch.Tensor:
+    """‖g‖₂ accumulated in at least float32: an fp16 gradient's norm can overflow fp16 (> 65504)."""
+    return torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32))
+
+
 def steepest_direction(
     g: torch.Tensor, norm: str, *, svd_max: int = 256, ns_steps: int = 5, ns_polish: int = 8
 ) -> torch.Tensor:
@@ -94,11 +100,11 @@ def steepest_direction(
     if norm == "linf":
         return torch.sign(g)
     if norm in ("l2", "rms") or (norm == "spectral" and g.dim() < 2):
-        n2 = g.norm()
+        n2 = _norm32(g)
         if n2 == 0:
             return torch.zeros_like(g)
         scale = math.sqrt(g.numel()) if norm == "rms" else 1.0
-        return g * (scale / n2)
+        return (g.to(n2.dtype) * (scale / n2)).to(g.dtype)
     if norm == "spectral":
         if not g.any():
             return torch.zeros_like(g)
@@ -213,7 +219,13 @@ class SteepestDescent(Optimizer):
             if norm == "linf" and use_foreach:
                 torch._foreach_add_(params, torch._foreach_sign(m), alpha=-lr)
             elif norm in ("l2", "rms") and use_foreach:
-                norms = torch._foreach_norm(m)
+                low = [t.dtype in (torch.float16, torch.bfloat16) for t in m]
+                if not any(low):
+                    norms = torch._foreach_norm(m)
+                elif all(low):
+                    norms = torch._foreach_norm(m, dtype=torch.float32)
+                else:
+                    norms = [_norm32(t) for t in m]
                 scales = [
                     0.0
                     if float(n) == 0
