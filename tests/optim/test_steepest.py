@@ -188,3 +188,22 @@ def test_fp16_gradient_whose_norm_overflows_fp16_still_steps(norm, foreach):
     d = one_step(g, norm, 0.1, foreach=foreach).float()
     assert float(norm_of(d, "l2" if norm == "spectral" else norm)) == pytest.approx(0.1, rel=1e-3)
     assert torch.allclose(d, torch.full_like(d, d[0].item())) and d[0] > 0
+
+
+def test_newton_schulz_error_below_the_exact_range_is_the_documented_one():
+    # f(σ) = u_iᵀ O v_i for each singular pair; the docstring's table of |f − 1| by σ/‖g‖_F.
+    gen = torch.Generator().manual_seed(1)
+    m, n = 300, 400
+    u, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64))
+    s = torch.logspace(0, -4, m, dtype=torch.float64)
+    rel = s / s.norm()
+    s[(rel - 2e-4).abs().argmin()] = 2e-4 * s.norm()  # one singular value at exactly 2e-4·‖g‖_F (to 1e-8)
+    rel = s / s.norm()
+    o = orthogonalize(((u * s) @ v.T).float(), svd_max=64).double()
+    err = (torch.einsum("im,ij,jm->m", u, o, v) - 1).abs()
+    assert err[rel >= 4e-4].max() < 1e-6
+    assert err[rel >= 2.2e-4].max() < 1e-3
+    assert err[(rel - 2e-4).abs().argmin()] == pytest.approx(2.4e-3, rel=0.05)
+    assert err[(rel - 1.5e-4).abs().argmin()] == pytest.approx(0.02, rel=0.15)
+    assert err[(rel - 1e-4).abs().argmin()] == pytest.approx(0.12, rel=0.1)
