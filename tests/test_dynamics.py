@@ -145,3 +145,33 @@ def test_bad_input():
 
 def test_reachable_from_the_package():
     assert gradkit.dynamics.flow_path is flow_path
+
+
+def test_float32_model_reference_flow_is_evaluated_in_float64():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)  # float32 parameters
+    x, y = torch.randn(40, 5), torch.randn(40, 1)
+    loss_fn, theta0 = module_loss(model, lambda out: ((out - y) ** 2).mean(), x)
+    calls = []
+
+    def counted(theta):
+        calls.append(theta.dtype)
+        if len(calls) > 5000:  # float64 needs a few hundred; float32 gradients never meet rtol 1e-10
+            raise RuntimeError("the reference solver does not converge")
+        return loss_fn(theta)
+
+    res = path_deviation(sgd, counted, theta0, 0.01, 100)
+    assert res.iterates.shape == (101, 6) and not res.diverged
+    assert torch.float64 in calls and len(calls) < 2000
+    model64 = torch.nn.Linear(5, 1).double()
+    model64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    loss64, theta64 = module_loss(model64, lambda out: ((out - y.double()) ** 2).mean(), x.double())
+    assert torch.allclose(res.reference, flow_path(loss64, theta64, res.times), rtol=1e-9, atol=1e-10)
+    assert momentum_flow_path(counted, theta0, [0.0, 1.0], 2.0).dtype == torch.float64
+    assert res.deviation[-1] < 1e-2  # the float32 SGD iterates follow the flow at this lr
+
+
+def test_a_loss_that_computes_in_float32_is_refused_by_the_reference_flow():
+    a = torch.eye(3)  # float32 constant: the loss comes back float32 for a float64 theta
+    with pytest.raises(GradkitError, match="float64"):
+        flow_path(lambda th: 0.5 * (th.float() @ (a @ th.float())), torch.ones(3), [0.0, 1.0])

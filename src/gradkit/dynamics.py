@@ -51,10 +51,18 @@ def _as_theta(theta0: torch.Tensor) -> torch.Tensor:
     return theta0.detach()
 
 
-def _grad(loss_fn: LossFn, theta: torch.Tensor) -> torch.Tensor:
+def _grad64(loss_fn: LossFn, y: torch.Tensor) -> torch.Tensor:
+    """∇L at a float64 point, checking that ``loss_fn`` really computed in float64."""
     with torch.enable_grad():
-        x = theta.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(loss_fn(x), x)
+        x = y.detach().requires_grad_(True)
+        loss = loss_fn(x)
+        if loss.dtype != torch.float64:
+            raise GradkitError(
+                f"loss_fn returned a {loss.dtype} loss for a float64 theta: the reference flow is "
+                "evaluated in float64 (DOP853 at rtol 1e-10 cannot converge on float32 gradients); "
+                "make loss_fn compute in theta's dtype (gradkit.dynamics.module_loss does)"
+            )
+        (g,) = torch.autograd.grad(loss, x)
     return g
 
 
@@ -95,7 +103,9 @@ def flow_path(
 
     Solved by scipy's ``solve_ivp`` with DOP853 (Dormand & Prince's 8th-order embedded pair,
     Hairer, Nørsett & Wanner, "Solving ODEs I", 1993) at ``rtol=1e-10``, ``atol=1e-12`` in float64,
-    the gradient by autograd. Its local error per step is kept below ``atol + rtol·|θ_i|`` per
+    the gradient by autograd, evaluated in float64 whatever θ0's dtype (``loss_fn`` is called with a
+    float64 θ and must compute in its dtype, as :func:`module_loss`'s does; a float32 gradient's
+    rounding would keep the step-size control from ever meeting these tolerances). Its local error per step is kept below ``atol + rtol·|θ_i|`` per
     coordinate; on the tests' quadratics (condition number up to 100, t up to 50) the result agrees
     with the closed form exp(−tA)θ0 to a relative error below 1e-8. Meant for small problems (the
     solver is explicit: a stiff L, with λ_max·t in the 1e5s, costs many gradient evaluations).
@@ -104,7 +114,7 @@ def flow_path(
     times = torch.as_tensor(times, dtype=torch.float64)
 
     def rhs(y: torch.Tensor) -> torch.Tensor:
-        return -_grad(loss_fn, y.to(theta0.dtype)).to(torch.float64)
+        return -_grad64(loss_fn, y)
 
     return _solve(rhs, theta0, times, rtol, atol)
 
@@ -123,7 +133,8 @@ def momentum_flow_path(
 
     ``damping`` is γ. Heavy ball with momentum μ and lr η follows it with γ = (1 − μ)/√η at times
     t_k = k√η (Qian 1999; Su, Boyd & Candès 2016). Same solver and accuracy as :func:`flow_path`,
-    applied to the first-order system (θ, v)' = (v, −γv − ∇L(θ)). Returns (len(times), n) float64.
+    applied to the first-order system (θ, v)' = (v, −γv − ∇L(θ)), the gradient evaluated in float64
+    whatever θ0's dtype. Returns (len(times), n) float64.
     """
     theta0 = _as_theta(theta0)
     n = theta0.numel()
@@ -132,7 +143,7 @@ def momentum_flow_path(
 
     def rhs(y: torch.Tensor) -> torch.Tensor:
         x, v = y[:n], y[n:]
-        return torch.cat([v, -damping * v - _grad(loss_fn, x.to(theta0.dtype)).to(torch.float64)])
+        return torch.cat([v, -damping * v - _grad64(loss_fn, x)])
 
     return _solve(rhs, torch.cat([theta0.to(torch.float64), v0]), times, rtol, atol)[:, :n]
 
@@ -182,6 +193,7 @@ def path_deviation(
     - ``"auto"`` (default): ``"flow"``; with an optimiser that reports its own integrated time (an
       attribute ``flow_time``, as :class:`gradkit.optim.ErrorControlledGD`), that time is used.
 
+    The optimiser runs in θ0's dtype; the reference flow is evaluated in float64 (see :func:`flow_path`).
     The run stops at the first non-finite iterate (``diverged=True``; the arrays are cut there).
     """
     theta0 = _as_theta(theta0)
@@ -281,18 +293,27 @@ def module_loss(
 ) -> tuple[LossFn, torch.Tensor]:
     """``(loss_fn, theta0)`` for a module: ``loss_fn(theta)`` runs ``model(*inputs)`` with the trainable
     parameters taken from the flat vector ``theta`` (``torch.func.functional_call``) and returns
-    ``loss_of_output(output)``; ``theta0`` is the current parameters, flattened. The model is not changed.
+    ``loss_of_output(output)``; ``theta0`` is the current parameters, flattened. The model runs in
+    ``theta``'s dtype: its frozen parameters, floating-point buffers and floating-point tensor inputs are
+    cast to it (so :func:`flow_path` can evaluate a float32 model in float64). The model is not changed.
     """
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     shapes = [p.shape for p in params]
     sizes = [p.numel() for p in params]
     theta0 = torch.cat([p.detach().reshape(-1) for p in params])
+    fixed = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    fixed.update(dict(model.named_buffers()))
+
+    def cast(t: object, dtype: torch.dtype) -> object:
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
     def loss_fn(theta: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(theta, sizes)
-        named = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
-        return loss_of_output(torch.func.functional_call(model, named, inputs))
+        named = {n: cast(t, theta.dtype) for n, t in fixed.items()}
+        named.update({n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)})
+        args = tuple(cast(a, theta.dtype) for a in inputs)
+        return loss_of_output(torch.func.functional_call(model, named, args))
 
     return loss_fn, theta0
 
