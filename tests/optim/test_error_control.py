@@ -157,3 +157,35 @@ def test_bad_input():
     with pytest.raises(GradkitError, match="lr_min"):
         opt.step(closure)
     assert torch.equal(theta.detach(), torch.ones(2))
+
+
+def test_a_zero_gradient_does_not_grow_the_step():
+    # 0.5·(x² − y²) from its saddle: the gradient is exactly 0 at every step, the step stays lr
+    theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = ErrorControlledGD([theta], lr=1e-3, tol=1e-3)
+    closure = closure_for(theta, lambda t: 0.5 * (t[0] ** 2 - t[1] ** 2), opt)
+    for _ in range(1000):
+        opt.step(closure)
+    assert opt.stats["h"] == 1e-3 and opt.stats["rejected"] == 0
+    assert torch.equal(theta.detach(), torch.zeros(2, dtype=torch.float64))
+
+
+def test_after_a_flat_stretch_the_step_shrinks_back_within_max_rejects():
+    # a zero-gradient plateau (longer than the 446 steps in which ×5 per step overflows), then a
+    # nearly flat stretch that grows h to its cap, then a stiff quadratic that needs h ≈ 1e-3
+    theta = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+    opt = ErrorControlledGD([theta], lr=1e-3, tol=1e-3, reuse_gradient=False)
+    curvature = [0.0]
+    closure = closure_for(theta, lambda t: curvature[0] * (t**2).sum(), opt)
+    for _ in range(460):
+        opt.step(closure)
+    assert opt.stats["h"] == 1e-3
+    curvature[0] = 1e-12
+    for _ in range(100):
+        opt.step(closure)
+    assert opt.stats["h"] == opt.param_groups[0]["lr_max"] < math.inf
+    curvature[0] = 25.0
+    for _ in range(20):
+        opt.step(closure)  # each step would raise after max_rejects rejections
+    assert 0 < opt.stats["rejected"] <= opt.param_groups[0]["max_rejects"]
+    assert abs(float(theta.detach())) < 0.9 and opt.stats["last_lr"] < 2 / 50

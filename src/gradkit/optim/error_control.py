@@ -16,6 +16,11 @@ extrapolation), else rejected (θ₀ is restored). Either way the next step size
     h ← h · min(factor_max, max(factor_min, safety · err^(−1/2)))
 
 (the exponent is 1/(q+1) with q = 1 the order of Euler; after a rejection the factor is at most 1).
+A zero estimate (the gradient did not change along the step: a zero gradient, or a linear loss) says
+nothing about how long a step would stay accurate, so it leaves h unchanged; h is also kept within
+[lr_min, lr_max], lr_max being 1e6·lr unless given, so that after a near-flat stretch (where h grows
+×factor_max per step) a curved region brings h back in log(lr_max/h_needed)/log(1/factor_min)
+rejections (9 from lr_max to lr).
 g(θ₁) of an accepted step is the next step's g(θ₀) ("first same as last"), so a step costs one
 gradient evaluation plus one per rejection. With ``reuse_gradient=False`` each step evaluates g(θ₀)
 afresh (two per step): use that when the closure draws a new mini-batch at each call of ``step``, so
@@ -50,6 +55,8 @@ class ErrorControlledGD(Optimizer):
         rtol: relative error allowed, times max(|θ₀_i|, |θ₁_i|).
         safety, factor_min, factor_max: the controller's safety factor and bounds on h's change.
         lr_min, lr_max: bounds on h; a step that would need h < lr_min raises :class:`GradkitError`.
+            ``lr_max`` defaults to 1e6·lr (finite, so that h can always shrink back within
+            ``max_rejects`` rejections).
         max_rejects: rejections allowed within one ``step`` before it raises.
         reuse_gradient: reuse the gradient at the accepted point as the next step's (see module doc).
 
@@ -69,7 +76,7 @@ class ErrorControlledGD(Optimizer):
         factor_min: float = 0.2,
         factor_max: float = 5.0,
         lr_min: float = 0.0,
-        lr_max: float = math.inf,
+        lr_max: float | None = None,
         max_rejects: int = 50,
         reuse_gradient: bool = True,
     ):
@@ -79,8 +86,10 @@ class ErrorControlledGD(Optimizer):
             raise GradkitError(f"tol must be > 0 and rtol >= 0, got tol={tol}, rtol={rtol}")
         if not (0 < safety <= 1 and 0 < factor_min < 1 < factor_max):
             raise GradkitError("need 0 < safety <= 1 and 0 < factor_min < 1 < factor_max")
-        if not 0 <= lr_min <= lr <= lr_max:
-            raise GradkitError(f"need 0 <= lr_min <= lr <= lr_max, got {lr_min}, {lr}, {lr_max}")
+        if lr_max is None and lr > 0:
+            lr_max = 1e6 * lr
+        if not (0 <= lr_min <= lr <= lr_max and math.isfinite(lr_max)):
+            raise GradkitError(f"need 0 <= lr_min <= lr <= lr_max < inf, got {lr_min}, {lr}, {lr_max}")
         defaults = dict(
             lr=lr,
             tol=tol,
@@ -161,7 +170,7 @@ class ErrorControlledGD(Optimizer):
             err = math.sqrt(sq / max(n, 1))
             if not (math.isfinite(err) and bool(torch.isfinite(loss1).all())):
                 err = math.inf
-            factor = group["factor_max"] if err == 0 else group["safety"] * err**-0.5
+            factor = 1.0 if err == 0 else group["safety"] * err**-0.5
             factor = min(group["factor_max"], max(group["factor_min"], factor))
             if err <= 1.0:
                 ctrl["flow_time"] += h
