@@ -78,3 +78,17 @@ def test_task_metrics_and_metric_choice():
     with pytest.raises(GradkitError, match="--metric 'mcc' is not a regression metric"):
         check_metric("regression", "mcc")
     assert format_metric("accuracy", 0.8394) == "83.94%" and format_metric("mcc", 0.41234) == "0.4123"
+
+
+def test_spearman_of_nan_predictions_is_nan_and_never_kept_as_best():
+    from gradkit.train.metrics import is_better, spearman, task_metrics
+
+    labels = torch.arange(6.0)
+    assert math.isnan(spearman(torch.full((6,), math.nan), labels))  # scipy's spearmanr: nan
+    assert math.isnan(spearman(torch.tensor([0.0, 1, math.nan, 3, 4, 5]), labels))
+    assert math.isnan(spearman(labels, torch.tensor([0.0, 1, 2, 3, math.nan, 5])))
+    dev = task_metrics("regression", torch.full((6, 1), math.nan), labels, "dev")
+    assert math.isnan(dev["dev_spearman"])
+    # --keep-best compares with is_better: a NaN score is never better, not even than nothing yet
+    assert not is_better("spearman", dev["dev_spearman"], None)
+    assert not is_better("spearman", dev["dev_spearman"], 0.1)

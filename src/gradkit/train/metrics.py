@@ -136,7 +136,10 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman's rho: Pearson's r of the average ranks (Spearman 1904)."""
+    """Spearman's rho: Pearson's r of the average ranks (Spearman 1904); NaN when either side holds a
+    NaN (no ranking is defined: scipy's ``spearmanr`` also propagates it) or is constant."""
+    if bool(x.double().isnan().any()) or bool(y.double().isnan().any()):
+        return float("nan")
     return pearson(average_ranks(x), average_ranks(y))
 
 
