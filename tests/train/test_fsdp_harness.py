@@ -138,7 +138,7 @@ def test_fsdp_weights_equal_the_ddp_runs(runs, method):
 @pytest.mark.parametrize("method", ["lora", "full", "lora-pro"])
 def test_fsdp_saved_weights_reload_and_score_as_the_summary_says(runs, method):
     from gradkit.data import load_label_map, load_text_classification
-    from gradkit.train.loop import evaluate_texts
+    from gradkit.train.evaluate import evaluate_texts
     from gradkit.train.reload import load_trained
 
     run = runs / f"{method}-fsdp"
