@@ -1,5 +1,5 @@
 """gradkit.dynamics against closed forms: the flow of a quadratic is exp(−tA)θ0, Euler's deviation
-from it is ((I − ηA)^k − exp(−kηA))θ0, heavy ball against the damped flow, power iteration's λ_max."""
+from it is ((I − ηA)^k − exp(−kηA))θ0, heavy ball against the damped flow, Lanczos's λ_max against known spectra."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_divergence_past_two_over_lambda_max_is_reported():
     assert unstable.losses[-1] > 100 * unstable.losses[0]
 
 
-def test_hessian_power_iteration_on_a_module_and_the_rng():
+def test_hessian_max_eigenvalue_on_a_module_and_the_rng():
     torch.manual_seed(123)
     model = torch.nn.Linear(5, 1, bias=False).double()
     x = torch.randn(40, 5, dtype=torch.float64)
@@ -175,3 +175,49 @@ def test_a_loss_that_computes_in_float32_is_refused_by_the_reference_flow():
     a = torch.eye(3)  # float32 constant: the loss comes back float32 for a float64 theta
     with pytest.raises(GradkitError, match="float64"):
         flow_path(lambda th: 0.5 * (th.float() @ (a @ th.float())), torch.ones(3), [0.0, 1.0])
+
+
+def rotated(eigs, seed=0):
+    """½θᵀAθ with A = Q diag(eigs) Qᵀ: a Hessian of known spectrum."""
+    eigs = torch.as_tensor(eigs, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=gen, dtype=torch.float64))
+    a = (q * eigs) @ q.T
+    a = (a + a.T) / 2
+    return lambda th: 0.5 * th @ (a @ th), torch.randn(len(eigs), generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "eigs",
+    [
+        [3.0, -3.0, 1.0, 0.5],  # ±λ tie at the top of |λ|
+        [1.0, -5.0, 0.5, -0.1],  # indefinite: the largest |λ| is negative
+        [-1.0, -2.0, -4.0],  # negative definite: λ_max is the one nearest 0
+        [0.0, -3.0, -1.0],  # λ_max = 0
+    ],
+)
+def test_hessian_max_eigenvalue_is_the_most_positive_one(eigs):
+    d = torch.tensor(eigs, dtype=torch.float64)
+    diagonal = hessian_max_eigenvalue(
+        lambda th: 0.5 * (d * th * th).sum(), torch.ones(len(eigs), dtype=torch.float64)
+    )
+    assert diagonal == pytest.approx(max(eigs), abs=1e-9)
+    assert hessian_max_eigenvalue(*rotated(eigs)) == pytest.approx(max(eigs), abs=1e-9)
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-4, 1e-7])
+def test_hessian_max_eigenvalue_tolerance_is_a_distance_to_an_eigenvalue(tol):
+    gen = torch.Generator().manual_seed(3)
+    eigs = torch.cat(
+        [
+            torch.rand(300, generator=gen, dtype=torch.float64) * 3 - 2,
+            torch.tensor([1.05], dtype=torch.float64),
+        ]
+    )
+    loss, theta = rotated(eigs, seed=3)
+    got = hessian_max_eigenvalue(loss, theta, tol=tol, iters=300)
+    rho = float(eigs.abs().max())
+    assert got <= float(eigs.max()) + 1e-12  # a Ritz value: never above λ_max
+    assert float((eigs - got).abs().min()) <= tol * rho  # the documented bound
+    if tol <= 1e-4:
+        assert got == pytest.approx(1.05, abs=tol * rho)  # λ_max is isolated: that eigenvalue is it
