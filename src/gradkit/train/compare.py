@@ -25,8 +25,6 @@ from gradkit.train.plots import plot_losses
 from gradkit.train.run_folder import default_out
 from gradkit.train.validate import check_config, check_data, check_out
 
-DEFAULT_METHODS = ("head", "lora", "lora-ga", "full")
-
 
 def _child(cfg: TrainConfig, debug: bool, report: Any) -> None:
     """Run one method; send ``None`` on success or the failure's one-line reason through ``report``."""
