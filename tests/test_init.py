@@ -426,3 +426,34 @@ def test_auditor_on_the_bundled_minilm():
     ln = _row(rows, "embeddings.LayerNorm.weight")
     assert ln.rule == "one" and "std" in ln.flags
     assert sum(1 for r in rows if r.flags) > len(rows) // 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bound", [1e-5, 1e-6, 1e-7, 1e-12, 1e-300])
+def test_a_tiny_bound_keeps_the_std_in_every_dtype(dtype, bound):
+    # the law is uniform on ±√3·std to any precision here: its std's standard error is 0.3·std/√n
+    n, std = 10**6, 0.02
+    x = truncated_normal_(torch.empty(n, dtype=dtype), std, bound, torch.Generator().manual_seed(4)).double()
+    resolution = 0.02 if dtype == torch.bfloat16 else 1e-6  # bf16 rounds each value by up to 2^-9
+    assert float(x.std()) == pytest.approx(std, rel=4 * 0.3 / math.sqrt(n) + resolution)
+    assert float(x.abs().max()) <= math.sqrt(3) * std * (1 + 1e-6)
+    assert float(x.abs().max()) > 0.99 * math.sqrt(3) * std
+
+
+@pytest.mark.parametrize("bound", [1e300, 9e307, 1.7e308])
+def test_a_huge_bound_is_the_plain_normal_not_nan(bound):
+    assert truncation_std_factor(bound) == 1.0
+    x = truncated_normal_(torch.empty(10**5), 0.5, bound, torch.Generator().manual_seed(5))
+    assert bool(torch.isfinite(x).all())
+    assert float(x.std()) == pytest.approx(0.5, abs=4 * 0.5 / math.sqrt(2 * 10**5))
+
+
+def test_what_float64_cannot_honour_is_refused():
+    with pytest.raises(GradkitError, match="below 1e-300"):
+        truncated_normal_(torch.empty(3), 0.02, 1e-310)
+    with pytest.raises(GradkitError, match="beyond float64's range"):
+        truncated_normal_(torch.empty(3), 10.0, 1e308)
+    x = torch.zeros(3)
+    with pytest.raises(GradkitError):
+        truncated_normal_(x, 0.02, 1e-320)
+    assert torch.equal(x, torch.zeros(3))  # nothing written

@@ -23,6 +23,7 @@ from gradkit.errors import GradkitError
 __all__ = ["bert_init_", "truncated_normal_", "truncation_std_factor"]
 
 _SQRT2 = math.sqrt(2.0)
+_MIN_BOUND = 1e-300
 
 
 def _check_bound(bound: float) -> float:
@@ -51,12 +52,12 @@ def truncation_std_factor(bound: float) -> float:
     0.879626
     """
     b = _check_bound(bound)
-    if math.isinf(b):
+    if b > 40.0:  # 2bφ(b) < 1e-300: the factor is 1 in float64 (and b·b would overflow from 1.3e154)
         return 1.0
     if b < 0.1:
         b2 = b * b
         series = 1.0 - 2.0 * b2 / 15.0 + 2.0 * b2**2 / 315.0 + 2.0 * b2**3 / 4725.0 - 2.0 * b2**4 / 31185.0
-        var = b2 / 3.0 * series
+        return b * math.sqrt(series / 3.0)  # b·sqrt(…), not sqrt(b²·…): b² underflows below 1e-154
     else:
         pdf = math.exp(-0.5 * b * b) / math.sqrt(2.0 * math.pi)
         mass = math.erf(b / _SQRT2)  # 2Φ(b) − 1
@@ -86,14 +87,18 @@ def _rejection_normal(shape, b: float, generator, dtype: torch.dtype, device) ->
     return z
 
 
-def _inverse_cdf_normal(shape, b: float, generator, dtype: torch.dtype, device) -> torch.Tensor:
-    """Standard normal draws in [−b, b] by the inverse CDF on the lower half and a random sign."""
-    u = torch.rand(shape, generator=generator, dtype=dtype, device=device)
+def _inverse_cdf_normal(shape, b: float, generator, device) -> torch.Tensor:
+    """Standard normal draws in [−b, b] (float64) by the inverse CDF of |z| and a random sign.
+
+    |z| = Φ⁻¹(½ + ½·erf(b/√2)·v) = √2·erfinv(erf(b/√2)·v) for v uniform in (0, 1]: the erfinv form
+    keeps full relative precision however small b is (Φ⁻¹ near ½ would resolve only the few
+    probabilities of width ~b that a float near ½ can hold).
+    """
+    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
     negative = u < 0.5
-    w = torch.where(negative, u * 2, u * 2 - 1)
-    lo = 0.5 * math.erfc(b / _SQRT2)  # Φ(−b), accurate even far in the tail
-    z = torch.special.ndtri(w.mul_(0.5 - lo).add_(lo))  # in [−b, 0)
-    return torch.where(negative, z, -z)
+    v = torch.where(negative, 1 - 2 * u, 2 - 2 * u)  # in (0, 1]
+    z = torch.special.erfinv(v.mul_(math.erf(b / _SQRT2))).mul_(_SQRT2).clamp_(max=b)
+    return torch.where(negative, -z, z)
 
 
 def truncated_normal_(
@@ -113,14 +118,15 @@ def truncated_normal_(
     one BERT, Devlin et al. 2019, used) gives std 0.0176 and ``torch.nn.init.trunc_normal_(w,
     std=0.02)`` cuts at the absolute ±2 (±100σ: nothing). ``bound=math.inf`` is the plain normal.
 
-    Sampling draws from the truncated law itself (to float32 resolution: float64 for a float64
-    tensor), in one of two ways. For
+    Sampling draws from the truncated law itself, in one of two ways. For
     ``bound >= 1`` (the usual case), by rejection: standard normal draws outside ±bound are redrawn
     until none is left (each draw is kept with probability 2Φ(b) − 1: 68 % at 1, 95 % at 2, so a few
-    short rounds; the whole fill costs a few ``torch.randn``). For ``bound < 1``, where rejection
-    would waste most draws, by the inverse CDF: one uniform u gives the sign (u < ½) and w ∈ [0, 1)
-    (2u or 2u − 1); then |z| = −Φ⁻¹(Φ(−b) + (½ − Φ(−b))·w) with ``torch.special.ndtri``, on the lower
-    half, whose probabilities near Φ(−b) float32 stores with full relative precision. The value
+    short rounds; the whole fill costs a few ``torch.randn``; float32, float64 for a float64 tensor).
+    For ``bound < 1``, where rejection would waste most draws, by the inverse CDF in float64 whatever
+    the tensor's dtype: one uniform u gives the sign (u < ½) and v ∈ (0, 1]; then
+    |z| = √2·erfinv(erf(b/√2)·v), which keeps full relative precision for any small b (so the std
+    holds at bound 1e-7 as at 0.5; a quantile Φ⁻¹(p) near p = ½ in float32 resolves only ~b/6e-8
+    probabilities there). The value
     mean + σ·z is then cast to the tensor's dtype and clamped to the cut: rounding to bf16 or fp16
     can carry a value just past mean ± bound·σ, and such a value becomes the representable number
     of that dtype nearest to the cut on its inside. So no value is ever outside the cut, in any
@@ -132,8 +138,9 @@ def truncated_normal_(
     global RNG of the tensor's device is used and advanced, as ``torch.nn.init`` does. Returns
     ``tensor``.
 
-    Raises :class:`~gradkit.errors.GradkitError` for ``std <= 0``, ``bound <= 0`` or a tensor that
-    is not floating point.
+    Raises :class:`~gradkit.errors.GradkitError` for ``std <= 0``, ``bound <= 0``, a tensor that is
+    not floating point, and what float64 cannot honour: a bound below 1e-300 (subnormal draws) or a
+    finite cut mean ± bound·σ beyond float64's range (``bound=math.inf`` is the plain normal).
     """
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         what = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
@@ -153,7 +160,17 @@ def truncated_normal_(
     if tensor.numel() == 0:
         return tensor
 
+    if b < _MIN_BOUND:
+        raise GradkitError(
+            f"bound {bound!r} is below {_MIN_BOUND:g}: the draws z (|z| <= bound) would be subnormal in "
+            "float64; the law is uniform on ±√3·std to float64 precision long before that: pass a larger bound"
+        )
     sigma = s / truncation_std_factor(b)
+    if not (math.isinf(b) or math.isfinite(mu + sigma * b) and math.isfinite(mu - sigma * b)):
+        raise GradkitError(
+            f"std {std!r} with bound {bound!r} puts the cut (mean ± bound·σ, σ = std/truncation_std_factor"
+            "(bound)) beyond float64's range; pass bound=math.inf for the plain normal, or a smaller std"
+        )
     work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         if math.isinf(b):
@@ -163,7 +180,7 @@ def truncated_normal_(
         if b >= 1.0:
             z = _rejection_normal(tensor.shape, b, generator, work, tensor.device)
         else:
-            z = _inverse_cdf_normal(tensor.shape, b, generator, work, tensor.device)
+            z = _inverse_cdf_normal(tensor.shape, b, generator, tensor.device)
         values = z.mul_(sigma).add_(mu).to(tensor.dtype)
         lower = _inside(mu - b * sigma, tensor.dtype, toward=mu).to(tensor.device)
         upper = _inside(mu + b * sigma, tensor.dtype, toward=mu).to(tensor.device)
