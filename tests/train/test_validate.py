@@ -37,6 +37,10 @@ BAD = {
     "ema-one": (("--ema", "1"), "--ema 1.0 is not allowed"),
     "steps-zero": (("--steps", "0"), "--steps 0 is not allowed"),
     "seed-negative": (("--seed", "-3"), "--seed -3 is not allowed"),
+    "seed-beyond-32-bits": (
+        ("--seed", "4294967296"),
+        "--seed 4294967296 is not allowed: it must be finite and in [0, 4294967296)",
+    ),
     "model-missing": (("--model", "/nonexistent/model"), "--model /nonexistent/model is not a model folder"),
     "grad-accum-huge": (("--grad-accum", "1000000000"), "--grad-accum 1000000000 makes each step hold"),
     "grad-accum-zero": (("--grad-accum", "0"), "--grad-accum 0 is not allowed: it must be finite and >= 1"),
@@ -76,6 +80,21 @@ def test_bad_settings_stop_before_anything_is_written(tmp_path, monkeypatch, cap
     code, err = run(capsys, command, *TINY, *args, "--out", str(tmp_path / "run"))
     assert_one_line(code, err, fragment)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_noise_scale_refuses_a_seed_outside_32_bits(tmp_path, monkeypatch, capsys, seed):
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, "noise-scale", *TINY, "--seed", seed, "--out", str(tmp_path / "run"))
+    assert_one_line(code, err, f"--seed {seed} is not allowed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_largest_32_bit_seed_is_accepted():
+    from gradkit.train.config import TrainConfig
+    from gradkit.train.settings import check_settings
+
+    check_settings(TrainConfig(seed=2**32 - 1))
 
 
 @pytest.mark.parametrize(

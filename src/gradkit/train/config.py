@@ -166,8 +166,9 @@ class TrainConfig:
     seed: int = setting(
         0,
         "seeds the data order, the new head and each method's randomness",
-        range=AT_LEAST_0,
+        range=Range(0, 2**32, high_open=True),
         example="0",
+        why="numpy's generator takes a 32-bit seed",
         group=BUDGET,
     )
     out: str | None = setting(

@@ -37,11 +37,17 @@ class Range:
         return above and below
 
     def describe(self) -> str:
-        """``in [0, 1)``, ``> 0``, ``>= 1``..."""
+        """``in [0, 1)``, ``> 0``, ``>= 1``... (whole bounds written in full: ``[0, 4294967296)``)."""
+        low, high = _number(self.low), _number(self.high)
         if math.isfinite(self.high):
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"in {left}{self.low:g}, {self.high:g}{right}"
-        return f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
+            return f"in {left}{low}, {high}{right}"
+        return f"> {low}" if self.low_open else f">= {low}"
+
+
+def _number(value: float) -> str:
+    """A bound as written: an int in full (2**32 as 4294967296, not 4.29497e+09), else ``:g``."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def setting(
