@@ -77,10 +77,11 @@ def test_a_stopped_and_resumed_run_ends_bit_identical(tiny_model_dir, tmp_path, 
 def test_only_the_latest_checkpoint_is_kept_and_whole(tiny_model_dir, tmp_path):
     finetune(config(tiny_model_dir, tmp_path / "run", "full"), progress=False, stop_after=5)
     root = tmp_path / "run" / "checkpoints"
-    assert json.loads((root / "latest.json").read_text()) == {"step": 4, "folder": "step-0000004"}
+    latest = json.loads((root / "latest.json").read_text())
+    assert {k: latest[k] for k in ("step", "folder")} == {"step": 4, "folder": "step-0000004"}
     assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step-0000004"]
     names = sorted(p.name for p in (root / "step-0000004").iterdir())
-    assert names == ["rng-rank0.pt", "state.pt", "tensors.safetensors"]
+    assert names == ["manifest.json", "rng-rank0.pt", "state.pt", "tensors.safetensors"]
 
 
 def test_resume_refuses_a_finished_run_and_one_without_checkpoints(tiny_model_dir, tmp_path):

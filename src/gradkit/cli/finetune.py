@@ -97,9 +97,9 @@ def run_finetune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     print(
         f"{summary['method']}: test {metric} {format_metric(metric, summary.get(f'test_{metric}'))}, "
         f"final train loss {summary['final_train_loss']:.4f}, {summary['train_seconds']:.0f} s; "
-        f"run folder {summary['out']}"
+        f"run folder {summary['out']}" + (f"; WARNING {summary['warning']}" if "warning" in summary else "")
     )
-    return 0
+    return 1 if "warning" in summary else 0
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -16,11 +16,15 @@ the same order whatever the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,14 @@ from gradkit.ema import EMA
 from gradkit.errors import GradkitError
 from gradkit.train import head_warmup
 from gradkit.train.causal import load_causal_lm
-from gradkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from gradkit.train.checkpoint import (
+    CHECKPOINTS,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    verify_checkpoint,
+)
 from gradkit.train.config import TrainConfig
 from gradkit.train.datasets import StepBatches, TrainingStream, describe_data, load_datasets
 from gradkit.train.evaluate import evaluate
@@ -76,13 +87,22 @@ def finetune(
     session after that step as an interruption would (status ``stopped``), for time-sliced jobs; the
     returned summary then holds only the status.
     """
-    run = FineTune(cfg, method=method, resume=resume, progress=progress)
-    run.set_up()
-    run.prepare()
-    step = run.train(stop_after)
-    if step < cfg.steps:  # stop_after: the session ends here, the run goes on from its checkpoint
-        return run.stop(step)
-    return run.finish()
+    return _run(FineTune(cfg, method=method, resume=resume, progress=progress), stop_after)
+
+
+def _run(run: FineTune, stop_after: int | None) -> dict[str, Any]:
+    """The recipe's four parts, with SIGTERM taken as an interruption; the run folder's lock is
+    released at the end, whatever the end."""
+    try:
+        with _sigterm_as_interrupt():
+            run.set_up()
+            run.prepare()
+            step = run.train(stop_after)
+            if step < run.cfg.steps:  # stop_after: the session ends here, the run goes on from its checkpoint
+                return run.stop(step)
+            return run.finish()
+    finally:
+        run.release()
 
 
 def resume(
@@ -90,20 +110,71 @@ def resume(
 ) -> dict[str, Any]:
     """Continue the run in ``run_dir`` from its latest checkpoint with the settings of its config.json;
     it ends with the weights an uninterrupted run would have, bit for bit (same machine, same number
-    of processes)."""
-    run = Path(run_dir)
-    folder = RunFolder(run, steps=0)
+    of processes). ``run_dir`` may also name one checkpoint folder, ``RUN/checkpoints/step-NNNNNNN``,
+    to resume from (an intact one when ``latest.json`` is damaged). Every file the resume reads is
+    checked first (:func:`~gradkit.train.checkpoint.find_checkpoint`): a missing or damaged one is
+    refused in one line naming it, before anything is loaded or written."""
+    run, checkpoint = Path(run_dir), None
+    if run.parent.name == CHECKPOINTS and run.name.startswith("step-"):
+        run, checkpoint = run.parent.parent, run
+    folder = RunFolder(run, steps=0, main=int(os.environ.get("RANK", "0")) == 0)
     if not folder.has_config():
+        if (run / CHECKPOINTS).is_dir():
+            raise GradkitError(
+                f"--resume {run}: its config.json is missing; restore it or start the run again"
+            )
         raise GradkitError(
             f"--resume {run}: no config.json there; pass the run folder of a gradkit finetune run"
         )
-    if folder.read_status() == "finished":
-        raise GradkitError(f"--resume {run}: that run has finished (status.json); nothing to resume")
-    saved = folder.read_config()
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    folder.lock("--resume")  # held to the run's end (released by _run)
+    try:
+        if folder.read_status() == "finished":
+            raise GradkitError(f"--resume {run}: that run has finished (status.json); nothing to resume")
+        saved = folder.read_config()
+        checkpoint = _verified(run, checkpoint)
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in fields})
+    except BaseException:
+        folder.unlock()
+        raise
     cfg = dataclasses.replace(cfg, out=str(run), overwrite=False)
-    return finetune(cfg, progress=progress, resume=True, stop_after=stop_after)
+    return _run(FineTune(cfg, resume=True, progress=progress, checkpoint=checkpoint), stop_after)
+
+
+def _verified(run: Path, checkpoint: Path | None) -> Path:
+    """The checkpoint a resume of ``run`` starts from (``checkpoint`` when given), every file verified."""
+    if checkpoint is None:
+        return find_checkpoint(run)
+    try:
+        verify_checkpoint(checkpoint)
+    except GradkitError as err:
+        raise GradkitError(
+            f"--resume {checkpoint}: {err}; resume from another checkpoint or start the run again"
+        ) from None
+    return checkpoint
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, the launcher ending a job whose other process ended): an
+    interruption like Ctrl-C, recorded as ``stopped`` in status.json."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while the run goes on (main thread only: Python delivers
+    signals there), so that status.json records the stop and how to resume."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Phases:
@@ -136,8 +207,20 @@ class FineTune:
     :meth:`finish` (or :meth:`stop` when the session ends early). Every process runs the same calls;
     only the main one writes the run folder."""
 
-    def __init__(self, cfg: TrainConfig, *, method: Any = None, resume: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        method: Any = None,
+        resume: bool = False,
+        progress: bool = True,
+        checkpoint: Path | None = None,
+    ):
+        """``checkpoint``: the verified checkpoint folder a resume starts from (found and verified in
+        :meth:`set_up` when not given)."""
         self.cfg, self.resuming, self.progress = cfg, resume, progress
+        self.checkpoint = checkpoint
+        self.folder: RunFolder | None = None
         self.phases = Phases()
         self.method = method if method is not None else get_method(cfg.method)
 
@@ -163,12 +246,8 @@ class FineTune:
         """The run folder's path, the checkpoint to resume from, the processes and the seed."""
         cfg = self.cfg
         out = Path(cfg.out) if cfg.out else default_out(cfg.method)
-        self.checkpoint = latest_checkpoint(out) if self.resuming else None
         if self.resuming and self.checkpoint is None:
-            raise GradkitError(
-                f"{out} holds no checkpoint to resume from; it ran without --save-every or stopped before "
-                "its first one: start it again"
-            )
+            self.checkpoint = find_checkpoint(out)  # every checksum verified before anything loads
         # the global batch is split across processes: accelerate takes that through
         # DataLoaderConfiguration (it ignores an ``Accelerator(split_batches=...)`` keyword)
         self.accelerator = Accelerator(
@@ -189,6 +268,7 @@ class FineTune:
         self.main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.folder = RunFolder(out, steps=cfg.steps, main=self.main)
+        self.folder.lock("--resume" if self.resuming else "--out")  # an existing folder: locked now
 
     def _tokenize(self) -> None:
         """Tokenise once; each step's batch is the next slice of the seeded stream, this process's share."""
@@ -386,16 +466,41 @@ class FineTune:
                 if stop_after is not None and step >= stop_after and step < cfg.steps:
                     break
             self._check_weights(step)
+        except OSError as err:  # a full disk, a folder gone: one line, the latest checkpoint kept
+            failure = _disk_error(err, self.folder.path, self.checkpoints.last)
+            self._record_end(failure, step)
+            raise failure from err
         except BaseException as err:
-            interrupted = isinstance(err, KeyboardInterrupt)
-            reason = "interrupted" if interrupted else " ".join(str(err).split())
-            status = "stopped" if interrupted else "failed"
-            self.folder.status(status, reason=reason, step=step, checkpoint_step=self.checkpoints.last)
+            self._record_end(err, step)
             raise
         finally:
             bar.close()
-            self.folder.close_metrics()
+            with contextlib.suppress(OSError):
+                self.folder.close_metrics()  # its buffered tail may not fit a full disk
         return step
+
+    def _record_end(self, err: BaseException, step: int) -> None:
+        """Record in status.json how the run ended early: ``stopped`` for an interruption (Ctrl-C,
+        SIGTERM), with how to go on, else ``failed`` with the error's line. A status that cannot be
+        written (a full disk) is left as it was: the error itself is what the user sees."""
+        last = self.checkpoints.last
+        if isinstance(err, KeyboardInterrupt):
+            how = "interrupted by SIGTERM" if isinstance(err, Terminated) else "interrupted"
+            then = (
+                f"continue from step {last} with gradkit finetune --resume {self.folder.path}"
+                if last is not None
+                else "it saved no checkpoint: start it again"
+            )
+            status, reason = "stopped", f"{how}; {then}"
+        else:
+            status, reason = "failed", " ".join(str(err).split()) or type(err).__name__
+        with contextlib.suppress(OSError):
+            self.folder.status(status, reason=reason, step=step, checkpoint_step=last)
+
+    def release(self) -> None:
+        """Release the run folder's lock (the end of the run, whatever the end)."""
+        if self.folder is not None:
+            self.folder.unlock()
 
     def _step(self, step: int, bar: Any) -> None:
         """One step of the method, the schedule and the EMA; its loss joins the state (and its row when
@@ -485,7 +590,20 @@ class FineTune:
         return {"status": "stopped", "step": step, "checkpoint_step": last, "out": str(self.folder.path)}
 
     def finish(self) -> dict[str, Any]:
-        """Test the final (and EMA, best-on-dev) weights, save them, write the summary and plot."""
+        """Test the final (and EMA, best-on-dev) weights, save them, write the summary and plot. A
+        failure here (a full disk) is recorded in status.json as in :meth:`train`; an ``OSError``
+        becomes one line naming the file, the latest checkpoint left to resume from."""
+        try:
+            return self._finish()
+        except OSError as err:
+            failure = _disk_error(err, self.folder.path, self.checkpoints.last)
+            self._record_end(failure, self.cfg.steps)
+            raise failure from err
+        except BaseException as err:
+            self._record_end(err, self.cfg.steps)
+            raise
+
+    def _finish(self) -> dict[str, Any]:
         train_seconds = self.stopwatch.seconds()
         self.phases.mark("train")
         if not self.state.losses:  # every step was skipped for a non-finite loss: nothing to report or keep
@@ -495,8 +613,13 @@ class FineTune:
             )
         agree = ranks_agree(self.unwrapped, self.accelerator) if self.processes > 1 else True
         summary = self._summary(self._final_results(), agree, train_seconds)
+        warning = _non_finite_warning(summary)
+        if warning is not None:
+            summary["warning"] = warning
         self.folder.finish(summary, self.cfg.method, self.state)
-        self.folder.status("finished", step=self.cfg.steps, checkpoint_step=self.checkpoints.last)
+        self.folder.status(
+            "finished", step=self.cfg.steps, checkpoint_step=self.checkpoints.last, warning=warning
+        )
         self.tracker.end()
         self.accelerator.wait_for_everyone()
         summary["out"] = str(self.folder.path)
@@ -578,6 +701,33 @@ class FineTune:
             "train_examples": len(self.train_data),
             "phase_seconds": {k: round(v, 2) for k, v in self.phases.seconds.items()},
         }
+
+
+def _non_finite_warning(summary: dict[str, Any]) -> str | None:
+    """A line saying which weights' test loss is not finite (NaN or inf: their test metrics are no
+    result), or None when every test loss is finite (or there is no test set)."""
+    losses = {
+        "final": summary.get("test_loss"),
+        "EMA": summary.get("ema", {}).get("test_loss"),
+        "best-on-dev": summary.get("best", {}).get("test_loss"),
+    }
+    broken = [name for name, v in losses.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not broken:
+        return None
+    return (
+        f"non_finite: the test loss of the {', '.join(broken)} weights is not finite, so their test "
+        "metrics are not a result; lower --lr (or check the data) and run again"
+    )
+
+
+def _disk_error(err: OSError, out: Path, last: int | None) -> GradkitError:
+    """One line for a write that failed (a full disk): the file, the reason, and how to go on."""
+    then = (
+        f"free space, then continue from step {last} with gradkit finetune --resume {out}"
+        if last is not None
+        else "free space, then start the run again"
+    )
+    return GradkitError(f"could not write {err.filename or out}: {err.strerror or err}; {then}")
 
 
 def _warn_if_launched_alone(num_processes: int) -> None:

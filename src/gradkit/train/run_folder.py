@@ -8,6 +8,10 @@
 - ``metrics.jsonl``: one JSON row per logged train step, dev evaluation and head warm-up step;
 - ``summary.json`` and ``loss.png`` when the run finishes.
 
+The main process holds a lock on the folder (:func:`~gradkit.files.lock_folder`: ``flock`` on the
+folder itself, nothing written) from the moment it is made, or found, to the run's end: a second run
+or a ``--resume`` of the same folder is refused while one writes it.
+
 The weights, ``checkpoints/`` (:mod:`gradkit.train.checkpoint`) and ``ema/``, ``best/`` are written
 by the method and the checkpoint code into the same folder.
 """
@@ -20,7 +24,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from gradkit.data import save_label_map
-from gradkit.files import atomic_path, clear_folder, json_line, write_json
+from gradkit.errors import GradkitError
+from gradkit.files import (
+    DamagedFile,
+    atomic_path,
+    clear_folder,
+    json_line,
+    lock_folder,
+    read_json,
+    unlock_folder,
+    write_json,
+)
 from gradkit.train.config import TrainConfig
 from gradkit.train.plots import plot_losses
 from gradkit.train.run_state import RunState
@@ -49,13 +63,30 @@ class RunFolder:
         self.path, self.steps, self.main = path, steps, main
         self._metrics: IO[str] | None = None
 
+    def lock(self, what: str = "--out") -> None:
+        """Take the folder's lock when it exists (main process); refused while another run holds it."""
+        if self.main and self.path.is_dir():
+            lock_folder(self.path, what)
+
+    def unlock(self) -> None:
+        """Release the folder's lock (at the end of the run, whatever the end)."""
+        if self.main:
+            unlock_folder(self.path)
+
     def create(self, cfg: TrainConfig, lr: float, processes: int, train_data: Any) -> None:
-        """Make the folder (cleared first with ``cfg.overwrite``) with ``config.json`` and ``labels.json``."""
+        """Make the folder (cleared first with ``cfg.overwrite``) with ``config.json`` and ``labels.json``,
+        under its lock: a run that made the folder meanwhile is not mixed with (its files refuse this one)."""
         if not self.main:
             return
-        if cfg.overwrite and self.path.is_dir():
-            clear_folder(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.lock()
+        if cfg.overwrite:
+            clear_folder(self.path)
+        elif any(self.path.iterdir()):
+            raise GradkitError(
+                f"--out {self.path}: another run wrote that folder while this one was starting; pass "
+                "another folder, or --overwrite to replace it"
+            )
         write_json(self.path / CONFIG, {**cfg.to_dict(), "lr": lr, "num_processes": processes})
         if cfg.task != "causal-lm":  # a causal LM has no labels
             save_label_map(train_data, self.path / "labels.json")
@@ -65,22 +96,46 @@ class RunFolder:
         return (self.path / CONFIG).is_file()
 
     def read_config(self) -> dict[str, Any]:
-        """The settings ``config.json`` holds."""
-        return json.loads((self.path / CONFIG).read_text())
+        """The settings ``config.json`` holds; :class:`GradkitError` naming the file when it is damaged."""
+        try:
+            saved = read_json(self.path / CONFIG)
+            if not isinstance(saved, dict) or "method" not in saved:
+                raise DamagedFile(self.path / CONFIG, "does not hold a run's settings")
+        except DamagedFile as err:
+            raise GradkitError(f"{err}; restore it or start the run again") from None
+        return saved
 
     def read_status(self) -> str | None:
-        """The ``status`` of ``status.json``; None without one."""
-        path = self.path / STATUS
-        return json.loads(path.read_text()).get("status") if path.is_file() else None
+        """The ``status`` of ``status.json``; :class:`GradkitError` naming the file when it is missing or
+        damaged (it says whether the run finished)."""
+        try:
+            saved = read_json(self.path / STATUS)
+            if not isinstance(saved, dict) or not isinstance(saved.get("status"), str):
+                raise DamagedFile(self.path / STATUS, "does not hold a run's status")
+        except DamagedFile as err:
+            if (self.path / SUMMARY).is_file():
+                raise GradkitError(f"{err}; the run has finished (summary.json): nothing to resume") from None
+            raise GradkitError(
+                f'{err}; if the run did not finish, write {{"status": "stopped"}} into it and resume again'
+            ) from None
+        return saved["status"]
 
     def status(
-        self, status: str, *, step: int, checkpoint_step: int | None, reason: str | None = None
+        self,
+        status: str,
+        *,
+        step: int,
+        checkpoint_step: int | None,
+        reason: str | None = None,
+        warning: str | None = None,
     ) -> None:
-        """Replace ``status.json``: ``{"status", "updated": <UTC time>, ["reason",] "step", "steps",
-        "checkpoint_step"}``."""
+        """Replace ``status.json``: ``{"status", "updated": <UTC time>, ["reason",] ["warning",] "step",
+        "steps", "checkpoint_step"}`` (``warning``: a finished run whose results are not sound)."""
         if not self.main:
             return
         fields: dict[str, Any] = {"reason": reason} if reason is not None else {}
+        if warning is not None:
+            fields["warning"] = warning
         fields.update(step=step, steps=self.steps, checkpoint_step=checkpoint_step)
         updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         write_json(self.path / STATUS, {"status": status, "updated": updated, **fields})
