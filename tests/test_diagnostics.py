@@ -401,8 +401,8 @@ def _diagnose(argv: list[str], capsys) -> tuple[int, str]:
 
 def test_diagnose_end_to_end_on_a_tiny_random_bert(tiny_model_dir, tmp_path, capsys):
     from gradkit.audit import audit_init
-    from gradkit.data.text import load_text_classification
     from gradkit.cli.diagnose import make_batches
+    from gradkit.data.text import load_text_classification
     from gradkit.train.model import load_classifier, load_tokenizer
 
     out = tmp_path / "run"
@@ -540,3 +540,85 @@ def test_the_gradkit_diagnose_command(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("gradkit: error: --batch-size 0") and err.count("\n") == 1
     assert not (tmp_path / "other").exists()
+
+
+def _model_folder(tiny_model_dir, tmp_path, change) -> str:
+    """The tiny BERT of ``tiny_model_dir``, changed in place by ``change``, saved with its tokenizer files."""
+    import shutil
+
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        change(model)
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("vocab", "tokenizer", "special")):
+            shutil.copy(f, path / f.name)
+    return str(path)
+
+
+def _diagnose_summary(model_dir: str, out, capsys) -> dict:
+    code, _ = _diagnose(
+        ["--model", model_dir, "--out", str(out), "--batches", "1", "--batch-size", "2"], capsys
+    )
+    assert code == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_diagnose_holds_a_bert_against_berts_own_init(tiny_model_dir, tmp_path, capsys):
+    from gradkit.init import bert_init_
+
+    fresh = _diagnose_summary(str(tiny_model_dir), tmp_path / "fresh", capsys)
+    inited = _model_folder(
+        tiny_model_dir, tmp_path, lambda m: bert_init_(m, generator=torch.Generator().manual_seed(0))
+    )
+    after = _diagnose_summary(inited, tmp_path / "bert_init", capsys)
+    for summary in (fresh, after):  # every tensor under BERT's rule: N(0, 0.02²), zero biases, norms 1/0
+        assert summary["weights"] == "init" and summary["tensors_flagged"] == []
+        assert summary["rules"] == ["bert", "one", "zero"]
+    # one query weight drawn by Xavier's rule (std 0.18, not 0.02): a per-tensor guess called it "xavier"
+    wrong = _model_folder(
+        tiny_model_dir,
+        tmp_path / "w",
+        lambda m: nn.init.xavier_normal_(m.encoder.layer[1].attention.self.query.weight),
+    )
+    assert _diagnose_summary(wrong, tmp_path / "wrong", capsys)["tensors_flagged"] == [
+        "encoder.layer.1.attention.self.query.weight"
+    ]
+
+
+def test_diagnose_compares_a_trained_model_with_its_init_without_flags(tiny_model_dir, tmp_path, capsys):
+    def train_like(model):  # what training does to a BERT: norms off 1/0, biases off 0, weights grown
+        gen = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            p.add_(
+                torch.randn(p.shape, generator=gen) * (0.1 if "LayerNorm" in name or "bias" in name else 0.03)
+            )
+
+    out = tmp_path / "run"
+    summary = _diagnose_summary(_model_folder(tiny_model_dir, tmp_path, train_like), out, capsys)
+    assert summary["weights"] == "trained" and summary["tensors_flagged"] == []
+    audit = json.loads((out / "audit.json").read_text())
+    assert all(r["flags"] == [] for r in audit)
+    ln = next(r for r in audit if r["name"] == "embeddings.LayerNorm.weight")
+    assert ln["rms_from_init_centre"] == pytest.approx(0.1, rel=0.3)  # how far it moved from 1
+    query = next(r for r in audit if r["name"] == "encoder.layer.0.attention.self.query.weight")
+    assert query["std_ratio"] == pytest.approx(math.hypot(0.02, 0.03) / 0.02, rel=0.15)
+    text = (out / "audit.md").read_text()
+    assert (
+        "is a trained model" in text
+        and "| rms from init centre |" in text
+        and "flags" not in text.split("\n")[4]
+    )
+
+
+@pytest.mark.integration
+def test_diagnose_on_its_default_pretrained_minilm_flags_nothing_and_says_trained(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _ = _diagnose(["--out", str(out), "--batches", "1", "--batch-size", "2"], capsys)
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights"] == "trained" and summary["tensors"] == 101 and summary["tensors_flagged"] == []
+    assert summary["init_rule"].startswith("bert: N(0, 0.02²)")

@@ -457,3 +457,29 @@ def test_what_float64_cannot_honour_is_refused():
     with pytest.raises(GradkitError):
         truncated_normal_(x, 0.02, 1e-320)
     assert torch.equal(x, torch.zeros(3))  # nothing written
+
+
+def test_auditor_holds_a_known_architecture_to_its_own_init():
+    from transformers import AutoModel, BertConfig
+
+    from gradkit.audit import architecture_rule, looks_trained
+
+    config = _tiny_bert().config
+    config.initializer_range = 0.05
+    torch.manual_seed(0)
+    model = AutoModel.from_config(BertConfig.from_dict(config.to_dict()))
+    assert architecture_rule(model) == ("bert", 0.05)
+    rows = audit_init(model)
+    assert [r.name for r in rows if r.flags] == [] and not looks_trained(rows)
+    assert {r.expected_std for r in rows if r.role in ("weight", "embedding")} == {0.05}
+    with torch.no_grad():  # one weight by another rule: under the architecture's rule it is flagged
+        nn.init.kaiming_normal_(model.encoder.layer[0].output.dense.weight)
+        model.encoder.layer[0].output.dense.bias.uniform_(-0.1, 0.1)
+    flagged = {r.name for r in audit_init(model) if r.flags}
+    assert flagged == {"encoder.layer.0.output.dense.weight", "encoder.layer.0.output.dense.bias"}
+    assert architecture_rule(nn.Linear(3, 3)) is None
+    with torch.no_grad():  # what training does: every LayerNorm gain and bias moves off 1 and 0
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.01 * torch.randn(p.shape))
+    assert looks_trained(audit_init(model))

@@ -15,13 +15,28 @@ from torch import nn
 
 from gradkit.errors import GradkitError
 
-__all__ = ["RULES", "InitRow", "audit_init", "expected_std", "fans", "to_markdown"]
+__all__ = [
+    "BERT_FAMILY",
+    "RULES",
+    "InitRow",
+    "architecture_rule",
+    "audit_init",
+    "comparison_markdown",
+    "expected_std",
+    "fans",
+    "looks_trained",
+    "rms_from_init_value",
+    "to_markdown",
+]
 
 # the named rules for weights, in the order "auto" breaks ties
 RULES = ("bert", "bert_tf", "xavier", "kaiming", "lecun", "torch")
 _TF_FACTOR = (
     0.8796256610342398  # gradkit.init.truncation_std_factor(2.0), kept here so the audit imports nothing
 )
+# Hugging Face model types whose ``_init_weights`` is BERT's: every Linear and Embedding weight
+# N(0, config.initializer_range²) (an embedding's padding row 0), every bias 0, LayerNorm 1 and 0
+BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert")
 STD_TOLERANCE = 0.10
 TAIL_SIGMAS = 6.0
 _CONST_ATOL = 1e-6
@@ -97,6 +112,18 @@ def expected_std(rule: str, fan_in: int, fan_out: int, *, embedding: bool = Fals
     raise GradkitError(f"unknown init rule {rule!r}; use 'auto' or one of {', '.join(RULES)}")
 
 
+def architecture_rule(model: nn.Module) -> tuple[str, float] | None:
+    """``(model_type, std)`` for a Hugging Face model of a family whose init gradkit knows
+    (:data:`BERT_FAMILY`: N(0, std²) with std = ``config.initializer_range`` for every weight and
+    embedding, zero biases, LayerNorm ones and zeros), else None."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    std = getattr(config, "initializer_range", None)
+    if model_type in BERT_FAMILY and isinstance(std, int | float) and std > 0:
+        return str(model_type), float(std)
+    return None
+
+
 def _is_norm(module: nn.Module) -> bool:
     norm_types: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
     if hasattr(nn, "RMSNorm"):
@@ -156,11 +183,15 @@ def audit_init(model: nn.Module, rule: str = "auto") -> list[InitRow]:
     "lecun" 1/sqrt(fan_in), "torch" PyTorch's default), all with mean 0. Anything else (``other``:
     scalars, 1-D non-bias vectors) gets no rule; only its tail and finiteness are checked.
 
-    **rule="auto"**, per tensor: norm weights "one", norm biases "zero"; a bias "zero" if all its
-    values are 0, else "torch" when its weight's fans are known (else "zero"); a weight or embedding
-    the named rule of :data:`RULES` whose std is closest to the measured one in ratio (smallest
-    |log(std/expected)|, ties to the earlier name). The row's ``rule`` names the choice. So a
-    flag under "auto" means no known rule fits.
+    **rule="auto"** on a model of a known family (:func:`architecture_rule`: a Hugging Face BERT,
+    RoBERTa, ELECTRA, DistilBERT …): that architecture's own init for every tensor, rule "bert" with
+    std ``config.initializer_range`` for every weight and embedding, "zero" for every bias, norms "one"
+    and "zero" — so a tensor initialised by another rule is flagged. On any other model, per tensor:
+    norm weights "one", norm biases "zero"; a bias "zero" if all its values are 0, else "torch" when
+    its weight's fans are known (else "zero"); a weight or embedding the named rule of :data:`RULES`
+    whose std is closest to the measured one in ratio (smallest |log(std/expected)|, ties to the
+    earlier name). The row's ``rule`` names the choice. So a flag under per-tensor "auto" means no
+    known rule fits. A trained model is not at any init: see :func:`looks_trained`.
 
     **Flags** (``row.flags``):
 
@@ -179,6 +210,8 @@ def audit_init(model: nn.Module, rule: str = "auto") -> list[InitRow]:
         raise GradkitError(f"audit_init takes an nn.Module, got {type(model).__name__}")
     if rule != "auto" and rule not in RULES:
         raise GradkitError(f"unknown init rule {rule!r}; use 'auto' or one of {', '.join(RULES)}")
+    family = architecture_rule(model) if rule == "auto" else None
+    family_std = family[1] if family is not None else None
     rows = []
     modules = dict(model.named_modules())
     for name, param in model.named_parameters():
@@ -195,7 +228,7 @@ def audit_init(model: nn.Module, rule: str = "auto") -> list[InitRow]:
         mean, std, max_z, beyond2, beyond4, finite = _stats(param)
         n = param.numel()
 
-        chosen, exp_mean, exp_std = _expectation(role, rule, mean, std, fan_in, fan_out)
+        chosen, exp_mean, exp_std = _expectation(role, rule, mean, std, fan_in, fan_out, family_std)
         flags, ratio, tol = _flags(n, mean, std, max_z, finite, exp_mean, exp_std)
         rows.append(
             InitRow(
@@ -207,14 +240,27 @@ def audit_init(model: nn.Module, rule: str = "auto") -> list[InitRow]:
 
 
 def _expectation(
-    role: str, rule: str, mean: float, std: float, fan_in: int | None, fan_out: int | None
+    role: str,
+    rule: str,
+    mean: float,
+    std: float,
+    fan_in: int | None,
+    fan_out: int | None,
+    family_std: float | None = None,
 ) -> tuple[str | None, float | None, float | None]:
     """The rule chosen for a tensor of ``role`` and the mean and std it expects (None, None, None for
-    ``other``); see :func:`audit_init` for the choice under ``rule="auto"``."""
+    ``other``); see :func:`audit_init` for the choice under ``rule="auto"`` (``family_std``: the
+    known architecture's std, which fixes every choice)."""
     if role == "norm_weight":
         return "one", 1.0, 0.0
     if role == "norm_bias":
         return "zero", 0.0, 0.0
+    if family_std is not None:
+        if role == "bias":
+            return "zero", 0.0, 0.0
+        if role in ("weight", "embedding"):
+            return "bert", 0.0, family_std
+        return None, None, None
     if role == "bias":
         zero = std == 0.0 and mean == 0.0
         if fan_in is not None and (rule == "torch" or (rule == "auto" and not zero)):
@@ -290,6 +336,41 @@ def to_markdown(rows: list[InitRow], *, only_flagged: bool = False, digits: int 
             f"`{r.name}`", "×".join(map(str, r.shape)) or "scalar", r.role, r.fan_in, r.fan_out, r.mean, r.std,
             r.rule, r.expected_std, r.std_ratio, r.max_abs_z, r.frac_beyond_2, r.frac_beyond_4,
             ", ".join(r.flags) or "ok",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(_fmt(c, digits) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def looks_trained(rows: list[InitRow]) -> bool:
+    """True when more than half of the tensors that every init sets to a constant (norm gains 1,
+    norm biases 0, biases under a "zero" rule) are off that constant: training moves them all, an
+    initialisation (however wrong its random tensors) leaves them exact. False when there are none."""
+    constant = [r for r in rows if r.rule in ("one", "zero") and "meta" not in r.flags]
+    moved = [r for r in constant if {"std", "mean"} & set(r.flags)]
+    return bool(constant) and 2 * len(moved) > len(constant)
+
+
+def rms_from_init_value(row: InitRow) -> float | None:
+    """How far a tensor is from its init's centre: sqrt(std² + (mean − expected mean)²), the RMS of
+    (value − expected mean) (to the n/(n − 1) of the sample std); None where no rule applies."""
+    if row.expected_mean is None or math.isnan(row.std):
+        return None
+    return math.hypot(row.std, row.mean - row.expected_mean)
+
+
+def comparison_markdown(rows: list[InitRow], *, digits: int = 4) -> str:
+    """A trained model's audit as a comparison with its init, one line per tensor and no flags: the
+    init rule's std, the measured std and their ratio (for the random rules), and the RMS distance
+    from the init's centre (1 for norm gains, 0 for biases: how far training moved the tensor)."""
+    columns = [
+        "name", "shape", "role", "init rule", "init std", "mean", "std", "std / init std",
+        "rms from init centre", "max abs z",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [
+            f"`{r.name}`", "×".join(map(str, r.shape)) or "scalar", r.role, r.rule, r.expected_std, r.mean,
+            r.std, r.std_ratio, rms_from_init_value(r), r.max_abs_z,
         ]  # fmt: skip
         lines.append("| " + " | ".join(_fmt(c, digits) for c in cells) + " |")
     return "\n".join(lines) + "\n"

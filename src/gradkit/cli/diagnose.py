@@ -5,7 +5,12 @@ harness' :func:`gradkit.train.model.load_classifier`), draws ``--batches`` batch
 ``--batch-size`` examples from a text-classification file (default: the bundled SST-2 sample) in a
 seeded order, and writes a run folder:
 
-- ``audit.md`` / ``audit.json``: :func:`gradkit.audit_init` on the encoder as loaded (one row per tensor);
+- ``audit.md`` / ``audit.json``: :func:`gradkit.audit_init` on the encoder as loaded (one row per tensor),
+  held against the architecture's own init where gradkit knows it (BERT's family:
+  :func:`gradkit.audit.architecture_rule`). A trained model (:func:`gradkit.audit.looks_trained`: its
+  LayerNorms and biases are off the 1 and 0 every init gives them; the default pretrained MiniLM is)
+  is not at any init, so its audit is a comparison with the init (how far training moved each tensor:
+  std against the init's std, RMS distance from the init's centre) and flags nothing;
 - ``gradient_flow.md`` / ``gradient_flow.json``: :func:`gradkit.gradient_flow` of the classifier's
   cross-entropy on those batches (one row per block);
 - ``gradient_flow.png`` and ``audit.png``: the plots; ``config.json`` and ``summary.json``.
@@ -117,7 +122,7 @@ def make_batches(data, tokenizer, batches: int, batch_size: int, max_length: int
     return out
 
 
-def _audit_plot(rows, path: Path) -> None:
+def _audit_plot(rows, path: Path, trained: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,14 +132,18 @@ def _audit_plot(rows, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
     x = list(range(len(shown)))
     ax.plot(x, [r.std for r in shown], "o", markersize=3, label="measured std")
-    ax.plot(x, [r.expected_std for r in shown], "_", color="black", markersize=8, label="the rule's std")
-    bad = [(i, r.std) for i, r in enumerate(shown) if r.flags]
+    ax.plot(x, [r.expected_std for r in shown], "_", color="black", markersize=8, label="the init rule's std")
+    bad = [] if trained else [(i, r.std) for i, r in enumerate(shown) if r.flags]
     if bad:
         ax.plot(*zip(*bad, strict=True), "x", color="red", markersize=7, label="flagged")
     ax.set_yscale("log")
     ax.set_xlabel("weight tensor (model order; norms and zero-rule biases left out)")
     ax.set_ylabel("std")
-    ax.set_title("init audit: measured std against the closest named rule")
+    ax.set_title(
+        "trained model: std against its init rule's (how far training moved it)"
+        if trained
+        else "init audit: measured std against the init rule's"
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -143,12 +152,26 @@ def _audit_plot(rows, path: Path) -> None:
     plt.close(fig)
 
 
+def _audit_text(audit, model_path: str, init_rule: str, trained: bool) -> str:
+    """audit.md: the flags of an init, or a trained model's comparison with its init."""
+    from gradkit.audit import comparison_markdown, to_markdown
+
+    if trained:
+        return (
+            f"# {model_path} is a trained model: compared with its init ({init_rule})\n\n"
+            "Its LayerNorms and biases are off the 1 and 0 that every init gives them, so it is not held "
+            "against an init rule (nothing is flagged). Each row says how far training moved the tensor: "
+            "its std against the init's, and its RMS distance from the init's centre.\n\n"
+            + comparison_markdown(audit)
+        )
+    return f"# Init audit of {model_path} ({init_rule})\n\n" + to_markdown(audit)
+
+
 def run_diagnose(args: argparse.Namespace, *, progress: bool = True) -> dict[str, Any]:
     """Run ``gradkit diagnose`` with parsed ``args``: audit and gradient flow, one run folder; returns the summary."""
     _check(args)
     # the library and the harness load torch: imported when the command runs, not for --help
-    from gradkit.audit import audit_init
-    from gradkit.audit import to_markdown as audit_markdown
+    from gradkit.audit import architecture_rule, audit_init, looks_trained, rms_from_init_value
     from gradkit.data.text import load_text_classification
     from gradkit.diagnostics import depth_decay, gradient_flow, plot_gradient_flow, to_markdown
     from gradkit.train.model import default_model_path, load_classifier, load_tokenizer
@@ -175,6 +198,8 @@ def run_diagnose(args: argparse.Namespace, *, progress: bool = True) -> dict[str
     )
     t0 = time.perf_counter()
     audit = audit_init(model.encoder)
+    trained = looks_trained(audit)
+    family = architecture_rule(model.encoder)
     flow = gradient_flow(model, batches, blocks=args.blocks, lr=args.lr)
     seconds = time.perf_counter() - t0
 
@@ -186,7 +211,11 @@ def run_diagnose(args: argparse.Namespace, *, progress: bool = True) -> dict[str
         "train": data.path,
         "examples": args.batches * args.batch_size,
         "tensors": len(audit),
-        "tensors_flagged": [r.name for r in audit if r.flags],
+        "weights": "trained" if trained else "init",
+        "init_rule": f"{family[0]}: N(0, {family[1]:g}²), biases 0, norms 1/0"
+        if family
+        else "per tensor (auto)",
+        "tensors_flagged": [] if trained else [r.name for r in audit if r.flags],
         "rules": sorted({r.rule for r in audit if r.rule}),
         "blocks": len(flow),
         "blocks_flagged": {r.name: list(r.flags) for r in flow if r.flags},
@@ -209,8 +238,14 @@ def run_diagnose(args: argparse.Namespace, *, progress: bool = True) -> dict[str
     with atomic_dir(out) as tmp:
         write_json(tmp / "config.json", config)
         with atomic_path(tmp / "audit.md") as f:
-            f.write_text(f"# Init audit of {model_path}\n\n" + audit_markdown(audit))
-        write_json(tmp / "audit.json", [r.as_dict() for r in audit])
+            f.write_text(_audit_text(audit, model_path, summary["init_rule"], trained))
+        rows = [r.as_dict() for r in audit]
+        if trained:  # a comparison with the init, not a check of it
+            rows = [
+                {**d, "flags": [], "rms_from_init_centre": rms_from_init_value(r)}
+                for d, r in zip(rows, audit, strict=True)
+            ]
+        write_json(tmp / "audit.json", rows)
         with atomic_path(tmp / "gradient_flow.md") as f:
             f.write_text(
                 f"# Gradient flow of {model_path} on {args.batches} × {args.batch_size} examples of {data.path}\n\n"
@@ -219,11 +254,16 @@ def run_diagnose(args: argparse.Namespace, *, progress: bool = True) -> dict[str
             )
         write_json(tmp / "gradient_flow.json", [r.as_dict() for r in flow])
         plot_gradient_flow(flow, tmp / "gradient_flow.png", title=f"gradient flow: {Path(model_path).name}")
-        _audit_plot(audit, tmp / "audit.png")
+        _audit_plot(audit, tmp / "audit.png", trained)
         write_json(tmp / "summary.json", summary)
     spread = summary["grad_norm_max_over_min"]
+    audited = (
+        f"{len(audit)} tensors of a trained model, compared with its init (audit.md), not flagged"
+        if trained
+        else f"{len(audit)} tensors, {len(summary['tensors_flagged'])} flagged"
+    )
     say(
-        f"audit: {len(audit)} tensors, {len(summary['tensors_flagged'])} flagged; gradient flow: {len(flow)} blocks, "
+        f"audit: {audited}; gradient flow: {len(flow)} blocks, "
         f"grad norm max/min {'n/a' if spread is None else f'{spread:.3g}'}, {len(summary['blocks_flagged'])} "
         f"flagged; run folder {out}"
     )
