@@ -28,7 +28,7 @@ from torch import nn
 
 from gradkit.errors import GradkitError
 from gradkit.files import atomic_path
-from gradkit.fsdp import reshard
+from gradkit.fsdp import clip_grad_norm_, reshard
 from gradkit.train.batching import split_batch
 from gradkit.train.checkpoint import load_tensors
 from gradkit.train.config import TrainConfig
@@ -109,7 +109,7 @@ class Method:
         gradients accumulate to the whole batch's."""
         loss = accumulate_gradients(model, parts_of(batch, cfg, accelerator), accelerator)
         if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss

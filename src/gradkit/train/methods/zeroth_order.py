@@ -27,6 +27,7 @@ from torch import nn
 
 from gradkit.errors import GradkitError
 from gradkit.estimators import policy_gradient_loss
+from gradkit.fsdp import clip_grad_norm_
 from gradkit.optim.zeroth_order import ZerothOrder
 from gradkit.train.batching import forward_parts
 from gradkit.train.config import TrainConfig
@@ -180,7 +181,7 @@ class PolicyGradient(Lora):
         loss = policy_gradient_loss(logits, actions, rewards, baseline="mean")
         accelerator.backward(loss)
         if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return 1.0 - rewards.mean()
