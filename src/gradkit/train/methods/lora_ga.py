@@ -109,14 +109,16 @@ class LoraGA(Lora):
 
     def checkpoint_tensors(self, model: nn.Module) -> dict[str, Any]:
         """The trainable tensors, the offset base weight of every adapted layer, and the initial factors
-        (A0, B0) that :func:`gradkit.save_adapter` subtracts (keys ``<layer>.gradkit_lora_ga.A0|B0``)."""
+        (A0, B0) that :func:`gradkit.save_adapter` subtracts (keys ``<layer>.gradkit_lora_ga.A0|B0``).
+        The initial factors are recorded as slices of the gradient's SVD (views with strides): they are
+        returned contiguous, since safetensors saves nothing else (the checkpoint and the best-on-dev copy)."""
         tensors = super().checkpoint_tensors(model)
         for pair in lora_pairs(model):
             weight = pair.layer.get_base_layer().weight
             tensors[f"{pair.name}.base_layer.weight"] = weight.detach()
             A0, B0 = pair.layer.__dict__[RECORD][pair.adapter]
-            tensors[f"{pair.name}.{RECORD}.A0"] = A0
-            tensors[f"{pair.name}.{RECORD}.B0"] = B0
+            tensors[f"{pair.name}.{RECORD}.A0"] = A0.contiguous()
+            tensors[f"{pair.name}.{RECORD}.B0"] = B0.contiguous()
         return tensors
 
     def load_checkpoint_tensors(self, model: nn.Module, tensors: dict[str, Any]) -> None:
@@ -127,9 +129,16 @@ class LoraGA(Lora):
             pair.layer.__dict__.setdefault(RECORD, {})[pair.adapter] = (A0.clone(), B0.clone())
         load_tensors(model, tensors)
 
-    def state_dict(self) -> dict[str, Any]:
+    def report_data(self) -> dict[str, Any] | None:
+        """The initialisation's report (lora_ga.json) as plain data: this session's, or the one a resumed
+        session read from its checkpoint, so that every later checkpoint carries it on, however many
+        resumes follow."""
         report = getattr(self, "report", None)
-        return {"report": report.to_dict()} if report is not None else {}
+        return report.to_dict() if report is not None else getattr(self, "report_dict", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        data = self.report_data()
+        return {"report": data} if data is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.report_dict = state.get("report")
@@ -137,7 +146,6 @@ class LoraGA(Lora):
     def save(self, model: nn.Module, out_dir: Path) -> None:
         with quiet_transformers():
             save_adapter(model, out_dir / "adapter")
-        report = getattr(self, "report", None)
-        data = report.to_dict() if report is not None else getattr(self, "report_dict", None)
+        data = self.report_data()
         if data is not None:
             write_json(out_dir / "lora_ga.json", data)
