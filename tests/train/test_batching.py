@@ -213,3 +213,38 @@ def test_tensorboard_gets_the_train_and_dev_scalars(tiny_model_dir, tmp_path):
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in events.Scalars("dev/accuracy")] == [2, 4]
+
+
+def test_a_left_padding_tokenizer_gives_the_same_loss_whole_split_and_unpadded():
+    # GPT-2 numbers positions from each row's start (0, 1, …), padding included: a left-padded row's
+    # tokens sit at shifted positions, so only right padding keeps a padded batch position-correct
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from gradkit.train.tokenize import pad_features
+    from tests.train.causal_common import shakespeare_lines, word_tokenizer
+
+    tok = word_tokenizer(bos=False)
+    tok.pad_token = "<pad>"
+    tok.padding_side = "left"
+    config = GPT2Config(
+        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, num_labels=2,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(config).eval()
+    n = 8
+    tokens = tokenize(tok, shakespeare_lines(n), [i % 2 for i in range(n)], 32)
+    assert len(set(tokens.lengths())) > 1
+    with torch.no_grad():
+        alone = sum(float(model(**tokens.collate([i])).loss) for i in range(n)) / n  # no padding at all
+        batch = tokens.collate(range(n))
+        whole = float(model(**batch).loss)
+        for trim, limit in [(True, None), (True, 3), (False, None), (False, 3)]:
+            parts = split_batch(batch, trim=trim, max_examples=limit)
+            assert sum(w * float(model(**p).loss) for p, w in parts) == pytest.approx(alone, rel=1e-5)
+        # a batch padded on the left by hand: its parts are realigned to the right
+        left = pad_features([tokens.features[i] for i in range(n)], tok.pad_token_id, "left")
+        left["labels"] = batch["labels"]
+        (one, w), *_ = split_batch(left, trim=False)
+        assert w == 1.0 and float(model(**one).loss) == pytest.approx(alone, rel=1e-5)
+    assert whole == pytest.approx(alone, rel=1e-5)

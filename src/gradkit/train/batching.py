@@ -11,6 +11,14 @@ most ``max_examples`` examples per part when memory bounds it (``--grad-accum``)
 make every example's output independent of its batch mates, so the parts give the whole batch's
 loss and gradient up to float rounding; the examples, their order in the data stream and the step's
 batch are unchanged.
+
+That holds with padding on the right only. Models such as GPT-2 and Llama number positions from each
+row's start, padding included, so a row padded on the left puts its tokens at shifted positions, and
+a whole left-padded batch has another loss than its trimmed parts (the parts' being the unpadded
+one). So gradkit's batches are padded on the right whatever the tokenizer's ``padding_side``
+(:meth:`gradkit.train.tokenize.Tokenized.collate`), and :func:`split_batch` moves the tokens of a
+batch padded on the left to the start of their rows, so every part, the single part of an unsplit
+batch included, is position-correct.
 """
 
 from __future__ import annotations
@@ -61,6 +69,9 @@ def split_batch(
     ``max_examples`` bounds every part (memory); None: no bound. The weights add up to 1:
     ``sum_c w_c * mean_loss(part_c)`` is the batch's mean loss.
 
+    A batch padded on the left (a row whose mask starts with 0) has its per-token tensors moved to the
+    start of each row first: every part is padded on the right (see the module docstring).
+
     Per-token labels (a causal LM's ``labels`` of shape ``(N, length)``, shifted inside the model,
     ``-100`` where there is no loss) make the loss a mean over labelled tokens, not examples: then
     ``w_c = T_c / T``, part c's share of the labelled positions ``labels[:, 1:] != -100``, so that
@@ -79,13 +90,14 @@ def split_batch(
         bounds = [(i, min(i + limit, n)) for i in range(0, n, limit)]
         return [({k: v[a:b] for k, v in batch.items()}, weight(slice(a, b), b - a)) for a, b in bounds]
     lengths = mask.sum(1)
+    if bool((mask[:, 0] == 0).any()):
+        batch = _pad_right(batch, mask.shape[1] - lengths)
     if trim:
         order = torch.sort(lengths, stable=True).indices
         ends = _cuts(lengths[order].tolist(), limit, overhead)
     else:
         order = torch.arange(n)
         ends = list(range(limit, n, limit)) + [n]
-    left = bool((mask[:, 0] == 0).any())  # a row starting with padding: the tokenizer pads on the left
     parts, begin = [], 0
     for end in ends:
         rows = order[begin:end]
@@ -94,11 +106,24 @@ def split_batch(
         for key, value in batch.items():
             value = value[rows]
             if (key in PER_TOKEN or key == "labels") and value.ndim == 2:
-                value = value[:, -longest:] if left else value[:, :longest]
+                value = value[:, :longest]
             part[key] = value
         parts.append((part, weight(rows, end - begin)))
         begin = end
     return parts
+
+
+def _pad_right(batch: dict[str, torch.Tensor], pads: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch with each row's per-token values rotated left by its ``pads`` leading pad positions:
+    the tokens at the start of the row (at positions 0, 1, …), the padding after them."""
+    width = batch["attention_mask"].shape[1]
+    index = (torch.arange(width) + pads[:, None]) % width
+    out = {}
+    for key, value in batch.items():
+        if (key in PER_TOKEN or key == "labels") and value.ndim == 2 and value.shape[1] == width:
+            value = value.gather(1, index.to(value.device))
+        out[key] = value
+    return out
 
 
 def _label_tokens(labels: torch.Tensor) -> torch.Tensor | None:

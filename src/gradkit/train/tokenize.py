@@ -42,9 +42,11 @@ class Tokenized:
         return [len(f["input_ids"]) for f in self.features]
 
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """The examples at ``indices`` padded to the longest of them (the tokenizer's padding side)."""
+        """The examples at ``indices`` padded on the right to the longest of them, whatever the
+        tokenizer's ``padding_side``: models that number positions from a row's start (GPT-2, Llama)
+        see a left-padded row's tokens at shifted positions (see :mod:`gradkit.train.batching`)."""
         rows = [self.features[i] for i in indices]
-        batch = pad_features(rows, self.pad_id, self.padding_side)
+        batch = pad_features(rows, self.pad_id, "right")
         batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=self.label_dtype)
         return batch
 
