@@ -241,7 +241,9 @@ def clip_grad_norm_(
     instead: another rounding of ‖g‖, and every gradient scaled by a factor that differs in its last
     bits, which an optimiser can amplify (LoRA-Pro's projected step from B = 0: 1.7e-3 in A after 4
     steps of the tiny BERT). The price is one all-gather of the gradients per step, the volume of one
-    of FSDP2's parameter all-gathers."""
+    of FSDP2's parameter all-gathers: for LoRA a few kB; full fine-tuning of a MiniLM-sized BERT
+    (33M parameters, 2 gloo processes on a loaded 2-core CPU) 1.1 to 1.5 s a step where torch's path
+    takes 0.07 s, beside 2.9 s for the forward and backward of 4 sequences of 64 tokens per rank."""
     params = [p for p in parameters if p.grad is not None]
     if not any(is_dtensor(p.grad) for p in params):
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
