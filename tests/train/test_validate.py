@@ -140,6 +140,34 @@ def test_out_is_refused_when_it_holds_files_and_cleared_with_overwrite(tmp_path,
     assert_one_line(code, err, "is a file")
 
 
+@pytest.mark.parametrize("command", ["finetune", "compare", "diagnose"])
+@pytest.mark.parametrize("where", ["folder-of-the-data", "above-the-data", "the-model-folder"])
+def test_overwrite_never_clears_a_folder_holding_the_runs_inputs(
+    tmp_path, monkeypatch, capsys, tiny_model_dir, command, where
+):
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = "sentence\tlabel\n" + "".join(f"text {i}\t{i % 2}\n" for i in range(16))
+    for name in ("train.tsv", "test.tsv"):
+        (data / name).write_text(rows)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    monkeypatch.chdir(data)
+    out, option = {"folder-of-the-data": (".", "--train"), "above-the-data": ("..", "--")}.get(
+        where, (str(model), "--model")
+    )
+    files = (
+        ("--train", "train.tsv") if command == "diagnose" else ("--train", "train.tsv", "--test", "test.tsv")
+    )
+    tail = ("--batches", "1") if command == "diagnose" else TINY
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code, err = run(capsys, command, "--model", str(model), *files, *tail, "--out", out, "--overwrite")
+    assert_one_line(code, err, f"--out {out} holds {option}")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_large_lora_rank_warns_and_a_small_one_does_not():
     import warnings
 

@@ -94,7 +94,7 @@ def _check(args: argparse.Namespace) -> None:
             raise GradkitError("--out is empty; pass a folder path for the run")
         from gradkit.train.validate import check_out  # the harness loads torch: not for --help
 
-        check_out(Path(args.out), args.overwrite)
+        check_out(Path(args.out), args.overwrite, inputs={"--model": args.model, "--train": args.train})
 
 
 def make_batches(data, tokenizer, batches: int, batch_size: int, max_length: int, seed: int) -> list[dict]:
@@ -152,26 +152,37 @@ def _audit_plot(rows, path: Path, trained: bool) -> None:
     plt.close(fig)
 
 
-def _audit_text(audit, model_path: str, init_rule: str, trained: bool) -> str:
-    """audit.md: the flags of an init, or a trained model's comparison with its init."""
-    from gradkit.audit import comparison_markdown, to_markdown
+def _write_audit(folder: Path, audit, model_path: str, init_rule: str, trained: bool) -> None:
+    """audit.md, audit.json and audit.png: the flags of an init, or a trained model's comparison with
+    its init (no flags; each tensor's RMS distance from the init's centre added)."""
+    from gradkit.audit import comparison_markdown, rms_from_init_value, to_markdown
 
+    rows = [r.as_dict() for r in audit]
     if trained:
-        return (
+        text = (
             f"# {model_path} is a trained model: compared with its init ({init_rule})\n\n"
             "Its LayerNorms and biases are off the 1 and 0 that every init gives them, so it is not held "
             "against an init rule (nothing is flagged). Each row says how far training moved the tensor: "
             "its std against the init's, and its RMS distance from the init's centre.\n\n"
             + comparison_markdown(audit)
         )
-    return f"# Init audit of {model_path} ({init_rule})\n\n" + to_markdown(audit)
+        rows = [
+            {**d, "flags": [], "rms_from_init_centre": rms_from_init_value(r)}
+            for d, r in zip(rows, audit, strict=True)
+        ]
+    else:
+        text = f"# Init audit of {model_path} ({init_rule})\n\n" + to_markdown(audit)
+    with atomic_path(folder / "audit.md") as f:
+        f.write_text(text)
+    write_json(folder / "audit.json", rows)
+    _audit_plot(audit, folder / "audit.png", trained)
 
 
 def run_diagnose(args: argparse.Namespace, *, progress: bool = True) -> dict[str, Any]:
     """Run ``gradkit diagnose`` with parsed ``args``: audit and gradient flow, one run folder; returns the summary."""
     _check(args)
     # the library and the harness load torch: imported when the command runs, not for --help
-    from gradkit.audit import architecture_rule, audit_init, looks_trained, rms_from_init_value
+    from gradkit.audit import architecture_rule, audit_init, looks_trained
     from gradkit.data.text import load_text_classification
     from gradkit.diagnostics import depth_decay, gradient_flow, plot_gradient_flow, to_markdown
     from gradkit.train.model import default_model_path, load_classifier, load_tokenizer
@@ -237,15 +248,7 @@ def run_diagnose(args: argparse.Namespace, *, progress: bool = True) -> dict[str
     config = {k: v for k, v in vars(args).items() if k != "command"}
     with atomic_dir(out) as tmp:
         write_json(tmp / "config.json", config)
-        with atomic_path(tmp / "audit.md") as f:
-            f.write_text(_audit_text(audit, model_path, summary["init_rule"], trained))
-        rows = [r.as_dict() for r in audit]
-        if trained:  # a comparison with the init, not a check of it
-            rows = [
-                {**d, "flags": [], "rms_from_init_centre": rms_from_init_value(r)}
-                for d, r in zip(rows, audit, strict=True)
-            ]
-        write_json(tmp / "audit.json", rows)
+        _write_audit(tmp, audit, model_path, summary["init_rule"], trained)
         with atomic_path(tmp / "gradient_flow.md") as f:
             f.write_text(
                 f"# Gradient flow of {model_path} on {args.batches} × {args.batch_size} examples of {data.path}\n\n"
@@ -254,7 +257,6 @@ def run_diagnose(args: argparse.Namespace, *, progress: bool = True) -> dict[str
             )
         write_json(tmp / "gradient_flow.json", [r.as_dict() for r in flow])
         plot_gradient_flow(flow, tmp / "gradient_flow.png", title=f"gradient flow: {Path(model_path).name}")
-        _audit_plot(audit, tmp / "audit.png", trained)
         write_json(tmp / "summary.json", summary)
     spread = summary["grad_norm_max_over_min"]
     audited = (

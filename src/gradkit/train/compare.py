@@ -23,7 +23,7 @@ from gradkit.train.methods import get_method
 from gradkit.train.metrics import format_metric
 from gradkit.train.plots import plot_losses
 from gradkit.train.run_folder import default_out
-from gradkit.train.validate import check_config, check_data, check_out
+from gradkit.train.validate import check_config, check_data, check_out, run_inputs
 
 
 def _child(cfg: TrainConfig, debug: bool, report: Any) -> None:
@@ -122,7 +122,7 @@ def compare(
     check_data(cfg, load_datasets(cfg)[0])  # and data errors
     out = Path(cfg.out) if cfg.out else default_out("compare")
     for folder in [out / name for name in methods] if keep_existing else [out]:
-        check_out(folder, cfg.overwrite)
+        check_out(folder, cfg.overwrite, inputs=run_inputs(cfg))
         if cfg.overwrite and folder.is_dir():
             clear_folder(folder)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
     if cfg.out is not None and not resume:
         if not str(cfg.out).strip():
             raise GradkitError("--out is empty; pass a folder path for the run")
-        check_out(Path(cfg.out), cfg.overwrite)
+        check_out(Path(cfg.out), cfg.overwrite, inputs=run_inputs(cfg))
 
 
 def check_task(cfg: TrainConfig) -> None:
@@ -203,10 +204,27 @@ def check_step_batch(cfg: TrainConfig, train_rows: int) -> None:
         )
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """A run folder must be new or empty unless ``--overwrite`` (which clears it when the run starts)."""
+def run_inputs(cfg: TrainConfig) -> dict[str, str | None]:
+    """What a run reads, by option: the data files and the model folder (None: the bundled one)."""
+    return {"--train": cfg.train, "--test": cfg.test, "--dev": cfg.dev, "--model": cfg.model}
+
+
+def check_out(out: Path, overwrite: bool, *, inputs: Mapping[str, str | None] | None = None) -> None:
+    """A run folder must be new or empty unless ``--overwrite`` (which clears it when the run starts),
+    and must not hold any of the run's ``inputs`` (option -> path): clearing it would delete them."""
     if out.exists() and not out.is_dir():
         raise GradkitError(f"--out {out} is a file; pass a folder path for the run")
+    folder = out.resolve()
+    for option, path in (inputs or {}).items():
+        if (
+            path is not None
+            and str(path).strip()
+            and folder in (Path(path).resolve(), *Path(path).resolve().parents)
+        ):
+            raise GradkitError(
+                f"--out {out} holds {option} {path}, an input of this run (--overwrite would delete it); "
+                "pass a new folder for the run, outside the inputs' folders"
+            )
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise GradkitError(
             f"--out {out} already holds files (an earlier run?); pass another folder, or --overwrite to "
