@@ -272,3 +272,52 @@ def test_a_config_changed_since_the_checkpoint_is_refused(stopped_run, tmp_path,
     err = capsys.readouterr().err
     assert "config.json" in err and "differs" in err and len(err.strip().splitlines()) == 1
     assert snapshot(run) == before
+
+
+KILLED_RANK_SCRIPT = """
+import os, sys
+from pathlib import Path
+Path(sys.argv[1], f"pid{os.environ['RANK']}").write_text(str(os.getpid()))
+from gradkit.train.config import TrainConfig
+from gradkit.train.loop import finetune
+model, train, test, out = sys.argv[2:6]
+cfg = TrainConfig(method="lora", model=model, train=train, test=test, steps=100000, batch_size=4,
+                  max_length=16, save_every=1, out=out)
+finetune(cfg, progress=False)
+"""
+
+
+@pytest.mark.distributed
+def test_a_killed_rank_leaves_an_honest_status(tiny_model_dir, data_files, tmp_path):
+    """SIGKILL one of two data-parallel processes: the job ends and status.json is not left ``running``."""
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RANK_SCRIPT)
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+    ]
+    cmd += [str(tmp_path), str(tiny_model_dir), *map(str, data_files), str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            status_path = run / "status.json"
+            if status_path.is_file() and json.loads(status_path.read_text()).get("checkpoint_step"):
+                break
+            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            time.sleep(0.2)
+        os.kill(int((tmp_path / "pid1").read_text()), signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] in ("failed", "stopped") and status["reason"], status

@@ -144,6 +144,10 @@ def save_checkpoint(
             f"({err.filename or tmp}); free space there (or fix the folder), then {after}"
             + (f" with gradkit finetune --resume {out}" if kept is not None else "")
         ) from err
+    except BaseException:  # an interruption (Ctrl-C, SIGTERM) mid-write: no half-written folder left
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if main:
         for old in root.iterdir():
             if old.is_dir() and old.name != name:
