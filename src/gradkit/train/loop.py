@@ -246,8 +246,6 @@ class FineTune:
         """The run folder's path, the checkpoint to resume from, the processes and the seed."""
         cfg = self.cfg
         out = Path(cfg.out) if cfg.out else default_out(cfg.method)
-        if self.resuming and self.checkpoint is None:
-            self.checkpoint = find_checkpoint(out)  # every checksum verified before anything loads
         # the global batch is split across processes: accelerate takes that through
         # DataLoaderConfiguration (it ignores an ``Accelerator(split_batches=...)`` keyword)
         self.accelerator = Accelerator(
@@ -269,6 +267,8 @@ class FineTune:
         self.device = self.accelerator.device
         self.folder = RunFolder(out, steps=cfg.steps, main=self.main)
         self.folder.lock("--resume" if self.resuming else "--out")  # an existing folder: locked now
+        if self.resuming and self.checkpoint is None:
+            self.checkpoint = find_checkpoint(out)  # every checksum verified before anything loads
 
     def _tokenize(self) -> None:
         """Tokenise once; each step's batch is the next slice of the seeded stream, this process's share."""
