@@ -59,6 +59,11 @@ def test_bad_options_give_one_line_errors(tmp_path, tiny_model_dir):
     assert_clean_error(gradkit("finetune", "--model", str(tmp_path), cwd=tmp_path), "config.json")
     assert_clean_error(gradkit("compare", "--methods", "head,nope", cwd=tmp_path), "unknown method 'nope'")
     assert_clean_error(
+        gradkit("compare", "--methods", "head,lora,head", "--out", "c", cwd=tmp_path),
+        "names head more than once",
+    )
+    assert not (tmp_path / "c").exists()
+    assert_clean_error(
         gradkit(
             "finetune",
             "--model",

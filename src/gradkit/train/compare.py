@@ -118,6 +118,12 @@ def compare(
         get_method(name)  # unknown names fail before anything runs
     if not methods:
         raise GradkitError("--methods names no method; pass e.g. --methods head,lora")
+    repeated = sorted({name for name in methods if methods.count(name) > 1})
+    if repeated:  # each method's run folder is out/<method>: a second run of it has no folder of its own
+        raise GradkitError(
+            f"--methods names {', '.join(repeated)} more than once; name each method once (for repeats, "
+            "run compare again with another --seed or --out)"
+        )
     check_config(dataclasses.replace(cfg, out=None))  # so do bad settings
     check_data(cfg, load_datasets(cfg)[0])  # and data errors
     out = Path(cfg.out) if cfg.out else default_out("compare")
