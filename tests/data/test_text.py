@@ -65,6 +65,13 @@ def test_csv_without_header(tmp_path):
     assert d.texts == ["great", "awful, truly"] and d.labels == [1, 0]
 
 
+@pytest.mark.parametrize("name, sep", [("d.tsv", "\t"), ("d.csv", ",")])
+def test_a_five_megabyte_text_is_read_whole(tmp_path, name, sep):
+    long = "word " * 1_000_000  # 5 MB, beyond csv's default field limit of 128 KiB
+    d = load(write(tmp_path, name, f"text{sep}label\n{long}{sep}1\nshort{sep}0\n"))
+    assert len(d) == 2 and d.texts[0] == long.strip() and d.texts[1] == "short"
+
+
 def test_jsonl_keys_defaults_names_and_index(tmp_path):
     rows = [{"id": 1, "sentence": "good", "label": 1}, {"id": 2, "sentence": "bad", "label": 0}]
     p = write(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")

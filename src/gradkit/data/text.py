@@ -41,6 +41,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ _SUFFIXES = {
     ".ndjson": "jsonl",
 }
 _SPLITS = ("train", "test")
+# csv's own cap on one field is 128 KiB, which a long document exceeds; this is the largest a C long holds
+# on every platform (csv stores the limit in one), so any text that fits in memory is read
+_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 TASKS = ("classification", "regression")
 _PAIR_NAMES = ("sentence1", "sentence2")  # GLUE's pair columns: read as a pair when no column is chosen
 
@@ -249,7 +253,8 @@ def _read_delimited(
     header: bool | None,
     pair_col: Column = None,
 ):
-    """``[(line, text, pair or None, label)]`` from a TSV or CSV file."""
+    """``[(line, text, pair or None, label)]`` from a TSV or CSV file (a field of any length)."""
+    csv.field_size_limit(_FIELD_LIMIT)
     if fmt == "tsv":
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
