@@ -84,6 +84,16 @@ def test_only_the_latest_checkpoint_is_kept_and_whole(tiny_model_dir, tmp_path):
     assert names == ["manifest.json", "rng-rank0.pt", "state.pt", "tensors.safetensors"]
 
 
+def test_lora_ga_best_on_dev_weights_go_into_checkpoints(tiny_model_dir, tmp_path):
+    """LoRA-GA's kept factors are views of its SVD: the best-on-dev copy is saved contiguous."""
+    run = tmp_path / "run"
+    best = dict(dev_fraction=0.01, eval_every=1, keep_best=True, save_every=1, steps=3)
+    finetune(config(tiny_model_dir, run, "lora-ga", **best), progress=False, stop_after=2)
+    assert (run / "checkpoints" / "step-0000002" / "best.safetensors").is_file()
+    summary = resume(run, progress=False)
+    assert summary["best"]["step"] >= 1 and (run / "best").is_dir()
+
+
 def test_resume_refuses_a_finished_run_and_one_without_checkpoints(tiny_model_dir, tmp_path):
     finetune(config(tiny_model_dir, tmp_path / "done", "head"), progress=False)
     with pytest.raises(GradkitError, match="has finished"):
