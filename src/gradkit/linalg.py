@@ -26,15 +26,45 @@ Above the tolerance every result is exact up to the rounding of the compute dtyp
 
 from __future__ import annotations
 
+import os
+import platform
 from typing import NamedTuple
 
 import torch
 
-# exact LAPACK SVD up to this min(out, in); randomized subspace iteration above. Measured on one CPU
-# thread for rank 16: 384 x 384 takes 14 ms exact against 3.7 ms randomized, 384 x 1536 54 against 12 ms,
+# exact LAPACK SVD up to this min(out, in); randomized subspace iteration above. Measured in fp32 on one
+# CPU thread for rank 16: 384 x 384 takes 14 ms exact against 3.7 ms randomized, 384 x 1536 54 against 12 ms,
 # 1024 x 4096 580 against 84 ms; on MiniLM's SST-2 gradients the randomized rank-16 error is within 1e-7
 # of the optimal one (6 power steps, 2 * rank + 8 columns)
 EXACT_SVD_MAX_DIM = 128
+
+
+# how :func:`truncated_svd` (LoRA-GA's init) runs: recorded in every run's summary.json
+FACTORISATION_MODE = "float64, canonical signs"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s "model name", else ``platform.processor()``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def numerics() -> dict[str, str]:
+    """What decides a CPU run's bits besides the thread count: the CPU model, the instruction set ATen's
+    kernels use (``torch.backends.cpu.get_cpu_capability()``, lowered by ``ATEN_CPU_CAPABILITY``), MKL's
+    code path (``MKL_CBWR``; "unset" lets MKL pick by CPU) and how LoRA-GA's factorisations run."""
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR", "unset"),
+        "factorisation_mode": FACTORISATION_MODE,
+    }
 
 
 class FactorSVD(NamedTuple):
@@ -148,23 +178,49 @@ def solve_sylvester_sym(
     return sylvester_diag(P, l, Q, m, C)
 
 
+def canonical_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fix the sign of each singular pair: column ``u_i`` of U is flipped, with row ``i`` of Vh, so that
+    its largest-magnitude entry is positive (the first such entry on a tie).
+
+    An SVD defines ``(u_i, v_i)`` only up to a common sign, and LAPACK's code paths (MKL's AVX2 / AVX-512
+    / compatible kernels) choose it differently; ``u_i v_i^T`` is unchanged by the flip, but a caller
+    that uses ``u_i`` and ``v_j`` apart (LoRA-GA's split) would otherwise get a different matrix.
+    """
+    index = U.abs().argmax(dim=0, keepdim=True)
+    sign = torch.where(U.gather(0, index) < 0, -1.0, 1.0).to(U.dtype)
+    return U * sign, Vh * sign.mT
+
+
 def truncated_svd(G: torch.Tensor, rank: int, *, niter: int = 6, seed: int = 0):
-    """Top-``rank`` singular triplets (U, S, Vh) of G in fp32.
+    """Top-``rank`` singular triplets (U, S, Vh) of G, computed in float64 and returned in fp32 with
+    :func:`canonical_signs`.
 
     Exact (LAPACK) when min(G.shape) <= EXACT_SVD_MAX_DIM; otherwise randomized subspace iteration
     (Halko, Martinsson & Tropp 2011, Alg. 4.4) with 2*rank + 8 columns and ``niter`` re-orthonormalised
     power steps, from a private generator (the global RNG is untouched).
+
+    Why float64 and fixed signs: LAPACK's signs of singular vectors differ between MKL's code paths
+    (``MKL_CBWR``, and so between CPUs), and LoRA-GA uses ``u_i`` and ``v_j`` apart, so a flipped sign
+    is another init; in fp32, MKL's SVD/QR and ATen's Gaussian sampler also give other bits per code path
+    and ``ATEN_CPU_CAPABILITY``. In float64 the paths differ by about 1e-16 relative, which the rounding
+    to fp32 removes except for an entry that close to an fp32 rounding boundary (measured: at most 2 of
+    331,776 entries of MiniLM's init, by one ulp, on the randomized path; none on the exact one). The test matrix
+    is drawn in float64, whose sampler is the same scalar code under every capability.
     """
-    G = G.float()
+    G = G.double()
     m, n = G.shape
     if min(m, n) <= EXACT_SVD_MAX_DIM or 2 * rank + 8 >= min(m, n):
         U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-        return U[:, :rank], S[:rank], Vh[:rank]
-    generator = torch.Generator(device=G.device).manual_seed(seed)
-    omega = torch.randn(n, 2 * rank + 8, generator=generator, device=G.device)
-    Q, _ = torch.linalg.qr(G @ omega)
-    for _ in range(niter):
-        Q, _ = torch.linalg.qr(G.T @ Q)
-        Q, _ = torch.linalg.qr(G @ Q)
-    Ub, S, Vh = torch.linalg.svd(Q.T @ G, full_matrices=False)
-    return (Q @ Ub)[:, :rank], S[:rank], Vh[:rank]
+        U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
+    else:
+        generator = torch.Generator(device=G.device).manual_seed(seed)
+        omega = torch.randn(n, 2 * rank + 8, generator=generator, device=G.device, dtype=torch.float64)
+        Q, _ = torch.linalg.qr(G @ omega)
+        for _ in range(niter):
+            # (Q^T G)^T, not G^T Q: MKL's float64 product with a transposed G runs about 7x slower here
+            Q, _ = torch.linalg.qr((Q.T @ G).T)
+            Q, _ = torch.linalg.qr(G @ Q)
+        Ub, S, Vh = torch.linalg.svd(Q.T @ G, full_matrices=False)
+        U, S, Vh = (Q @ Ub)[:, :rank], S[:rank], Vh[:rank]
+    U, Vh = canonical_signs(U, Vh)
+    return U.float(), S.float(), Vh.float()

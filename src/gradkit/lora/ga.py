@@ -33,7 +33,7 @@ from torch import nn
 
 from gradkit.errors import GradkitError
 from gradkit.fsdp import full, is_dtensor, local, local_part, reshard
-from gradkit.linalg import truncated_svd
+from gradkit.linalg import canonical_signs, truncated_svd
 from gradkit.lora.estimate import estimate_gradients, estimate_sketches
 from gradkit.lora.pairs import LoraPair, lora_pairs
 from gradkit.lora.sharded import ShardedGradient, local_rows
@@ -386,8 +386,9 @@ def _init_layer(
     elif estimator == "exact":
         U, S, Vh = truncated_svd(estimate, 2 * pair.rank, seed=seed)
         total_sq = float(torch.linalg.vector_norm(estimate, dtype=torch.float64)) ** 2
-    else:
+    else:  # the sketches' fp32 factors carry LAPACK's signs: fixed as truncated_svd fixes them
         U, S, Vh = estimate.svd(2 * pair.rank)
+        U, Vh = canonical_signs(U, Vh)
         total_sq = estimate.frobenius_sq()
     del estimate
     _apply(pair, U, Vh, direction, scale, gamma)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from gradkit.ema import EMA
 from gradkit.errors import GradkitError
+from gradkit.linalg import numerics
 from gradkit.train import head_warmup
 from gradkit.train.causal import load_causal_lm
 from gradkit.train.checkpoint import (
@@ -696,6 +697,7 @@ class FineTune:
             "ranks_identical": agree,
             "device": str(self.device),
             "torch_threads": torch.get_num_threads(),  # bits can differ with the thread count (reduction order)
+            **numerics(),  # and with the CPU's instruction set and MKL's code path
             "test_examples": len(self.test_data) if self.test_data is not None else 0,
             "dev_examples": len(self.dev_data) if self.dev_data is not None else 0,
             "train_examples": len(self.train_data),
