@@ -98,7 +98,8 @@ def test_plain_lora_is_saved_exactly_as_peft_saves_it(tmp_path, tiny_model_dir):
     save_adapter(model, tmp_path / "ours")
     model.save_pretrained(str(tmp_path / "peft"))
     ours, theirs = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "peft"))
-    assert ours == theirs
+    assert ours["target_modules"] == sorted(theirs["target_modules"])  # PEFT's order follows the hash seed
+    assert ours == {**theirs, "target_modules": ours["target_modules"]}
     a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ours", "peft"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     probe = _batch(seed=5)
@@ -193,3 +194,65 @@ def test_finetune_through_the_cli_loads_onto_the_original_base(tmp_path, tiny_mo
     assert json.loads((out / "lora_ga.json").read_text())["num_batches"] == 2
     loaded = _load(tiny_model_dir, out / "adapter")
     assert (_logits(loaded, _batch(seed=7)) - seen["logits"]).abs().max() <= 1e-4
+
+
+_SAVE_TWICE = """
+import sys
+from pathlib import Path
+
+import torch
+from helpers import peft_lora
+
+from gradkit.lora.export import save_adapter
+from gradkit.lora.ga import lora_ga_init
+from gradkit.train.methods.lora import Lora
+from gradkit.train.model import load_classifier
+
+model_dir, out = sys.argv[1], Path(sys.argv[2])
+torch.manual_seed(0)  # PEFT draws A from the global generator
+plain = peft_lora(load_classifier(model_dir, num_labels=2, seed=0))
+Lora().save(plain, out / "lora")  # the harness's lora: PEFT's save_pretrained
+ga = peft_lora(load_classifier(model_dir, num_labels=2, seed=0))
+g = torch.Generator().manual_seed(0)
+batch = {
+    "input_ids": torch.randint(1000, 2000, (4, 12), generator=g),
+    "attention_mask": torch.ones(4, 12, dtype=torch.long),
+    "labels": torch.tensor([0, 1, 0, 1]),
+}
+lora_ga_init(ga, [batch], seed=0)
+save_adapter(ga, out / "lora-ga")  # the difference form through save_adapter
+"""
+
+
+def test_adapter_folders_are_byte_identical_whatever_the_hash_seed(tiny_model_dir, tmp_path):
+    """PEFT keeps target_modules as a set; the saved folder must not follow PYTHONHASHSEED."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    tests = Path(__file__).resolve().parents[1]
+    script = tmp_path / "save_twice.py"
+    script.write_text(_SAVE_TWICE)
+    folders = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"hash-{seed}"
+        env = {
+            **os.environ,
+            "PYTHONHASHSEED": seed,
+            "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
+            "HF_HUB_OFFLINE": "1",
+        }
+        subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(out)], env=env, check=True)
+        folders.append(
+            {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        )
+    assert "lora/adapter/adapter_config.json" in folders[0] and "lora-ga/adapter_config.json" in folders[0]
+    assert folders[0] == folders[1] == folders[2]
+    config = json.loads(folders[0]["lora/adapter/adapter_config.json"])
+    assert config["target_modules"] == sorted(config["target_modules"])
+    for name in ("lora/adapter", "lora-ga"):  # plain PEFT loads the sorted list back
+        loaded = PeftModel.from_pretrained(_fresh_base(tiny_model_dir), str(tmp_path / "hash-1" / name))
+        assert loaded.peft_config["default"].target_modules == set(config["target_modules"])

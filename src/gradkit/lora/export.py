@@ -11,7 +11,8 @@ a rank-2r LoRA adapter with ``A' = cat([A, A0], dim=0)``, ``B' = cat([B, -B0], d
 ``s`` is unchanged (LoRA-GA, arXiv 2407.05000; the same difference form PEFT uses to convert PiSSA and
 OLoRA adapters). :func:`save_adapter` writes it with PEFT's own ``save_pretrained``, so the files, key
 names, ``modules_to_save`` (e.g. a classification head) and config are PEFT's; only the doubled layers
-and their config entries differ. A model without LoRA-GA layers is saved exactly as PEFT saves it.
+and their config entries differ. A model without LoRA-GA layers is saved as PEFT saves it, with its
+sets of names sorted.
 """
 
 from __future__ import annotations
@@ -149,6 +150,25 @@ def _swapped_config(model: nn.Module, adapter: str, config) -> Iterator[None]:
         model.peft_config[adapter] = original
 
 
+@contextlib.contextmanager
+def stable_config(model: nn.Module) -> Iterator[None]:
+    """While ``model.save_pretrained`` writes adapter_config.json: PEFT keeps ``target_modules`` (and its
+    other collections of names) as sets and writes ``list(set)``, whose order follows the string hash
+    (``PYTHONHASHSEED``). Lend it copies of the configs holding each set as a sorted list, so the same
+    adapter writes the same bytes in every process; PEFT turns the list back into a set when it loads."""
+    originals = dict(model.peft_config)
+    for name, config in originals.items():
+        stable = copy.copy(config)
+        for key, value in vars(config).items():
+            if isinstance(value, (set, frozenset)):
+                setattr(stable, key, sorted(value))
+        model.peft_config[name] = stable
+    try:
+        yield
+    finally:
+        model.peft_config.update(originals)
+
+
 def save_adapter(peft_model: nn.Module, path: str | os.PathLike, *, adapter: str | None = None) -> Path:
     """Write ``peft_model``'s LoRA adapter to the folder ``path`` in PEFT's format (adapter_config.json,
     adapter_model.safetensors) so that ``PeftModel.from_pretrained(original_base, path)`` reproduces the
@@ -158,7 +178,8 @@ def save_adapter(peft_model: nn.Module, path: str | os.PathLike, *, adapter: str
     ``s (B A - B0 A0)``: ``A' = [A; A0]``, ``B' = [B, -B0]``, ``r' = 2r``, ``alpha' = 2 alpha``
     (``sqrt(2) alpha`` with rsLoRA), per layer through ``rank_pattern``/``alpha_pattern`` where needed.
     Other layers and ``modules_to_save`` (e.g. a classification head) are PEFT's own, so a model without
-    LoRA-GA layers is saved exactly as ``peft_model.save_pretrained`` saves it. ``adapter`` defaults to
+    LoRA-GA layers is saved as ``peft_model.save_pretrained`` saves it, its collections of names (PEFT's
+    sets) sorted (:func:`stable_config`). ``adapter`` defaults to
     the active one. The folder is written beside ``path`` under a temporary name, then renamed onto it
     (an existing folder is replaced). Returns ``path``.
     """
@@ -184,10 +205,11 @@ def save_adapter(peft_model: nn.Module, path: str | os.PathLike, *, adapter: str
             state = dict(model.state_dict())  # references, no copies
             state.update(replaced)
             export = _export_config(config, wanted, bool(config.use_rslora))
-            with _swapped_config(model, adapter, export):
+            with _swapped_config(model, adapter, export), stable_config(model):
                 model.save_pretrained(str(staging), selected_adapters=[adapter], state_dict=state)
         else:
-            model.save_pretrained(str(staging), selected_adapters=[adapter])
+            with stable_config(model):
+                model.save_pretrained(str(staging), selected_adapters=[adapter])
         # PEFT puts a non-default adapter in a subfolder of its own name; the caller asked for `path`
         source = staging if adapter == "default" else staging / adapter
         for item in source.iterdir():

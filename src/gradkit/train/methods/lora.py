@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from gradkit.files import atomic_dir
+from gradkit.lora.export import stable_config
 from gradkit.train.config import TrainConfig
 from gradkit.train.methods.base import Method, register_method
 from gradkit.train.model import adaptable_layers, lora_target_names, quiet_transformers
@@ -53,5 +54,5 @@ class Lora(Method):
         return get_peft_model(model, self.lora_config(model, cfg))
 
     def save(self, model, out_dir):
-        with quiet_transformers(), atomic_dir(out_dir / "adapter") as tmp:
+        with quiet_transformers(), atomic_dir(out_dir / "adapter") as tmp, stable_config(model):
             model.save_pretrained(str(tmp))
