@@ -214,3 +214,23 @@ def test_cli_choices_written_out_match_the_library():
     assert method_options.MOMENTS == lora_pro.MOMENTS and method_options.OPTIMIZERS == lora_pro.OPTIMIZERS
     assert method_options.DEFAULT_MOMENTS == lora_pro.DEFAULT_MOMENTS
     assert method_options.X_SOLUTIONS == lora_pro_math.X_SOLUTIONS
+
+
+@pytest.mark.distributed
+def test_bad_input_under_torchrun_says_so_once_and_every_rank_exits_2(tmp_path, tiny_model_dir):
+    """torchrun turns any failed child into its own ChildFailedError report and exit status 1 (it has
+    no way to pass a child's status on); what gradkit controls is the line (once, from rank 0) and each
+    rank's status (2, or a SIGTERM from torchrun once the first rank has ended)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    cmd += ["gradkit", "finetune", "--model", str(tiny_model_dir), "--steps", "2", "--batch-size", "4"]
+    cmd += ["--out", str(tmp_path / "run"), "--lr", "-1"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr  # torchrun's own status for a failed child
+    lines = [line for line in result.stderr.splitlines() if line.startswith("gradkit: error: ")]
+    assert lines == [
+        "gradkit: error: --lr -1.0 is not allowed: it must be finite and > 0 (a positive learning rate); pass e.g. --lr 1e-4"
+    ], result.stderr
+    codes = [line.split(":", 1)[1].split()[0] for line in result.stderr.splitlines() if "exitcode  :" in line]
+    assert "2" in codes and set(codes) <= {"2", "-15"}, result.stderr  # -15: stopped by torchrun
+    assert not (tmp_path / "run").exists()

@@ -1,6 +1,10 @@
 """The ``gradkit`` command and its subcommands (finetune, compare, noise-scale, diagnose). Bad input
 ends with one line ``gradkit: error: ...`` and exit status 2.
 
+Under torchrun or ``accelerate launch`` every process exits 2 and the first one (``RANK`` 0) prints
+the line; the launcher then adds its own report of the ranks' exit codes (a ``ChildFailedError``
+traceback, launcher exit status 1: torchrun turns any failed child into that).
+
 Building the parser imports no torch (``gradkit --help`` stays fast): the options come from the
 torch-free settings dataclasses, and each command imports the harness when it runs.
 """
@@ -94,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "diagnose":
             run_diagnose(args)
     except GradkitError as err:
-        print(f"gradkit: error: {err}", file=sys.stderr)
+        # under torchrun / accelerate launch every rank checks the same input and exits 2; the first
+        # process alone says why, so the line appears once (the launcher then reports the exit codes)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"gradkit: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
