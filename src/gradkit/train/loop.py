@@ -20,11 +20,8 @@ import contextlib
 import dataclasses
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +46,7 @@ from gradkit.train.checkpoint import (
 from gradkit.train.config import TrainConfig
 from gradkit.train.datasets import StepBatches, TrainingStream, describe_data, load_datasets
 from gradkit.train.evaluate import evaluate
+from gradkit.train.faults import Terminated, disk_error, non_finite_warning, sigterm_as_interrupt
 from gradkit.train.measures import optimizer_state_bytes, peak_memory_mb, ranks_agree
 from gradkit.train.methods import get_method
 from gradkit.train.metrics import check_metric, window_mean
@@ -95,7 +93,7 @@ def _run(run: FineTune, stop_after: int | None) -> dict[str, Any]:
     """The recipe's four parts, with SIGTERM taken as an interruption; the run folder's lock is
     released at the end, whatever the end."""
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             run.set_up()
             run.prepare()
             step = run.train(stop_after)
@@ -153,29 +151,6 @@ def _verified(run: Path, checkpoint: Path | None) -> Path:
             f"--resume {checkpoint}: {err}; resume from another checkpoint or start the run again"
         ) from None
     return checkpoint
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a job scheduler, the launcher ending a job whose other process ended): an
-    interruption like Ctrl-C, recorded as ``stopped`` in status.json."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` while the run goes on (main thread only: Python delivers
-    signals there), so that status.json records the stop and how to resume."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum: int, frame: Any) -> None:
-        raise Terminated("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class Phases:
@@ -468,7 +443,7 @@ class FineTune:
                     break
             self._check_weights(step)
         except OSError as err:  # a full disk, a folder gone: one line, the latest checkpoint kept
-            failure = _disk_error(err, self.folder.path, self.checkpoints.last)
+            failure = disk_error(err, self.folder.path, self.checkpoints.last)
             self._record_end(failure, step)
             raise failure from err
         except BaseException as err:
@@ -597,7 +572,7 @@ class FineTune:
         try:
             return self._finish()
         except OSError as err:
-            failure = _disk_error(err, self.folder.path, self.checkpoints.last)
+            failure = disk_error(err, self.folder.path, self.checkpoints.last)
             self._record_end(failure, self.cfg.steps)
             raise failure from err
         except BaseException as err:
@@ -614,7 +589,7 @@ class FineTune:
             )
         agree = ranks_agree(self.unwrapped, self.accelerator) if self.processes > 1 else True
         summary = self._summary(self._final_results(), agree, train_seconds)
-        warning = _non_finite_warning(summary)
+        warning = non_finite_warning(summary)
         if warning is not None:
             summary["warning"] = warning
         self.folder.finish(summary, self.cfg.method, self.state)
@@ -703,33 +678,6 @@ class FineTune:
             "train_examples": len(self.train_data),
             "phase_seconds": {k: round(v, 2) for k, v in self.phases.seconds.items()},
         }
-
-
-def _non_finite_warning(summary: dict[str, Any]) -> str | None:
-    """A line saying which weights' test loss is not finite (NaN or inf: their test metrics are no
-    result), or None when every test loss is finite (or there is no test set)."""
-    losses = {
-        "final": summary.get("test_loss"),
-        "EMA": summary.get("ema", {}).get("test_loss"),
-        "best-on-dev": summary.get("best", {}).get("test_loss"),
-    }
-    broken = [name for name, v in losses.items() if isinstance(v, float) and not math.isfinite(v)]
-    if not broken:
-        return None
-    return (
-        f"non_finite: the test loss of the {', '.join(broken)} weights is not finite, so their test "
-        "metrics are not a result; lower --lr (or check the data) and run again"
-    )
-
-
-def _disk_error(err: OSError, out: Path, last: int | None) -> GradkitError:
-    """One line for a write that failed (a full disk): the file, the reason, and how to go on."""
-    then = (
-        f"free space, then continue from step {last} with gradkit finetune --resume {out}"
-        if last is not None
-        else "free space, then start the run again"
-    )
-    return GradkitError(f"could not write {err.filename or out}: {err.strerror or err}; {then}")
 
 
 def _warn_if_launched_alone(num_processes: int) -> None:
