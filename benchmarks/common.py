@@ -65,6 +65,13 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     return path
 
 
+def report(result: dict[str, Any] | None) -> None:
+    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command); None
+    writes nothing."""
+    if result is not None:
+        write_result(result["name"], result)
+
+
 def save_figure(fig, path: Path) -> None:
     """Lay out, write ``path`` as PNG atomically (a temporary name, then a rename), and close ``fig``."""
     import matplotlib.pyplot as plt

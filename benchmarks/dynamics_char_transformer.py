@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from benchmarks.common import IMAGES, ROOT, save_figure, write_result
+from benchmarks.common import IMAGES, ROOT, report, save_figure
 from gradkit.models import toy_transformer
 from gradkit.optim import SteepestDescent
 
@@ -352,13 +352,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any] | None:
             },
         },
     }
-
-
-def report(result: dict[str, Any] | None) -> None:
-    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command); None
-    writes nothing."""
-    if result is not None:
-        write_result(result["name"], result)
 
 
 def main() -> None:

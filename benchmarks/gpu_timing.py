@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import report
 
 TARGETS = ["query", "key", "value", "dense"]
 
@@ -201,13 +201,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any] | None:
             "raw": raw,
         },
     }
-
-
-def report(result: dict[str, Any] | None) -> None:
-    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command); None
-    writes nothing."""
-    if result is not None:
-        write_result(result["name"], result)
 
 
 def main() -> None:

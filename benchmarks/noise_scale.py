@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.common import write_result
+from benchmarks.common import report
 from gradkit import NoiseScale
 
 
@@ -173,13 +173,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any] | None:
             "raw": {"cpu_seconds": times, "wall_seconds": wall},
         },
     }
-
-
-def report(result: dict[str, Any] | None) -> None:
-    """Write ``result`` to ``benchmarks/results/<name>.json`` (with the machine and the command); None
-    writes nothing."""
-    if result is not None:
-        write_result(result["name"], result)
 
 
 def main() -> None:
