@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,15 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt(on_sigterm: Callable[[], None] | None = None) -> Iterator[None]:
     """Turn SIGTERM into :class:`Terminated` while the run goes on (main thread only: Python delivers
-    signals there), so that status.json records the stop and how to resume."""
+    signals there), so that status.json records the stop and how to resume.
+
+    A process blocked in a collective (waiting on a rank that died) runs no Python until the call
+    returns, and the launcher kills it a few seconds after its SIGTERM; so ``on_sigterm`` also runs at
+    once, in a watcher thread woken through :func:`signal.set_wakeup_fd` (CPython's C-level handler
+    writes the signal's number there from whichever thread the signal reaches), to record the stop
+    before that."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -31,11 +38,35 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def terminate(signum: int, frame: Any) -> None:
         raise Terminated("SIGTERM")
 
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    watcher = threading.Thread(target=_watch, args=(read_fd, on_sigterm), daemon=True)
+    watcher.start()
     previous = signal.signal(signal.SIGTERM, terminate)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     try:
         yield
     finally:
+        signal.set_wakeup_fd(previous_fd)
         signal.signal(signal.SIGTERM, previous)
+        os.write(write_fd, _STOP_WATCHING)
+        watcher.join()
+        os.close(write_fd)
+        os.close(read_fd)
+
+
+_STOP_WATCHING = bytes([0])  # no signal has number 0
+
+
+def _watch(read_fd: int, on_sigterm: Callable[[], None] | None) -> None:
+    """Read signal numbers from the wakeup pipe until told to stop; call ``on_sigterm`` on SIGTERM."""
+    while True:
+        numbers = os.read(read_fd, 64)
+        if int(signal.SIGTERM) in numbers and on_sigterm is not None:
+            with contextlib.suppress(Exception):  # recording the stop must never become the error
+                on_sigterm()
+        if not numbers or 0 in numbers:
+            return
 
 
 def non_finite_warning(summary: dict[str, Any]) -> str | None:

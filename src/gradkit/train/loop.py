@@ -93,7 +93,7 @@ def _run(run: FineTune, stop_after: int | None) -> dict[str, Any]:
     """The recipe's four parts, with SIGTERM taken as an interruption; the run folder's lock is
     released at the end, whatever the end."""
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(run.record_sigterm):
             run.set_up()
             run.prepare()
             step = run.train(stop_after)
@@ -472,6 +472,13 @@ class FineTune:
             status, reason = "failed", " ".join(str(err).split()) or type(err).__name__
         with contextlib.suppress(OSError):
             self.folder.status(status, reason=reason, step=step, checkpoint_step=last)
+
+    def record_sigterm(self) -> None:
+        """Record a SIGTERM as a stop in status.json at once (from the signal watcher: the main thread
+        may be blocked in a collective that never returns); the main thread records it again if it
+        gets to."""
+        if self.folder is not None and getattr(self, "checkpoints", None) is not None:  # training began
+            self._record_end(Terminated("SIGTERM"), self.state.step)
 
     def release(self) -> None:
         """Release the run folder's lock (the end of the run, whatever the end)."""
