@@ -121,3 +121,10 @@ def test_only_the_harness_and_the_commands_import_the_harness():
     }
     assert importers, "the commands import the harness: the graph should see that"
     assert sorted(n for n in importers if not (inside(n, "gradkit.train") or inside(n, "gradkit.cli"))) == []
+
+
+def test_every_test_module_has_its_own_base_name():
+    """pytest imports test modules by base name (tests/ has no __init__.py): two of one name stop the
+    collection of the whole suite."""
+    names = [path.name for path in (SRC.parent / "tests").rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
