@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -367,6 +369,11 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str, model_dir:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # the work is written: leave without the interpreter's teardown, where torch 2.13's gloo now and
+    # then aborts (SIGABRT; once in a clean-clone run of this test, see tests/fsdp/fsdp_common.py)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.distributed
