@@ -202,6 +202,17 @@ def test_a_full_disk_at_the_final_save_is_one_line(tiny_model_dir, data_files, t
     assert status["status"] == "failed" and "No space left" in status["reason"]
 
 
+def _wait_for_a_checkpoint(run: Path, proc: subprocess.Popen, seconds: float) -> None:
+    """Wait until the running ``proc`` has written a checkpoint into ``run`` (its status names one)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status_path = run / "status.json"
+        if status_path.is_file() and json.loads(status_path.read_text()).get("checkpoint_step"):
+            return
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        time.sleep(0.2)
+
+
 def test_sigterm_is_a_stop_and_a_running_run_is_locked(tiny_model_dir, data_files, tmp_path, capsys):
     run = tmp_path / "run"
     args = cli_args(tiny_model_dir, data_files, run)
@@ -212,13 +223,7 @@ def test_sigterm_is_a_stop_and_a_running_run_is_locked(tiny_model_dir, data_file
         [sys.executable, "-m", "gradkit", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            status_path = run / "status.json"
-            if status_path.is_file() and json.loads(status_path.read_text()).get("checkpoint_step"):
-                break
-            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
-            time.sleep(0.2)
+        _wait_for_a_checkpoint(run, proc, seconds=120)
         config_before = (run / "config.json").read_bytes()
         for refused in (["finetune", "--resume", str(run)], [*args, "--overwrite", "--seed", "1"]):
             assert main(refused) == 2
@@ -306,13 +311,7 @@ def test_a_killed_rank_leaves_an_honest_status(tiny_model_dir, data_files, tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            status_path = run / "status.json"
-            if status_path.is_file() and json.loads(status_path.read_text()).get("checkpoint_step"):
-                break
-            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
-            time.sleep(0.2)
+        _wait_for_a_checkpoint(run, proc, seconds=180)
         os.kill(int((tmp_path / "pid1").read_text()), signal.SIGKILL)
         proc.communicate(timeout=60)
     finally:

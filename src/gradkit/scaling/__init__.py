@@ -4,8 +4,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gradkit.lazy import lazy_exports
 
 _EXPORTS = {
     "NoiseScale": "gradkit.scaling.noise_scale",
@@ -20,15 +19,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'gradkit.scaling' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(__all__) | set(globals()))
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
