@@ -219,3 +219,40 @@ def save_adapter(peft_model: nn.Module, path: str | os.PathLike, *, adapter: str
             shutil.move(str(staging / "README.md"), tmp / "README.md")
         shutil.rmtree(staging)
     return path
+
+
+def save_encoder_adapter(
+    adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, prefix: str = "encoder."
+) -> Path:
+    """Write the part of the PEFT adapter in ``adapter_dir`` that adapts the submodule ``prefix`` (the
+    encoder of a model that wraps one), renamed as an adapter of that submodule alone: keys
+    ``base_model.model.<prefix>X`` become ``base_model.model.X``, ``modules_to_save`` (the wrapper's
+    head) and other keys are left out. The encoder then takes it directly: a plain
+    ``SentenceTransformer``'s ``load_adapter``, or ``PeftModel.from_pretrained(AutoModel...)``.
+    Written under a temporary name and renamed onto ``out_dir``. Returns ``out_dir``."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    source, root = Path(adapter_dir), "base_model.model."
+    config = json.loads((source / "adapter_config.json").read_text())
+    tensors = load_file(str(source / "adapter_model.safetensors"))
+    kept = {
+        root + key[len(root + prefix) :]: value
+        for key, value in tensors.items()
+        if key.startswith(root + prefix)
+    }
+    if not kept:
+        raise GradkitError(
+            f"{source}: the adapter adapts nothing under {prefix!r}; there is no encoder adapter"
+        )
+    config["modules_to_save"] = None
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if isinstance(config.get(pattern), dict):
+            config[pattern] = {
+                (k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in config[pattern].items()
+            }
+    with atomic_dir(Path(out_dir)) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(kept, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return Path(out_dir)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from gradkit.train.tokenize import IGNORE_INDEX, PER_TOKEN
+from gradkit.train.tokenize import IGNORE_INDEX, PAIR_PER_TOKEN, PAIR_PREFIX, PER_TOKEN
 
 # one more forward/backward pass costs about as much as this many padded token positions (a part's
 # fixed cost: Python, kernel launches, small-matrix inefficiency); benchmarks/compare_time.py measures
@@ -89,9 +89,12 @@ def split_batch(
     if mask is None:  # nothing says where padding is: consecutive parts as they come
         bounds = [(i, min(i + limit, n)) for i in range(0, n, limit)]
         return [({k: v[a:b] for k, v in batch.items()}, weight(slice(a, b), b - a)) for a, b in bounds]
-    lengths = mask.sum(1)
-    if bool((mask[:, 0] == 0).any()):
-        batch = _pad_right(batch, mask.shape[1] - lengths)
+    groups = _token_groups(batch)
+    for prefix, keys in groups.items():
+        group_mask = batch[prefix + "attention_mask"]
+        if bool((group_mask[:, 0] == 0).any()):
+            batch = _pad_right(batch, keys, group_mask)
+    lengths = sum(batch[prefix + "attention_mask"].sum(1) for prefix in groups)
     if trim:
         order = torch.sort(lengths, stable=True).indices
         ends = _cuts(lengths[order].tolist(), limit, overhead)
@@ -101,28 +104,39 @@ def split_batch(
     parts, begin = [], 0
     for end in ends:
         rows = order[begin:end]
-        longest = int(lengths[rows].max())
-        part = {}
-        for key, value in batch.items():
-            value = value[rows]
-            if (key in PER_TOKEN or key == "labels") and value.ndim == 2:
-                value = value[:, :longest]
-            part[key] = value
+        part = {key: value[rows] for key, value in batch.items()}
+        for prefix, keys in groups.items():  # each text of a pair to its own longest in the part
+            longest = int(part[prefix + "attention_mask"].sum(1).max())
+            for key in keys:
+                if part[key].ndim == 2:
+                    part[key] = part[key][:, :longest]
         parts.append((part, weight(rows, end - begin)))
         begin = end
     return parts
 
 
-def _pad_right(batch: dict[str, torch.Tensor], pads: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The batch with each row's per-token values rotated left by its ``pads`` leading pad positions:
-    the tokens at the start of the row (at positions 0, 1, …), the padding after them."""
-    width = batch["attention_mask"].shape[1]
-    index = (torch.arange(width) + pads[:, None]) % width
-    out = {}
-    for key, value in batch.items():
-        if (key in PER_TOKEN or key == "labels") and value.ndim == 2 and value.shape[1] == width:
-            value = value.gather(1, index.to(value.device))
-        out[key] = value
+def _token_groups(batch: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """The per-token keys of ``batch`` by the text they belong to: ``""`` (the text, and a causal LM's
+    per-token ``labels``) and, in a bi-encoder batch, ``PAIR_PREFIX`` (the pairs' second texts)."""
+    groups = {"": [k for k in batch if k in PER_TOKEN or (k == "labels" and batch[k].ndim == 2)]}
+    if PAIR_PREFIX + "attention_mask" in batch:
+        groups[PAIR_PREFIX] = [k for k in batch if k in PAIR_PER_TOKEN]
+    return groups
+
+
+def _pad_right(
+    batch: dict[str, torch.Tensor], keys: list[str], mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The batch with each row's values under ``keys`` rotated left by its leading pad positions
+    (``mask``'s zeros before the first token): the tokens at the start of the row (at positions 0,
+    1, …), the padding after them."""
+    width = mask.shape[1]
+    pads = width - mask.sum(1)
+    index = (torch.arange(width, device=mask.device) + pads[:, None]) % width
+    out = dict(batch)
+    for key in keys:
+        if batch[key].ndim == 2 and batch[key].shape[1] == width:
+            out[key] = batch[key].gather(1, index.to(batch[key].device))
     return out
 
 

@@ -93,13 +93,43 @@ class TrainConfig:
         group=MODEL_DATA,
     )
     max_length: int = setting(128, "tokens per example", range=Range(2), example="128", group=MODEL_DATA)
-    pooling: str = setting("mean", "pooled output for the head", choices=("mean", "cls"), group=MODEL_DATA)
+    pooling: str = setting(
+        "mean",
+        "pooled output for the head (a bi-encoder uses the pooling its sentence-transformers folder declares)",
+        choices=("mean", "cls"),
+        group=MODEL_DATA,
+    )
+    pair_encoding: str | None = setting(
+        None,
+        "sentence pairs: cross encodes a pair as one sequence ([CLS] a [SEP] b [SEP]) under a new head; bi "
+        "embeds each text on its own with the model's pooling and compares the two embeddings, as "
+        "sentence-transformers models are trained (default: bi for a sentence-transformers model folder, "
+        "cross otherwise; docs/pairs.md)",
+        choices=("cross", "bi"),
+        group=MODEL_DATA,
+    )
+    pair_loss: str | None = setting(
+        None,
+        "bi-encoder regression: mse (squared error of lo + (hi - lo) * cos(u, v)) or cosent (a ranking "
+        "loss on the batch's cosines; default)",
+        choices=("mse", "cosent"),
+        group=MODEL_DATA,
+    )
+    pair_features: str = setting(
+        "diff",
+        "bi-encoder classification head's input: diff = [u, v, |u - v|] (sentence-transformers' "
+        "SoftmaxLoss); diff-product adds u * v",
+        choices=("diff", "diff-product"),
+        group=MODEL_DATA,
+    )
     # -- the head
     head_init: str = setting(
         "random",
         "random: a new N(0, 0.02) head; labels: scale * cos(sentence, label text) with the encoder's "
-        "own embeddings of the label texts (a zero-shot classifier from step 0)",
-        choices=("random", "labels"),
+        "own embeddings of the label texts (a zero-shot classifier from step 0); similarity (bi-encoder "
+        "pairs, two classes): scale * (cos(u, v) - threshold), the threshold fitted on the training "
+        "file's first rows (a zero-shot threshold classifier from step 0)",
+        choices=("random", "labels", "similarity"),
         group=HEAD,
     )
     label_text: str | None = setting(

@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 from gradkit.ema import EMA
 from gradkit.errors import GradkitError
 from gradkit.linalg import numerics
+from gradkit.lora.export import save_encoder_adapter
 from gradkit.train import head_warmup
+from gradkit.train.bi_encoder import (
+    ENCODER_ADAPTER,
+    SIMILARITY_FIT_ROWS,
+    fit_similarity_head,
+    load_bi_encoder,
+)
 from gradkit.train.causal import load_causal_lm
 from gradkit.train.checkpoint import (
     CHECKPOINTS,
@@ -50,7 +57,7 @@ from gradkit.train.faults import Terminated, disk_error, non_finite_warning, sig
 from gradkit.train.measures import optimizer_state_bytes, peak_memory_mb, ranks_agree
 from gradkit.train.methods import get_method
 from gradkit.train.metrics import check_metric, window_mean
-from gradkit.train.model import label_text_head, load_classifier, load_tokenizer
+from gradkit.train.model import default_model_path, label_text_head, load_classifier, load_tokenizer
 from gradkit.train.periodic import Checkpointing, DevEvaluation, LossLog, TensorBoard, cpu_copy
 from gradkit.train.precision import autocast, autocast_forward
 from gradkit.train.run_folder import RunFolder, default_out
@@ -63,7 +70,7 @@ from gradkit.train.sharding import (
     shard_model,
 )
 from gradkit.train.tokenize import tokenize_data
-from gradkit.train.validate import check_config, check_data, check_model
+from gradkit.train.validate import check_config, check_data, check_model, check_pairs
 
 
 def finetune(
@@ -209,6 +216,11 @@ class FineTune:
         # every data error surfaces before anything is written
         self.train_data, self.dev_data, self.test_data = load_datasets(cfg)
         self.head_texts = check_data(cfg, self.train_data)
+        self.pairs = check_pairs(cfg, self.train_data)
+        if self.pairs is not None:  # config.json and every method see the encoding and loss in use
+            cfg = self.cfg = dataclasses.replace(
+                cfg, pair_encoding=self.pairs.encoding, pair_loss=self.pairs.loss
+            )
         self.metric = check_metric(cfg.task, cfg.metric)
         if self.progress and int(os.environ.get("RANK", "0")) == 0:
             print(describe_data(self.train_data, self.test_data, dev=self.dev_data))
@@ -249,9 +261,12 @@ class FineTune:
     def _tokenize(self) -> None:
         """Tokenise once; each step's batch is the next slice of the seeded stream, this process's share."""
         cfg, tokenizer = self.cfg, self.tokenizer
-        train_tokens = tokenize_data(tokenizer, self.train_data, cfg.max_length)
-        self.dev_tokens = self.dev_data and tokenize_data(tokenizer, self.dev_data, cfg.max_length)
-        self.test_tokens = self.test_data and tokenize_data(tokenizer, self.test_data, cfg.max_length)
+        encoding = cfg.pair_encoding or "cross"
+        train_tokens = self.train_tokens = tokenize_data(tokenizer, self.train_data, cfg.max_length, encoding)
+        self.dev_tokens = self.dev_data and tokenize_data(tokenizer, self.dev_data, cfg.max_length, encoding)
+        self.test_tokens = self.test_data and tokenize_data(
+            tokenizer, self.test_data, cfg.max_length, encoding
+        )
         self.batches = StepBatches(
             train_tokens,
             TrainingStream(len(self.train_data), cfg.seed),
@@ -267,6 +282,17 @@ class FineTune:
         cfg = self.cfg
         if cfg.task == "causal-lm":
             model = load_causal_lm(cfg.model)
+        elif cfg.pair_encoding == "bi":
+            model = load_bi_encoder(
+                cfg.model or default_model_path(),
+                self.train_data.num_outputs,
+                self.pairs,
+                task=cfg.task,
+                features=cfg.pair_features,
+                head=cfg.head_init,
+                labels=self.train_data.labels,
+                seed=cfg.seed,
+            )
         else:
             model = load_classifier(
                 cfg.model, self.train_data.num_outputs, pooling=cfg.pooling, seed=cfg.seed, task=cfg.task
@@ -275,6 +301,14 @@ class FineTune:
         model.to(self.device)
         if self.head_texts is not None:
             model.head = label_text_head(model, self.tokenizer, self.head_texts, cfg.max_length)
+        self.similarity_fit = None
+        if (
+            cfg.head_init == "similarity"
+        ):  # the zero-shot threshold classifier, fitted on the file's first rows
+            rows = range(min(SIMILARITY_FIT_ROWS, len(self.train_tokens)))
+            self.similarity_fit = fit_similarity_head(
+                model, self.train_tokens.collate(rows), cfg.eval_batch_size, self.device
+            )
         self.model = model
         self.phases.mark("load_model")
 
@@ -608,6 +642,15 @@ class FineTune:
         summary["out"] = str(self.folder.path)
         return summary
 
+    def _pair_summary(self) -> dict[str, Any]:
+        """How the pairs were encoded and why (and the similarity head's fit); nothing without pairs."""
+        if self.pairs is None:
+            return {}
+        pairs = self.pairs.to_dict()
+        if self.similarity_fit is not None:
+            pairs["similarity_head"] = self.similarity_fit
+        return {"pair_encoding": pairs}
+
     def _test(self, model: torch.nn.Module) -> dict[str, Any]:
         """The test set's metrics of ``model`` (none without a test set)."""
         if self.test_tokens is None:
@@ -617,9 +660,13 @@ class FineTune:
     def _save_weights(self, sub: str | None = None) -> None:
         """The method saves the weights in the run folder (or its ``sub`` folder), gathered whole under
         ``--fsdp`` (every rank takes part)."""
+        folder = self.folder.path / sub if sub else self.folder.path
         with full_weights(self.unwrapped, keep=self.main):
             if self.main:
-                self.method.save(self.unwrapped, self.folder.path / sub if sub else self.folder.path)
+                self.method.save(self.unwrapped, folder)
+        if self.main and self.cfg.pair_encoding == "bi" and (folder / "adapter").is_dir():
+            # the encoder's LoRA alone, in the key names a plain SentenceTransformer's load_adapter reads
+            save_encoder_adapter(folder / "adapter", folder / ENCODER_ADAPTER)
 
     def _final_results(self) -> dict[str, Any]:
         """Test metrics of the final weights, the dev curve, and the EMA's and best-on-dev weights'
@@ -676,6 +723,7 @@ class FineTune:
             "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),
             "num_processes": self.processes,
             "fsdp": cfg.fsdp,
+            **self._pair_summary(),
             "ranks_identical": agree,
             "device": str(self.device),
             "torch_threads": torch.get_num_threads(),  # bits can differ with the thread count (reduction order)

@@ -151,25 +151,14 @@ class SequenceClassifier(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def load_classifier(
-    path: str | None = None,
-    num_labels: int = 2,
-    *,
-    pooling: str = "mean",
-    seed: int = 0,
-    task: str = "classification",
-) -> SequenceClassifier:
-    """Load a local Hugging Face encoder (default: bundled all-MiniLM-L6-v2) with a new head
-    (``num_labels`` logits, or one output for ``task="regression"``).
-
-    The head is N(0, 0.02^2) with zero bias, drawn from a private generator seeded by ``seed``
-    (the global RNG is untouched), so every method starts from the same model.
-    """
+def load_encoder(path: str | None = None) -> nn.Module:
+    """The encoder of a local Hugging Face folder (default: bundled all-MiniLM-L6-v2) without its
+    pooler, as ``AutoModel`` loads it, the global RNG left as it was."""
     from transformers import AutoModel
 
     path = path or default_model_path()
     check_model_dir(path)
-    # fork_rng: weight-init draws inside from_pretrained and nn.Linear leave the global RNG as it was
+    # fork_rng: weight-init draws inside from_pretrained leave the global RNG as it was
     with quiet_transformers(), torch.random.fork_rng(devices=[]):
         try:
             try:
@@ -178,8 +167,27 @@ def load_classifier(
                 encoder = AutoModel.from_pretrained(path)
         except OSError as err:
             raise GradkitError(f"cannot load a model from {path}: {str(err).splitlines()[0]}") from None
-        if not hasattr(encoder.config, "hidden_size"):
-            raise GradkitError(f"{path} is not an encoder with a hidden_size; pass a BERT-like model folder")
+    if not hasattr(encoder.config, "hidden_size"):
+        raise GradkitError(f"{path} is not an encoder with a hidden_size; pass a BERT-like model folder")
+    return encoder
+
+
+def load_classifier(
+    path: str | None = None,
+    num_labels: int = 2,
+    *,
+    pooling: str = "mean",
+    seed: int = 0,
+    task: str = "classification",
+) -> SequenceClassifier:
+    """Load a local Hugging Face encoder (default: bundled all-MiniLM-L6-v2, :func:`load_encoder`) with
+    a new head (``num_labels`` logits, or one output for ``task="regression"``).
+
+    The head is N(0, 0.02^2) with zero bias, drawn from a private generator seeded by ``seed``
+    (the global RNG is untouched), so every method starts from the same model.
+    """
+    encoder = load_encoder(path)
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's default init draws
         model = SequenceClassifier(encoder, num_labels, pooling=pooling, task=task)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -13,8 +13,9 @@ import torch
 
 from gradkit.data import load_label_map
 from gradkit.errors import GradkitError
+from gradkit.train.bi_encoder import PairSetup, SimilarityHead, bi_pooling, load_bi_encoder
 from gradkit.train.causal import load_causal_lm
-from gradkit.train.model import LabelTextHead, load_classifier, load_tokenizer
+from gradkit.train.model import LabelTextHead, default_model_path, load_classifier, load_tokenizer
 
 WEIGHTS = ("final", "best", "ema")
 
@@ -43,6 +44,8 @@ def load_trained(run_dir: str | os.PathLike, which: str = "final") -> tuple[Any,
     names = load_label_map(run / "labels.json") if task == "classification" else []
     if task == "causal-lm":  # the plain AutoModelForCausalLM, fp32; a LoRA adapter goes on it with PEFT
         model = load_causal_lm(cfg["model"])
+    elif cfg.get("pair_encoding") == "bi":
+        model = _bi_encoder(run, cfg, max(len(names), 1))
     else:
         model = load_classifier(cfg["model"], max(len(names), 1), pooling=cfg["pooling"], task=task)
     if cfg.get("head_init") == "labels":
@@ -69,3 +72,17 @@ def load_trained(run_dir: str | os.PathLike, which: str = "final") -> tuple[Any,
         raise GradkitError(f"{folder}: no adapter/ and no trainable.safetensors; the run did not finish")
     model.eval()
     return model, load_tokenizer(cfg["model"])
+
+
+def _bi_encoder(run: Path, cfg: dict[str, Any], num_labels: int) -> Any:
+    """The run's bi-encoder pair model, its head in the trained shape (the similarity head's class of
+    similar pairs from summary.json; every trained value comes from the saved weights)."""
+    path = cfg["model"] or default_model_path()
+    setup = PairSetup("bi", "the run's", bi_pooling(path, cfg["pooling"]), cfg.get("pair_loss"))
+    model = load_bi_encoder(
+        path, num_labels, setup, task=cfg["task"], features=cfg["pair_features"], head=cfg["head_init"]
+    )
+    if cfg["head_init"] == "similarity":
+        summary = json.loads((run / "summary.json").read_text())
+        model.head = SimilarityHead(summary["pair_encoding"]["similarity_head"]["similar_class"])
+    return model

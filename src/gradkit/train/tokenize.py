@@ -22,6 +22,9 @@ IGNORE_INDEX = -100  # label of positions without a loss (Hugging Face's and tor
 
 # the keys of a batch that hold one value per token position (sliced when padding is trimmed)
 PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+# a bi-encoder batch (:class:`BiTokenized`) holds the second texts of its pairs under these keys
+PAIR_PREFIX = "pair_"
+PAIR_PER_TOKEN = tuple(PAIR_PREFIX + key for key in PER_TOKEN)
 
 
 @dataclass
@@ -77,13 +80,58 @@ def tokenize(
     )
 
 
-def tokenize_data(tokenizer: Any, data: Any, max_length: int) -> Tokenized:
-    """:func:`tokenize` a loaded data set (:class:`gradkit.data.TextClassificationData`), pairs and all;
-    causal-LM data (:class:`gradkit.data.causal.CausalLMData`) go to :func:`tokenize_causal`
-    (per-token labels)."""
+@dataclass
+class BiTokenized(Tokenized):
+    """Sentence pairs for a bi-encoder: each text tokenised on its own, the second ones under
+    :data:`PAIR_PREFIX` keys; a batch pads the first and the second texts each to their own longest."""
+
+    def lengths(self) -> list[int]:
+        return [len(f["input_ids"]) + len(f[PAIR_PREFIX + "input_ids"]) for f in self.features]
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows = [self.features[i] for i in indices]
+        first = [{k: v for k, v in r.items() if not k.startswith(PAIR_PREFIX)} for r in rows]
+        second = [{k[len(PAIR_PREFIX) :]: v for k, v in r.items() if k.startswith(PAIR_PREFIX)} for r in rows]
+        batch = pad_features(first, self.pad_id, "right")
+        batch.update({PAIR_PREFIX + k: v for k, v in pad_features(second, self.pad_id, "right").items()})
+        batch["labels"] = torch.tensor([self.labels[i] for i in indices], dtype=self.label_dtype)
+        return batch
+
+
+def tokenize_bi(
+    tokenizer: Any, texts: Sequence[str], pairs: Sequence[str], labels: Sequence[Any], max_length: int
+) -> BiTokenized:
+    """Tokenise both texts of every pair separately (``[CLS] a [SEP]`` and ``[CLS] b [SEP]`` for BERT),
+    each truncated to ``max_length``, for a bi-encoder (:mod:`gradkit.train.bi_encoder`)."""
+    first = tokenizer(list(texts), truncation=True, max_length=max_length)
+    second = tokenizer(list(pairs), truncation=True, max_length=max_length)
+    keys = [k for k in PER_TOKEN if k in first]
+    features = [
+        {**{k: first[k][i] for k in keys}, **{PAIR_PREFIX + k: second[k][i] for k in keys}}
+        for i in range(len(texts))
+    ]
+    floats = any(isinstance(v, float) for v in labels)
+    return BiTokenized(
+        features,
+        list(labels),
+        int(tokenizer.pad_token_id),
+        tokenizer.padding_side,
+        torch.float32 if floats else torch.long,
+    )
+
+
+def tokenize_data(tokenizer: Any, data: Any, max_length: int, pair_encoding: str = "cross") -> Tokenized:
+    """:func:`tokenize` a loaded data set (:class:`gradkit.data.TextClassificationData`), pairs and all:
+    a pair as one sequence (``pair_encoding="cross"``) or each text on its own (``"bi"``,
+    :func:`tokenize_bi`); causal-LM data (:class:`gradkit.data.causal.CausalLMData`) go to
+    :func:`tokenize_causal` (per-token labels)."""
     if getattr(data, "task", None) == "causal-lm":
         return tokenize_causal(tokenizer, data, max_length)
-    tokens = tokenize(tokenizer, data.texts, data.labels, max_length, getattr(data, "pairs", None))
+    pairs = getattr(data, "pairs", None)
+    if pair_encoding == "bi" and pairs is not None:
+        tokens = tokenize_bi(tokenizer, data.texts, pairs, data.labels, max_length)
+    else:
+        tokens = tokenize(tokenizer, data.texts, data.labels, max_length, pairs)
     if getattr(data, "task", "classification") == "regression":
         tokens.label_dtype = torch.float32  # targets written as integers ("4") are still targets
     return tokens

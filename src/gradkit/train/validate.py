@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from gradkit.errors import GradkitError
+from gradkit.train.bi_encoder import PairSetup, pair_setup
 from gradkit.train.config import TrainConfig
 from gradkit.train.method_options import ZerothOrderOptions, check_options
 from gradkit.train.metrics import check_metric
-from gradkit.train.model import adaptable_layers, label_texts, layer_shape
+from gradkit.train.model import adaptable_layers, default_model_path, label_texts, layer_shape
 from gradkit.train.settings import check_settings, settings_from
 
 # a warning (not an error) when LoRA would train more than this share of the model's parameters
@@ -96,6 +97,63 @@ def check_task(cfg: TrainConfig) -> None:
         )
     if cfg.head_lr is not None and not cfg.head_warmup:
         raise GradkitError("--head-lr is the head warm-up's learning rate: pass --head-warmup N with it")
+    check_pair_settings(cfg)
+
+
+def check_pair_settings(cfg: TrainConfig) -> None:
+    """The bi-encoder's options agree with the task (what the settings alone decide; the data and the
+    model folder are checked by :func:`check_pairs`)."""
+    if cfg.pair_loss is not None and cfg.task != "regression":
+        raise GradkitError(
+            f"--pair-loss {cfg.pair_loss} scores a similarity (regression); --task {cfg.task} trains "
+            "with cross-entropy: drop --pair-loss, or pass --task regression"
+        )
+    if cfg.head_init == "similarity" and cfg.task != "classification":
+        raise GradkitError(
+            f"--head-init similarity thresholds cos(u, v) into two classes, and --task {cfg.task} has "
+            "no classes; drop it (bi-encoder regression already starts from cos(u, v))"
+        )
+    if cfg.head_warmup and cfg.pair_loss == "cosent":
+        raise GradkitError(
+            "--head-warmup with --pair-loss cosent: CoSENT ranks the cosines, which the regression "
+            "head's scale and offset do not change, so the warm-up has nothing to train; drop --head-warmup"
+        )
+    if cfg.task == "causal-lm" and cfg.pair_encoding is not None:
+        raise GradkitError("--pair-encoding is for sentence pairs; --task causal-lm has none: drop it")
+
+
+def check_pairs(cfg: TrainConfig, train: Any) -> PairSetup | None:
+    """How the run encodes sentence pairs (:func:`gradkit.train.bi_encoder.pair_setup`), with the
+    options that need a bi-encoder refused under a cross-encoder and the similarity head's two
+    classes checked. None when the data have no pairs (and no pair option is set)."""
+    setup = pair_setup(
+        cfg.model or default_model_path(), cfg.pair_encoding, cfg.task, cfg.pair_loss, train, cfg.pooling
+    )
+    bi_only = {
+        "--pair-loss": cfg.pair_loss is not None,
+        "--pair-features": cfg.pair_features != "diff",
+        "--head-init similarity": cfg.head_init == "similarity",
+    }
+    named = [option for option, set_ in bi_only.items() if set_]
+    if named and (setup is None or setup.encoding != "bi"):
+        why = "the data have no second text" if setup is None else setup.reason
+        raise GradkitError(
+            f"{named[0]} shapes a bi-encoder's pair model, and this run is not one ({why}); pass "
+            "--pair-encoding bi with a --text-pair-col, or drop it"
+        )
+    if setup is None or setup.encoding != "bi":
+        return setup
+    if cfg.head_init == "labels":
+        raise GradkitError(
+            "--head-init labels compares one text with label texts, and a bi-encoder compares a pair's "
+            "two texts; use --head-init similarity (two classes) or random, or --pair-encoding cross"
+        )
+    if cfg.head_init == "similarity" and train.num_outputs != 2:
+        raise GradkitError(
+            f"--head-init similarity thresholds cos(u, v) into two classes, and the training file has "
+            f"{train.num_outputs}; use --head-init random (a head on [u, v, |u - v|])"
+        )
+    return setup
 
 
 # methods that need a classification head (or sampled class labels) and so have no causal-LM form

@@ -138,10 +138,14 @@ def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
 def parts_of(batch: dict[str, Any], cfg: TrainConfig, accelerator: Any) -> list[tuple[dict[str, Any], float]]:
     """This process's batch cut into weighted parts (:func:`gradkit.train.batching.split_batch`): at most
     ``batch_size / processes`` examples each (``--grad-accum`` K gives K or more parts), sorted by
-    length with little padding unless ``--no-trim-padding``. With per-token labels (a causal LM) on
+    length with little padding unless ``--no-trim-padding`` or a loss of the whole batch (CoSENT ranks
+    every pair of the batch: its parts are consecutive, one unless ``--grad-accum``, and the ranking is
+    over each part). With per-token labels (a causal LM) on
     several processes the weights are scaled so that the mean over ranks is the global token mean."""
     parts = split_batch(
-        batch, max_examples=cfg.batch_size // accelerator.num_processes, trim=cfg.trim_padding
+        batch,
+        max_examples=cfg.batch_size // accelerator.num_processes,
+        trim=cfg.trim_padding and cfg.pair_loss != "cosent",
     )
     labels = batch["labels"]
     if labels.ndim == 2 and accelerator.num_processes > 1:
