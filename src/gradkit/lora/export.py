@@ -227,7 +227,7 @@ def save_encoder_adapter(
     """Write the part of the PEFT adapter in ``adapter_dir`` that adapts the submodule ``prefix`` (the
     encoder of a model that wraps one), renamed as an adapter of that submodule alone: keys
     ``base_model.model.<prefix>X`` become ``base_model.model.X``, ``modules_to_save`` (the wrapper's
-    head) and other keys are left out. The encoder then takes it directly: a plain
+    head) and other keys are left out, and ``target_modules`` lists the adapted layers by name. The encoder then takes it directly: a plain
     ``SentenceTransformer``'s ``load_adapter``, or ``PeftModel.from_pretrained(AutoModel...)``.
     Written under a temporary name and renamed onto ``out_dir``. Returns ``out_dir``."""
     import json
@@ -247,6 +247,11 @@ def save_encoder_adapter(
             f"{source}: the adapter adapts nothing under {prefix!r}; there is no encoder adapter"
         )
     config["modules_to_save"] = None
+    # the adapted layers by their full names: a suffix such as "dense" would also match layers the
+    # wrapper never loaded (BERT's pooler), which PEFT would then adapt with fresh weights
+    config["target_modules"] = sorted(
+        {key[len(root) :].split(".lora_")[0] for key in kept if ".lora_" in key}
+    )
     for pattern in ("rank_pattern", "alpha_pattern"):
         if isinstance(config.get(pattern), dict):
             config[pattern] = {
