@@ -150,7 +150,8 @@ def folder_pooling(path: str) -> Pooling | None:
     mode = config.get("pooling_mode") if isinstance(config, dict) else None
     if mode is None and isinstance(config, dict):
         chosen = [name for key, name in _LEGACY_MODE_KEYS.items() if config.get(key)]
-        mode = chosen[0] if len(chosen) == 1 else chosen
+        # no mode set: sentence-transformers' Pooling then pools by the mean
+        mode = chosen[0] if len(chosen) == 1 else (chosen or "mean")
     if isinstance(mode, list) and len(mode) == 1:
         mode = mode[0]
     if mode not in POOLING_MODES:

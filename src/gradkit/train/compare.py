@@ -23,7 +23,7 @@ from gradkit.train.methods import get_method
 from gradkit.train.metrics import format_metric
 from gradkit.train.plots import plot_losses
 from gradkit.train.run_folder import default_out
-from gradkit.train.validate import check_config, check_data, check_out, run_inputs
+from gradkit.train.validate import check_config, check_data, check_out, check_pairs, run_inputs
 
 
 def _child(cfg: TrainConfig, debug: bool, report: Any) -> None:
@@ -125,7 +125,9 @@ def compare(
             "run compare again with another --seed or --out)"
         )
     check_config(dataclasses.replace(cfg, out=None))  # so do bad settings
-    check_data(cfg, load_datasets(cfg)[0])  # and data errors
+    train = load_datasets(cfg)[0]
+    check_data(cfg, train)  # and data errors
+    check_pairs(cfg, train)  # and the pair encoding's (the model folder's pooling among them)
     out = Path(cfg.out) if cfg.out else default_out("compare")
     for folder in [out / name for name in methods] if keep_existing else [out]:
         check_out(folder, cfg.overwrite, inputs=run_inputs(cfg))
