@@ -377,6 +377,50 @@ def test_classification_features_are_u_v_and_their_difference(tiny_model_dir, fe
     assert model.head.in_features == width * hidden
 
 
+def test_the_similarity_head_at_step_0_is_the_fitted_threshold_classifier(tiny_model_dir):
+    from gradkit.train.bi_encoder import fit_similarity_head
+
+    tokens = _rte_tokens(tiny_model_dir, 24)
+    model = _bi_model(tiny_model_dir, "classification", head="similarity").train()
+    batch = tokens.collate(range(24))
+    fit = fit_similarity_head(model, batch, batch_size=5)  # in chunks: the same cosines
+    assert model.training  # the fit looks in eval mode and leaves the mode as it was
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        cosines = model.pool(**inputs).squeeze(-1)
+        predicted = model(**inputs).logits.argmax(-1)
+    assert (fit["similar_class"], fit["threshold"]) == fitted_threshold(cosines.double(), batch["labels"])
+    similar = fit["similar_class"]
+    expected = torch.where(cosines > fit["threshold"], similar, 1 - similar)
+    assert torch.equal(predicted, expected)
+    accuracy = float((predicted == batch["labels"]).double().mean())
+    assert fit["fit_accuracy"] == pytest.approx(accuracy) and fit["rows"] == 24
+
+
+def test_pair_setup_defaults_to_bi_for_a_sentence_transformers_folder(tiny_model_dir, tmp_path):
+    from gradkit.train.bi_encoder import pair_setup
+
+    pairs, single = SimpleNamespace(pairs=["b"]), SimpleNamespace(pairs=None)
+    bundled = pair_setup(default_model_path(), None, "regression", None, pairs)
+    assert (bundled.encoding, bundled.loss, bundled.pooling.mode, bundled.pooling.normalize) == (
+        "bi",
+        "cosent",
+        "mean",
+        True,
+    )
+    assert "sentence-transformers" in bundled.reason
+    assert pair_setup(str(tiny_model_dir), None, "regression", None, pairs).encoding == "cross"
+    forced = pair_setup(str(tiny_model_dir), "bi", "classification", None, pairs, pooling="cls")
+    assert (forced.loss, forced.pooling.mode, forced.pooling.normalize) == (None, "cls", False)
+    assert pair_setup(str(tiny_model_dir), "bi", "regression", "mse", pairs).loss == "mse"
+    assert pair_setup(default_model_path(), "cross", "regression", None, pairs).to_dict() == {
+        "encoding": "cross",
+        "reason": "--pair-encoding cross",
+    }
+    assert pair_setup(default_model_path(), None, "classification", None, single) is None
+
+
 # -- 7. the folder's pooling configuration
 
 
