@@ -52,8 +52,9 @@ class TrainConfig:
     )
     text_pair_col: str | None = setting(
         None,
-        "second text of a sentence pair (NLI, paraphrase, similarity): name or 0-based index; the "
-        "tokenizer encodes the two as a pair (default: sentence2 when the file has sentence1 and sentence2)",
+        "second text of a sentence pair (NLI, paraphrase, similarity): name or 0-based index; "
+        "--pair-encoding says how the two are encoded (default: sentence2 when the file has sentence1 "
+        "and sentence2)",
         group=MODEL_DATA,
     )
     task: str = setting(
