@@ -271,6 +271,9 @@ class BiEncoderPairModel(nn.Module):
     :func:`cosent_loss` on the cosines; a loss of the whole batch, so :attr:`batch_loss` is True and
     a batch is not cut into length-sorted parts) or ``"cross_entropy"`` (classification)."""
 
+    # how its data are tokenised (read by gradkit.train.evaluate.evaluate_texts, through PEFT's wrapper too)
+    pair_encoding = "bi"
+
     def __init__(
         self,
         encoder: nn.Module,

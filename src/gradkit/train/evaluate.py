@@ -50,8 +50,9 @@ def evaluate(
 def evaluate_texts(
     model, data, tokenizer, max_length: int, batch_size: int = 128, device="cpu", prefix: str = "test"
 ) -> dict[str, float]:
-    """:func:`evaluate` on a loaded data set (tokenised here, pairs included, as the harness does)."""
-    tokens = tokenize_data(tokenizer, data, max_length)
+    """:func:`evaluate` on a loaded data set (tokenised here, pairs included, as the harness does: each
+    text of a pair on its own for a bi-encoder pair model, which says so by its ``pair_encoding``)."""
+    tokens = tokenize_data(tokenizer, data, max_length, getattr(model, "pair_encoding", "cross"))
     return evaluate(model, tokens, batch_size, torch.device(device), prefix)
 
 
