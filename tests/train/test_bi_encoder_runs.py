@@ -14,8 +14,13 @@ import pytest
 import torch
 
 from gradkit.cli import main
+from gradkit.data import load_label_map, load_text_classification
+from gradkit.train.bi_encoder import fitted_threshold
 from gradkit.train.config import TrainConfig
+from gradkit.train.evaluate import evaluate_texts
 from gradkit.train.loop import finetune, resume
+from gradkit.train.model import default_model_path
+from gradkit.train.reload import load_trained
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 # tokens per text in the real-model runs, and sentence-transformers' max_seq_length in the references
@@ -48,8 +53,6 @@ def sentence_transformer(adapter: Path | None = None):
     """The bundled MiniLM as sentence-transformers loads it (its own modules.json, pooling and
     normalisation), with ``max_seq_length`` set to the run's --max-length."""
     from sentence_transformers import SentenceTransformer
-
-    from gradkit.train.model import default_model_path
 
     st = SentenceTransformer(default_model_path(), device="cpu")
     st.max_seq_length = MAX_LENGTH
@@ -112,9 +115,6 @@ def test_stsb_step0_is_sentence_transformers_cosine_pearson(stsb_run, st):
 def test_stsb_lora_run_reloads_to_its_metrics_and_its_encoder_adapter_into_sentence_transformers(
     stsb_run, st
 ):
-    from gradkit.data import load_text_classification
-    from gradkit.train.evaluate import evaluate_texts
-    from gradkit.train.reload import load_trained
 
     run, test, summary = stsb_run
     model, tokenizer = load_trained(run)
@@ -153,7 +153,6 @@ def rte_run(tmp_path_factory) -> tuple[Path, Path, Path, dict]:
 def test_rte_similarity_head_step0_is_the_fitted_threshold_classifier(rte_run, st):
     """The threshold fitted on the training file's first rows (all 64 here) is the best cut of
     sentence-transformers' cosines there, and step 0 on the test file is that cut's accuracy."""
-    from gradkit.train.bi_encoder import fitted_threshold
 
     run, train, test, summary = rte_run
     fit = summary["pair_encoding"]["similarity_head"]
@@ -173,9 +172,6 @@ def test_rte_similarity_head_step0_is_the_fitted_threshold_classifier(rte_run, s
 
 @pytest.mark.integration
 def test_rte_similarity_run_reloads_to_its_test_accuracy(rte_run):
-    from gradkit.data import load_label_map, load_text_classification
-    from gradkit.train.evaluate import evaluate_texts
-    from gradkit.train.reload import load_trained
 
     run, _, test, summary = rte_run
     model, tokenizer = load_trained(run)
@@ -268,9 +264,6 @@ def test_a_stopped_bi_run_resumes_bit_identical(tiny_model_dir, tmp_path, tiny_p
         assert again.get(key) == through.get(key), key
 
     # the run reloads (load_trained) and scores its test file as the summary says
-    from gradkit.data import load_label_map, load_text_classification
-    from gradkit.train.evaluate import evaluate_texts
-    from gradkit.train.reload import load_trained
 
     model, tokenizer = load_trained(tmp_path / "through")
     task = "regression" if shape == "cosent" else "classification"

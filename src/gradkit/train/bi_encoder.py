@@ -218,8 +218,9 @@ class CosineRegressionHead(nn.Module):
 
     def __init__(self, low: float = 0.0, high: float = 1.0):
         super().__init__()
-        self.scale = nn.Parameter(torch.tensor(float(high - low)))
-        self.offset = nn.Parameter(torch.tensor(float(low)))
+        # shape (1,): FSDP2's fully_shard (--fsdp) and the ranks' weight check take no 0-dim parameter
+        self.scale = nn.Parameter(torch.tensor([float(high - low)]))
+        self.offset = nn.Parameter(torch.tensor([float(low)]))
 
     def forward(self, cosines: torch.Tensor) -> torch.Tensor:
         return self.offset + self.scale * cosines
@@ -233,8 +234,9 @@ class SimilarityHead(nn.Module):
 
     def __init__(self, similar_class: int = 1, threshold: float = 0.5, scale: float = SIMILARITY_SCALE):
         super().__init__()
-        self.threshold = nn.Parameter(torch.tensor(float(threshold)))
-        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+        # shape (1,): FSDP2's fully_shard (--fsdp) and the ranks' weight check take no 0-dim parameter
+        self.threshold = nn.Parameter(torch.tensor([float(threshold)]))
+        self.log_scale = nn.Parameter(torch.tensor([math.log(scale)]))
         sign = torch.tensor([-0.5, 0.5]) if similar_class == 1 else torch.tensor([0.5, -0.5])
         self.register_buffer("sign", sign)
 
@@ -335,7 +337,9 @@ class BiEncoderPairModel(nn.Module):
         if self.loss == "cosent":
             if pooled is None:
                 raise GradkitError("CoSENT ranks the cosines: pass the head's input as pooled")
-            return cosent_loss(pooled, labels)
+            # the head's output joins with weight 0: CoSENT does not read it, and DDP needs every trainable
+            # parameter in the backward (a zero gradient leaves AdamW's step of the head at 0)
+            return cosent_loss(pooled, labels) + 0.0 * logits.sum()
         if self.task == "regression":
             return nn.functional.mse_loss(logits.float().squeeze(-1), labels.float())
         return nn.functional.cross_entropy(logits.float(), labels)
