@@ -195,18 +195,17 @@ def tiny_pairs(tmp_path) -> dict[str, Path]:
 
 
 def tiny_bi(tiny_model_dir, files: dict[str, Path], out: Path, shape: str, method: str, **kw) -> TrainConfig:
-    """A bi-encoder run on the tiny BERT: ``shape`` ``"cosent"`` (STS-B regression, CoSENT) or
-    ``"similarity"`` (RTE, similarity head)."""
-    task = (
-        dict(
-            task="regression",
-            pair_loss="cosent",
-            train=str(files["stsb_train"]),
-            test=str(files["stsb_test"]),
-        )
-        if shape == "cosent"
-        else dict(head_init="similarity", train=str(files["rte_train"]), test=str(files["rte_test"]))
-    )
+    """A bi-encoder run on the tiny BERT: ``shape`` ``"cosent"`` or ``"mse"`` (STS-B regression with that
+    loss), ``"similarity"`` (RTE, similarity head) or ``"features"`` (RTE, a linear head on
+    ``[u, v, |u - v|, u * v]``)."""
+    stsb = dict(task="regression", train=str(files["stsb_train"]), test=str(files["stsb_test"]))
+    rte = dict(train=str(files["rte_train"]), test=str(files["rte_test"]))
+    task = {
+        "cosent": dict(pair_loss="cosent", **stsb),
+        "mse": dict(pair_loss="mse", **stsb),
+        "similarity": dict(head_init="similarity", **rte),
+        "features": dict(pair_features="diff-product", **rte),
+    }[shape]
     values = dict(
         method=method,
         model=str(tiny_model_dir),
@@ -233,6 +232,8 @@ RESUMED = {
     ("cosent", "lora"): {"ema": 0.9, "dev_fraction": 0.25, "eval_every": 2, "keep_best": True},
     ("similarity", "lora-pro"): {},
     ("similarity", "lora-ga"): {"options": {"ga_batches": 2}},
+    ("features", "lora"): {},
+    ("mse", "lora-pro"): {},
 }
 
 
@@ -264,29 +265,30 @@ def test_a_stopped_bi_run_resumes_bit_identical(tiny_model_dir, tmp_path, tiny_p
         assert again.get(key) == through.get(key), key
 
     # the run reloads (load_trained) and scores its test file as the summary says
-
     model, tokenizer = load_trained(tmp_path / "through")
-    task = "regression" if shape == "cosent" else "classification"
+    task = "regression" if shape in ("cosent", "mse") else "classification"
     names = load_label_map(tmp_path / "through" / "labels.json") if task == "classification" else None
-    test = tiny_pairs["stsb_test" if shape == "cosent" else "rte_test"]
+    test = tiny_pairs["stsb_test" if shape in ("cosent", "mse") else "rte_test"]
     scored = evaluate_texts(
         model, load_text_classification(str(test), task=task, label_names=names), tokenizer, 32
     )
-    metric = "test_pearson" if shape == "cosent" else "test_accuracy"
+    metric = "test_pearson" if shape in ("cosent", "mse") else "test_accuracy"
     assert scored[metric] == pytest.approx(through[metric], abs=1e-6)
     assert scored["test_loss"] == pytest.approx(through["test_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("method", ["mezo", "policy-gradient"])
-def test_zeroth_order_and_policy_gradient_train_a_bi_similarity_head(
-    tiny_model_dir, tmp_path, tiny_pairs, method
+@pytest.mark.parametrize(
+    ("shape", "method"), [("similarity", "mezo"), ("similarity", "policy-gradient"), ("cosent", "mezo")]
+)
+def test_zeroth_order_and_policy_gradient_train_a_bi_encoder(
+    tiny_model_dir, tmp_path, tiny_pairs, shape, method
 ):
     out = tmp_path / method
     summary = finetune(
-        tiny_bi(tiny_model_dir, tiny_pairs, out, "similarity", method, steps=2, save_every=0), progress=False
+        tiny_bi(tiny_model_dir, tiny_pairs, out, shape, method, steps=2, save_every=0), progress=False
     )
     assert summary["status"] == "finished" and summary["pair_encoding"]["encoding"] == "bi"
-    assert "similarity_head" in summary["pair_encoding"]
+    assert ("similarity_head" in summary["pair_encoding"]) == (shape == "similarity")
     assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["test_loss"])
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
