@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 # pages whose examples load the real MiniLM (seconds each): marked integration like the other real-model tests
-REAL_MODEL_PAGES = {"README.md", "docs/lora_ga.md", "docs/tasks.md"}
+REAL_MODEL_PAGES = {"README.md", "docs/lora_ga.md", "docs/pairs.md", "docs/tasks.md"}
 PAGES = sorted(
     str(p.relative_to(REPO))
     for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")]
