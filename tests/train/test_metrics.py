@@ -2,7 +2,10 @@ import math
 
 import pytest
 import torch
+from accelerate import Accelerator
+from torch import nn
 
+from gradkit.train.measures import ranks_agree
 from gradkit.train.metrics import accuracy, macro_f1, window_mean
 from gradkit.train.plots import smooth
 
@@ -92,3 +95,12 @@ def test_spearman_of_nan_predictions_is_nan_and_never_kept_as_best():
     # --keep-best compares with is_better: a NaN score is never better, not even than nothing yet
     assert not is_better("spearman", dev["dev_spearman"], None)
     assert not is_better("spearman", dev["dev_spearman"], 0.1)
+
+
+def test_ranks_agree_hashes_parameters_of_every_shape_including_0_dim():
+    """The end-of-run check that every rank holds the same weights reads 0-dim parameters too (the
+    label-text head's log-scale is one)."""
+    model = nn.Module()
+    model.scale = nn.Parameter(torch.tensor(2.0))
+    model.weight = nn.Parameter(torch.ones(2, 3))
+    assert ranks_agree(model, Accelerator(cpu=True))

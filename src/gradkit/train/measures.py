@@ -42,6 +42,6 @@ def ranks_agree(model: torch.nn.Module, accelerator: Any) -> bool:
     digest = hashlib.sha256()
     for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         whole = full(param.detach())
-        digest.update(whole.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(whole.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
     digests = gather_object([digest.hexdigest()])
     return len(set(digests)) == 1
