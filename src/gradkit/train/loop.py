@@ -302,9 +302,7 @@ class FineTune:
         if self.head_texts is not None:
             model.head = label_text_head(model, self.tokenizer, self.head_texts, cfg.max_length)
         self.similarity_fit = None
-        if (
-            cfg.head_init == "similarity"
-        ):  # the zero-shot threshold classifier, fitted on the file's first rows
+        if cfg.head_init == "similarity":  # the zero-shot threshold classifier, fitted on the first rows
             rows = range(min(SIMILARITY_FIT_ROWS, len(self.train_tokens)))
             self.similarity_fit = fit_similarity_head(
                 model, self.train_tokens.collate(rows), cfg.eval_batch_size, self.device
