@@ -405,7 +405,7 @@ def test_pair_setup_defaults_to_bi_for_a_sentence_transformers_folder(tiny_model
     bundled = pair_setup(default_model_path(), None, "regression", None, pairs)
     assert (bundled.encoding, bundled.loss, bundled.pooling.mode, bundled.pooling.normalize) == (
         "bi",
-        "cosent",
+        "mse",
         "mean",
         True,
     )
@@ -413,7 +413,7 @@ def test_pair_setup_defaults_to_bi_for_a_sentence_transformers_folder(tiny_model
     assert pair_setup(str(tiny_model_dir), None, "regression", None, pairs).encoding == "cross"
     forced = pair_setup(str(tiny_model_dir), "bi", "classification", None, pairs, pooling="cls")
     assert (forced.loss, forced.pooling.mode, forced.pooling.normalize) == (None, "cls", False)
-    assert pair_setup(str(tiny_model_dir), "bi", "regression", "mse", pairs).loss == "mse"
+    assert pair_setup(str(tiny_model_dir), "bi", "regression", "cosent", pairs).loss == "cosent"
     assert pair_setup(default_model_path(), "cross", "regression", None, pairs).to_dict() == {
         "encoding": "cross",
         "reason": "--pair-encoding cross",

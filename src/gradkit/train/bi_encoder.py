@@ -88,7 +88,7 @@ def pair_setup(
 ) -> PairSetup | None:
     """The pair encoding of a run on ``data`` (None when it has no second texts, where ``bi`` is
     refused): ``encoding`` when given, else ``bi`` for a sentence-transformers folder and ``cross``
-    otherwise; for ``bi`` the pooling (:func:`bi_pooling`) and the regression loss (default ``cosent``)."""
+    otherwise; for ``bi`` the pooling (:func:`bi_pooling`) and the regression loss (default ``mse``)."""
     if getattr(data, "pairs", None) is None:
         if encoding == "bi":
             raise GradkitError(
@@ -108,7 +108,7 @@ def pair_setup(
         reason = f"--pair-encoding {encoding}"
     if encoding == "cross":
         return PairSetup("cross", reason)
-    loss = (loss or "cosent") if task == "regression" else None
+    loss = (loss or "mse") if task == "regression" else None
     return PairSetup("bi", reason, bi_pooling(model_path, pooling), loss)
 
 
