@@ -52,6 +52,14 @@ def render(result: dict) -> str:
         lines.append("|" + "---|" * len(table["columns"]))
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table["rows"]]
         lines.append("")
+    goals = [g for g in result.get("goals", []) if isinstance(g, dict) and "goal" in g]
+    if goals:
+        lines += ["Goals:", "", "| goal | target | measured | met |", "|---|---|---|---|"]
+        lines += [
+            f"| {g['goal']} | {g.get('target', '')} | {g.get('measured', '')} | {'yes' if g.get('met') else '**no**'} |"
+            for g in goals
+        ]
+        lines.append("")
     for plot in result.get("plots", []):
         rel = Path(plot).relative_to("docs") if plot.startswith("docs/") else Path("..") / plot
         lines += [f"![{result['name']}]({rel.as_posix()})", ""]
