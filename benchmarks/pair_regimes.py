@@ -49,6 +49,8 @@ GROUPS = [
     ("bi-r1", "stsb-bi", "lora", RANK1, (1e-3, 2e-3, 4e-3), "dev"),
     ("bi-r1", "stsb-bi", "lora-pro", RANK1, (1.6e-3, 3.2e-3, 6.4e-3), "dev"),
     ("bi", "stsb-bi", "lora-ga", [], (1e-4, 2e-4, 4e-4), "dev"),
+    # the zero-shot start alone: the similarity head fitted, one step of the head (its step-0 test metric)
+    ("bi-zero", "rte-bi", "head", ["--steps", "1"], (1e-3,), "dev"),
     ("bi", "rte-bi", "full", [], (1e-5, 2e-5, 4e-5), "dev"),
     ("bi", "rte-bi", "lora", [], (2.5e-4, 5e-4, 1e-3), "dev"),
     ("bi-r1", "rte-bi", "lora", RANK1, (1e-3, 2e-3, 4e-3), "dev"),
@@ -57,7 +59,7 @@ GROUPS = [
 ]
 # the loss comparison (CoSENT against the default squared error): lr sweeps on seed 0 only (the budget
 # went to the methods' 3 seeds)
-SWEEP_ONLY = {"bi-cosent/stsb-bi/full", "bi-cosent-r1/stsb-bi/lora"}
+SWEEP_ONLY = {"bi-cosent/stsb-bi/full", "bi-cosent-r1/stsb-bi/lora", "bi-zero/rte-bi/head"}
 TASKS = {"stsb-bi": STSB + STSB_STEPS + BI + ["--pair-loss", "mse"], "rte-bi": RTE + BI}
 # sentence-transformers' training recipe for STS-B (CosineSimilarityLoss), as its docs train this model
 RECIPE = [*STSB, "--pair-encoding", "bi", "--pair-loss", "mse", "--method", "full", "--lr", "2e-5"]
@@ -72,6 +74,7 @@ LABELS = {
     "bi-r1/stsb-bi/lora": "LoRA r1 q,v",
     "bi-r1/stsb-bi/lora-pro": "LoRA-Pro r1 q,v",
     "bi/stsb-bi/lora-ga": "LoRA-GA r8",
+    "bi-zero/rte-bi/head": "zero-shot (similarity head, no training)",
     "bi/rte-bi/full": "full",
     "bi/rte-bi/lora": "LoRA r8",
     "bi-r1/rte-bi/lora": "LoRA r1 q,v",
@@ -98,7 +101,7 @@ def measure_extending(group: tuple, pool: ThreadPoolExecutor, report_only: bool)
     grid = tuple(sorted(grid))
     for _ in range(MAX_EXTENSIONS + 1):
         m = measure((study, task, method, extra, grid, choose), pool, report_only)
-        if not m or (grid[0] < m["lr"] < grid[-1]):
+        if not m or len(grid) == 1 or (grid[0] < m["lr"] < grid[-1]):  # one lr: a fixed setting
             return m
         grid = ((grid[0] / 2,) + grid) if m["lr"] == grid[0] else (grid + (grid[-1] * 2,))
     return m
