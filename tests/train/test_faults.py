@@ -4,6 +4,7 @@ main thread runs again."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -13,21 +14,23 @@ import pytest
 from gradkit.train.faults import non_finite_warning
 
 STUCK = """
-import signal, sys, time
+import os, signal, sys, time
 from gradkit.train.faults import Terminated, sigterm_as_interrupt
 
-marker = sys.argv[1]
+marker, release = sys.argv[1], int(sys.argv[2])
 def record():
     with open(marker, "w") as f:
         f.write("recorded")
 try:
     with sigterm_as_interrupt(record):
         # only the other threads take SIGTERM now: the main thread stands for one blocked in a C call
+        # (a read of a pipe) until the test has seen the record, however slowly a loaded machine
+        # schedules either side
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         print("ready", flush=True)
-        time.sleep(4)
+        os.read(release, 1)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # delivered now: Terminated
-        time.sleep(4)
+        time.sleep(30)
 except Terminated:
     print("terminated", flush=True)
 """
@@ -35,16 +38,21 @@ except Terminated:
 
 def test_sigterm_is_recorded_while_the_main_thread_is_stuck(tmp_path):
     marker = tmp_path / "recorded"
-    proc = subprocess.Popen([sys.executable, "-c", STUCK, str(marker)], stdout=subprocess.PIPE, text=True)
+    release, unblock = os.pipe()
+    command = [sys.executable, "-c", STUCK, str(marker), str(release)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, pass_fds=(release,))
+    os.close(release)
     try:
         assert proc.stdout.readline().strip() == "ready"
         proc.terminate()
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 30
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert marker.exists() and proc.poll() is None  # recorded while the main thread is still stuck
+        os.write(unblock, b"x")
         out, _ = proc.communicate(timeout=30)
     finally:
+        os.close(unblock)
         if proc.poll() is None:
             proc.kill()
     assert out.strip() == "terminated" and proc.returncode == 0
