@@ -70,8 +70,14 @@ def tokenize(
         encoded = tokenizer(list(texts), list(pairs), truncation="longest_first", max_length=max_length)
     keys = [k for k in PER_TOKEN if k in encoded]
     features = [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
+    return _with_labels(Tokenized, features, labels, tokenizer)
+
+
+def _with_labels(kind: type, features: list[dict[str, list[int]]], labels: Sequence[Any], tokenizer: Any):
+    """``kind`` (:class:`Tokenized` or a subclass) of ``features`` and ``labels``: float labels
+    (regression targets) stay floats, the tokenizer's padding id and side are kept."""
     floats = any(isinstance(v, float) for v in labels)
-    return Tokenized(
+    return kind(
         features,
         list(labels),
         int(tokenizer.pad_token_id),
@@ -110,14 +116,7 @@ def tokenize_bi(
         {**{k: first[k][i] for k in keys}, **{PAIR_PREFIX + k: second[k][i] for k in keys}}
         for i in range(len(texts))
     ]
-    floats = any(isinstance(v, float) for v in labels)
-    return BiTokenized(
-        features,
-        list(labels),
-        int(tokenizer.pad_token_id),
-        tokenizer.padding_side,
-        torch.float32 if floats else torch.long,
-    )
+    return _with_labels(BiTokenized, features, labels, tokenizer)
 
 
 def tokenize_data(tokenizer: Any, data: Any, max_length: int, pair_encoding: str = "cross") -> Tokenized:
