@@ -209,7 +209,10 @@ def task_table(task: str, raw: dict, cross: dict) -> dict:
                 sweep,
                 f"{r['lr']:g}",
                 f"{runs[0]['step0'] * scale:.{digits}f}",
-                mean_sd([x["test"] for x in runs], scale, digits) + (" (1 seed)" if len(runs) == 1 else ""),
+                f"{runs[0]['step0'] * scale:.{digits}f} (untrained)"
+                if label.startswith("zero-shot")
+                else mean_sd([x["test"] for x in runs], scale, digits)
+                + (" (1 seed)" if len(runs) == 1 else ""),
             ]
         )
     for key in CROSS[task.split("-")[0]]:
@@ -349,16 +352,20 @@ def pair_guide(raw: dict, cross: dict) -> dict:
         for formulation, label, r in entries:
             runs, metric = runs_of(r), r["metric"]
             scale, digits = (100, 2) if metric == "accuracy" else (1, 4)
+            # the zero-shot row's one step only fits the head: no lr or step cost to quote
+            untrained = label.startswith("zero-shot")
             rows.append(
                 [
                     name,
                     formulation,
                     label,
-                    f"{r['lr']:g}",
+                    "-" if untrained else f"{r['lr']:g}",
                     f"{runs[0]['step0'] * scale:.{digits}f}",
-                    mean_sd([x["test"] for x in runs], scale, digits)
+                    f"{runs[0]['step0'] * scale:.{digits}f}"
+                    if untrained
+                    else mean_sd([x["test"] for x in runs], scale, digits)
                     + (" (1 seed)" if len(runs) == 1 else ""),
-                    f"{statistics.mean(x['seconds_per_step'] for x in runs):.2f}",
+                    "-" if untrained else f"{statistics.mean(x['seconds_per_step'] for x in runs):.2f}",
                     f"{runs[0]['trainable']:,}",
                 ]
             )
