@@ -59,7 +59,8 @@ GROUPS = [
 ]
 # the loss comparison (CoSENT against the default squared error): lr sweeps on seed 0 only (the budget
 # went to the methods' 3 seeds)
-SWEEP_ONLY = {"bi-cosent/stsb-bi/full", "bi-cosent-r1/stsb-bi/lora", "bi-zero/rte-bi/head"}
+ZERO_SHOT = "bi-zero/rte-bi/head"  # the fitted similarity head alone: RTE's untrained start
+SWEEP_ONLY = {"bi-cosent/stsb-bi/full", "bi-cosent-r1/stsb-bi/lora", ZERO_SHOT}
 TASKS = {"stsb-bi": STSB + STSB_STEPS + BI + ["--pair-loss", "mse"], "rte-bi": RTE + BI}
 # sentence-transformers' training recipe for STS-B (CosineSimilarityLoss), as its docs train this model
 RECIPE = [*STSB, "--pair-encoding", "bi", "--pair-loss", "mse", "--method", "full", "--lr", "2e-5"]
@@ -187,6 +188,13 @@ def build_result(results: list[dict], recipe: list[dict]) -> dict[str, Any]:
     }
 
 
+def final_test(label: str, runs: list[dict], scale: float, digits: int) -> str:
+    """A row's final test metric: mean ± sd over its seeds, or the step-0 score of the untrained row."""
+    if label == LABELS[ZERO_SHOT]:
+        return f"{runs[0]['step0'] * scale:.{digits}f} (untrained)"
+    return mean_sd([x["test"] for x in runs], scale, digits) + (" (1 seed)" if len(runs) == 1 else "")
+
+
 def runs_of(entry: dict) -> list[dict]:
     return list(entry["runs"].values())
 
@@ -209,10 +217,7 @@ def task_table(task: str, raw: dict, cross: dict) -> dict:
                 sweep,
                 f"{r['lr']:g}",
                 f"{runs[0]['step0'] * scale:.{digits}f}",
-                f"{runs[0]['step0'] * scale:.{digits}f} (untrained)"
-                if label.startswith("zero-shot")
-                else mean_sd([x["test"] for x in runs], scale, digits)
-                + (" (1 seed)" if len(runs) == 1 else ""),
+                final_test(label, runs, scale, digits),
             ]
         )
     for key in CROSS[task.split("-")[0]]:
@@ -352,8 +357,7 @@ def pair_guide(raw: dict, cross: dict) -> dict:
         for formulation, label, r in entries:
             runs, metric = runs_of(r), r["metric"]
             scale, digits = (100, 2) if metric == "accuracy" else (1, 4)
-            # the zero-shot row's one step only fits the head: no lr or step cost to quote
-            untrained = label.startswith("zero-shot")
+            untrained = label == LABELS[ZERO_SHOT]  # its one step only fits the head: no lr or step cost
             rows.append(
                 [
                     name,
@@ -361,10 +365,7 @@ def pair_guide(raw: dict, cross: dict) -> dict:
                     label,
                     "-" if untrained else f"{r['lr']:g}",
                     f"{runs[0]['step0'] * scale:.{digits}f}",
-                    f"{runs[0]['step0'] * scale:.{digits}f}"
-                    if untrained
-                    else mean_sd([x["test"] for x in runs], scale, digits)
-                    + (" (1 seed)" if len(runs) == 1 else ""),
+                    final_test(label, runs, scale, digits),
                     "-" if untrained else f"{statistics.mean(x['seconds_per_step'] for x in runs):.2f}",
                     f"{runs[0]['trainable']:,}",
                 ]
