@@ -15,19 +15,22 @@ def ranks(tmp_path_factory):
     return launch("worker_zeroth_order.py", tmp_path_factory.mktemp("zo_fsdp"))
 
 
+@pytest.mark.parametrize("estimator", ["spsa", "fzoo"])
 @pytest.mark.parametrize("restore", ["exact", "subtract"])
-def test_sharded_steps_equal_the_unsharded_steps(ranks, restore):
-    """fp64, 3 steps x 2 directions, weight decay: gathered weights within 1e-12 of the single-process
-    run (measured 1.4e-14 exact, 2.7e-14 subtract; the weights moved by 0.2), the same projected
-    gradients (to the rounding of the two ways of averaging the loss), bit-identical on every rank,
-    and a forward after the steps reads the updated weights (FSDP2's root gather is not stale)."""
+def test_sharded_steps_equal_the_unsharded_steps(ranks, restore, estimator):
+    """fp64, 3 steps x 2 directions (fzoo: a base and 3 probes), weight decay: gathered weights within
+    1e-12 of the single-process run (measured 1.4e-14 exact, 2.7e-14 subtract for spsa; the weights
+    moved by 0.2), the same projected gradients (to the rounding of the two ways of averaging the
+    loss), bit-identical on every rank, and a forward after the steps reads the updated weights
+    (FSDP2's root gather is not stale)."""
+    key = f"fp64-{restore}" if estimator == "spsa" else f"fp64-fzoo-{restore}"
     for rank in ranks:
-        got = rank[f"fp64-{restore}"]
+        got = rank[key]
         assert got["sharded"]
         assert got["moved"] > 0.1
         assert got["diff"] < 1e-12 and got["output_diff"] < 1e-12, got
         assert got["grads"] == pytest.approx(got["grads_ref"], rel=1e-10, abs=1e-12)
-    assert ranks[0][f"fp64-{restore}"]["grads"] == ranks[1][f"fp64-{restore}"]["grads"]
+    assert ranks[0][key]["grads"] == ranks[1][key]["grads"]
 
 
 def test_exact_restore_is_bit_exact_in_bf16_under_fsdp(ranks):

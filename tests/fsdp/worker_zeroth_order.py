@@ -22,11 +22,13 @@ def mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
     return loss / dist.get_world_size()
 
 
-def equal_steps(rank: int, restore: str) -> dict:
-    """fp64, 3 steps of 2 directions each with weight decay: the sharded run equals the unsharded one."""
+def equal_steps(rank: int, restore: str, estimator: str = "spsa") -> dict:
+    """fp64, 3 steps of 2 directions each (3 probes for fzoo) with weight decay: the sharded run equals
+    the unsharded one."""
     ref, model = tiny_mlp(torch.float64), shard(tiny_mlp(torch.float64))
     sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
-    kw = dict(lr=0.05, eps=1e-3, n_samples=2, weight_decay=0.1, restore=restore, seed=7)
+    n = 2 if estimator == "spsa" else 3
+    kw = dict(lr=0.05, eps=1e-3, n_samples=n, weight_decay=0.1, restore=restore, seed=7, estimator=estimator)
     opt_ref, opt = ZerothOrder(ref.parameters(), **kw), ZerothOrder(model.parameters(), **kw)
     grads, grads_ref = [], []
     for step in range(3):
@@ -77,6 +79,7 @@ def bf16_restore(rank: int, restore: str) -> dict:
 
 def run(rank: int, world: int, argv: list[str]) -> dict:
     out = {f"fp64-{r}": equal_steps(rank, r) for r in ("exact", "subtract")}
+    out.update({f"fp64-fzoo-{r}": equal_steps(rank, r, "fzoo") for r in ("exact", "subtract")})
     out.update({f"bf16-{r}": bf16_restore(rank, r) for r in ("exact", "subtract")})
     return out
 

@@ -16,6 +16,17 @@ for 1-D parameters (biases, normalisation weights) unless the group says ``decay
 The losses are read in their own precision (an fp64 loss stays fp64) and ``d_k`` is taken in fp64,
 so a small ``ε`` on a large loss is not rounded to a zero difference.
 
+``estimator="fzoo"`` (FZOO: Dang et al. 2025, arXiv 2506.09034) replaces the two-sided pairs by
+``n >= 2`` one-sided probes around one shared base evaluation, ``n + 1`` forwards per step, and
+divides the step by the probes' standard deviation ``σ``::
+
+    θ_g  <- θ_g - lr_g · ( (1/n) Σ_k ((f(θ + ε z_k) - f(θ)) / (σ ε_g)) z_k  +  λ_g θ_g )
+
+(:mod:`gradkit.optim.zo_estimators` holds both estimators' formulas). Parameter groups marked exact
+(``exact_params=``) are trained in the same step with the closure's own autograd gradient instead
+(:mod:`gradkit.optim.zo_exact`): a classification head's exact gradient costs a backward through the
+head alone, while a zeroth-order estimate of it would add its share of noise to every step.
+
 What gradkit guarantees, beyond the reference MeZO code:
 
 - **Seed trick without the global RNG.** ``z`` is never stored: :mod:`gradkit.optim.zo_directions`
@@ -64,6 +75,7 @@ chunk of ``z``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -75,6 +87,14 @@ from gradkit.errors import GradkitError
 from gradkit.estimators import scalar_value
 from gradkit.fsdp import is_dtensor, local
 from gradkit.optim.zo_directions import DISTRIBUTIONS, Directions, work_dtype
+from gradkit.optim.zo_estimators import (
+    DEFAULT_DISTRIBUTION,
+    ESTIMATORS,
+    MIN_SAMPLES,
+    fzoo_differences,
+    spsa_differences,
+)
+from gradkit.optim.zo_exact import ExactGradients, exact_update_
 from gradkit.optim.zo_perturb import (
     Entry,
     FreshGather,
@@ -86,7 +106,7 @@ from gradkit.optim.zo_perturb import (
     shift_,
 )
 
-__all__ = ["ZerothOrder", "RESTORE_MODES", "DISTRIBUTIONS"]
+__all__ = ["ZerothOrder", "RESTORE_MODES", "DISTRIBUTIONS", "ESTIMATORS"]
 
 RESTORE_MODES = ("exact", "subtract")
 
@@ -94,11 +114,13 @@ RESTORE_MODES = ("exact", "subtract")
 class ZerothOrder(torch.optim.Optimizer):
     """Zeroth-order SGD (two-sided SPSA, MeZO's seed trick; arXiv 2305.17333). See the module docstring.
 
-    ``step(closure)`` calls ``closure()`` ``2 * n_samples`` times under ``torch.no_grad()``; it must
-    return the scalar loss of the current parameters (a 0-dim tensor or a number) and must not call
-    ``backward``. It returns the mean of those evaluations (an estimate of the loss at ``θ``) as a
-    0-dim fp32 tensor, also kept in ``last_loss``; ``last_projected_grads`` holds the step's
-    ``(f+ - f-) / 2ε`` values.
+    ``step(closure)`` calls ``closure()`` ``2 * n_samples`` times (``estimator="spsa"``) or
+    ``n_samples + 1`` times (``"fzoo"``) under ``torch.no_grad()``; it must return the scalar loss of
+    the current parameters (a 0-dim tensor or a number) and must not call ``backward``. It returns an
+    estimate of the loss at ``θ`` as a 0-dim fp32 tensor (``spsa``: the mean of the evaluations;
+    ``fzoo``: its base evaluation ``f(θ)``), also kept in ``last_loss``; ``last_projected_grads`` holds
+    the step's projected gradients (``(f+ - f-) / 2ε``, or ``(f_k - f_0) / ε``) and ``last_sigma``
+    FZOO's ``σ``.
 
     Args:
         params: tensors or param groups (any set: a whole model, LoRA factors, a head, plain tensors).
@@ -113,7 +135,14 @@ class ZerothOrder(torch.optim.Optimizer):
         sparse_embeddings: perturb and update only the embedding rows the step looks up when
             nothing else reads the matrix (exact restore only; see the module docstring).
         distribution: ``"gaussian"`` (z ~ N(0, I), MeZO) or ``"rademacher"`` (z ∈ {−1, +1}ⁿ uniformly,
-            Spall 1992); both give an unbiased estimate of the same smoothed gradient.
+            Spall 1992); both give an unbiased estimate of the same smoothed gradient. Default: the
+            estimator's own (gaussian for ``spsa``, rademacher for ``fzoo``).
+        estimator: ``"spsa"`` (two-sided, MeZO) or ``"fzoo"`` (``n_samples >= 2`` one-sided probes
+            around one shared ``f(θ)``, the step divided by the probes' standard deviation; FZOO,
+            arXiv 2506.09034); the formulas are in :mod:`gradkit.optim.zo_estimators`.
+        exact_params: tensors or param groups trained with the closure's exact autograd gradient
+            instead (SGD, ``p <- p (1 - lr λ) - lr ∇p``; a head, say), each group with its own ``lr``;
+            the closure's loss must then keep its graph to them. See :mod:`gradkit.optim.zo_exact`.
     """
 
     def __init__(
@@ -129,7 +158,9 @@ class ZerothOrder(torch.optim.Optimizer):
         decay_1d: bool = False,
         max_bad_steps: int = 5,
         sparse_embeddings: bool = True,
-        distribution: str = "gaussian",
+        distribution: str | None = None,
+        estimator: str = "spsa",
+        exact_params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
     ):
         params = list(params)
         if not params or all(isinstance(g, dict) and not list(g.get("params", [])) for g in params):
@@ -137,18 +168,28 @@ class ZerothOrder(torch.optim.Optimizer):
                 "ZerothOrder got an empty parameter list; pass the parameters to train "
                 "(e.g. [p for p in model.parameters() if p.requires_grad])"
             )
+        if estimator not in ESTIMATORS:
+            raise GradkitError(f"unknown estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
+        distribution = DEFAULT_DISTRIBUTION[estimator] if distribution is None else distribution
         if restore not in RESTORE_MODES:
             raise GradkitError(f"unknown restore {restore!r}; choose one of: {', '.join(RESTORE_MODES)}")
         if distribution not in DISTRIBUTIONS:
             raise GradkitError(
                 f"unknown distribution {distribution!r}; choose one of: {', '.join(DISTRIBUTIONS)}"
             )
-        if not isinstance(n_samples, int) or n_samples < 1:
-            raise GradkitError(f"n_samples must be a positive integer, got {n_samples!r}; pass e.g. 1")
+        least = MIN_SAMPLES[estimator]
+        if not isinstance(n_samples, int) or n_samples < least:
+            raise GradkitError(
+                f"n_samples must be an integer >= {least} for estimator {estimator!r}, got {n_samples!r}; "
+                f"pass e.g. {least}"
+            )
         if max_bad_steps < 1:
             raise GradkitError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
-        defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, decay_1d=decay_1d)
+        defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, decay_1d=decay_1d, exact=False)
         super().__init__(params, defaults)
+        for group in _as_groups(exact_params):
+            self.add_param_group({**group, "exact": True})
+        self.estimator = estimator
         self.n_samples = n_samples
         self.restore = restore
         self.sparse_embeddings = bool(sparse_embeddings) and restore == "exact"
@@ -160,6 +201,7 @@ class ZerothOrder(torch.optim.Optimizer):
         self.bad_steps_in_row = 0
         self.last_loss: torch.Tensor | None = None
         self.last_projected_grads: list[float] = []
+        self.last_sigma: float | None = None
         self._sharded: list[Entry] = []
         self._saved: list[torch.Tensor] | None = None  # FSDP2: saved shards (exact) or [] (subtract)
         self._at = 0.0  # restore="subtract": the stored parameters are at θ + _at·ε z
@@ -182,46 +224,104 @@ class ZerothOrder(torch.optim.Optimizer):
                 raise GradkitError(
                     f"ZerothOrder got a {p.dtype} parameter; it optimises floating-point tensors only"
                 )
+            if group["exact"] and is_dtensor(p):
+                raise GradkitError(
+                    "exact_params are not supported on FSDP2-sharded parameters; train them by zeroth "
+                    "order too, or leave them unsharded"
+                )
+        if all(g["exact"] for g in self.param_groups):
+            raise GradkitError(
+                "every parameter of ZerothOrder is exact, so nothing is left for the zeroth-order estimate; "
+                "pass the zeroth-order parameters as params (or use torch.optim.SGD)"
+            )
 
     def _entries(self) -> list[Entry]:
+        """The zeroth-order parameters with their group and index (exact groups are left out and do not
+        shift the indices the directions are drawn from)."""
         entries, index = [], 0
         for group in self.param_groups:
+            if group["exact"]:
+                continue
             for p in group["params"]:
                 entries.append((group, p, index))
                 index += 1
         return entries
+
+    def _exact_gradients(self, entries: list[Entry]) -> ExactGradients | None:
+        exact = [p for g in self.param_groups if g["exact"] for p in g["params"]]
+        return ExactGradients(exact, [p for _, p, _ in entries]) if exact else None
 
     # -- the step ------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor:  # type: ignore[override]
         """Take one zeroth-order step; ``closure()`` returns the scalar loss (see the class doc).
 
-        For each direction ``z_k``: perturb to ``θ + ε z``, evaluate, perturb to ``θ − ε z``, evaluate,
-        restore ``θ`` (:meth:`_two_sided`); then update along every ``z_k`` (:meth:`_update`)."""
+        Evaluate the loss around ``θ`` (:meth:`_spsa` or :meth:`_fzoo`), restoring ``θ`` after each
+        evaluation; then update along every ``z_k`` (:meth:`_update`) and the exact groups by their
+        gradient (:meth:`_update_exact`)."""
         if closure is None:
             raise GradkitError(
                 "ZerothOrder.step needs a closure returning the loss: opt.step(lambda: loss_fn())"
             )
         entries = self._entries()
         seeds, seen = self._begin_step(entries)
-        values: list[float] = []
-        diffs: list[float] = []
+        exact = self._exact_gradients(entries)
+        estimate = self._spsa if self.estimator == "spsa" else self._fzoo
         try:
-            for k, seed in enumerate(seeds):
-                losses = self._two_sided(closure, entries, seed, seen, first=k == 0)
-                values.extend(losses)
-                if not all(math.isfinite(v) for v in losses):
-                    return self._skip(values)
-                diffs.append((losses[0] - losses[1]) / 2.0)  # fp64: the losses' own precision
+            with exact.zeroth_frozen() if exact else contextlib.nullcontext():
+                values, diffs = estimate(closure, entries, seeds, seen, exact)
+            if diffs is None:
+                return self._skip(values)
             self.bad_steps_in_row = 0
             self._update(entries, seeds, diffs, seen)
+            if exact is not None:
+                self._update_exact(exact)
         finally:
             self._saved = None
         self.steps += 1
-        eps0 = self.param_groups[0]["eps"]
-        self.last_projected_grads = [d / eps0 for d in diffs]
-        self.last_loss = torch.tensor(sum(values) / len(values), dtype=torch.float32)
+        at_theta = values[0] if self.estimator == "fzoo" else sum(values) / len(values)
+        self.last_loss = torch.tensor(at_theta, dtype=torch.float32)
         return self.last_loss
+
+    def _spsa(
+        self, closure: Callable[[], Any], entries: list[Entry], seeds: list[int], seen: set[int], exact
+    ) -> tuple[list[float], list[float] | None]:
+        """Every evaluation's loss and ``d_k = (f+ − f−) / 2`` (None after a non-finite loss)."""
+        values: list[float] = []
+        for k, seed in enumerate(seeds):
+            losses = self._two_sided(closure, entries, seed, seen, k == 0, exact)
+            values.extend(losses)
+            if not all(math.isfinite(v) for v in losses):
+                return values, None
+        diffs = spsa_differences(values[0::2], values[1::2])  # fp64: the losses' own precision
+        eps0 = entries[0][0]["eps"]
+        self.last_projected_grads = [d / eps0 for d in diffs]
+        return values, diffs
+
+    def _fzoo(
+        self, closure: Callable[[], Any], entries: list[Entry], seeds: list[int], seen: set[int], exact
+    ) -> tuple[list[float], list[float] | None]:
+        """``[f(θ), f(θ + ε z_1), ..]`` and FZOO's ``d_k = (f_k − f_0) / σ`` (None after a non-finite loss)."""
+        fresh = FreshGather() if self._saved is not None else contextlib.nullcontext()
+        with fresh:  # the base evaluation reads θ itself (its exact gradient is the one taken)
+            base = scalar_value(exact.evaluate(closure, 1.0) if exact else closure(), "the closure")
+        values = [base]
+        for k, seed in enumerate(seeds):
+            if not math.isfinite(values[-1]):
+                return values, None
+            try:
+                self._move(entries, seed, 1.0)
+                values.append(self._evaluate(closure, entries, seed, 1.0, seen))
+                if k == 0 and self.restore == "exact" and math.isfinite(values[-1]):
+                    self._check_seen(entries, seen)
+            finally:
+                self._move(entries, seed, 0.0)
+        if not math.isfinite(values[-1]):
+            return values, None
+        diffs, self.last_sigma = fzoo_differences(base, values[1:])
+        eps0 = entries[0][0]["eps"]
+        self.last_projected_grads = [(f - base) / eps0 for f in values[1:]]
+        return values, diffs
 
     def _begin_step(self, entries: list[Entry]) -> tuple[list[int], set[int]]:
         """The step's seeds (one per direction) and the set of indices read so far."""
@@ -241,19 +341,27 @@ class ZerothOrder(torch.optim.Optimizer):
         return seeds, {index for _, _, index in self._sharded}
 
     def _two_sided(
-        self, closure: Callable[[], Any], entries: list[Entry], seed: int, seen: set[int], first: bool
+        self,
+        closure: Callable[[], Any],
+        entries: list[Entry],
+        seed: int,
+        seen: set[int],
+        first: bool,
+        exact: ExactGradients | None = None,
     ) -> list[float]:
         """``[f(θ + ε z), f(θ − ε z)]`` along the direction of ``seed`` (only the first when it is not
-        finite), with ``θ`` restored afterwards, also when the closure raises."""
+        finite), with ``θ`` restored afterwards, also when the closure raises. With exact parameters,
+        each evaluation adds ``1/(2n)`` of their gradient there (:class:`ExactGradients`)."""
+        weight = 1.0 / (2 * self.n_samples)
         try:
             self._move(entries, seed, 1.0)
-            losses = [self._evaluate(closure, entries, seed, 1.0, seen)]
+            losses = [self._evaluate(closure, entries, seed, 1.0, seen, exact, weight)]
             if not math.isfinite(losses[0]):
                 return losses
             if first and self.restore == "exact":
                 self._check_seen(entries, seen)
             self._move(entries, seed, -1.0)
-            losses.append(self._evaluate(closure, entries, seed, -1.0, seen))
+            losses.append(self._evaluate(closure, entries, seed, -1.0, seen, exact, weight))
             return losses
         finally:
             self._move(entries, seed, 0.0)
@@ -267,10 +375,20 @@ class ZerothOrder(torch.optim.Optimizer):
         self._at = to
 
     def _evaluate(
-        self, closure: Callable[[], Any], entries: list[Entry], seed: int, sign: float, seen: set[int]
+        self,
+        closure: Callable[[], Any],
+        entries: list[Entry],
+        seed: int,
+        sign: float,
+        seen: set[int],
+        exact: ExactGradients | None = None,
+        weight: float = 0.0,
     ) -> float:
-        """One call of the closure with every optimised tensor read as ``θ + sign ε z``."""
+        """One call of the closure with every optimised tensor read as ``θ + sign ε z`` (and, with
+        ``exact``, ``weight`` times the exact parameters' gradient there accumulated)."""
         fresh = FreshGather() if self._saved is not None else contextlib.nullcontext()
+        if exact is not None:
+            closure = functools.partial(exact.evaluate, closure, weight)
         if self.restore == "subtract":
             with fresh:
                 value = closure()
@@ -321,6 +439,16 @@ class ZerothOrder(torch.optim.Optimizer):
             chunked = [self._directions.chunks(p.data, seed, index) for seed in seeds]
             pieces = ((chunk[0][1], [z for _, _, z in chunk]) for chunk in zip(*chunked, strict=True))
             _add_directions(pieces, coefs, shrink)
+
+    def _update_exact(self, exact: ExactGradients) -> None:
+        """``p <- p (1 − lr λ) − lr ∇p`` for every parameter of the exact groups (decay as for the rest)."""
+        grads = iter(exact.gradients())
+        for group in self.param_groups:
+            if not group["exact"]:
+                continue
+            for p in group["params"]:
+                decay = group["weight_decay"] if (p.ndim >= 2 or group["decay_1d"]) else 0.0
+                exact_update_(p, next(grads), group["lr"], decay)
 
     def _update_rows(
         self,
@@ -376,6 +504,7 @@ class ZerothOrder(torch.optim.Optimizer):
             "restore": self.restore,
             "sparse_embeddings": self.sparse_embeddings,
             "distribution": self._directions.distribution,
+            "estimator": self.estimator,
         }
         return state
 
@@ -393,6 +522,15 @@ class ZerothOrder(torch.optim.Optimizer):
             self.sparse_embeddings = bool(extra.get("sparse_embeddings", False))
             if "distribution" in extra:  # a state without it drew Gaussians
                 self._directions.distribution = extra["distribution"]
+            self.estimator = extra.get("estimator", "spsa")  # a state without it was MeZO's
+
+
+def _as_groups(params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Param groups from tensors (one group) or group dicts, as torch.optim reads ``params``."""
+    items = list(params or [])
+    if items and not isinstance(items[0], dict):
+        return [{"params": items}]
+    return [dict(g) for g in items]
 
 
 def _add_directions(
