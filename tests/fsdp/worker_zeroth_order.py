@@ -27,8 +27,9 @@ def equal_steps(rank: int, restore: str, estimator: str = "spsa") -> dict:
     the unsharded one."""
     ref, model = tiny_mlp(torch.float64), shard(tiny_mlp(torch.float64))
     sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
-    n = 2 if estimator == "spsa" else 3
-    kw = dict(lr=0.05, eps=1e-3, n_samples=n, weight_decay=0.1, restore=restore, seed=7, estimator=estimator)
+    # fzoo's σ-normalised step moves about lr / eps per unit direction: its lr is eps times spsa's
+    n, lr = (2, 0.05) if estimator == "spsa" else (3, 1e-4)
+    kw = dict(lr=lr, eps=1e-3, n_samples=n, weight_decay=0.1, restore=restore, seed=7, estimator=estimator)
     opt_ref, opt = ZerothOrder(ref.parameters(), **kw), ZerothOrder(model.parameters(), **kw)
     grads, grads_ref = [], []
     for step in range(3):

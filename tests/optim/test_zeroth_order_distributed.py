@@ -11,19 +11,26 @@ import sys
 import pytest
 import torch
 
+HYBRID = ["--zo-estimator", "fzoo", "--zo-samples", "2", "--zo-exact", "head"]
+
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("objective", ["loss", "f1"])
-def test_two_processes_take_the_same_zeroth_order_steps(tmp_path, tiny_model_dir, objective):
+@pytest.mark.parametrize(
+    ("objective", "extra"),
+    [("loss", []), ("f1", []), ("loss", HYBRID)],
+    ids=["loss", "f1", "fzoo-exact-head"],
+)
+def test_two_processes_take_the_same_zeroth_order_steps(tmp_path, tiny_model_dir, objective, extra):
     """With the loss the steps move every weight (embedding rows included: each rank looks up other
     rows, so the sparse-embedding shortcut must be off); with F1 the metric comes from counts summed
-    over the ranks."""
+    over the ranks; with an exact head each rank's head gradient is averaged over the ranks (without
+    that the heads would part)."""
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "gradkit", "finetune", "--method", "mezo", "--model", str(tiny_model_dir)]
     cmd += ["--zo-params", "all", "--objective", objective, "--lr", "1e-2", "--steps", "3"]
-    cmd += ["--batch-size", "8", "--max-length", "32", "--out", str(out)]
+    cmd += ["--batch-size", "8", "--max-length", "32", "--out", str(out), *extra]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -100,7 +100,7 @@ def test_autograd_records_nothing_of_the_zeroth_order_parameters():
 
 
 def test_exact_groups_decay_like_the_rest():
-    model, (x, y) = BodyHead(), data()
+    model, (x, _) = BodyHead(), data()
     opt = ZerothOrder(
         model.body.parameters(),
         lr=0.1,

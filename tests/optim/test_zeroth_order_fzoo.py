@@ -8,11 +8,11 @@ import statistics
 
 import pytest
 import torch
+from test_zeroth_order import Linear1D, bits, make_problem, same_bits
 from torch import nn
 
 from gradkit import GradkitError, ZerothOrder
 from gradkit.optim.zo_estimators import evaluations_per_step, fzoo_differences, spsa_differences
-from test_zeroth_order import Linear1D, bits, make_problem, same_bits
 
 
 def test_differences_follow_their_formulas():
@@ -156,3 +156,13 @@ def test_bad_estimator_arguments_are_clear_errors():
         ZerothOrder(net.parameters(), estimator="fzo")
     with pytest.raises(GradkitError, match=">= 2 for estimator 'fzoo'"):
         ZerothOrder(net.parameters(), estimator="fzoo", n_samples=1)
+
+
+def test_cli_choices_match_the_library():
+    from gradkit.optim import zo_estimators
+    from gradkit.train import method_options
+
+    assert method_options.ZO_ESTIMATORS == zo_estimators.ESTIMATORS
+    defaults = method_options.ZO_DEFAULT_SAMPLES
+    assert set(defaults) == set(zo_estimators.ESTIMATORS)
+    assert all(defaults[e] >= zo_estimators.MIN_SAMPLES[e] for e in defaults)

@@ -26,7 +26,13 @@ from __future__ import annotations
 import math
 import statistics
 
-__all__ = ["DEFAULT_DISTRIBUTION", "ESTIMATORS", "evaluations_per_step", "fzoo_differences", "spsa_differences"]
+__all__ = [
+    "DEFAULT_DISTRIBUTION",
+    "ESTIMATORS",
+    "evaluations_per_step",
+    "fzoo_differences",
+    "spsa_differences",
+]
 
 ESTIMATORS = ("spsa", "fzoo")
 # each estimator's law of z as its paper draws it: MeZO Gaussian, FZOO Rademacher

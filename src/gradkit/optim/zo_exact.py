@@ -80,7 +80,11 @@ class ExactGradients:
         ranks under data parallelism."""
         if data_parallel():
             for i, grad in enumerate(self.sums):
-                grad = torch.zeros_like(self.exact[i], dtype=work_dtype(self.exact[i].dtype)) if grad is None else grad
+                grad = (
+                    torch.zeros_like(self.exact[i], dtype=work_dtype(self.exact[i].dtype))
+                    if grad is None
+                    else grad
+                )
                 dist.all_reduce(grad, op=dist.ReduceOp.AVG)
                 self.sums[i] = grad
         return self.sums

@@ -124,7 +124,8 @@ def compare(
             f"--methods names {', '.join(repeated)} more than once; name each method once (for repeats, "
             "run compare again with another --seed or --out)"
         )
-    check_config(dataclasses.replace(cfg, out=None))  # so do bad settings
+    for name in methods:  # so do bad settings, each method's own combinations included
+        check_config(dataclasses.replace(cfg, method=name, out=None))
     train = load_datasets(cfg)[0]
     check_data(cfg, train)  # and data errors
     check_pairs(cfg, train)  # and the pair encoding's (the model folder's pooling among them)

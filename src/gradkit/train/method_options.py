@@ -22,8 +22,9 @@ from gradkit.errors import GradkitError
 from gradkit.train.settings import Range, setting, settings_from
 
 # gradkit.lora.ga's ESTIMATORS and SCALES, gradkit.optim.lora_pro's MOMENTS, DEFAULT_MOMENTS and
-# OPTIMIZERS, lora_pro_math's X_SOLUTIONS and gradkit.optim.zeroth_order's DISTRIBUTIONS, written out
-# so that building the command line imports no torch (tests/train/test_cli.py checks they stay equal)
+# OPTIMIZERS, lora_pro_math's X_SOLUTIONS, gradkit.optim.zeroth_order's DISTRIBUTIONS and zo_estimators'
+# ESTIMATORS, written out so that building the command line imports no torch (tests/train/test_cli.py
+# checks they stay equal)
 ESTIMATORS = ("exact", "sketch")
 SCALES = ("stable", "unit", "gd")
 MOMENTS = ("full", "projected", "factor")
@@ -31,6 +32,10 @@ DEFAULT_MOMENTS = "projected"
 OPTIMIZERS = ("adamw", "sgd")
 X_SOLUTIONS = ("sylvester", "symmetric", "zero")
 ZO_DISTRIBUTIONS = ("gaussian", "rademacher")
+ZO_ESTIMATORS = ("spsa", "fzoo")
+ZO_EXACT = ("none", "head")
+# --zo-samples when not given: one direction for MeZO's spsa; FZOO's σ needs several probes
+ZO_DEFAULT_SAMPLES = {"spsa": 1, "fzoo": 8}
 ZO_PARAMS = ("lora", "all", "head")
 OBJECTIVES = ("loss", "accuracy", "f1")
 
@@ -124,11 +129,34 @@ class ZerothOrderOptions:
         choices=ZO_PARAMS,
     )
     zo_eps: float = setting(1e-3, "perturbation scale eps", range=POSITIVE, example="1e-3")
-    zo_samples: int = setting(1, "directions per step", range=Range(1), example="1")
-    zo_distribution: str = setting(
-        "gaussian",
-        "law of the directions z: gaussian (MeZO) or rademacher (±1, Spall's SPSA; cheaper to draw)",
+    zo_estimator: str = setting(
+        "spsa",
+        "mezo's gradient estimate: spsa (MeZO: f(θ + eps z) - f(θ - eps z), 2 forwards per direction) or "
+        "fzoo (FZOO: f(θ) and N one-sided probes f(θ + eps z), N + 1 forwards, the step divided by the "
+        "probes' standard deviation, so a step moves about lr / eps per unit direction: sweep lr near "
+        "1e-5 at eps 1e-3)",
+        choices=ZO_ESTIMATORS,
+    )
+    zo_samples: int | None = setting(
+        None,
+        "directions per step (default: 1 for spsa, 8 for fzoo, which needs at least 2)",
+        range=Range(1),
+        example="8",
+    )
+    zo_distribution: str | None = setting(
+        None,
+        "law of the directions z: gaussian (MeZO) or rademacher (±1, Spall's SPSA; cheaper to draw); "
+        "default: the estimator's (gaussian for spsa, rademacher for fzoo)",
         choices=ZO_DISTRIBUTIONS,
+    )
+    zo_exact: str = setting(
+        "none",
+        "head: mezo trains the classification head with its exact gradient (a backward through the head "
+        "alone, SGD at --zo-exact-lr) and the rest by zeroth order, in one step; none: all by zeroth order",
+        choices=ZO_EXACT,
+    )
+    zo_exact_lr: float = setting(
+        1e-2, "SGD learning rate of the head under --zo-exact head", range=POSITIVE, example="1e-2"
     )
     objective: str = setting(
         "loss",

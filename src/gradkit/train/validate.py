@@ -46,6 +46,7 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
     if cfg.keep_best and not cfg.eval_every:
         raise GradkitError("--keep-best picks the best of the dev evaluations: pass --eval-every N with it")
     check_task(cfg)
+    check_zeroth_order(cfg)
     check_precision(cfg)
     check_fsdp(cfg)
     if cfg.report_to == "tensorboard" and not (
@@ -210,6 +211,39 @@ def check_causal_lm(cfg: TrainConfig) -> None:
     if cfg.evaluate and cfg.test is None:
         raise GradkitError(
             "--task causal-lm needs --test FILE (held-out loss and perplexity), in the format of --train"
+        )
+
+
+def check_zeroth_order(cfg: TrainConfig) -> None:
+    """mezo's estimator, its number of probes and the exact head agree with each other and the run."""
+    if cfg.method != "mezo":
+        return
+    options = settings_from(ZerothOrderOptions, cfg.options)
+    if options.zo_estimator == "fzoo" and options.zo_samples is not None and options.zo_samples < 2:
+        raise GradkitError(
+            f"--zo-samples {options.zo_samples} with --zo-estimator fzoo: FZOO divides its step by the "
+            "standard deviation of its probes, which needs at least 2; pass --zo-samples 8 (its default)"
+        )
+    if options.zo_exact == "none":
+        return
+    if options.zo_params == "head":
+        raise GradkitError(
+            "--zo-exact head with --zo-params head leaves nothing to zeroth order; train the encoder too "
+            "(--zo-params lora or all), or train the head alone by its gradient with --method head"
+        )
+    if cfg.task == "causal-lm":
+        raise GradkitError(
+            "--zo-exact head trains a classification head, and --task causal-lm has none; drop it"
+        )
+    if options.objective != "loss":
+        raise GradkitError(
+            f"--zo-exact head takes the gradient of the objective, and --objective {options.objective} "
+            "(a count of argmax predictions) has none; use --objective loss, or drop --zo-exact"
+        )
+    if cfg.fsdp:
+        raise GradkitError(
+            "--zo-exact head is not supported under --fsdp (the head's gradient would need FSDP2's "
+            "backward); drop one of them"
         )
 
 

@@ -1,8 +1,10 @@
 """Harness methods without backprop through the objective: ``mezo`` (zeroth order, MeZO:
 Malladi et al. 2023, arXiv 2305.17333) and ``policy-gradient`` (REINFORCE, Williams 1992).
 
-``mezo`` trains with :class:`gradkit.ZerothOrder`: two forward passes per step, no backward, so
-training needs the memory of inference. ``--objective accuracy`` or ``f1`` optimises the batch
+``mezo`` trains with :class:`gradkit.ZerothOrder`: two forward passes per direction (``--zo-estimator
+spsa``, MeZO's) or one base forward and ``N`` probes (``fzoo``), no backward, so training needs the
+memory of inference. ``--zo-exact head`` trains the classification head with its exact gradient in the
+same step (a backward through the head alone; the encoder's forward records no graph). ``--objective accuracy`` or ``f1`` optimises the batch
 metric of argmax predictions directly (the closure returns ``1 - metric``), something no
 gradient reaches. ``policy-gradient`` samples labels from ``softmax(logits / T)``, rewards the
 correct ones and follows the REINFORCE gradient with AdamW: the same kind of objective, seen from
@@ -31,7 +33,7 @@ from gradkit.fsdp import clip_grad_norm_
 from gradkit.optim.zeroth_order import ZerothOrder
 from gradkit.train.batching import forward_parts
 from gradkit.train.config import TrainConfig
-from gradkit.train.method_options import ZerothOrderOptions
+from gradkit.train.method_options import ZO_DEFAULT_SAMPLES, ZerothOrderOptions
 from gradkit.train.methods.base import Method, parts_of, register_method
 from gradkit.train.methods.lora import Lora
 from gradkit.train.settings import settings_from
@@ -48,6 +50,12 @@ def _prepare_params(method: Lora, model: nn.Module, cfg: TrainConfig, which: str
     return model
 
 
+def is_head(name: str) -> bool:
+    """A parameter of the classification head (``head.weight``, or PEFT's trained copy
+    ``base_model.model.head.modules_to_save.default.weight``)."""
+    return "head" in name.split(".")
+
+
 def _save(method: Lora, model: nn.Module, out_dir) -> None:
     """A PEFT model saves its adapter (like ``lora``); otherwise the trained tensors (like ``head``)."""
     if hasattr(model, "peft_config"):
@@ -61,9 +69,15 @@ def objective_value(
 ) -> torch.Tensor:
     """The value to minimise on this batch, identical on every rank: the loss (mean over ranks,
     whose slices are equal-sized), or ``1 - metric`` of argmax predictions computed from counts
-    summed over ranks (a global F1 needs global counts, not a mean of per-rank F1s)."""
+    summed over ranks (a global F1 needs global counts, not a mean of per-rank F1s).
+
+    A loss with a graph (``--zo-exact head``) keeps it: the value is the mean over ranks bit for bit
+    (``local - local.detach()`` is exactly 0) and the gradient is this rank's, which
+    :class:`gradkit.ZerothOrder` averages over ranks."""
     if objective == "loss":
-        return accelerator.reduce(loss.detach().float(), reduction="mean")
+        local = loss.float()
+        mean = accelerator.reduce(local.detach(), reduction="mean")
+        return mean + (local - local.detach()) if local.requires_grad else mean
     preds = logits.argmax(-1)
     if objective == "accuracy":
         counts = torch.stack([(preds == labels).sum(), torch.tensor(labels.numel(), device=labels.device)])
@@ -106,15 +120,18 @@ class Mezo(Lora):
 
     def make_optimizer(self, model, cfg, lr):
         options = settings_from(ZerothOrderOptions, cfg.options)
-        params = [p for p in model.parameters() if p.requires_grad]
+        trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        exact = [p for name, p in trained if options.zo_exact == "head" and is_head(name)]
         return ZerothOrder(
-            params,
+            [p for _, p in trained if not any(p is e for e in exact)],
             lr=lr,
             eps=options.zo_eps,
-            n_samples=options.zo_samples,
+            n_samples=options.zo_samples or ZO_DEFAULT_SAMPLES[options.zo_estimator],
             distribution=options.zo_distribution,
             weight_decay=cfg.weight_decay,
             seed=cfg.seed,  # the same on every rank: the same directions everywhere
+            estimator=options.zo_estimator,
+            exact_params=[{"params": exact, "lr": options.zo_exact_lr}] if exact else None,
         )
 
     def train_step(self, model, batch, optimizer, accelerator, cfg):
