@@ -183,6 +183,13 @@ def gather_set(per_unit: dict[str, int], n: int) -> int:
     return per_unit.get("root", 0) + sum(blocks[:2])
 
 
+def owner_set(ts: list[Tensor]) -> int:
+    """Transient bytes of a spectral SteepestDescent step on one rank: one 2-D weight whole in fp32 with
+    its direction, 8 bytes per element of the largest (the matrices go in rounds of one per rank; with
+    one rank, one matrix at a time)."""
+    return 8 * max((t.numel for t in ts if len(t.shape) == 2), default=0)
+
+
 def method_bytes(sh: Shapes, n: int, tokens: int = TOKENS) -> dict[str, dict[str, int]]:
     """Per-rank bytes of every method with n ranks: {"state": persistent GPU bytes, "work": FSDP2's
     transient working set (and the method's own transient), "cpu": host bytes}. Formulas, with
@@ -201,6 +208,9 @@ def method_bytes(sh: Shapes, n: int, tokens: int = TOKENS) -> dict[str, dict[str
     - LoRA-GA init, gradkit exact:         2 S(P) + 4 S(T)                    (fp32 sums, sharded like grads)
     - LoRA-GA init, gradkit sketch:        2 S(P) + 4 sum_layers [w (in + out + 1) + 8 out]
     - ZerothOrder:                         2 S(P)
+    - full FT, SteepestDescent spectral:   12 S(P)   (fp32 params, grads, momentum); its step gathers one
+                                           matrix at a time whole on each rank: 8 M_max transient
+                                           (M_max: elements of the largest 2-D weight)
     - EMA (added to a method):             4 S(P + L)                         (fp32 shadow of each shard)
     """
     P, T, L = sh.base, sh.target, sh.lora
@@ -239,6 +249,10 @@ def method_bytes(sh: Shapes, n: int, tokens: int = TOKENS) -> dict[str, dict[str
             state=2 * elems(P, n) + sketch, work=compute + workspace
         ),
         "ZerothOrder (MeZO)": dict(state=2 * elems(P, n), work=compute + largest_module // max(n, 1)),
+        "full fine-tuning, SteepestDescent spectral (momentum)": dict(
+            state=12 * elems(P, n),
+            work=compute + gather_set(units(sh, "grad32"), n) + owner_set(P),
+        ),
         "EMA of all weights (add to the method's bytes)": dict(state=4 * elems(P + L, n), work=0),
     }
     for row in rows.values():
@@ -283,6 +297,11 @@ METHODS = {
     "ZerothOrder (MeZO)": "bf16 weights sharded 1/N and no state (directions are regenerated from seeds); "
     "the exact restore keeps a perturbed copy of one module's weights at a time (the largest, at its "
     "shard size).",
+    "full fine-tuning, SteepestDescent spectral (momentum)": "fp32 master weights, fp32 gradients and one "
+    "fp32 momentum buffer sharded 1/N (one moment: 4 bytes per parameter less than AdamW); the step "
+    "takes the 2-D weights in rounds of one per rank: each rank gathers its matrix of the round whole in "
+    "fp32, computes its U V^T direction and scatters the rows back (8 bytes per element of the largest "
+    "matrix, transient; gradkit.optim.steepest_sharded).",
     "EMA of all weights (add to the method's bytes)": "an fp32 shadow of every parameter shard (bf16 base "
     "and fp32 adapters alike; shadow_dtype='auto'), each rank averaging its own shard.",
 }

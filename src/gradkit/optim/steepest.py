@@ -43,6 +43,10 @@ Momentum (``momentum=μ > 0``): b ← μ b + g, and the steepest step is taken o
 on g + μ b); weight decay is decoupled, θ ← θ(1 − lr·λ) before the step (as AdamW and Muon).
 A zero gradient gives a zero step. The l2/rms norms are accumulated in at least float32 (an fp16
 gradient's ‖g‖₂ can exceed fp16's 65504).
+
+FSDP2 (``fully_shard``: row-sharded DTensors) takes the same step as one process on the whole tensors:
+the l2/rms norms are all-reduced and each spectral direction is computed from the whole matrix on one
+owner rank and scattered back by rows (:mod:`gradkit.optim.steepest_sharded`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ import torch
 from torch.optim import Optimizer
 
 from gradkit.errors import GradkitError
+from gradkit.fsdp import is_dtensor, local
+from gradkit.optim.steepest_sharded import check_layout, global_norm, spectral_directions
 
 NORMS = ("l2", "rms", "linf", "spectral")
 _NS_QUINTIC = (3.4445, -4.7750, 2.0315)
@@ -201,6 +207,12 @@ class SteepestDescent(Optimizer):
                 continue
             if any(p.grad.is_sparse for p in params):
                 raise GradkitError("SteepestDescent does not support sparse gradients")
+            sharded = [p for p in params if is_dtensor(p)]
+            if sharded:
+                self._sharded_step(group, sharded)
+                params = [p for p in params if not is_dtensor(p)]
+                if not params:
+                    continue
             lr, mu, wd, norm = group["lr"], group["momentum"], group["weight_decay"], group["norm"]
             grads = [p.grad for p in params]
             if mu > 0:
@@ -246,3 +258,39 @@ class SteepestDescent(Optimizer):
                     )
                     p.add_(d, alpha=-lr)
         return loss
+
+    def _sharded_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        """The step of FSDP2-sharded parameters, each rank on its own rows (see the module docstring)."""
+        lr, mu, wd, norm = group["lr"], group["momentum"], group["weight_decay"], group["norm"]
+        moments = []
+        for p in params:
+            check_layout(p)
+            g = local(p.grad)
+            if mu > 0:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buf = local(state["momentum_buffer"])
+                buf.mul_(mu).add_(g)
+                g = g.add(buf, alpha=mu) if group["nesterov"] else buf
+            moments.append(g)
+        if wd > 0:
+            for p in params:
+                local(p).mul_(1.0 - lr * wd)
+        options = {k: group[k] for k in ("svd_max", "ns_steps", "ns_polish")}
+        matrices = [i for i, p in enumerate(params) if norm == "spectral" and p.ndim >= 2]
+        whole_directions = spectral_directions(
+            [(params[i], moments[i]) for i in matrices],
+            lambda whole: steepest_direction(whole, "spectral", **options),
+        )
+        directions = dict(zip(matrices, whole_directions, strict=True))
+        for i, (p, m) in enumerate(zip(params, moments, strict=True)):
+            if i in directions:
+                d = directions[i]
+            elif norm == "linf":
+                d = torch.sign(m)
+            else:  # l2, rms, and spectral's 1-D fall-back (the l2 step): the whole tensor's norm
+                n2 = global_norm(p, m)
+                scale = math.sqrt(p.numel()) if norm == "rms" else 1.0
+                d = torch.zeros_like(m) if n2 == 0 else (m.to(n2.dtype) * (scale / n2)).to(m.dtype)
+            local(p).add_(d, alpha=-lr)
