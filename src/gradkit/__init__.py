@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "policy_gradient_loss": "gradkit.estimators",
     # batch size and learning rate
     "NoiseScale": "gradkit.scaling.noise_scale",
+    "BatchSchedule": "gradkit.scaling.batch_schedule",
     "lr_for_batch": "gradkit.scaling.laws",
     "steps_examples_tradeoff": "gradkit.scaling.laws",
     # averaging, capture, init, diagnostics

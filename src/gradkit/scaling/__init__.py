@@ -8,6 +8,7 @@ from gradkit.lazy import lazy_exports
 
 _EXPORTS = {
     "NoiseScale": "gradkit.scaling.noise_scale",
+    "BatchSchedule": "gradkit.scaling.batch_schedule",
     "GradNormRecorder": "gradkit.scaling.accumulation",
     "PerExampleRecorder": "gradkit.scaling.per_example",
     "NoiseScaleSink": "gradkit.scaling.sink",
