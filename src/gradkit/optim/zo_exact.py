@@ -42,7 +42,6 @@ class ExactGradients:
     def __init__(self, exact: list[torch.Tensor], zeroth: list[torch.Tensor]):
         self.exact, self.zeroth = exact, zeroth
         self.sums: list[torch.Tensor | None] = [None] * len(exact)
-        self.weight = 0.0
 
     @contextlib.contextmanager
     def zeroth_frozen(self) -> Iterator[None]:
@@ -72,7 +71,6 @@ class ExactGradients:
                 continue
             grad = grad.to(work_dtype(grad.dtype)).mul_(weight)
             self.sums[i] = grad if self.sums[i] is None else self.sums[i].add_(grad)
-        self.weight += weight
         return value.detach()
 
     def gradients(self) -> list[torch.Tensor | None]:

@@ -4,15 +4,17 @@ Malladi et al. 2023, arXiv 2305.17333) and ``policy-gradient`` (REINFORCE, Willi
 ``mezo`` trains with :class:`gradkit.ZerothOrder`: two forward passes per direction (``--zo-estimator
 spsa``, MeZO's) or one base forward and ``N`` probes (``fzoo``), no backward, so training needs the
 memory of inference. ``--zo-exact head`` trains the classification head with its exact gradient in the
-same step (a backward through the head alone; the encoder's forward records no graph). ``--objective accuracy`` or ``f1`` optimises the batch
-metric of argmax predictions directly (the closure returns ``1 - metric``), something no
-gradient reaches. ``policy-gradient`` samples labels from ``softmax(logits / T)``, rewards the
-correct ones and follows the REINFORCE gradient with AdamW: the same kind of objective, seen from
-the score-function side (``docs/zeroth_order.md`` shows the two agree).
+same step (a backward through the head alone; the encoder's forward records no graph).
+``--objective accuracy`` or ``f1`` optimises the batch metric of argmax predictions directly (the
+closure returns ``1 - metric``), something no gradient reaches. ``policy-gradient`` samples labels
+from ``softmax(logits / T)``, rewards the correct ones and follows the REINFORCE gradient with AdamW:
+the same kind of objective, seen from the score-function side (``docs/zeroth_order.md`` shows the
+two agree).
 
 Under data parallelism (``accelerate launch`` / ``torchrun``) every rank builds ``ZerothOrder``
 with the run's seed, so every rank draws the same directions; the closure all-reduces only scalars
-(the loss, or the metric's counts), so every rank computes the same step. ``policy-gradient`` uses
+(the loss, or the metric's counts), so every rank computes the same step (an exact head's gradient
+is averaged over the ranks as well). ``policy-gradient`` uses
 the ordinary DDP gradient all-reduce.
 
 The logged "loss" is what each method optimises: the cross-entropy for ``--objective loss``,
