@@ -1,0 +1,275 @@
+"""zo_learns: zeroth-order training that learns, judged by accuracy per forward pass.
+
+all-MiniLM-L6-v2 on SST-2 from the label-text head ("It was terrible." / "It was great."), batch 16,
+one torch thread per run, two runs at a time on the 2 cores. Every zeroth-order row gets the same
+budget of forward passes (:data:`FORWARDS`): MeZO's ``spsa`` takes 2 per step, ``fzoo`` with 8 probes
+9, and ``--zo-exact head`` adds a backward through the head alone (a 2 x 384 matrix on features the
+forward computed: not counted). Each row at its best lr from a factor-2 grid on seed 0 (by the final
+dev accuracy on 10% of the training file, extended while the best sits at an edge), then seeds 1 and
+2; the GLUE dev set is the test set. Backprop LoRA and policy gradient from the same head are quoted
+from benchmarks/results/method_regimes.json (its ``zo`` study), on the same axis.
+
+Rows: ``spsa`` on LoRA + head (MeZO in the harness's default form), ``spsa`` on every weight (MeZO
+proper), ``spsa`` and ``fzoo`` on LoRA with the head exact, ``fzoo`` on LoRA + head, and a control: the
+head alone by its exact gradient (the encoder's lr 1e-9), which says how much of a hybrid's gain is
+the head's. The RTE rows (pairs, cross-encoded, label-text head with its 50-step warm-up, as
+method_regimes' ``warm`` study) judge the hybrids against LoRA there.
+
+    python -m benchmarks.zo_learns                 # everything (finished runs are reused)
+    python -m benchmarks.zo_learns --report-only   # rewrite the result from finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from benchmarks.common import IMAGES, RESULTS, ROOT, save_figure, write_result
+from benchmarks.method_regimes import COMMON, DATA, RUNS, SST2_LABELS, finetune, mean_sd, summarise
+from benchmarks.pair_regimes import measure_extending
+
+FORWARDS = 2000  # forward passes per zeroth-order run (MeZO: 1,000 steps)
+EVALS = 10  # dev evaluations per run, at equal shares of the budget
+FZOO = ["--zo-estimator", "fzoo", "--zo-samples", "8"]
+EXACT = ["--zo-exact", "head"]
+RTE = ["--train", f"{DATA}/rte/train.tsv", "--test", f"{DATA}/rte/dev.tsv", "--pair-encoding", "cross"]
+RTE += ["--head-init", "labels", "--head-warmup", "50"]
+# (study, task, extra options, forwards per step, lr grid)
+ROWS = [
+    ("spsa-lora", "sst2", [], 2, (5e-4, 1e-3, 2e-3)),
+    ("spsa-all", "sst2", ["--zo-params", "all"], 2, (1e-6, 2e-6, 4e-6)),
+    ("spsa-lora-exact", "sst2", EXACT, 2, (5e-4, 1e-3, 2e-3)),
+    ("fzoo-lora", "sst2", FZOO, 9, (5e-6, 1e-5, 2e-5)),
+    ("fzoo-lora-exact", "sst2", FZOO + EXACT, 9, (5e-6, 1e-5, 2e-5)),
+    ("exact-head-alone", "sst2", EXACT, 2, (1e-9,)),  # the control: the encoder does not move
+    ("spsa-lora-exact", "rte", EXACT, 2, (5e-4, 1e-3, 2e-3)),
+    ("fzoo-lora-exact", "rte", FZOO + EXACT, 9, (5e-6, 1e-5, 2e-5)),
+]
+TASKS = {"sst2": SST2_LABELS, "rte": RTE}
+LABELS = {
+    "spsa-lora": "MeZO (spsa), LoRA + head",
+    "spsa-all": "MeZO (spsa), every weight",
+    "spsa-lora-exact": "spsa on LoRA, head exact",
+    "fzoo-lora": "fzoo (8 probes), LoRA + head",
+    "fzoo-lora-exact": "fzoo (8 probes) on LoRA, head exact",
+    "exact-head-alone": "head alone by its gradient (control)",
+}
+
+
+def group(row: tuple) -> tuple:
+    """The :func:`benchmarks.method_regimes.measure` group of a row: its options and step budget."""
+    study, task, extra, per_step, grid = row
+    steps = FORWARDS // per_step
+    budget = ["--steps", str(steps), "--eval-every", str(max(1, steps // EVALS))]
+    return (study, task, "mezo", [*TASKS[task], *extra, *budget], grid, "dev")  # measure() adds COMMON
+
+
+def inference_reference(report_only: bool) -> dict | None:
+    """Peak memory of a run that only evaluates: zeroth order on the head alone (forwards, a head-sized
+    perturbed copy), one step; the same loading and test evaluation as every row."""
+    args = [*COMMON, *SST2_LABELS, "--method", "mezo", "--zo-params", "head", "--steps", "1", "--lr", "1e-9"]
+    return finetune(args, RUNS / "zo-learns-inference" / "sst2", report_only)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every row (``--jobs`` runs at a time; finished runs reused) and build the result."""
+    import benchmarks.method_regimes as regimes
+
+    regimes.TASKS.update({task: [] for task in TASKS})  # the options travel in each group's extra
+    with ThreadPoolExecutor(args.jobs) as pool, ThreadPoolExecutor(len(ROWS) + 1) as coordinators:
+        reference = coordinators.submit(inference_reference, args.report_only)
+        futures = [coordinators.submit(measure_extending, group(r), pool, args.report_only) for r in ROWS]
+        results = [m for m in (f.result() for f in futures) if m]
+        inference = reference.result()
+    return build_result(results, inference)
+
+
+def forwards_of(key: str) -> int:
+    """Forward passes per step of a row."""
+    study, task = key.split("/")[:2]
+    return next(r[3] for r in ROWS if r[0] == study and r[1] == task)
+
+
+def build_result(results: list[dict], inference: dict | None) -> dict[str, Any]:
+    """Tables per task, the accuracy-per-forward plot, the goals."""
+    raw = {f"{m['study']}/{m['task']}/{m['method']}": {**m, **summarise(m)} for m in results}
+    for value in raw.values():
+        value.pop("seeds")
+    quoted = json.loads((RESULTS / "method_regimes.json").read_text())["raw"]
+    tables = [task_table(task, raw, quoted) for task in TASKS]
+    return {
+        "name": "zo_learns",
+        "title": "Zeroth order that learns: estimators and an exact head, by accuracy per forward pass",
+        "claim": f"{FORWARDS} forward passes per zeroth-order run; each row at its best lr, 3 seeds",
+        "tables": tables,
+        "plots": [plot(raw, quoted)] if raw else [],
+        "goals": goals(raw, inference),
+        "notes": [
+            "CPU minutes are each run's own process time (os.wait4): loading and the dev and test "
+            "evaluations included, so the 30-minute goal is judged on more than the training.",
+            "A backward through the head alone (--zo-exact head) is not counted as forwards: it is a "
+            "2 x 384 matrix product on features the forward computed.",
+            "Curves are dev accuracy (10% of the training file); the test set chooses nothing.",
+        ],
+        "raw": {"runs": raw, "inference_peak_mb": inference and inference["peak_memory_mb"]},
+    }
+
+
+def task_table(task: str, raw: dict, quoted: dict) -> dict:
+    rows = []
+    for key, r in raw.items():
+        if key.split("/")[1] != task:
+            continue
+        runs = list(r["runs"].values())
+        rows.append(
+            [
+                LABELS[key.split("/")[0]],
+                ", ".join(f"{lr:g}: {100 * v:.2f}" for lr, v in sorted(r["scores"].items())),
+                f"{r['lr']:g}",
+                f"{100 * runs[0]['step0']:.2f}" if runs[0]["step0"] is not None else "-",
+                mean_sd([x["test"] for x in runs], 100, 2),
+                f"{statistics.mean(x['cpu_seconds'] or 0 for x in runs) / 60:.1f}",
+                f"{max(x['peak_memory_mb'] for x in runs):.0f}",
+            ]
+        )
+    for key in {"sst2": ("zo/sst2/lora", "zo/sst2/policy-gradient"), "rte": ("warm/rte/lora",)}[task]:
+        if key in quoted:
+            runs = list(quoted[key]["runs"].values())
+            rows.append(
+                [f"{key.split('/')[-1]} (backprop, quoted)", "-", f"{quoted[key]['lr']:g}", "-"]
+                + [
+                    mean_sd([x["test"] for x in runs], 100, 2),
+                    "-",
+                    f"{max(x['peak_memory_mb'] for x in runs):.0f}",
+                ]
+            )
+    return {
+        "caption": f"{task.upper()}: test accuracy after {FORWARDS} forward passes (zeroth order), 3 seeds",
+        "columns": [
+            "row",
+            "seed-0 dev accuracy by lr",
+            "lr",
+            "step-0 test",
+            "final test",
+            "CPU min",
+            "peak MB",
+        ],
+        "rows": rows,
+    }
+
+
+def curve(key: str, r: dict) -> tuple[list[float], list[float]]:
+    """Mean dev accuracy over seeds against forward passes (step 0: the zero-shot test accuracy)."""
+    runs = list(r["runs"].values())
+    steps = [s for s, _ in runs[0]["dev"]]
+    values = [statistics.mean(dict(x["dev"])[s] for x in runs) for s in steps]
+    return [0, *(forwards_of(key) * s for s in steps)], [runs[0]["step0"], *values]
+
+
+def goals(raw: dict, inference: dict | None) -> list[dict]:
+    """The issue's goals, each with its target, what was measured and whether it was met."""
+    out = []
+    body = {k: r for k, r in raw.items() if k.startswith(("spsa", "fzoo")) and k.split("/")[1] == "sst2"}
+    if body:
+        best = max(body, key=lambda k: statistics.mean(x["test"] for x in body[k]["runs"].values()))
+        runs = list(body[best]["runs"].values())
+        acc, minutes = (
+            statistics.mean(x["test"] for x in runs),
+            statistics.mean(x["cpu_seconds"] or 0 for x in runs) / 60,
+        )
+        out.append(
+            {
+                "goal": "a configuration whose body trains by zeroth order only reaches 80% SST-2 test accuracy within 30 CPU-minutes",
+                "target": ">= 80.00% (mean of 3 seeds), <= 30 CPU-minutes",
+                "measured": f"{LABELS[best.split('/')[0]]}: {100 * acc:.2f}% in {minutes:.1f} CPU-minutes",
+                "met": acc >= 0.80 and minutes <= 30,
+            }
+        )
+    mezo = raw.get("spsa-lora/sst2/mezo")
+    if mezo and body:
+        target = curve("spsa-lora/sst2/mezo", mezo)[1][-1]
+        reached = {}
+        for key, r in body.items():
+            forwards, values = curve(key, r)
+            reached[key] = next((f for f, v in zip(forwards, values, strict=True) if v >= target), None)
+        others = [k for k in reached if reached[k] is not None and k != "spsa-lora/sst2/mezo"]
+        fastest = min(others, key=lambda k: reached[k]) if others else None
+        out.append(
+            {
+                "goal": "reach MeZO-spsa's final accuracy in at most 1/5 of MeZO's forward passes",
+                "target": f"mean dev accuracy >= {100 * target:.2f}% within {FORWARDS // 5} forwards",
+                "measured": f"{LABELS[fastest.split('/')[0]]} after {reached[fastest]} forwards"
+                if fastest
+                else "no other row reached it",
+                "met": fastest is not None and reached[fastest] <= FORWARDS // 5,
+            }
+        )
+    if inference:
+        for kind, keys, limit in (
+            ("pure zeroth order", [k for k in body if "exact" not in k], 1.10),
+            ("hybrid (exact head)", [k for k in body if "exact" in k], 1.15),
+        ):
+            peaks = [x["peak_memory_mb"] for k in keys for x in raw[k]["runs"].values()]
+            if peaks:
+                ratio = max(peaks) / inference["peak_memory_mb"]
+                out.append(
+                    {
+                        "goal": f"{kind}: peak memory at most {limit:.2f}x inference on the same batch",
+                        "target": f"<= {limit:.2f}x the inference run's {inference['peak_memory_mb']:.0f} MB (process peak RSS)",
+                        "measured": f"{ratio:.3f}x (largest of {len(peaks)} runs)",
+                        "met": ratio <= limit,
+                    }
+                )
+    return out
+
+
+def plot(raw: dict, quoted: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, r in raw.items():
+        if key.split("/")[1] == "sst2":
+            forwards, values = curve(key, r)
+            ax.plot(forwards, [100 * v for v in values], marker=".", label=LABELS[key.split("/")[0]])
+    for key, per in (("zo/sst2/lora", 3), ("zo/sst2/policy-gradient", 3)):
+        if key in quoted:
+            run = next(iter(quoted[key]["runs"].values()))
+            steps = [0] + [s for s, _ in run["dev"]]
+            values = [run["step0"]] + [v for _, v in run["dev"]]
+            ax.plot(
+                [per * s for s in steps],
+                [100 * v for v in values],
+                ls="--",
+                label=f"{key.split('/')[-1]} (backprop)",
+            )
+    ax.set_xlabel("forward passes (a backward through the model = 2)")
+    ax.set_ylabel("SST-2 dev accuracy (%)")
+    ax.set_title("Accuracy per forward pass, from the label-text head")
+    ax.legend(fontsize=7)
+    path = IMAGES / "zo_learns.png"
+    save_figure(fig, path)
+    return str(path.relative_to(ROOT))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
+    parser.add_argument("--report-only", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    result = run(parse_args())
+    write_result(result["name"], result)
+    for goal in result["goals"]:
+        print(("MET   " if goal["met"] else "MISSED"), goal["goal"], "|", goal["measured"])
+
+
+if __name__ == "__main__":
+    main()
