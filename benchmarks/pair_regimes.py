@@ -85,7 +85,7 @@ LABELS = {
     "bi-r1/rte-bi/lora": "LoRA r1 q,v",
     "bi-r1/rte-bi/lora-pro": "LoRA-Pro r1 q,v",
     "bi/rte-bi/lora-ga": "LoRA-GA r8",
-    "bi-softmax/rte-bi/full": "full, [u, v, |u - v|] head (50 head steps first)",
+    "bi-softmax/rte-bi/full": "full, SoftmaxLoss head on u, v, abs(u - v) (50 head steps first)",
 }
 # the cross-encoder rows of method_regimes.json, quoted as they stand (that study's settings)
 CROSS = {
