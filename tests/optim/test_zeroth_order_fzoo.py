@@ -8,8 +8,7 @@ import statistics
 
 import pytest
 import torch
-from test_zeroth_order import Linear1D, bits, make_problem, same_bits
-from torch import nn
+from test_zeroth_order import Linear1D, bits, make_problem, same_bits, small_classifier
 
 from gradkit import GradkitError, ZerothOrder
 from gradkit.optim.zo_estimators import evaluations_per_step, fzoo_differences, spsa_differences
@@ -132,16 +131,7 @@ def test_resumed_run_takes_exactly_the_same_steps():
 
 
 def test_loss_goes_down_on_a_small_classifier():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 10, generator=g)
-    y = (x @ torch.randn(10, 3, generator=g)).argmax(1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
-
-    def closure() -> torch.Tensor:
-        return nn.functional.cross_entropy(model(x), y)
-
+    model, closure = small_classifier()
     first = closure().item()
     # the step is about lr / ε per unit direction whatever the gradient's scale (σ-normalised)
     opt = ZerothOrder(model.parameters(), lr=2e-5, eps=1e-3, n_samples=4, estimator="fzoo")

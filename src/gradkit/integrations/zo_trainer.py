@@ -33,6 +33,7 @@ import torch
 
 from gradkit.errors import GradkitError
 from gradkit.optim.zeroth_order import ZerothOrder
+from gradkit.optim.zo_exact import mean_keeping_graph, split_exact
 
 try:  # transformers is optional for the rest of gradkit
     from transformers import Trainer as _Base
@@ -97,10 +98,9 @@ class ZOTrainer(_Base):
         """:class:`TrainerZerothOrder` over the trainable parameters, the ``exact`` ones in their own
         group at ``exact_lr``."""
         if self.optimizer is None:
-            trainable = [(n, p) for n, p in (model or self.model).named_parameters() if p.requires_grad]
-            picked = [p for n, p in trainable if self.exact is not None and self.exact(n)]
+            zeroth, picked = split_exact((model or self.model).named_parameters(), self.exact)
             self.optimizer = TrainerZerothOrder(
-                [p for _, p in trainable if not any(p is q for q in picked)],
+                zeroth,
                 lr=self.args.learning_rate,
                 weight_decay=self.args.weight_decay,
                 seed=self.args.seed,
@@ -119,9 +119,8 @@ class ZOTrainer(_Base):
         def closure() -> torch.Tensor:
             with self.compute_loss_context_manager():
                 local = self.compute_loss(model, inputs).float()
-            mean = self.accelerator.reduce(local.detach(), reduction="mean")  # the same on every rank
-            # with exact parameters: the value is the mean bit for bit, the graph this rank's loss
-            return mean + (local - local.detach()) if local.requires_grad else mean
+            # the same value on every rank; with exact parameters, this rank's graph
+            return mean_keeping_graph(local, self.accelerator.reduce(local.detach(), reduction="mean"))
 
         model.eval()  # no dropout in the evaluations, as in MeZO
         try:

@@ -22,7 +22,7 @@ averaged over ranks, which is the gradient of the mean loss when the ranks hold 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -32,7 +32,26 @@ from gradkit.errors import GradkitError
 from gradkit.optim.zo_directions import work_dtype
 from gradkit.optim.zo_perturb import data_parallel
 
-__all__ = ["ExactGradients", "exact_update_"]
+__all__ = ["ExactGradients", "exact_update_", "mean_keeping_graph", "split_exact"]
+
+
+def split_exact(
+    named: Iterable[tuple[str, torch.Tensor]], pick: Callable[[str], bool] | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The trainable (``requires_grad``) tensors of ``named`` as ``(zeroth-order, exact)``: exact where
+    ``pick(name)`` holds (none when ``pick`` is None)."""
+    zeroth, exact = [], []
+    for name, p in named:
+        if p.requires_grad:
+            (exact if pick is not None and pick(name) else zeroth).append(p)
+    return zeroth, exact
+
+
+def mean_keeping_graph(local: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """``mean`` (a loss reduced over ranks, detached) with ``local``'s graph when it has one: the value is
+    ``mean`` bit for bit (``local - local.detach()`` is exactly 0), the gradient that of this rank's
+    ``local``, which :class:`ExactGradients` averages over ranks."""
+    return mean + (local - local.detach()) if local.requires_grad else mean
 
 
 class ExactGradients:

@@ -33,6 +33,7 @@ from gradkit.errors import GradkitError
 from gradkit.estimators import policy_gradient_loss
 from gradkit.fsdp import clip_grad_norm_
 from gradkit.optim.zeroth_order import ZerothOrder
+from gradkit.optim.zo_exact import mean_keeping_graph, split_exact
 from gradkit.train.batching import forward_parts
 from gradkit.train.config import TrainConfig
 from gradkit.train.method_options import ZO_DEFAULT_SAMPLES, ZerothOrderOptions
@@ -78,8 +79,7 @@ def objective_value(
     :class:`gradkit.ZerothOrder` averages over ranks."""
     if objective == "loss":
         local = loss.float()
-        mean = accelerator.reduce(local.detach(), reduction="mean")
-        return mean + (local - local.detach()) if local.requires_grad else mean
+        return mean_keeping_graph(local, accelerator.reduce(local.detach(), reduction="mean"))
     preds = logits.argmax(-1)
     if objective == "accuracy":
         counts = torch.stack([(preds == labels).sum(), torch.tensor(labels.numel(), device=labels.device)])
@@ -122,10 +122,9 @@ class Mezo(Lora):
 
     def make_optimizer(self, model, cfg, lr):
         options = settings_from(ZerothOrderOptions, cfg.options)
-        trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        exact = [p for name, p in trained if options.zo_exact == "head" and is_head(name)]
+        zeroth, exact = split_exact(model.named_parameters(), is_head if options.zo_exact == "head" else None)
         return ZerothOrder(
-            [p for _, p in trained if not any(p is e for e in exact)],
+            zeroth,
             lr=lr,
             eps=options.zo_eps,
             n_samples=options.zo_samples or ZO_DEFAULT_SAMPLES[options.zo_estimator],
