@@ -170,7 +170,7 @@ def curve(key: str, r: dict) -> tuple[list[float], list[float]]:
 
 
 def goals(raw: dict, inference: dict | None) -> list[dict]:
-    """The issue's goals, each with its target, what was measured and whether it was met."""
+    """The benchmark's goals, each with its target, what was measured and whether it was met."""
     out = []
     body = {k: r for k, r in raw.items() if k.startswith(("spsa", "fzoo")) and k.split("/")[1] == "sst2"}
     if body:
