@@ -157,8 +157,7 @@ class ZerothOrderOptions:
     )
     zo_exact_lr: float = setting(
         1.0,
-        "SGD learning rate of the head under --zo-exact head (the label-text head on SST-2 did best at 1 "
-        "of 1e-2 to 3; docs/zeroth_order.md)",
+        "SGD learning rate of the head under --zo-exact head (a starting point: sweep it; docs/zeroth_order.md)",
         range=POSITIVE,
         example="1.0",
     )
