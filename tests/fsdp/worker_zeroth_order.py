@@ -28,8 +28,10 @@ def equal_steps(rank: int, restore: str, estimator: str = "spsa") -> dict:
     ref, model = tiny_mlp(torch.float64), shard(tiny_mlp(torch.float64))
     sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
     # fzoo's σ-normalised step moves about lr / eps per unit direction: its lr is eps times spsa's
-    n, lr = (2, 0.05) if estimator == "spsa" else (3, 1e-4)
+    n, lr = (3, 1e-4) if estimator == "fzoo" else (2, 0.05)
     kw = dict(lr=lr, eps=1e-3, n_samples=n, weight_decay=0.1, restore=restore, seed=7, estimator=estimator)
+    if estimator == "svrg":  # an anchor, a step between (θ̄ read from the anchor's shards), an anchor
+        kw["svrg_every"] = 2
     opt_ref, opt = ZerothOrder(ref.parameters(), **kw), ZerothOrder(model.parameters(), **kw)
     grads, grads_ref = [], []
     for step in range(3):
@@ -81,6 +83,7 @@ def bf16_restore(rank: int, restore: str) -> dict:
 def run(rank: int, world: int, argv: list[str]) -> dict:
     out = {f"fp64-{r}": equal_steps(rank, r) for r in ("exact", "subtract")}
     out.update({f"fp64-fzoo-{r}": equal_steps(rank, r, "fzoo") for r in ("exact", "subtract")})
+    out["fp64-svrg-exact"] = equal_steps(rank, "exact", "svrg")
     out.update({f"bf16-{r}": bf16_restore(rank, r) for r in ("exact", "subtract")})
     return out
 

@@ -24,6 +24,8 @@ from trainer_recipes_common import TokenRows, tiny_lora, training_args  # noqa: 
 CASES = {
     "spsa": ({"eps": 1e-2}, None),
     "fzoo-exact-head": ({"estimator": "fzoo", "n_samples": 3, "eps": 1e-2}, "lm_head"),
+    # an anchor on the step's own batch, a step that also reads θ̄, an anchor
+    "svrg": ({"estimator": "svrg", "svrg_every": 2, "eps": 1e-2}, None),
 }
 
 
@@ -82,10 +84,15 @@ def test_zo_trainer_equals_a_hand_written_loop(tmp_path, case):
     assert any(".lora_B" in n and bool(v.abs().sum() > 0) for n, v in ours.items())  # it trained
 
 
-def test_resumed_from_a_checkpoint_takes_the_same_steps(tmp_path):
+@pytest.mark.parametrize(
+    "zo_kwargs",
+    [{"eps": 1e-2}, {"eps": 1e-2, "estimator": "svrg", "svrg_every": 3}],  # svrg: resumed between anchors
+    ids=["spsa", "svrg"],
+)
+def test_resumed_from_a_checkpoint_takes_the_same_steps(tmp_path, zo_kwargs):
     def run(out: Path, resume: str | None = None):
         args = training_args(out, max_steps=4, save_strategy="steps", save_steps=2, learning_rate=1e-4)
-        trainer = ZOTrainer(model=tiny_lora(), args=args, train_dataset=TokenRows(), zo_kwargs={"eps": 1e-2})
+        trainer = ZOTrainer(model=tiny_lora(), args=args, train_dataset=TokenRows(), zo_kwargs=zo_kwargs)
         trainer.train(resume_from_checkpoint=resume)
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
         return lora_and_head(trainer.model), losses

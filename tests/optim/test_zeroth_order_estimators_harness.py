@@ -120,6 +120,12 @@ BAD = {
     "exact-metric": (("--zo-exact", "head", "--objective", "accuracy"), "--objective accuracy"),
     "unknown-estimator": (("--zo-estimator", "mezo"), "--zo-estimator"),
     "exact-lr-zero": (("--zo-exact", "head", "--zo-exact-lr", "0"), "--zo-exact-lr 0.0 is not allowed"),
+    "svrg-every-zero": (
+        ("--zo-estimator", "svrg", "--zo-svrg-every", "0"),
+        "--zo-svrg-every 0 is not allowed",
+    ),
+    "svrg-batches-zero": (("--zo-estimator", "svrg", "--zo-svrg-batches", "0"), "--zo-svrg-batches 0"),
+    "svrg-scale-negative": (("--zo-svrg-anchor-lr-scale", "-1"), "--zo-svrg-anchor-lr-scale -1.0"),
 }
 
 
@@ -141,3 +147,51 @@ def test_compare_checks_each_methods_options_before_running_any(tmp_path, monkey
     code = main([*args, "--steps", "1", "--out", str(tmp_path / "cmp")])
     assert code == 2 and "--zo-samples 1 with --zo-estimator fzoo" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_svrg_anchor_steps_read_their_batches_and_the_rest_four_forwards(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import gradkit.train.methods.zeroth_order as zo_method
+
+    calls = {"n": 0}
+    real = zo_method.objective_value
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zo_method, "objective_value", counting)
+    options = dict(zo_estimator="svrg", zo_svrg_every=2, zo_svrg_batches=3)
+    finetune(small_config(tiny_model_dir, tmp_path, "mezo", **options), progress=False)
+    # steps 1 and 3 are anchors (2 evaluations of 3 batches each), step 2 evaluates θ ± εz and θ̄ ± εz
+    assert calls["n"] == 2 * 3 + 4 + 2 * 3
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    trained = sum(
+        p.numel() for n, p in _prepared(tiny_model_dir, tmp_path).named_parameters() if p.requires_grad
+    )
+    assert summary["optimizer_state_bytes"] == 4 * trained  # θ̄: one fp32 copy of what trains
+
+
+def _prepared(tiny_model_dir, tmp_path):
+    cfg = small_config(tiny_model_dir, tmp_path / "probe", "mezo")
+    return Mezo().prepare(load_classifier(str(tiny_model_dir), 2, seed=0), cfg, [])
+
+
+def test_a_stopped_and_resumed_svrg_run_between_anchors_ends_bit_identical(tiny_model_dir, tmp_path):
+    options = dict(zo_estimator="svrg", zo_svrg_every=3, zo_svrg_batches=2, zo_exact="head")
+
+    def cfg(name: str):
+        c = small_config(tiny_model_dir, tmp_path / name, "mezo", **options)
+        c.steps, c.save_every = 6, 2
+        return c
+
+    through = finetune(cfg("through"), progress=False)
+    finetune(cfg("stopped"), progress=False, stop_after=3)
+    again = resume(tmp_path / "stopped" / "run", progress=False)
+    assert again["resumed_from_step"] == 2  # one step past the first anchor: θ̄ comes from the checkpoint
+    for name in ("trainable.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = tmp_path / "through" / "run" / name, tmp_path / "stopped" / "run" / name
+        if a.exists():
+            assert a.read_bytes() == b.read_bytes(), name
+    assert again["final_train_loss"] == through["final_train_loss"]

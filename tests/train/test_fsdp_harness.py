@@ -89,6 +89,19 @@ def runs(tiny_model_dir, tmp_path_factory) -> Path:
     lines.append([*_common(tiny_model_dir, root / "mezo-fsdp", "mezo"), "--fsdp", "--save-every", "2"])
     stopped = _common(tiny_model_dir, root / "mezo-resumed", "mezo")[1:]
     lines.append(["stop", "3", *stopped, "--fsdp", "--save-every", "2"])
+    svrg = [
+        "--zo-estimator",
+        "svrg",
+        "--zo-svrg-every",
+        "3",
+        "--zo-svrg-batches",
+        "2",
+        "--fsdp",
+        "--save-every",
+        "2",
+    ]
+    lines.append([*_common(tiny_model_dir, root / "svrg-fsdp", "mezo"), *svrg])
+    lines.append(["stop", "3", *_common(tiny_model_dir, root / "svrg-resumed", "mezo")[1:], *svrg])
     driver = root / "driver.py"
     driver.write_text(textwrap.dedent(DRIVER))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -199,10 +212,18 @@ def test_fsdp_keep_best_equals_the_ddp_run(runs):
 
 
 @pytest.mark.distributed
-def test_a_stopped_fsdp_mezo_run_resumes_to_the_same_bytes(runs):
-    """Zeroth order keeps no optimiser state, only its seed stream: a resumed sharded run redraws the
-    same perturbations."""
-    resumed, through = runs / "mezo-resumed", runs / "mezo-fsdp"
+@pytest.mark.parametrize("estimator", ["spsa", "svrg"])
+def test_a_stopped_fsdp_mezo_run_resumes_to_the_same_bytes(runs, estimator):
+    """spsa keeps no optimiser state, only its seed stream: a resumed sharded run redraws the same
+    perturbations. svrg, stopped between anchors, also reloads each rank's shards of its anchor θ̄."""
+    resumed, through = (
+        (runs / "mezo-resumed", runs / "mezo-fsdp")
+        if estimator == "spsa"
+        else (
+            runs / "svrg-resumed",
+            runs / "svrg-fsdp",
+        )
+    )
     assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 2
     got, want = _weights(resumed), _weights(through)
     assert got.keys() == want.keys() and len(got) > 1

@@ -18,6 +18,10 @@ through accelerate. Its training step is :class:`gradkit.ZerothOrder`'s instead 
   parameter's name), at ``exact_lr``; their gradient is averaged over processes.
 - Checkpoints hold the optimiser's ``state_dict``, the private generator of the directions included, so
   a run resumed from a checkpoint takes the same steps as one that never stopped.
+- ``estimator="svrg"``: the Trainer hands one batch per step, so an anchor step's estimate reads that
+  step's batch (raise ``per_device_train_batch_size`` for a larger one; the harness's
+  ``--zo-svrg-batches`` averages several). The anchor ``θ̄`` is in the optimiser's state and so in
+  every checkpoint.
 
 Gradient accumulation is refused: a zeroth-order step compares losses of one batch at nearby weights
 and has no gradient to accumulate; raise ``per_device_train_batch_size`` instead (memory grows only

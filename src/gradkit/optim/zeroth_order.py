@@ -22,7 +22,20 @@ divides the step by the probes' standard deviation ``σ``::
 
     θ_g  <- θ_g - lr_g · ( (1/n) Σ_k ((f(θ + ε z_k) - f(θ)) / (σ ε_g)) z_k  +  λ_g θ_g )
 
-(:mod:`gradkit.optim.zo_estimators` holds both estimators' formulas). Parameter groups marked exact
+``estimator="svrg"`` (MeZO-SVRG: Gautam et al. 2024, arXiv 2404.08080) is ``spsa`` with a control
+variate: every ``svrg_every`` steps an anchor step (:attr:`ZerothOrder.anchor_due`; the caller's
+closure then covers a large batch) stores ``θ̄ = θ`` and its projected gradients ``c̄_j`` along its own
+``z̄_j``, and each step in between evaluates its minibatch at ``θ`` and ``θ̄`` along the same ``z_k``::
+
+    θ  <- θ - lr · ( (1/n) Σ_k ((f(θ+εz_k) - f(θ-εz_k) - f(θ̄+εz_k) + f(θ̄-εz_k)) / 2ε) z_k
+                     + (1/m) Σ_j (c̄_j / ε) z̄_j )
+
+``θ̄`` is one buffer the size of the zeroth-order parameters, kept in the optimiser's state (it is
+saved with ``state_dict`` and counted as optimiser-state bytes); ``z̄_j`` are regenerated from their
+seeds like every other direction. Its embeddings are perturbed densely (the anchor's ``z̄`` is added to
+every row at every step).
+
+(:mod:`gradkit.optim.zo_estimators` holds the estimators' formulas). Parameter groups marked exact
 (``exact_params=``) are trained in the same step with the closure's own autograd gradient instead
 (:mod:`gradkit.optim.zo_exact`): a classification head's exact gradient costs a backward through the
 head alone, while a zeroth-order estimate of it would add its share of noise to every step.
@@ -93,6 +106,7 @@ from gradkit.optim.zo_estimators import (
     MIN_SAMPLES,
     fzoo_differences,
     spsa_differences,
+    svrg_differences,
 )
 from gradkit.optim.zo_exact import ExactGradients, exact_update_
 from gradkit.optim.zo_perturb import (
@@ -139,10 +153,13 @@ class ZerothOrder(torch.optim.Optimizer):
             estimator's own (gaussian for ``spsa``, rademacher for ``fzoo``).
         estimator: ``"spsa"`` (two-sided, MeZO) or ``"fzoo"`` (``n_samples >= 2`` one-sided probes
             around one shared ``f(θ)``, the step divided by the probes' standard deviation; FZOO,
-            arXiv 2506.09034); the formulas are in :mod:`gradkit.optim.zo_estimators`.
+            arXiv 2506.09034) or ``"svrg"`` (``spsa`` with MeZO-SVRG's anchor control variate, arXiv
+            2404.08080; restore="exact" only); the formulas are in :mod:`gradkit.optim.zo_estimators`.
         exact_params: tensors or param groups trained with the closure's exact autograd gradient
             instead (SGD, ``p <- p (1 - lr λ) - lr ∇p``; a head, say), each group with its own ``lr``;
             the closure's loss must then keep its graph to them. See :mod:`gradkit.optim.zo_exact`.
+        svrg_every: ``svrg``: an anchor step every this many steps (``q``; 1: every step is one).
+        anchor_lr_scale: ``svrg``: the anchor step's lr over ``lr`` (MeZO-SVRG's ``η1 / η2``).
     """
 
     def __init__(
@@ -161,6 +178,8 @@ class ZerothOrder(torch.optim.Optimizer):
         distribution: str | None = None,
         estimator: str = "spsa",
         exact_params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None = None,
+        svrg_every: int = 10,
+        anchor_lr_scale: float = 1.0,
     ):
         params = list(params)
         if not params or all(isinstance(g, dict) and not list(g.get("params", [])) for g in params):
@@ -185,6 +204,7 @@ class ZerothOrder(torch.optim.Optimizer):
             )
         if max_bad_steps < 1:
             raise GradkitError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
+        _check_svrg(estimator, restore, svrg_every, anchor_lr_scale)
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, decay_1d=decay_1d, exact=False)
         super().__init__(params, defaults)
         for group in _as_groups(exact_params):
@@ -206,6 +226,10 @@ class ZerothOrder(torch.optim.Optimizer):
         self._saved: list[torch.Tensor] | None = None  # FSDP2: saved shards (exact) or [] (subtract)
         self._at = 0.0  # restore="subtract": the stored parameters are at θ + _at·ε z
         self._generator = torch.Generator().manual_seed(int(seed))
+        self.svrg_every, self.anchor_lr_scale = int(svrg_every), float(anchor_lr_scale)
+        self._anchor: list[tuple[int, float]] = []  # svrg: the anchor's (seed, c̄_j), θ̄ in self.state
+        self._since_anchor = 0  # svrg: steps taken since the anchor step
+        self._base: list[torch.Tensor] | None = None  # FSDP2 svrg: the shards evaluations start from
         self._warned_bad = False
         self._warned_unused = False
 
@@ -266,14 +290,17 @@ class ZerothOrder(torch.optim.Optimizer):
         entries = self._entries()
         seeds, seen = self._begin_step(entries)
         exact = self._exact_gradients(entries)
-        estimate = self._spsa if self.estimator == "spsa" else self._fzoo
+        estimate = {"spsa": self._spsa, "fzoo": self._fzoo, "svrg": self._svrg}[self.estimator]
         try:
             with exact.zeroth_frozen() if exact else contextlib.nullcontext():
                 values, diffs = estimate(closure, entries, seeds, seen, exact)
             if diffs is None:
                 return self._skip(values)
             self.bad_steps_in_row = 0
-            self._update(entries, seeds, diffs, seen)
+            lr_scale = 1.0
+            if self.estimator == "svrg":
+                seeds, diffs, lr_scale = self._svrg_terms(entries, seeds, diffs)
+            self._update(entries, seeds, diffs, seen, lr_scale)
             if exact is not None:
                 self._update_exact(exact)
         finally:
@@ -297,6 +324,73 @@ class ZerothOrder(torch.optim.Optimizer):
         eps0 = entries[0][0]["eps"]
         self.last_projected_grads = [d / eps0 for d in diffs]
         return values, diffs
+
+    @property
+    def anchor_due(self) -> bool:
+        """``svrg``: the next step is an anchor step (its closure should cover the large batch)."""
+        return self.estimator == "svrg" and (not self._anchor or self._since_anchor >= self.svrg_every - 1)
+
+    def _svrg(
+        self, closure: Callable[[], Any], entries: list[Entry], seeds: list[int], seen: set[int], exact
+    ) -> tuple[list[float], list[float] | None]:
+        """An anchor step's ``spsa`` evaluations, or a step's losses at ``θ`` and MeZO-SVRG's
+        ``d_k`` (the minibatch's difference at ``θ`` less the one at ``θ̄``; None after a non-finite loss)."""
+        if self.anchor_due:
+            return self._spsa(closure, entries, seeds, seen, exact)
+        here: list[float] = []
+        there: list[float] = []
+        for k, seed in enumerate(seeds):
+            losses = self._two_sided(closure, entries, seed, seen, k == 0, exact)
+            here.extend(losses)
+            if not all(math.isfinite(v) for v in losses):
+                return here, None
+            with self._at_anchor(entries):  # the exact parameters get no gradient at θ̄
+                losses = self._two_sided(closure, entries, seed, seen, False)
+            there.extend(losses)
+            if not all(math.isfinite(v) for v in losses):
+                return here + there, None
+        diffs = svrg_differences(here[0::2], here[1::2], there[0::2], there[1::2])
+        eps0 = entries[0][0]["eps"]
+        self.last_projected_grads = [d / eps0 for d in diffs]
+        return here, diffs
+
+    @contextlib.contextmanager
+    def _at_anchor(self, entries: list[Entry]):
+        """Every zeroth-order parameter reads as the anchor ``θ̄`` (plain tensors: their ``.data`` is the
+        anchor buffer; FSDP2 shards: evaluations perturb from the anchor's shard)."""
+        plain = [p for _, p, _ in entries if not is_dtensor(p)]
+        originals = [p.data for p in plain]
+        for p in plain:
+            p.data = self.state[p]["svrg_anchor"]
+        self._base = [local(self.state[p]["svrg_anchor"]) for _, p, _ in self._sharded]
+        try:
+            yield
+        finally:
+            for p, original in zip(plain, originals, strict=True):
+                p.data = original
+            self._base = None
+
+    def _svrg_terms(
+        self, entries: list[Entry], seeds: list[int], diffs: list[float]
+    ) -> tuple[list[int], list[float], float]:
+        """The directions, ``d`` and lr scale the update takes. An anchor step first stores ``θ̄ = θ``
+        and its ``(seed, c̄_j)``; a step in between adds the anchor's directions, each set weighted so
+        the update's ``1 / (n + m)`` makes ``1/n`` of the fresh and ``1/m`` of the anchor's."""
+        if self.anchor_due:
+            for _, p, _ in entries:
+                state = self.state[p]
+                if "svrg_anchor" in state:
+                    state["svrg_anchor"].copy_(p.data)
+                else:
+                    state["svrg_anchor"] = p.data.detach().clone()
+            self._anchor = list(zip(seeds, diffs, strict=True))
+            self._since_anchor = 0
+            return seeds, diffs, self.anchor_lr_scale
+        n, m = len(seeds), len(self._anchor)
+        self._since_anchor += 1
+        all_seeds = seeds + [seed for seed, _ in self._anchor]
+        all_diffs = [d * (n + m) / n for d in diffs] + [c * (n + m) / m for _, c in self._anchor]
+        return all_seeds, all_diffs, 1.0
 
     def _fzoo(
         self, closure: Callable[[], Any], entries: list[Entry], seeds: list[int], seen: set[int], exact
@@ -333,6 +427,8 @@ class ZerothOrder(torch.optim.Optimizer):
         # FSDP2: sharded parameters are perturbed in place on every rank (FSDP gathers them whole for
         # every forward, so they count as read); exact restore copies their saved bits back
         self._sharded = [e for e in entries if is_dtensor(e[1])]
+        if self.estimator == "svrg":  # the anchor's z̄ is added to every row at every step
+            self._sparse_now = False
         if self._sharded:
             self._saved = (
                 [local(p.data).clone() for _, p, _ in self._sharded] if self.restore == "exact" else []
@@ -394,7 +490,8 @@ class ZerothOrder(torch.optim.Optimizer):
                 value = closure()
         else:
             plain = [e for e in entries if not is_dtensor(e[1])]
-            perturb_shards(self._directions, self._sharded, self._saved or [], seed, sign)
+            base = self._base if self._base is not None else (self._saved or [])
+            perturb_shards(self._directions, self._sharded, base, seed, sign)
             try:
                 with Perturbed(self._directions, plain, seed, sign, seen, self._sparse_now), fresh:
                     value = closure()
@@ -413,11 +510,19 @@ class ZerothOrder(torch.optim.Optimizer):
                 stacklevel=5,
             )
 
-    def _update(self, entries: list[Entry], seeds: list[int], diffs: list[float], seen: set[int]) -> None:
-        """``θ_g <- θ_g − lr_g ((1/n) Σ_k (d_k / ε_g) z_k + λ_g θ_g)``, regenerating each ``z_k``."""
+    def _update(
+        self,
+        entries: list[Entry],
+        seeds: list[int],
+        diffs: list[float],
+        seen: set[int],
+        lr_scale: float = 1.0,
+    ) -> None:
+        """``θ_g <- θ_g − lr_g ((1/n) Σ_k (d_k / ε_g) z_k + λ_g θ_g)``, regenerating each ``z_k``
+        (``lr_g`` times ``lr_scale``: ``svrg``'s anchor steps)."""
         n = len(seeds)
         for group, p, index in entries:
-            lr = group["lr"]
+            lr = group["lr"] * lr_scale
             if lr == 0 or (self.restore == "exact" and index not in seen):
                 continue
             decay = group["weight_decay"] if (p.ndim >= 2 or group["decay_1d"]) else 0.0
@@ -505,6 +610,12 @@ class ZerothOrder(torch.optim.Optimizer):
             "sparse_embeddings": self.sparse_embeddings,
             "distribution": self._directions.distribution,
             "estimator": self.estimator,
+            "svrg": {
+                "anchor": list(self._anchor),
+                "since_anchor": self._since_anchor,
+                "every": self.svrg_every,
+                "anchor_lr_scale": self.anchor_lr_scale,
+            },
         }
         return state
 
@@ -523,6 +634,23 @@ class ZerothOrder(torch.optim.Optimizer):
             if "distribution" in extra:  # a state without it drew Gaussians
                 self._directions.distribution = extra["distribution"]
             self.estimator = extra.get("estimator", "spsa")  # a state without it was MeZO's
+            svrg = extra.get("svrg", {})
+            self._anchor = [(int(seed), float(c)) for seed, c in svrg.get("anchor", [])]
+            self._since_anchor = int(svrg.get("since_anchor", 0))
+            self.svrg_every = int(svrg.get("every", self.svrg_every))
+            self.anchor_lr_scale = float(svrg.get("anchor_lr_scale", self.anchor_lr_scale))
+
+
+def _check_svrg(estimator: str, restore: str, every: int, anchor_lr_scale: float) -> None:
+    """``svrg``'s own arguments (checked for every estimator: a bad value is a bug wherever it is)."""
+    if not isinstance(every, int) or every < 1:
+        raise GradkitError(f"svrg_every must be an integer >= 1, got {every!r}; pass e.g. svrg_every=10")
+    if not (math.isfinite(anchor_lr_scale) and anchor_lr_scale > 0):
+        raise GradkitError(f"anchor_lr_scale must be finite and > 0, got {anchor_lr_scale}; pass e.g. 1.0")
+    if estimator == "svrg" and restore != "exact":
+        raise GradkitError(
+            "estimator 'svrg' evaluates at its stored anchor through exact restore; use restore='exact'"
+        )
 
 
 def _as_groups(params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | None) -> list[dict[str, Any]]:

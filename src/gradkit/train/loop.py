@@ -524,7 +524,8 @@ class FineTune:
         cfg, state, optimizer = self.cfg, self.state, self.optimizer
         current_lr = self.scheduler.get_last_lr()[0]
         skipped_before = _skipped_steps(optimizer)
-        loss = self.method.train_step(self.model, self.batches.step(step), optimizer, self.accelerator, cfg)
+        batch = self.method.step_batch(self.batches, step, optimizer)
+        loss = self.method.train_step(self.model, batch, optimizer, self.accelerator, cfg)
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(step)

@@ -32,10 +32,10 @@ DEFAULT_MOMENTS = "projected"
 OPTIMIZERS = ("adamw", "sgd")
 X_SOLUTIONS = ("sylvester", "symmetric", "zero")
 ZO_DISTRIBUTIONS = ("gaussian", "rademacher")
-ZO_ESTIMATORS = ("spsa", "fzoo")
+ZO_ESTIMATORS = ("spsa", "fzoo", "svrg")
 ZO_EXACT = ("none", "head")
 # --zo-samples when not given: one direction for MeZO's spsa; FZOO's σ needs several probes
-ZO_DEFAULT_SAMPLES = {"spsa": 1, "fzoo": 8}
+ZO_DEFAULT_SAMPLES = {"spsa": 1, "fzoo": 8, "svrg": 1}
 ZO_PARAMS = ("lora", "all", "head")
 OBJECTIVES = ("loss", "accuracy", "f1")
 
@@ -134,19 +134,33 @@ class ZerothOrderOptions:
         "mezo's gradient estimate: spsa (MeZO: f(θ + eps z) - f(θ - eps z), 2 forwards per direction) or "
         "fzoo (FZOO: f(θ) and N one-sided probes f(θ + eps z), N + 1 forwards, the step divided by the "
         "probes' standard deviation, so a step moves about lr / eps per unit direction: sweep lr near "
-        "1e-5 at eps 1e-3)",
+        "1e-5 at eps 1e-3) or svrg (MeZO-SVRG: spsa with an anchor estimate over --zo-svrg-batches "
+        "batches every --zo-svrg-every steps as control variate, 4 forwards per step in between; keeps "
+        "one copy of the trained weights)",
         choices=ZO_ESTIMATORS,
+    )
+    zo_svrg_every: int = setting(
+        10, "svrg: an anchor step every N steps (1: every step is one)", range=Range(1), example="10"
+    )
+    zo_svrg_batches: int = setting(
+        8,
+        "svrg: the anchor step at step s averages the loss over the step batches s .. s + N - 1",
+        range=Range(1),
+        example="8",
+    )
+    zo_svrg_anchor_lr_scale: float = setting(
+        1.0, "svrg: the anchor step's lr over --lr (MeZO-SVRG's eta1 / eta2)", range=POSITIVE, example="1.0"
     )
     zo_samples: int | None = setting(
         None,
-        "directions per step (default: 1 for spsa, 8 for fzoo, which needs at least 2)",
+        "directions per step (default: 1 for spsa and svrg, 8 for fzoo, which needs at least 2)",
         range=Range(1),
         example="8",
     )
     zo_distribution: str | None = setting(
         None,
         "law of the directions z: gaussian (MeZO) or rademacher (±1, Spall's SPSA; cheaper to draw); "
-        "default: the estimator's (gaussian for spsa, rademacher for fzoo)",
+        "default: the estimator's (gaussian for spsa and svrg, rademacher for fzoo)",
         choices=ZO_DISTRIBUTIONS,
     )
     zo_exact: str = setting(

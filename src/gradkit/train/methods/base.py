@@ -96,6 +96,11 @@ class Method:
         """AdamW over the trainable parameters at ``lr``, with weight decay off biases and norms."""
         return adamw(decay_groups(model, cfg.weight_decay), lr)
 
+    def step_batch(self, batches: Any, step: int, optimizer: torch.optim.Optimizer) -> Any:
+        """What step ``step`` (1-based) trains on: this process's share of its batch
+        (:class:`gradkit.train.datasets.StepBatches`); a method may read more."""
+        return batches.step(step)
+
     def train_step(
         self,
         model: nn.Module,

@@ -2,8 +2,10 @@
 Malladi et al. 2023, arXiv 2305.17333) and ``policy-gradient`` (REINFORCE, Williams 1992).
 
 ``mezo`` trains with :class:`gradkit.ZerothOrder`: two forward passes per direction (``--zo-estimator
-spsa``, MeZO's) or one base forward and ``N`` probes (``fzoo``), no backward, so training needs the
-memory of inference. ``--zo-exact head`` trains the classification head with its exact gradient in the
+spsa``, MeZO's), one base forward and ``N`` probes (``fzoo``), or MeZO-SVRG's ``svrg`` (an anchor step
+over ``--zo-svrg-batches`` step batches every ``--zo-svrg-every`` steps, four forwards per direction
+in between), no backward, so training needs the memory of inference (``svrg``: plus one copy of the
+trained weights). ``--zo-exact head`` trains the classification head with its exact gradient in the
 same step (a backward through the head alone; the encoder's forward records no graph).
 ``--objective accuracy`` or ``f1`` optimises the batch metric of argmax predictions directly (the
 closure returns ``1 - metric``), something no gradient reaches. ``policy-gradient`` samples labels
@@ -123,6 +125,7 @@ class Mezo(Lora):
     def make_optimizer(self, model, cfg, lr):
         options = settings_from(ZerothOrderOptions, cfg.options)
         zeroth, exact = split_exact(model.named_parameters(), is_head if options.zo_exact == "head" else None)
+        self._svrg_batches = options.zo_svrg_batches
         return ZerothOrder(
             zeroth,
             lr=lr,
@@ -133,18 +136,33 @@ class Mezo(Lora):
             seed=cfg.seed,  # the same on every rank: the same directions everywhere
             estimator=options.zo_estimator,
             exact_params=[{"params": exact, "lr": options.zo_exact_lr}] if exact else None,
+            svrg_every=options.zo_svrg_every,
+            anchor_lr_scale=options.zo_svrg_anchor_lr_scale,
         )
+
+    def step_batch(self, batches, step, optimizer):
+        """``svrg``'s anchor step reads the step batches ``step .. step + zo_svrg_batches - 1`` (a list);
+        every other step its own batch. A function of the step and the optimiser's saved state alone, so
+        a resumed run reads the same data."""
+        zeroth = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        if not zeroth.anchor_due:
+            return batches.step(step)
+        return [batches.step(step + i) for i in range(self._svrg_batches)]
 
     def train_step(self, model, batch, optimizer, accelerator, cfg):
         objective = settings_from(ZerothOrderOptions, cfg.options).objective
-        parts = parts_of(batch, cfg, accelerator)  # less padding; the objective is the whole batch's
+        # less padding; the objective is each batch's whole (an svrg anchor: the mean over its batches)
+        batches = [parts_of(b, cfg, accelerator) for b in (batch if isinstance(batch, list) else [batch])]
 
-        def closure() -> torch.Tensor:
+        def one(parts) -> torch.Tensor:
             if cfg.task == "causal-lm":  # the token-weighted mean loss; logits of parts differ in length
                 loss = sum(model(**part).loss * weight for part, weight in parts)
                 return objective_value(None, None, "loss", accelerator, loss)
             loss, logits, labels = forward_parts(model, parts)
             return objective_value(logits, labels, objective, accelerator, loss)
+
+        def closure() -> torch.Tensor:
+            return one(batches[0]) if len(batches) == 1 else sum(one(p) for p in batches) / len(batches)
 
         was_training = model.training
         # no dropout during the two evaluations (as in MeZO): with different masks, f+ - f- would be noise
