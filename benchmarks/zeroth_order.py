@@ -54,9 +54,18 @@ MODES = (
     "zo-lora-rademacher",
     "zo-full",
     "zo-full-rademacher",
+    "zo-full-fzoo",
+    "zo-full-svrg",
     "adamw-lora",
     "adamw-full",
 )
+# ZerothOrder's settings by the mode's last word; svrg's anchor comes once (the warm-up step), then only
+# steps between anchors are timed
+ZO_SETTINGS = {
+    "rademacher": {"distribution": "rademacher"},
+    "fzoo": {"estimator": "fzoo", "n_samples": 8},
+    "svrg": {"estimator": "svrg", "svrg_every": 10**6},
+}
 LABELS = {
     "inference": "plain inference (no_grad forward)",
     "inference-lora": "plain inference of the PEFT LoRA model",
@@ -64,6 +73,8 @@ LABELS = {
     "zo-full": "ZerothOrder step, every weight (exact restore)",
     "zo-lora-rademacher": "ZerothOrder step, LoRA + head, Rademacher z",
     "zo-full-rademacher": "ZerothOrder step, every weight, Rademacher z",
+    "zo-full-fzoo": "ZerothOrder fzoo step (8 probes), every weight",
+    "zo-full-svrg": "ZerothOrder svrg step between anchors, every weight",
     "adamw-lora": "backprop + AdamW step, LoRA + head",
     "adamw-full": "backprop + AdamW step, every weight",
 }
@@ -118,8 +129,7 @@ def child(mode: str, model_dir: str | None, batch_size: int, max_length: int, re
     )
     batch["labels"] = torch.tensor(data.labels[:batch_size])
     model = load_classifier(model_dir, num_labels=2, seed=0)
-    distribution = "rademacher" if mode.endswith("-rademacher") else "gaussian"
-    mode_base = mode.removesuffix("-rademacher")
+    mode_base = "-".join(mode.split("-")[:2])  # inference, inference-lora, zo-lora, zo-full, adamw-full
     if mode_base.endswith("lora"):
         from peft import LoraConfig, get_peft_model
 
@@ -136,7 +146,7 @@ def child(mode: str, model_dir: str | None, batch_size: int, max_length: int, re
     if mode.startswith("zo"):
         from gradkit import ZerothOrder
 
-        optimizer = ZerothOrder(params, lr=1e-6, eps=1e-3, distribution=distribution)
+        optimizer = ZerothOrder(params, lr=1e-6, eps=1e-3, **ZO_SETTINGS.get(mode.split("-", 2)[-1], {}))
         model.eval()  # as the mezo method does: no dropout in the two evaluations
 
         def op() -> None:
@@ -185,7 +195,7 @@ def child(mode: str, model_dir: str | None, batch_size: int, max_length: int, re
         default=0,
     )
     state = 0
-    if optimizer is not None and not mode.startswith("zo"):
+    if optimizer is not None:  # AdamW's moments; svrg's anchor
         state = sum(
             v.numel() * v.element_size()
             for s in optimizer.state.values()
@@ -648,6 +658,7 @@ def cost(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any]:
         f"its forward (largest here: {zo['largest_perturbed_module_bytes'] / 2**20:.1f} MiB), plus one z buffer.",
     ]
     notes.append(args.load_note)
+    goals = cost_goals(results)
     if args.estimates:
         table, note, raw_estimates = estimate_quality(args, model_dir)
         tables.append(table)
@@ -663,10 +674,48 @@ def cost(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any]:
             "title": "Zeroth order (MeZO-style): memory and time of a step vs inference and backprop",
             "claim": "A ZerothOrder step fits in the memory of inference and costs about two forwards.",
             "tables": tables,
+            "goals": goals,
             "notes": notes,
             "raw": {"cost": results},
         },
     }
+
+
+def cost_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The step's cost goals: the memory of inference, a full-weight spsa step within 2.3 forwards with
+    either law of z, and an fzoo step of n probes within 1.1 x (n + 1) / 2 spsa steps (same law)."""
+    inf = results["inference"]
+
+    def ratio(mode: str) -> float:
+        return results[mode]["seconds"] / results[mode]["forward_seconds"]
+
+    out = [
+        {
+            "goal": "a ZerothOrder step (every weight) fits in the memory of inference",
+            "target": "peak RSS <= 1.10x inference",
+            "measured": f"{results['zo-full']['peak_rss_mib'] / inf['peak_rss_mib']:.2f}x",
+            "met": results["zo-full"]["peak_rss_mib"] <= 1.10 * inf["peak_rss_mib"],
+        }
+    ]
+    for mode, law in (("zo-full", "Gaussian z (spsa's default)"), ("zo-full-rademacher", "Rademacher z")):
+        out.append(
+            {
+                "goal": f"a full-weight spsa step, {law}, within 2.3 inference forwards of the same batch",
+                "target": "<= 2.30x one forward (two forwards are the floor)",
+                "measured": f"{ratio(mode):.2f}x",
+                "met": ratio(mode) <= 2.3,
+            }
+        )
+    limit = 1.1 * (8 + 1) / 2 * ratio("zo-full-rademacher")
+    out.append(
+        {
+            "goal": "an fzoo step (8 probes, Rademacher) within (n + 1) / 2 spsa steps plus 10%",
+            "target": f"<= {limit:.2f}x one forward (1.1 x 4.5 x the Rademacher spsa step)",
+            "measured": f"{ratio('zo-full-fzoo'):.2f}x",
+            "met": ratio("zo-full-fzoo") <= limit,
+        }
+    )
+    return out
 
 
 def estimate_quality(args: argparse.Namespace, model_dir: str | None) -> tuple[dict[str, Any], str, Any]:

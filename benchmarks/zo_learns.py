@@ -35,15 +35,26 @@ FORWARDS = 1000  # forward passes per zeroth-order run (MeZO: 500 steps; its cur
 EVALS = 10  # dev evaluations per run, at equal shares of the budget
 FZOO = ["--zo-estimator", "fzoo", "--zo-samples", "8"]
 EXACT = ["--zo-exact", "head"]
+SVRG = ["--zo-estimator", "svrg", "--zo-svrg-every", "10", "--zo-svrg-batches", "8"]
+SVRG_PER_STEP = (2 * 8 + 4 * 9) / 10  # an anchor of 8 batches (2 forwards each), then 9 steps of 4
 RTE = ["--train", f"{DATA}/rte/train.tsv", "--test", f"{DATA}/rte/dev.tsv", "--pair-encoding", "cross"]
 RTE += ["--head-init", "labels", "--head-warmup", "50"]
 # (study, task, extra options, forwards per step, lr grid)
 ROWS = [
     ("spsa-lora", "sst2", [], 2, (5e-4, 1e-3, 2e-3)),
     ("spsa-all", "sst2", ["--zo-params", "all"], 2, (1e-6, 2e-6, 4e-6)),
+    (
+        "spsa-all-rademacher",
+        "sst2",
+        ["--zo-params", "all", "--zo-distribution", "rademacher"],
+        2,
+        (1e-6, 2e-6, 4e-6),
+    ),
     ("spsa-lora-exact", "sst2", EXACT, 2, (5e-4, 1e-3, 2e-3)),
     ("fzoo-lora", "sst2", FZOO, 9, (5e-6, 1e-5, 2e-5)),
     ("fzoo-lora-exact", "sst2", FZOO + EXACT, 9, (5e-6, 1e-5, 2e-5)),
+    ("svrg-lora", "sst2", SVRG, SVRG_PER_STEP, (5e-4, 1e-3, 2e-3)),
+    ("svrg-lora-exact", "sst2", SVRG + EXACT, SVRG_PER_STEP, (5e-4, 1e-3, 2e-3)),
     ("exact-head-alone", "sst2", EXACT, 2, (1e-9,)),  # the control: the encoder does not move
     ("spsa-lora-exact", "rte", EXACT, 2, (5e-4, 1e-3, 2e-3)),
     ("fzoo-lora-exact", "rte", FZOO + EXACT, 9, (5e-6, 1e-5, 2e-5)),
@@ -52,9 +63,12 @@ TASKS = {"sst2": SST2_LABELS, "rte": RTE}
 LABELS = {
     "spsa-lora": "MeZO (spsa), LoRA + head",
     "spsa-all": "MeZO (spsa), every weight",
+    "spsa-all-rademacher": "spsa, every weight, Rademacher z",
     "spsa-lora-exact": "spsa on LoRA, head exact",
     "fzoo-lora": "fzoo (8 probes), LoRA + head",
     "fzoo-lora-exact": "fzoo (8 probes) on LoRA, head exact",
+    "svrg-lora": "MeZO-SVRG, LoRA + head",
+    "svrg-lora-exact": "MeZO-SVRG on LoRA, head exact",
     "exact-head-alone": "head alone by its gradient (control)",
 }
 
@@ -62,7 +76,7 @@ LABELS = {
 def group(row: tuple) -> tuple:
     """The :func:`benchmarks.method_regimes.measure` group of a row: its options and step budget."""
     study, task, extra, per_step, grid = row
-    steps = FORWARDS // per_step
+    steps = int(FORWARDS // per_step)
     budget = ["--steps", str(steps), "--eval-every", str(max(1, steps // EVALS))]
     return (study, task, "mezo", [*TASKS[task], *extra, *budget], grid, "dev")  # measure() adds COMMON
 
@@ -176,7 +190,9 @@ def curve(key: str, r: dict) -> tuple[list[float], list[float]]:
 def goals(raw: dict, inference: dict | None) -> list[dict]:
     """The benchmark's goals, each with its target, what was measured and whether it was met."""
     out = []
-    body = {k: r for k, r in raw.items() if k.startswith(("spsa", "fzoo")) and k.split("/")[1] == "sst2"}
+    body = {
+        k: r for k, r in raw.items() if k.startswith(("spsa", "fzoo", "svrg")) and k.split("/")[1] == "sst2"
+    }
     if body:
         best = max(body, key=lambda k: statistics.mean(x["test"] for x in body[k]["runs"].values()))
         runs = list(body[best]["runs"].values())
@@ -265,7 +281,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--only", default="", help="comma-separated study/task keys to run, e.g. spsa-lora/sst2")
+    parser.add_argument(
+        "--only", default="", help="comma-separated study/task keys to run, e.g. spsa-lora/sst2"
+    )
     return parser.parse_args(argv)
 
 
