@@ -96,6 +96,9 @@ EDGES = {
     "loraplus-ratio-nan": (("--method", "lora-plus", "--loraplus-ratio", "nan"), "--loraplus-ratio nan"),
     "loraplus-ratio-negative": (("--method", "lora-plus", "--loraplus-ratio", "-1"), "--loraplus-ratio -1.0"),
     "peft-ga-batches-zero": (("--method", "peft-lora-ga", "--peft-ga-batches", "0"), "--peft-ga-batches 0"),
+    "peft-init-batches-zero": (("--method", "eva", "--peft-init-batches", "0"), "--peft-init-batches 0"),
+    "eva-rho-below-one": (("--method", "eva", "--eva-rho", "0.5"), "--eva-rho 0.5 is not allowed"),
+    "corda-method-unknown": (("--method", "corda", "--corda-method", "pca"), "--corda-method"),
     # a method's option is checked whichever method runs
     "zo-eps-zero-with-lora": (("--method", "lora", "--zo-eps", "0"), "--zo-eps 0.0 is not allowed"),
 }

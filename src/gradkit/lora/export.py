@@ -179,7 +179,8 @@ def save_adapter(peft_model: nn.Module, path: str | os.PathLike, *, adapter: str
     (``sqrt(2) alpha`` with rsLoRA), per layer through ``rank_pattern``/``alpha_pattern`` where needed.
     Other layers and ``modules_to_save`` (e.g. a classification head) are PEFT's own, so a model without
     LoRA-GA layers is saved as ``peft_model.save_pretrained`` saves it, its collections of names (PEFT's
-    sets) sorted (:func:`stable_config`). ``adapter`` defaults to
+    sets) sorted (:func:`stable_config`) and its ``init_lora_weights`` plain LoRA's (``True``: the file
+    holds trained factors, and PiSSA's or CorDA's initialisation would rewrite the base it is loaded onto). ``adapter`` defaults to
     the active one. The folder is written beside ``path`` under a temporary name, then renamed onto it
     (an existing folder is replaced). Returns ``path``.
     """
@@ -201,15 +202,19 @@ def save_adapter(peft_model: nn.Module, path: str | os.PathLike, *, adapter: str
     path = Path(path)
     with atomic_dir(path) as tmp:
         staging = tmp / "peft"
-        if replaced:
-            state = dict(model.state_dict())  # references, no copies
-            state.update(replaced)
-            export = _export_config(config, wanted, bool(config.use_rslora))
-            with _swapped_config(model, adapter, export), stable_config(model):
-                model.save_pretrained(str(staging), selected_adapters=[adapter], state_dict=state)
-        else:
-            with stable_config(model):
-                model.save_pretrained(str(staging), selected_adapters=[adapter])
+        state = dict(model.state_dict())  # references, no copies
+        state.update(replaced)
+        export = (
+            _export_config(config, wanted, bool(config.use_rslora)) if replaced else copy.deepcopy(config)
+        )
+        # the file holds the trained factors: loading must run no initialisation of its own (PiSSA's or
+        # CorDA's would rewrite the base weights it is loaded onto)
+        export.init_lora_weights = True
+        for name in ("eva_config", "corda_config"):  # their initialisation's settings, read by nothing now
+            if getattr(export, name, None) is not None:
+                setattr(export, name, None)
+        with _swapped_config(model, adapter, export), stable_config(model):
+            model.save_pretrained(str(staging), selected_adapters=[adapter], state_dict=state)
         # PEFT puts a non-default adapter in a subfolder of its own name; the caller asked for `path`
         source = staging if adapter == "default" else staging / adapter
         for item in source.iterdir():

@@ -285,6 +285,16 @@ def load_checkpoint(folder: Path, process_index: int = 0):
     return tensors, state, best, local
 
 
+def load_method_state(folder: Path, process_index: int = 0) -> dict:
+    """The method's own state in a checkpoint (what :meth:`Method.state_dict` returned on this process),
+    read alone: a method may need it to shape the model before the tensors are loaded."""
+    try:
+        return torch.load(folder / f"rng-rank{process_index}.pt", weights_only=True)["local"]
+    except Exception as err:
+        reason = " ".join(str(err).split())[:200]
+        raise GradkitError(f"{folder} has no readable state for process {process_index} ({reason})") from None
+
+
 def load_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy checkpoint tensors into the model's parameters and buffers of the same names (exact). A
     parameter sharded by FSDP2 takes this rank's rows of a whole tensor (or a DTensor laid out like it),

@@ -46,6 +46,7 @@ from gradkit.train.checkpoint import (
     CHECKPOINTS,
     find_checkpoint,
     load_checkpoint,
+    load_method_state,
     save_checkpoint,
     set_rng_state,
     verify_checkpoint,
@@ -319,7 +320,9 @@ class FineTune:
         cfg = self.cfg
         self.state = RunState(num_processes=self.processes)
         if self.checkpoint is not None:
-            # the warmed head is among the checkpoint's tensors
+            # the method's own state first (EVA's ranks shape its layers); the warmed head is among the
+            # checkpoint's tensors
+            self.method.load_state_dict(load_method_state(self.checkpoint, self.rank))
             self.model = self.method.prepare_for_resume(self.model, cfg)
         else:
             self._start_metrics()

@@ -38,6 +38,7 @@ ZO_EXACT = ("none", "head")
 ZO_DEFAULT_SAMPLES = {"spsa": 1, "fzoo": 8, "svrg": 1}
 ZO_PARAMS = ("lora", "all", "head")
 OBJECTIVES = ("loss", "accuracy", "f1")
+CORDA_METHODS = ("ipm", "kpm")
 
 POSITIVE = Range(0, low_open=True)
 
@@ -115,6 +116,32 @@ class PeftLoraGAOptions:
     title: ClassVar[str] = "PEFT's LoRA-GA"
 
     peft_ga_batches: int = setting(8, "batches for the gradient estimate", range=Range(1), example="8")
+
+
+@dataclass(frozen=True)
+class PeftInitOptions:
+    """PEFT's data-aware LoRA initialisations (gradkit.train.methods.peft_inits)."""
+
+    title: ClassVar[str] = "PEFT's LoRA initialisations"
+
+    peft_init_batches: int = setting(
+        8,
+        "eva, corda: training batches of the initialisation's data pass (the stream's next ones)",
+        range=Range(1),
+        example="8",
+    )
+    eva_rho: float = setting(
+        2.0,
+        "eva: a layer's rank may grow to rho times --rank by explained variance (1: every layer keeps --rank)",
+        range=Range(1),
+        example="2.0",
+    )
+    corda_method: str = setting(
+        "ipm",
+        "corda: ipm adapts the input covariance's principal components (instruction-previewed), kpm keeps "
+        "them frozen and adapts the smallest (knowledge-preserved)",
+        choices=CORDA_METHODS,
+    )
 
 
 @dataclass(frozen=True)
@@ -241,6 +268,18 @@ CATALOGUE: dict[str, MethodCard] = {
         "PEFT's own LoRA-GA initialisation (preprocess_loraga), for comparison with lora-ga",
         (PeftLoraGAOptions,),
     ),
+    "pissa": MethodCard(
+        "PEFT's PiSSA: LoRA from each weight's top singular components, the base their residual",
+    ),
+    "olora": MethodCard("PEFT's OLoRA: LoRA from a QR decomposition of each weight, the base the residual"),
+    "eva": MethodCard(
+        "PEFT's EVA: A from the SVD of each layer's input activations, ranks redistributed, B = 0",
+        (PeftInitOptions,),
+    ),
+    "corda": MethodCard(
+        "PEFT's CorDA: LoRA from the decomposition of W times its input covariance, the base the residual",
+        (PeftInitOptions,),
+    ),
     "mezo": MethodCard(
         "zeroth-order (MeZO): two forwards per step, no backward, memory of inference",
         (ZerothOrderOptions,),
@@ -260,6 +299,7 @@ OPTION_GROUPS: tuple[type, ...] = (
     LoraProOptions,
     LoraPlusOptions,
     PeftLoraGAOptions,
+    PeftInitOptions,
     ZerothOrderOptions,
     NoiseScaleOptions,
 )

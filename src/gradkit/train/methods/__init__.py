@@ -18,11 +18,14 @@ from gradkit.train.methods.lora import Lora
 from gradkit.train.methods.lora_ga import LoraGA
 from gradkit.train.methods.lora_pro import LoraGaPro, LoraPlus, LoraPro, lora_pro_optimizer
 from gradkit.train.methods.noise_scale_probe import NoiseScaleProbe
+from gradkit.train.methods.peft_inits import Corda, Eva, Olora, Pissa
 from gradkit.train.methods.peft_lora_ga import PeftLoraGA
 from gradkit.train.methods.zeroth_order import Mezo, PolicyGradient, objective_value
 
 __all__ = [
     "METHODS",
+    "Corda",
+    "Eva",
     "Full",
     "Head",
     "Lora",
@@ -33,7 +36,9 @@ __all__ = [
     "Method",
     "Mezo",
     "NoiseScaleProbe",
+    "Olora",
     "PeftLoraGA",
+    "Pissa",
     "PolicyGradient",
     "accumulate_gradients",
     "adamw",

@@ -108,26 +108,10 @@ class LoraGA(Lora):
         return Lora.prepare(self, model, cfg, iter(()))
 
     def checkpoint_tensors(self, model: nn.Module) -> dict[str, Any]:
-        """The trainable tensors, the offset base weight of every adapted layer, and the initial factors
-        (A0, B0) that :func:`gradkit.save_adapter` subtracts (keys ``<layer>.gradkit_lora_ga.A0|B0``).
-        The initial factors are recorded as slices of the gradient's SVD (views with strides): they are
-        returned contiguous, since safetensors saves nothing else (the checkpoint and the best-on-dev copy)."""
-        tensors = super().checkpoint_tensors(model)
-        for pair in lora_pairs(model):
-            weight = pair.layer.get_base_layer().weight
-            tensors[f"{pair.name}.base_layer.weight"] = weight.detach()
-            A0, B0 = pair.layer.__dict__[RECORD][pair.adapter]
-            tensors[f"{pair.name}.{RECORD}.A0"] = A0.contiguous()
-            tensors[f"{pair.name}.{RECORD}.B0"] = B0.contiguous()
-        return tensors
+        return with_initial_factors(model, super().checkpoint_tensors(model))
 
     def load_checkpoint_tensors(self, model: nn.Module, tensors: dict[str, Any]) -> None:
-        tensors = dict(tensors)
-        for pair in lora_pairs(model):
-            A0 = tensors.pop(f"{pair.name}.{RECORD}.A0")
-            B0 = tensors.pop(f"{pair.name}.{RECORD}.B0")
-            pair.layer.__dict__.setdefault(RECORD, {})[pair.adapter] = (A0.clone(), B0.clone())
-        load_tensors(model, tensors)
+        load_with_initial_factors(model, tensors)
 
     def report_data(self) -> dict[str, Any] | None:
         """The initialisation's report (lora_ga.json) as plain data: this session's, or the one a resumed
@@ -149,3 +133,29 @@ class LoraGA(Lora):
         data = self.report_data()
         if data is not None:
             write_json(out_dir / "lora_ga.json", data)
+
+
+def with_initial_factors(model: nn.Module, tensors: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's tensors plus, for every adapted layer, its offset base weight and its initial factors
+    (A0, B0) that :func:`gradkit.save_adapter` subtracts (keys ``<layer>.gradkit_lora_ga.A0|B0``). The
+    initial factors may be slices of an SVD (views with strides): they are returned contiguous, since
+    safetensors saves nothing else (the checkpoint and the best-on-dev copy)."""
+    tensors = dict(tensors)
+    for pair in lora_pairs(model):
+        weight = pair.layer.get_base_layer().weight
+        tensors[f"{pair.name}.base_layer.weight"] = weight.detach()
+        A0, B0 = pair.layer.__dict__[RECORD][pair.adapter]
+        tensors[f"{pair.name}.{RECORD}.A0"] = A0.contiguous()
+        tensors[f"{pair.name}.{RECORD}.B0"] = B0.contiguous()
+    return tensors
+
+
+def load_with_initial_factors(model: nn.Module, tensors: dict[str, Any]) -> None:
+    """Put :func:`with_initial_factors`'s tensors back: the initial factors into each layer's record, the
+    rest (offset base weights included) into the model by name."""
+    tensors = dict(tensors)
+    for pair in lora_pairs(model):
+        A0 = tensors.pop(f"{pair.name}.{RECORD}.A0")
+        B0 = tensors.pop(f"{pair.name}.{RECORD}.B0")
+        pair.layer.__dict__.setdefault(RECORD, {})[pair.adapter] = (A0.clone(), B0.clone())
+    load_tensors(model, tensors)
