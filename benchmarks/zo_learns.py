@@ -95,10 +95,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = [r for r in ROWS if not only or f"{r[0]}/{r[1]}" in only]
     with ThreadPoolExecutor(args.jobs) as pool, ThreadPoolExecutor(len(rows) + 1) as coordinators:
         reference = coordinators.submit(inference_reference, args.report_only)
-        futures = [coordinators.submit(measure_extending, group(r), pool, args.report_only) for r in rows]
+        futures = [coordinators.submit(measure_settled, group(r), pool, args.report_only) for r in rows]
         results = [m for m in (f.result() for f in futures) if m]
         inference = reference.result()
     return build_result(results, inference)
+
+
+def measure_settled(group: tuple, pool: ThreadPoolExecutor, report_only: bool) -> dict:
+    """The lr grid settled on seed 0 alone (extended past an edge that holds the best), then the other
+    seeds at the chosen lr: no seed is run at an lr the extension then leaves."""
+    import benchmarks.method_regimes as regimes
+
+    key = f"{group[0]}/{group[1]}/{group[2]}"
+    regimes.CURVE_ONLY.add(key)  # measure() runs seed 0 only while the key is here
+    try:
+        settled = measure_extending(group, pool, report_only)
+    finally:
+        regimes.CURVE_ONLY.discard(key)
+    if not settled:
+        return settled
+    grid = tuple(sorted(settled["scores"]))
+    return regimes.measure((*group[:4], grid, group[5]), pool, report_only)  # seed 0 reused
 
 
 def forwards_of(key: str) -> int:
