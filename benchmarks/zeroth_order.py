@@ -52,6 +52,7 @@ MODES = (
     "inference-lora",
     "zo-lora",
     "zo-lora-rademacher",
+    "zo-lora-exact",
     "zo-full",
     "zo-full-rademacher",
     "zo-full-fzoo",
@@ -73,6 +74,7 @@ LABELS = {
     "zo-full": "ZerothOrder step, every weight (exact restore)",
     "zo-lora-rademacher": "ZerothOrder step, LoRA + head, Rademacher z",
     "zo-full-rademacher": "ZerothOrder step, every weight, Rademacher z",
+    "zo-lora-exact": "ZerothOrder step, LoRA by zeroth order, head exact",
     "zo-full-fzoo": "ZerothOrder fzoo step (8 probes), every weight",
     "zo-full-svrg": "ZerothOrder svrg step between anchors, every weight",
     "adamw-lora": "backprop + AdamW step, LoRA + head",
@@ -146,7 +148,12 @@ def child(mode: str, model_dir: str | None, batch_size: int, max_length: int, re
     if mode.startswith("zo"):
         from gradkit import ZerothOrder
 
-        optimizer = ZerothOrder(params, lr=1e-6, eps=1e-3, **ZO_SETTINGS.get(mode.split("-", 2)[-1], {}))
+        settings = dict(ZO_SETTINGS.get(mode.split("-", 2)[-1], {}))
+        if mode == "zo-lora-exact":  # the head (PEFT's modules_to_save copy) by its exact gradient
+            head = [p for n, p in model.named_parameters() if p.requires_grad and "head" in n.split(".")]
+            params = [p for p in params if not any(p is h for h in head)]
+            settings["exact_params"] = [{"params": head, "lr": 1.0}]
+        optimizer = ZerothOrder(params, lr=1e-6, eps=1e-3, **settings)
         model.eval()  # as the mezo method does: no dropout in the two evaluations
 
         def op() -> None:
@@ -603,7 +610,7 @@ def cost(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any]:
     inf = results["inference"]
 
     def reference(mode: str) -> dict[str, Any]:  # inference of the same model: the PEFT one for LoRA rows
-        return results["inference-lora"] if mode.removesuffix("-rademacher").endswith("lora") else inf
+        return results["inference-lora"] if "lora" in mode.split("-") else inf
 
     rows = [
         [
@@ -689,13 +696,24 @@ def cost_goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     def ratio(mode: str) -> float:
         return results[mode]["seconds"] / results[mode]["forward_seconds"]
 
+    def memory(mode: str) -> float:  # against inference of the same model (the PEFT one for LoRA rows)
+        reference = results["inference-lora"] if "lora" in mode else inf
+        return results[mode]["peak_rss_mib"] / reference["peak_rss_mib"]
+
+    pure = ("zo-lora", "zo-full", "zo-full-rademacher", "zo-full-fzoo")
     out = [
         {
-            "goal": "a ZerothOrder step (every weight) fits in the memory of inference",
-            "target": "peak RSS <= 1.10x inference",
-            "measured": f"{results['zo-full']['peak_rss_mib'] / inf['peak_rss_mib']:.2f}x",
-            "met": results["zo-full"]["peak_rss_mib"] <= 1.10 * inf["peak_rss_mib"],
-        }
+            "goal": "pure zeroth order (spsa, fzoo; LoRA + head and every weight): the memory of inference",
+            "target": "peak RSS <= 1.10x inference of the same model and batch",
+            "measured": ", ".join(f"{m} {memory(m):.2f}x" for m in pure),
+            "met": all(memory(m) <= 1.10 for m in pure),
+        },
+        {
+            "goal": "the hybrid (LoRA by zeroth order, head exact): inference memory plus the head's gradient",
+            "target": "peak RSS <= 1.15x inference of the same model and batch",
+            "measured": f"{memory('zo-lora-exact'):.2f}x",
+            "met": memory("zo-lora-exact") <= 1.15,
+        },
     ]
     for mode, law in (("zo-full", "Gaussian z (spsa's default)"), ("zo-full-rademacher", "Rademacher z")):
         out.append(
