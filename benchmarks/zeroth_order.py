@@ -660,7 +660,7 @@ def cost(args: argparse.Namespace, model_dir: str | None) -> dict[str, Any]:
         "Each step's time is divided by the CPU time of an inference forward of the same model timed next to "
         "it in the same process (medians of the repeats), so the ratio holds up when other work shares the "
         "cores; peak memory is each process's own.",
-        "ZerothOrder keeps no per-parameter state. Embedding rows are perturbed in place, only those the batch "
+        "spsa and fzoo keep no per-parameter state (svrg keeps its anchor: the optimizer-state column). Embedding rows are perturbed in place, only those the batch "
         "looks up (sparse_embeddings=True); every other module gets a perturbed copy of its own parameters during "
         f"its forward (largest here: {zo['largest_perturbed_module_bytes'] / 2**20:.1f} MiB), plus one z buffer.",
     ]
