@@ -16,7 +16,8 @@ from gradkit.train.methods.zeroth_order import Mezo, is_head
 from gradkit.train.model import load_classifier
 
 
-def test_fzoo_runs_its_base_and_probes_each_step(tiny_model_dir, tmp_path, monkeypatch):
+def count_objective_calls(monkeypatch) -> dict[str, int]:
+    """Count the harness's closure evaluations (each calls ``objective_value`` once per batch)."""
     import gradkit.train.methods.zeroth_order as zo_method
 
     calls = {"n": 0}
@@ -27,6 +28,11 @@ def test_fzoo_runs_its_base_and_probes_each_step(tiny_model_dir, tmp_path, monke
         return real(*args, **kwargs)
 
     monkeypatch.setattr(zo_method, "objective_value", counting)
+    return calls
+
+
+def test_fzoo_runs_its_base_and_probes_each_step(tiny_model_dir, tmp_path, monkeypatch):
+    calls = count_objective_calls(monkeypatch)
     cfg = small_config(tiny_model_dir, tmp_path, "mezo", zo_estimator="fzoo", zo_samples=3)
     cfg.lr = 1e-5
     finetune(cfg, progress=False)
@@ -152,16 +158,7 @@ def test_compare_checks_each_methods_options_before_running_any(tmp_path, monkey
 def test_svrg_anchor_steps_read_their_batches_and_the_rest_four_forwards(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    import gradkit.train.methods.zeroth_order as zo_method
-
-    calls = {"n": 0}
-    real = zo_method.objective_value
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(zo_method, "objective_value", counting)
+    calls = count_objective_calls(monkeypatch)
     options = dict(zo_estimator="svrg", zo_svrg_every=2, zo_svrg_batches=3)
     finetune(small_config(tiny_model_dir, tmp_path, "mezo", **options), progress=False)
     # steps 1 and 3 are anchors (2 evaluations of 3 batches each), step 2 evaluates θ ± εz and θ̄ ± εz

@@ -16,11 +16,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from gradkit.lora.export import save_adapter
-from gradkit.lora.ga import RECORD
-from gradkit.lora.pairs import lora_pairs
 from gradkit.train.method_options import PeftLoraGAOptions
 from gradkit.train.methods.base import register_method
 from gradkit.train.methods.lora import Lora
+from gradkit.train.methods.peft_inits import record_initial_factors
 from gradkit.train.settings import settings_from
 
 
@@ -52,9 +51,7 @@ class PeftLoraGA(Lora):
         # record PEFT's (A0, B0) as gradkit's lora_ga_init does, so gradkit.save_adapter writes the adapter for
         # the original base (PEFT's own conversion, path_initial_model_for_weight_conversion, fails when the
         # model has modules_to_save such as the classification head)
-        for pair in lora_pairs(peft_model):
-            records = pair.layer.__dict__.setdefault(RECORD, {})
-            records[pair.adapter] = (pair.A.detach().cpu().clone(), pair.B.detach().cpu().clone())
+        record_initial_factors(peft_model)
         return peft_model
 
     def save(self, model, out_dir):
