@@ -4,6 +4,7 @@ main thread runs again."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -17,18 +18,19 @@ STUCK = """
 import os, signal, sys, time
 from gradkit.train.faults import Terminated, sigterm_as_interrupt
 
-marker, release = sys.argv[1], int(sys.argv[2])
+marker, release = sys.argv[1], sys.argv[2]
 def record():
     with open(marker, "w") as f:
         f.write("recorded")
 try:
     with sigterm_as_interrupt(record):
         # only the other threads take SIGTERM now: the main thread stands for one blocked in a C call
-        # (a read of a pipe) until the test has seen the record, however slowly a loaded machine
-        # schedules either side
+        # (opening and reading a named pipe) until the test has seen the record, however slowly a
+        # loaded machine schedules either side; a named pipe, not an inherited descriptor, so that
+        # nothing the test process closes can release it early
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         print("ready", flush=True)
-        os.read(release, 1)
+        os.read(os.open(release, os.O_RDONLY), 1)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # delivered now: Terminated
         time.sleep(30)
 except Terminated:
@@ -37,11 +39,10 @@ except Terminated:
 
 
 def test_sigterm_is_recorded_while_the_main_thread_is_stuck(tmp_path):
-    marker = tmp_path / "recorded"
-    release, unblock = os.pipe()
+    marker, release = tmp_path / "recorded", tmp_path / "release"
+    os.mkfifo(release)
     command = [sys.executable, "-c", STUCK, str(marker), str(release)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, pass_fds=(release,))
-    os.close(release)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
         proc.terminate()
@@ -49,13 +50,28 @@ def test_sigterm_is_recorded_while_the_main_thread_is_stuck(tmp_path):
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert marker.exists() and proc.poll() is None  # recorded while the main thread is still stuck
-        os.write(unblock, b"x")
+        _write_once_read(release, deadline=time.monotonic() + 30)
         out, _ = proc.communicate(timeout=30)
     finally:
-        os.close(unblock)
         if proc.poll() is None:
             proc.kill()
     assert out.strip() == "terminated" and proc.returncode == 0
+
+
+def _write_once_read(fifo, deadline):
+    """Write one byte into ``fifo`` as soon as a reader holds it open (ENXIO until then)."""
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as err:
+            if err.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    try:
+        os.write(fd, b"x")
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize(
