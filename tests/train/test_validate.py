@@ -54,6 +54,54 @@ BAD = {
     "keep-best-without-eval": (("--keep-best",), "--keep-best picks the best of the dev evaluations"),
     "dev-and-fraction": (("--dev", "d.tsv", "--dev-fraction", "0.1"), "--dev and --dev-fraction both"),
     "dev-missing": (("--dev", "/nonexistent/dev.tsv"), "/nonexistent/dev.tsv"),
+    "schedule-with-steps": (
+        ("--batch-schedule", "noise"),
+        "--batch-schedule noise counts the budget in examples",
+    ),
+    "examples-and-steps": (("--examples", "8", "--steps", "5"), "--examples and --steps both set the budget"),
+    "examples-not-whole-batches": (
+        ("--examples", "10"),
+        "--examples 10 is not a whole number of batches of 4",
+    ),
+    "examples-zero": (("--examples", "0"), "--examples 0 is not allowed"),
+    "batch-max-below-batch": (
+        ("--batch-schedule", "ramp", "--examples", "4", "--batch-max", "2"),
+        "--batch-max 2 must be a multiple of the step's batch 4",
+    ),
+    "batch-max-not-a-multiple": (
+        ("--batch-schedule", "noise", "--examples", "4", "--batch-max", "6"),
+        "--batch-max 6 must be a multiple",
+    ),
+    "batch-max-beyond-the-data": (
+        ("--batch-schedule", "noise", "--examples", "4", "--batch-max", "400000"),
+        "--batch-max 400,000 is more than the",
+    ),
+    "batch-max-without-schedule": (
+        ("--batch-max", "64"),
+        "--batch-max applies to a growing --batch-schedule",
+    ),
+    "noise-fraction-zero": (("--batch-noise-fraction", "0"), "--batch-noise-fraction 0.0 is not allowed"),
+    "noise-fraction-negative": (
+        ("--batch-noise-fraction", "-1"),
+        "--batch-noise-fraction -1.0 is not allowed",
+    ),
+    "batch-check-zero": (("--batch-check", "0"), "--batch-check 0 is not allowed"),
+    "ramp-examples-without-ramp": (
+        ("--batch-schedule", "noise", "--examples", "4", "--batch-ramp-examples", "8"),
+        "--batch-ramp-examples sets --batch-schedule ramp's doublings",
+    ),
+    "schedule-with-mezo": (
+        ("--batch-schedule", "noise", "--examples", "4", "--method", "mezo"),
+        "mezo has none (zeroth order estimates its step",
+    ),
+    "schedule-with-policy-gradient": (
+        ("--batch-schedule", "ramp", "--examples", "4", "--method", "policy-gradient"),
+        "policy-gradient has none",
+    ),
+    "noise-with-one-example": (
+        ("--batch-schedule", "noise", "--examples", "1", "--batch-size", "1"),
+        "needs at least 2 examples a step",
+    ),
 }
 
 

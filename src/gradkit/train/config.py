@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from gradkit.scaling.batch_schedule import BATCH_SCHEDULES
 from gradkit.train.settings import Range, setting
 
 MODEL_DATA = "model and data"
@@ -168,6 +169,56 @@ class TrainConfig:
         "global batch size (split across processes under accelerate / torchrun)",
         range=AT_LEAST_1,
         example="32",
+        group=BUDGET,
+    )
+    examples: int | None = setting(
+        None,
+        "the budget in training examples, in place of --steps (a multiple of --batch-size x --grad-accum); "
+        "a growing --batch-schedule needs it, since its number of optimiser steps depends on the batch "
+        "sizes it chooses",
+        range=AT_LEAST_1,
+        example="9600",
+        group=BUDGET,
+        metavar="N",
+    )
+    batch_schedule: str = setting(
+        "fixed",
+        "fixed: every step takes --batch-size examples; noise: every --batch-check steps the batch grows "
+        "to the multiple of --batch-size nearest --batch-noise-fraction x the measured noise scale "
+        "B_simple, never shrinking, up to --batch-max, and the lr follows Adam's batch-size law; ramp: "
+        "the batch doubles every --batch-ramp-examples examples (a fixed warm-up, for comparison). A "
+        "larger batch is more micro-batches of --batch-size, so memory stays that of --batch-size "
+        "(docs/noise_scale.md)",
+        choices=BATCH_SCHEDULES,
+        group=BUDGET,
+    )
+    batch_check: int = setting(
+        50,
+        "noise: optimiser steps between batch-size decisions",
+        range=AT_LEAST_1,
+        example="50",
+        group=BUDGET,
+    )
+    batch_noise_fraction: float = setting(
+        1.0,
+        "noise: the batch aimed at, as a fraction of the smoothed B_simple",
+        range=POSITIVE,
+        example="1.0",
+        group=BUDGET,
+    )
+    batch_max: int | None = setting(
+        None,
+        "the largest batch a growing schedule may reach, a multiple of --batch-size x --grad-accum "
+        "(default: 64 times that, or fewer to fit the training rows)",
+        range=AT_LEAST_1,
+        example="1024",
+        group=BUDGET,
+    )
+    batch_ramp_examples: int | None = setting(
+        None,
+        "ramp: examples between doublings of the batch (default: an eighth of --examples)",
+        range=AT_LEAST_1,
+        example="1200",
         group=BUDGET,
     )
     lr: float | None = setting(

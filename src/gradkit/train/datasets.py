@@ -147,7 +147,8 @@ class StepBatches:
     """The batches each step reads from the training stream, on ``device``. A step's batch is
     ``step_examples`` examples (``--batch-size`` times ``--grad-accum``) and this process takes its
     contiguous share; the head warm-up reads the stream's first ``warmup_steps`` step batches and the
-    method's step 1 the next one."""
+    method's step 1 the next one. A growing batch (:meth:`resize`) changes the examples of every step
+    from a given one on; each step still reads the stream's next examples."""
 
     def __init__(
         self,
@@ -163,21 +164,42 @@ class StepBatches:
         self.tokens, self.stream, self.device = tokens, stream, device
         self.step_examples = step_examples
         self.warmup_examples = warmup_steps * step_examples
-        self.share = step_examples // processes
-        self.rank = rank
+        self.processes, self.rank = processes, rank
+        self.layout = [(1, step_examples)]  # (first step, examples per step) of each stretch of steps
 
     def _batch(self, first: int, size: int) -> dict[str, torch.Tensor]:
         batch = self.tokens.collate(self.stream.slice(first, first + size))
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def resize(self, step: int, examples: int) -> None:
+        """From step ``step`` on, each step's batch holds ``examples`` examples (a multiple of the
+        processes); the stretches after it are dropped."""
+        if examples % self.processes:
+            raise GradkitError(
+                f"a batch of {examples} examples does not split over {self.processes} processes"
+            )
+        self.layout = [(first, size) for first, size in self.layout if first < step] + [(step, examples)]
+
+    def span(self, step: int) -> tuple[int, int]:
+        """The first example (after the warm-up's) of step ``step``'s batch in the stream, and its size."""
+        first = 0
+        for i, (begin, size) in enumerate(self.layout):
+            end = self.layout[i + 1][0] if i + 1 < len(self.layout) else None
+            if end is None or step < end:
+                return first + (step - begin) * size, size
+            first += (end - begin) * size
+        raise AssertionError("unreachable: the last stretch has no end")
+
     def warmup(self, step: int) -> dict[str, torch.Tensor]:
         """This process's share of the head warm-up's step ``step`` (1-based)."""
-        return self._batch((step - 1) * self.step_examples + self.rank * self.share, self.share)
+        share = self.step_examples // self.processes
+        return self._batch((step - 1) * self.step_examples + self.rank * share, share)
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
         """This process's share of the method's step ``step`` (1-based)."""
-        first = self.warmup_examples + (step - 1) * self.step_examples + self.rank * self.share
-        return self._batch(first, self.share)
+        first, size = self.span(step)
+        share = size // self.processes
+        return self._batch(self.warmup_examples + first + self.rank * share, share)
 
     def whole(self, count: int, size: int) -> Iterator[dict[str, torch.Tensor]]:
         """The ``count`` batches of ``size`` examples after the warm-up's, whole on every process (what

@@ -35,6 +35,7 @@ from gradkit.errors import GradkitError
 from gradkit.linalg import numerics
 from gradkit.lora.export import save_encoder_adapter
 from gradkit.train import head_warmup
+from gradkit.train.batch_growth import GrowingBatch, with_budget
 from gradkit.train.bi_encoder import (
     ENCODER_ADAPTER,
     SIMILARITY_FIT_ROWS,
@@ -105,7 +106,7 @@ def _run(run: FineTune, stop_after: int | None) -> dict[str, Any]:
             run.set_up()
             run.prepare()
             step = run.train(stop_after)
-            if step < run.cfg.steps:  # stop_after: the session ends here, the run goes on from its checkpoint
+            if not run.ends(step):  # stop_after: the session ends here, the run goes on from its checkpoint
                 return run.stop(step)
             return run.finish()
     finally:
@@ -217,6 +218,8 @@ class FineTune:
         # every data error surfaces before anything is written
         self.train_data, self.dev_data, self.test_data = load_datasets(cfg)
         self.head_texts = check_data(cfg, self.train_data)
+        # --examples as base batches, a growing schedule's defaults (config.json records what ran)
+        cfg = self.cfg = with_budget(cfg, len(self.train_data))
         self.pairs = check_pairs(cfg, self.train_data)
         if self.pairs is not None:  # config.json and every method see the encoding and loss in use
             cfg = self.cfg = dataclasses.replace(
@@ -277,6 +280,8 @@ class FineTune:
             rank=self.rank,
             device=self.device,
         )
+        grows = cfg.batch_schedule != "fixed"
+        self.growth = GrowingBatch(cfg, self.batches, self.processes) if grows else None
         self.phases.mark("tokenize")
 
     def _load_model(self) -> None:
@@ -337,7 +342,7 @@ class FineTune:
         self.phases.mark("prepare")  # LoRA-GA's gradient estimation and SVDs happen here
         self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.optimizer = self.method.make_optimizer(self.model, cfg, self.lr)
-        self.scheduler = _scheduler(self.optimizer, cfg)
+        self.scheduler = _scheduler(self.optimizer, cfg, self.growth)
         self.own: dict[str, Any] | None = None  # this process's part of the checkpoint
         ema_state = best_tensors = None
         if self.checkpoint is not None:
@@ -350,6 +355,9 @@ class FineTune:
         else:
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.growth is not None and self.growth.noise is not None:
+            self.growth.attach(self.model)  # the gradients as DDP or FSDP2 computes them
+            self.method.gradient_monitor = self.growth
         self.ema = None
         if cfg.ema is not None:
             # every rank holds the same weights after each step, so every rank's average is the same
@@ -420,13 +428,15 @@ class FineTune:
         self.scheduler.load_state_dict(saved["scheduler"])
         self.method.load_state_dict(self.own["local"])
         self.state = RunState.from_checkpoint(saved)
+        if self.growth is not None:  # the batch sizes so far, the lr factor, the noise scale's averages
+            self.growth.load_state_dict(self.state.batch_growth)
         return ema_state, best_tensors
 
     def _periodic_work(self, best_tensors: dict[str, torch.Tensor] | None) -> None:
         cfg = self.cfg
         self.resumed_from = self.state.step if self.checkpoint is not None else None
         self.tracker = TensorBoard(self.accelerator, cfg.report_to == "tensorboard")
-        self.loss_log = LossLog(self.folder, self.tracker, every=cfg.log_every, steps=cfg.steps)
+        self.loss_log = LossLog(self.folder, self.tracker, every=cfg.log_every, ends=self.ends)
         self.dev_evaluation = DevEvaluation(
             self.dev_tokens,
             model=self.unwrapped,
@@ -437,14 +447,23 @@ class FineTune:
             state=self.state,
             folder=self.folder,
             tracker=self.tracker,
+            ends=self.ends,
             best_tensors=best_tensors,
         )
         self.checkpoints = Checkpointing(
-            self._save_checkpoint, self.folder, every=cfg.save_every, steps=cfg.steps, last=self.resumed_from
+            self._save_checkpoint, self.folder, every=cfg.save_every, ends=self.ends, last=self.resumed_from
         )
         self.periodic = [self.dev_evaluation, self.checkpoints]
 
     # -- train
+
+    def ends(self, step: int) -> bool:
+        """Whether step ``step`` is the run's last: ``--steps`` reached, or a growing batch's budget spent."""
+        return self.growth.done if self.growth is not None else step >= self.cfg.steps
+
+    def _budget_used(self) -> int:
+        """Base batches trained on (the progress bar's count): the steps, unless the batch grows."""
+        return self.growth.used if self.growth is not None else self.state.step
 
     def train(self, stop_after: int | None = None) -> int:
         """Run the steps after the state's up to ``cfg.steps`` (or ``stop_after``); returns the last step
@@ -457,7 +476,7 @@ class FineTune:
             set_rng_state(self.own["rng"])  # the last thing before the first step: nothing draws in between
         bar = tqdm(
             total=cfg.steps,
-            initial=state.step,
+            initial=self._budget_used(),
             desc=cfg.method,
             disable=not (self.progress and self.main),
             dynamic_ncols=True,
@@ -467,14 +486,15 @@ class FineTune:
         step = state.step
         self.model.train()
         try:
-            for step in range(state.step + 1, cfg.steps + 1):
+            while not self.ends(step):
+                step += 1
                 self._step(step, bar)
                 for job in self.periodic:
                     if job.due(step):
                         self.phases.mark("train")
                         job(step)
                         self.phases.mark(job.phase)
-                if stop_after is not None and step >= stop_after and step < cfg.steps:
+                if stop_after is not None and step >= stop_after:
                     break
             self._check_weights(step)
         except OSError as err:  # a full disk, a folder gone: one line, the latest checkpoint kept
@@ -516,7 +536,10 @@ class FineTune:
             self._record_end(Terminated("SIGTERM"), self.state.step)
 
     def release(self) -> None:
-        """Release the run folder's lock (the end of the run, whatever the end)."""
+        """Release the run folder's lock and take the batch schedule's gradient hooks off (the end of
+        the run, whatever the end)."""
+        if getattr(self, "growth", None) is not None:
+            self.growth.detach()
         if self.folder is not None:
             self.folder.unlock()
 
@@ -527,8 +550,13 @@ class FineTune:
         cfg, state, optimizer = self.cfg, self.state, self.optimizer
         current_lr = self.scheduler.get_last_lr()[0]
         skipped_before = _skipped_steps(optimizer)
+        used_before = self._budget_used()
+        if self.growth is not None:
+            self.growth.before_step(step)
         batch = self.method.step_batch(self.batches, step, optimizer)
         loss = self.method.train_step(self.model, batch, optimizer, self.accelerator, cfg)
+        if self.growth is not None:  # the next batch and lr factor, before the schedule reads them
+            self.growth.after_step(step)
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(step)
@@ -552,9 +580,11 @@ class FineTune:
             state.loss_steps.append(step)
             if self.loss_log.due(step):
                 extra = self.method.step_metrics()
+                if self.growth is not None:
+                    extra.update(self.growth.metrics(step))
                 self.loss_log.write(step, loss, current_lr, extra, self.stopwatch.seconds())
             bar.set_postfix(loss=f"{window_mean(state.losses, len(state.losses)):.4f}")
-        bar.update(1)
+        bar.update(self._budget_used() - used_before)
 
     def _check_weights(self, step: int) -> None:
         """A loss is computed before its step's update: the last update can still overflow the weights."""
@@ -573,6 +603,8 @@ class FineTune:
         (gathered under ``--fsdp``, where each rank keeps its own optimiser and EMA shards)."""
         fsdp, ema, optimizer = self.cfg.fsdp, self.ema, self.optimizer
         self.state.train_seconds = self.stopwatch.seconds()
+        if self.growth is not None:
+            self.state.batch_growth = self.growth.state_dict()
         saved = {
             **self.state.to_checkpoint(),
             "optimizer": None if fsdp else getattr(optimizer, "optimizer", optimizer).state_dict(),
@@ -616,10 +648,10 @@ class FineTune:
             return self._finish()
         except OSError as err:
             failure = disk_error(err, self.folder.path, self.checkpoints.last)
-            self._record_end(failure, self.cfg.steps)
+            self._record_end(failure, self.state.step)
             raise failure from err
         except BaseException as err:
-            self._record_end(err, self.cfg.steps)
+            self._record_end(err, self.state.step)
             raise
 
     def _finish(self) -> dict[str, Any]:
@@ -627,7 +659,7 @@ class FineTune:
         self.phases.mark("train")
         if not self.state.losses:  # every step was skipped for a non-finite loss: nothing to report or keep
             raise GradkitError(
-                f"the train loss was not finite in any of the {self.cfg.steps} steps ({self.state.skipped} "
+                f"the train loss was not finite in any of the {self.state.step} steps ({self.state.skipped} "
                 "skipped by the optimiser); lower --lr (or --zo-eps) and run again"
             )
         agree = ranks_agree(self.unwrapped, self.accelerator) if self.processes > 1 else True
@@ -635,9 +667,13 @@ class FineTune:
         warning = non_finite_warning(summary)
         if warning is not None:
             summary["warning"] = warning
-        self.folder.finish(summary, self.cfg.method, self.state)
+        sizes = None
+        if self.growth is not None:  # loss.png's batch-size panel
+            steps = range(1, self.state.step + 1)
+            sizes = (list(steps), [self.batches.span(s)[1] for s in steps])
+        self.folder.finish(summary, self.cfg.method, self.state, batch_sizes=sizes)
         self.folder.status(
-            "finished", step=self.cfg.steps, checkpoint_step=self.checkpoints.last, warning=warning
+            "finished", step=self.state.step, checkpoint_step=self.checkpoints.last, warning=warning
         )
         self.tracker.end()
         self.accelerator.wait_for_everyone()
@@ -652,6 +688,12 @@ class FineTune:
         if self.similarity_fit is not None:
             pairs["similarity_head"] = self.similarity_fit
         return {"pair_encoding": pairs}
+
+    def _batch_summary(self) -> dict[str, Any]:
+        """The examples trained on, and a growing batch's record (its growths)."""
+        if self.growth is None:
+            return {"examples": self.state.step * self.cfg.batch_size * self.cfg.grad_accum}
+        return {"examples": self.growth.used * self.growth.base, "batch_schedule": self.growth.summary()}
 
     def _test(self, model: torch.nn.Module) -> dict[str, Any]:
         """The test set's metrics of ``model`` (none without a test set)."""
@@ -706,7 +748,7 @@ class FineTune:
             "metric": self.metric,
             "precision": cfg.precision,
             "lr": self.lr,
-            "steps": cfg.steps,
+            "steps": state.step,
             "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum,
             "seed": cfg.seed,
@@ -719,13 +761,14 @@ class FineTune:
             "skipped_steps": state.skipped,
             "resumed_from_step": self.resumed_from,
             "train_seconds": round(train_seconds, 2),
-            "seconds_per_step": round(train_seconds / cfg.steps, 4),
+            "seconds_per_step": round(train_seconds / state.step, 4),
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
             "trainable_parameters": self.trainable,
             "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),
             "num_processes": self.processes,
             "fsdp": cfg.fsdp,
             **self._pair_summary(),
+            **self._batch_summary(),
             "ranks_identical": agree,
             "device": str(self.device),
             "torch_threads": torch.get_num_threads(),  # bits can differ with the thread count (reduction order)
@@ -754,10 +797,14 @@ def _skipped_steps(optimizer: Any) -> int | None:
     return getattr(getattr(optimizer, "optimizer", optimizer), "skipped_steps", None)
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
-    """Constant, or linear warm-up over ``cfg.warmup_ratio`` of the steps then linear decay to 0."""
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, growth: GrowingBatch | None) -> Any:
+    """Constant, or linear warm-up over ``cfg.warmup_ratio`` of the steps then linear decay to 0; with a
+    growing batch the same over the base batches used, times the batch schedule's lr factor
+    (:mod:`gradkit.train.batch_growth`)."""
     from transformers import get_linear_schedule_with_warmup
 
+    if growth is not None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: growth.lr_multiplier())
     if cfg.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     return get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)

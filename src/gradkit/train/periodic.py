@@ -47,13 +47,13 @@ class TensorBoard:
 
 class LossLog:
     """The train rows of metrics.jsonl (and TensorBoard's ``train/loss``, ``train/lr``): every
-    ``every`` steps and at the last step."""
+    ``every`` steps and at the last step (``ends(step)`` says whether ``step`` ends the run)."""
 
-    def __init__(self, folder: RunFolder, tracker: TensorBoard, *, every: int, steps: int):
-        self.folder, self.tracker, self.every, self.steps = folder, tracker, every, steps
+    def __init__(self, folder: RunFolder, tracker: TensorBoard, *, every: int, ends: Callable[[int], bool]):
+        self.folder, self.tracker, self.every, self.ends = folder, tracker, every, ends
 
     def due(self, step: int) -> bool:
-        return step % self.every == 0 or step == self.steps
+        return step % self.every == 0 or self.ends(step)
 
     def write(self, step: int, loss: float, lr: float, extra: dict[str, Any], seconds: float) -> None:
         """One row: the step's loss, the learning rate it ran with, the method's own values
@@ -64,7 +64,8 @@ class LossLog:
 
 
 class DevEvaluation:
-    """The dev set's metrics every ``every`` steps (0: only at the end) and at the last step: a row of
+    """The dev set's metrics every ``every`` steps (0: only at the end) and at the last step (``ends``
+    as in :class:`LossLog`): a row of
     metrics.jsonl, a point of ``state.dev_curve``, TensorBoard's ``dev/*``; with ``keep_best``, the
     weights at the best dev score so far (``best_tensors``, with their metrics in ``state.best``)."""
 
@@ -82,10 +83,11 @@ class DevEvaluation:
         state: RunState,
         folder: RunFolder,
         tracker: TensorBoard,
+        ends: Callable[[int], bool],
         best_tensors: dict[str, torch.Tensor] | None = None,
     ):
         self.tokens, self.model, self.method, self.metric = tokens, model, method, metric
-        self.every, self.steps, self.keep_best = cfg.eval_every, cfg.steps, cfg.keep_best
+        self.every, self.ends, self.keep_best = cfg.eval_every, ends, cfg.keep_best
         self.batch_size, self.device = cfg.eval_batch_size, device
         self.state, self.folder, self.tracker = state, folder, tracker
         self.best_tensors = best_tensors
@@ -93,7 +95,7 @@ class DevEvaluation:
     def due(self, step: int) -> bool:
         if self.tokens is None:
             return False
-        return step == self.steps or bool(self.every and step % self.every == 0)
+        return self.ends(step) or bool(self.every and step % self.every == 0)
 
     def __call__(self, step: int) -> None:
         dev = evaluate(self.model, self.tokens, self.batch_size, self.device, "dev")
@@ -107,18 +109,25 @@ class DevEvaluation:
 
 
 class Checkpointing:
-    """A checkpoint every ``every`` steps (0: none) before the last: ``save(step)`` writes it, and
-    status.json then names it; ``last`` is the step of the latest one (None before the first)."""
+    """A checkpoint every ``every`` steps (0: none) before the last (``ends(step)``: whether ``step``
+    ends the run): ``save(step)`` writes it, and status.json then names it; ``last`` is the step of the
+    latest one (None before the first)."""
 
     phase = "checkpoint"
 
     def __init__(
-        self, save: Callable[[int], None], folder: RunFolder, *, every: int, steps: int, last: int | None
+        self,
+        save: Callable[[int], None],
+        folder: RunFolder,
+        *,
+        every: int,
+        ends: Callable[[int], bool],
+        last: int | None,
     ):
-        self.save, self.folder, self.every, self.steps, self.last = save, folder, every, steps, last
+        self.save, self.folder, self.every, self.ends, self.last = save, folder, every, ends, last
 
     def due(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0 and step < self.steps
+        return bool(self.every) and step % self.every == 0 and not self.ends(step)
 
     def __call__(self, step: int) -> None:
         self.save(step)

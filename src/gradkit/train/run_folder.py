@@ -165,8 +165,15 @@ class RunFolder:
             self._metrics.close()
             self._metrics = None
 
-    def finish(self, summary: dict[str, Any], method: str, state: RunState) -> None:
-        """Write ``summary.json`` and ``loss.png`` (the train loss, and the dev loss when there was one)."""
+    def finish(
+        self,
+        summary: dict[str, Any],
+        method: str,
+        state: RunState,
+        batch_sizes: tuple[list[int], list[int]] | None = None,
+    ) -> None:
+        """Write ``summary.json`` and ``loss.png`` (the train loss, the dev loss when there was one, and
+        ``batch_sizes``, each step's batch, in a panel below when given)."""
         if not self.main:
             return
         write_json(self.path / SUMMARY, summary)
@@ -177,6 +184,7 @@ class RunFolder:
             self.path / "loss.png",
             title=f"{method}: train loss" + (" and dev loss" if curve else ""),
             dev=dev,
+            batch_sizes=batch_sizes,
         )
 
 

@@ -23,7 +23,8 @@ class RunState:
     ``start_metrics`` the test metrics at step 0 and after the head warm-up; ``warmup_losses`` the head
     warm-up's per-step losses; ``skipped`` the steps the optimiser skipped; ``train_seconds`` the time
     spent training up to the last checkpoint, over every session; ``num_processes`` the processes the
-    run trains with (a resumed run must use as many: each one's random state is its own)."""
+    run trains with (a resumed run must use as many: each one's random state is its own);
+    ``batch_growth`` a growing batch's state (:class:`gradkit.train.batch_growth.GrowingBatch`)."""
 
     step: int = 0
     losses: list[float] = field(default_factory=list)
@@ -35,6 +36,7 @@ class RunState:
     skipped: int = 0
     train_seconds: float = 0.0
     num_processes: int = 1
+    batch_growth: dict[str, Any] = field(default_factory=dict)
 
     def to_checkpoint(self) -> dict[str, Any]:
         """The fields as a plain dict, every field by its name (the form ``state.pt`` holds)."""

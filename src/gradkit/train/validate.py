@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import warnings
@@ -28,6 +29,8 @@ from gradkit.train.settings import check_settings, settings_from
 
 # a warning (not an error) when LoRA would train more than this share of the model's parameters
 LORA_SHARE_WARNING = 0.25
+# --steps as TrainConfig declares it: --examples may set the budget only where --steps was left alone
+DEFAULT_STEPS = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "steps")
 
 
 def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
@@ -47,6 +50,7 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
         raise GradkitError("--keep-best picks the best of the dev evaluations: pass --eval-every N with it")
     check_task(cfg)
     check_zeroth_order(cfg)
+    check_batch_schedule(cfg)
     check_precision(cfg)
     check_fsdp(cfg)
     if cfg.report_to == "tensorboard" and not (
@@ -247,6 +251,79 @@ def check_zeroth_order(cfg: TrainConfig) -> None:
         )
 
 
+# what a method without a backprop gradient of the loss does instead (no batch schedule for it)
+NO_LOSS_GRADIENT = {
+    "mezo": "zeroth order estimates its step from forward passes at one batch",
+    "policy-gradient": "its step is a REINFORCE estimate of the metric's gradient",
+}
+
+
+def check_batch_schedule(cfg: TrainConfig) -> None:
+    """The budget (``--examples`` or ``--steps``) and a growing ``--batch-schedule`` agree with each
+    other, the method and the task."""
+    step_examples = cfg.batch_size * cfg.grad_accum
+    schedule, grows = cfg.batch_schedule, cfg.batch_schedule != "fixed"
+    if cfg.examples is not None:
+        if cfg.examples % step_examples:
+            whole = max(1, round(cfg.examples / step_examples)) * step_examples
+            raise GradkitError(
+                f"--examples {cfg.examples} is not a whole number of batches of {step_examples} examples "
+                f"(--batch-size x --grad-accum); pass e.g. --examples {whole}"
+            )
+        if cfg.steps not in (DEFAULT_STEPS, cfg.examples // step_examples):
+            raise GradkitError("--examples and --steps both set the budget; pass one of them")
+    unused = {"--batch-max": cfg.batch_max, "--batch-ramp-examples": cfg.batch_ramp_examples}
+    if schedule != "ramp" and cfg.batch_ramp_examples is not None:
+        raise GradkitError(
+            "--batch-ramp-examples sets --batch-schedule ramp's doublings; drop it or pass that"
+        )
+    if not grows:
+        given = [name for name, value in unused.items() if value is not None]
+        if given:
+            raise GradkitError(
+                f"{given[0]} applies to a growing --batch-schedule; drop it or pass noise or ramp"
+            )
+        return
+    if cfg.method in NO_LOSS_GRADIENT:
+        raise GradkitError(
+            f"--batch-schedule {schedule} grows the accumulated gradient of a backprop method and scales "
+            f"its AdamW lr, and {cfg.method} has none ({NO_LOSS_GRADIENT[cfg.method]}); use "
+            "--batch-schedule fixed"
+        )
+    if cfg.examples is None:
+        raise GradkitError(
+            f"--batch-schedule {schedule} counts the budget in examples, since its number of steps depends "
+            f"on the batches it picks: pass --examples N instead of --steps (--steps {cfg.steps} at "
+            f"{step_examples} a step is --examples {cfg.steps * step_examples})"
+        )
+    if cfg.batch_max is not None and (cfg.batch_max < step_examples or cfg.batch_max % step_examples):
+        raise GradkitError(
+            f"--batch-max {cfg.batch_max} must be a multiple of the step's batch {step_examples} "
+            f"(--batch-size x --grad-accum) and at least it; pass e.g. --batch-max {16 * step_examples}"
+        )
+    if schedule == "noise":
+        _check_noise_schedule(cfg, step_examples)
+
+
+def _check_noise_schedule(cfg: TrainConfig, step_examples: int) -> None:
+    """The noise scale is measured per example, from at least two micro-batches a step."""
+    if cfg.task == "causal-lm":
+        raise GradkitError(
+            "--batch-schedule noise measures the noise scale per example, and a causal LM's loss is a mean "
+            "over tokens; use --batch-schedule ramp"
+        )
+    if cfg.pair_loss == "cosent":
+        raise GradkitError(
+            "--batch-schedule noise needs a loss that is a mean over examples, and --pair-loss cosent "
+            "ranks every pair of the batch; use --pair-loss mse or --batch-schedule ramp"
+        )
+    if step_examples < 2:
+        raise GradkitError(
+            "--batch-schedule noise compares two batch sizes inside each step, which needs at least 2 "
+            "examples a step; pass --batch-size 2 or more"
+        )
+
+
 def check_precision(cfg: TrainConfig) -> None:
     """``--precision``: fp32, or bf16 where the device computes it (every CPU; CUDA GPUs that support
     bf16; the value itself is checked with the other settings)."""
@@ -287,12 +364,19 @@ def check_data(cfg: TrainConfig, train: Any) -> list[str] | None:
 
 
 def check_step_batch(cfg: TrainConfig, train_rows: int) -> None:
-    """With ``--grad-accum`` a step's batch (batch size x K) must fit in the training set."""
+    """With ``--grad-accum`` a step's batch (batch size x K) must fit in the training set, and so must
+    a growing schedule's largest batch."""
     step_examples = cfg.batch_size * cfg.grad_accum
     if cfg.grad_accum > 1 and step_examples > train_rows:
         raise GradkitError(
             f"--grad-accum {cfg.grad_accum} makes each step hold {step_examples:,} examples, more than the "
             f"{train_rows:,} training rows; pass a smaller --grad-accum"
+        )
+    if cfg.batch_max is not None and cfg.batch_max > train_rows:
+        fits = max(1, train_rows // step_examples) * step_examples
+        raise GradkitError(
+            f"--batch-max {cfg.batch_max:,} is more than the {train_rows:,} training rows; pass at most "
+            f"--batch-max {fits}"
         )
 
 

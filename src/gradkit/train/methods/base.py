@@ -59,6 +59,8 @@ class Method:
 
     name: ClassVar[str] = ""
     default_lr: ClassVar[float] = 1e-4
+    # reads each micro-batch's gradient (the noise scale of --batch-schedule noise; set by the loop)
+    gradient_monitor: Any = None
 
     def prepare(self, model: nn.Module, cfg: TrainConfig, batches: Iterable[dict[str, Any]]) -> nn.Module:
         """Return the model to train (e.g. PEFT-wrapped) with ``requires_grad`` set as the method needs.
@@ -112,7 +114,11 @@ class Method:
         """One optimisation step on ``batch`` (this process's share of the step's examples); returns
         the (local) mean loss, detached. The batch is cut into parts (:func:`parts_of`) whose
         gradients accumulate to the whole batch's."""
-        loss = accumulate_gradients(model, parts_of(batch, cfg, accelerator), accelerator)
+        monitor = self.gradient_monitor
+        parts = parts_of(batch, cfg, accelerator, min_parts=monitor.min_parts if monitor else 1)
+        loss = accumulate_gradients(model, parts, accelerator, monitor)
+        if monitor is not None:
+            monitor.step()  # before clipping: the gradient as the batch gave it
         if cfg.max_grad_norm:
             clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
         optimizer.step()
@@ -140,18 +146,22 @@ def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=lr)
 
 
-def parts_of(batch: dict[str, Any], cfg: TrainConfig, accelerator: Any) -> list[tuple[dict[str, Any], float]]:
+def parts_of(
+    batch: dict[str, Any], cfg: TrainConfig, accelerator: Any, *, min_parts: int = 1
+) -> list[tuple[dict[str, Any], float]]:
     """This process's batch cut into weighted parts (:func:`gradkit.train.batching.split_batch`): at most
     ``batch_size / processes`` examples each (``--grad-accum`` K gives K or more parts), sorted by
     length with little padding unless ``--no-trim-padding`` or a loss of the whole batch (CoSENT ranks
     every pair of the batch: its parts are consecutive, one unless ``--grad-accum``, and the ranking is
-    over each part). With per-token labels (a causal LM) on
+    over each part), and at least ``min_parts`` parts where the batch has the examples (the noise
+    scale needs two batch sizes). With per-token labels (a causal LM) on
     several processes the weights are scaled so that the mean over ranks is the global token mean."""
-    parts = split_batch(
-        batch,
-        max_examples=cfg.batch_size // accelerator.num_processes,
-        trim=cfg.trim_padding and cfg.pair_loss != "cosent",
-    )
+    limit = cfg.batch_size // accelerator.num_processes
+    trim = cfg.trim_padding and cfg.pair_loss != "cosent"
+    parts = split_batch(batch, max_examples=limit, trim=trim)
+    examples = len(batch["labels"])
+    if len(parts) < min_parts <= examples:
+        parts = split_batch(batch, max_examples=-(-examples // min_parts), trim=trim)
     labels = batch["labels"]
     if labels.ndim == 2 and accelerator.num_processes > 1:
         # a token mean (causal LM): the ranks hold different numbers of labelled tokens T_r, and DDP
@@ -164,16 +174,21 @@ def parts_of(batch: dict[str, Any], cfg: TrainConfig, accelerator: Any) -> list[
     return parts
 
 
-def accumulate_gradients(model: nn.Module, parts: list[tuple[dict[str, Any], float]], accelerator: Any):
+def accumulate_gradients(
+    model: nn.Module, parts: list[tuple[dict[str, Any], float]], accelerator: Any, monitor: Any = None
+):
     """Backward ``w_c * loss_c`` for every part, so ``.grad`` ends as the whole batch's mean gradient;
-    under DDP only the last part's backward all-reduces (the others run in ``no_sync``). Returns the
-    batch's mean loss, detached."""
+    under DDP only the last part's backward all-reduces (the others run in ``no_sync``). ``monitor``
+    (a :class:`gradkit.scaling.accumulation.GradNormRecorder`) reads each part's gradient after its
+    backward. Returns the batch's mean loss, detached."""
     total = None
     for i, (part, weight) in enumerate(parts):
         last = i == len(parts) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             loss = model(**part).loss
             accelerator.backward(loss * weight)
+        if monitor is not None:
+            monitor.micro_step(len(part["labels"]))
         value = loss.detach().float() * weight
         total = value if total is None else total + value
     return total
