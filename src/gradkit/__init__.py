@@ -31,6 +31,8 @@ _EXPORTS: dict[str, str] = {
     # batch size and learning rate
     "NoiseScale": "gradkit.scaling.noise_scale",
     "BatchSchedule": "gradkit.scaling.batch_schedule",
+    "branch_cbs": "gradkit.scaling.critical_batch",
+    "critical_batch_size": "gradkit.scaling.critical_batch",
     "lr_for_batch": "gradkit.scaling.laws",
     "steps_examples_tradeoff": "gradkit.scaling.laws",
     # averaging, capture, init, diagnostics

@@ -9,6 +9,8 @@ from gradkit.lazy import lazy_exports
 _EXPORTS = {
     "NoiseScale": "gradkit.scaling.noise_scale",
     "BatchSchedule": "gradkit.scaling.batch_schedule",
+    "branch_cbs": "gradkit.scaling.critical_batch",
+    "critical_batch_size": "gradkit.scaling.critical_batch",
     "GradNormRecorder": "gradkit.scaling.accumulation",
     "PerExampleRecorder": "gradkit.scaling.per_example",
     "NoiseScaleSink": "gradkit.scaling.sink",

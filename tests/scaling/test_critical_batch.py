@@ -1,0 +1,75 @@
+"""gradkit.scaling.critical_batch: Zhang et al.'s 20% rule on branched steps-to-target, exact against the
+closed form of McCandlish et al.'s trade-off, its brackets, and the branching driver."""
+
+from __future__ import annotations
+
+import pytest
+
+from gradkit.errors import GradkitError
+from gradkit.scaling.critical_batch import branch_cbs, critical_batch_size
+
+SIZES = [16, 32, 64, 128, 256, 512, 1024]
+
+
+def tradeoff_steps(s_min: float, e_min: float, batch: int) -> float:
+    return s_min + e_min / batch
+
+
+@pytest.mark.parametrize("s_min, e_min", [(100.0, 20_000.0), (40.0, 3_000.0), (10.0, 50_000.0)])
+@pytest.mark.parametrize("tolerance", [0.2, 0.5])
+def test_the_interpolated_critical_batch_is_the_tradeoffs_closed_form(s_min, e_min, tolerance):
+    steps = [tradeoff_steps(s_min, e_min, b) for b in SIZES]
+    result = critical_batch_size(SIZES, steps, tolerance=tolerance)
+    closed = ((1 + tolerance) * (s_min * SIZES[0] + e_min) - e_min) / s_min
+    if closed >= SIZES[-1]:
+        assert result.value is None and result.low == SIZES[-1] and result.high is None
+    else:
+        assert result.value == pytest.approx(closed, rel=1e-12)
+        assert result.low <= result.value < result.high
+    for b, r in zip(SIZES, result.overhead, strict=True):  # r(B) = S(B) B / (S_0 B_0)
+        assert r == pytest.approx(tradeoff_steps(s_min, e_min, b) * b / (steps[0] * SIZES[0]), rel=1e-12)
+
+
+def test_perfect_linear_scaling_puts_it_beyond_the_largest_size():
+    result = critical_batch_size(SIZES, [10_240 / b for b in SIZES])
+    assert result.value is None and (result.low, result.high) == (1024, None)
+    assert result.describe() == "B_crit >= 1024"
+
+
+def test_a_branch_that_never_reached_the_target_brackets_it():
+    steps = [100.0, 50.0, 26.0, None, 10.0]
+    result = critical_batch_size([16, 32, 64, 128, 256], steps)
+    assert result.value is None and (result.low, result.high) == (64, 128)
+    assert result.describe() == "64 <= B_crit < 128"
+
+
+def test_sizes_are_sorted_with_their_steps():
+    steps = [tradeoff_steps(100, 20_000, b) for b in SIZES]
+    shuffled = critical_batch_size(SIZES[::-1], steps[::-1])
+    assert shuffled == critical_batch_size(SIZES, steps)
+
+
+@pytest.mark.parametrize(
+    "batches, steps, fragment",
+    [
+        ([16], [10.0], "at least two batch sizes"),
+        ([16, 32], [10.0], "at least two batch sizes"),
+        ([16, 16], [10.0, 5.0], "distinct positive integers"),
+        ([16, 32], [None, 5.0], "the smallest batch (16) must reach the target"),
+    ],
+)
+def test_bad_measurements_are_refused(batches, steps, fragment):
+    with pytest.raises(GradkitError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        critical_batch_size(batches, steps)
+
+
+def test_branching_runs_every_size_smallest_first():
+    seen = []
+
+    def run_branch(batch: int) -> float:
+        seen.append(batch)
+        return tradeoff_steps(50.0, 8_000.0, batch)
+
+    result = branch_cbs(run_branch, [256, 16, 64], progress=False)
+    assert seen == [16, 64, 256]
+    assert result == critical_batch_size([16, 64, 256], [tradeoff_steps(50.0, 8_000.0, b) for b in seen])
