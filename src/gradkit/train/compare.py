@@ -154,12 +154,21 @@ def compare(
         plot_losses(
             curves,
             out / "loss.png",
-            title=f"train loss, {cfg.steps} steps of batch {cfg.batch_size * cfg.grad_accum}",
+            title=f"train loss, {_budget(cfg)}",
             dev=dev_curves or None,
         )
     print(table)
     print(f"\nrun folder: {out}")
     return summaries
+
+
+def _budget(cfg: TrainConfig) -> str:
+    """``300 steps of batch 32``, or with ``--examples`` ``9,600 examples from batch 32, noise schedule``."""
+    batch = cfg.batch_size * cfg.grad_accum
+    if cfg.examples is None:
+        return f"{cfg.steps} steps of batch {batch}"
+    grows = "" if cfg.batch_schedule == "fixed" else f", {cfg.batch_schedule} schedule"
+    return f"{cfg.examples:,} examples from batch {batch}{grows}"
 
 
 def _run_method(cfg: TrainConfig, debug: bool) -> dict[str, Any]:

@@ -3,7 +3,8 @@ into every checkpoint (``state.pt``) beside the optimiser's, the scheduler's and
 
 Everything here is plain data (numbers, lists, dicts), so a checkpoint loads with
 ``torch.load(weights_only=True)``; the data position is ``step`` (the training stream is a fixed
-function of the seed), so nothing else about the data needs saving.
+function of the seed) and, with a growing batch, the batch sizes in ``batch_growth``, so nothing else
+about the data needs saving.
 """
 
 from __future__ import annotations
