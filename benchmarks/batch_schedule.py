@@ -38,6 +38,7 @@ import math
 import multiprocessing
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import IMAGES, ROOT, report, save_figure
+from benchmarks.method_regimes import RUNS, finetune
 from gradkit.models import toy_transformer
 from gradkit.scaling import BatchSchedule, NoiseScale, lr_for_batch
 from gradkit.scaling.critical_batch import branch_cbs
@@ -66,6 +68,39 @@ SCHEDULES = {  # name: (mode, base batch, lr grid a factor 2 apart)
     "fixed-128": ("fixed", LARGE, [2e-3, 4e-3, 8e-3, 1.6e-2]),
     "ramp": ("ramp", BASE, [1e-3, 2e-3, 4e-3, 8e-3]),
     "noise": ("noise", BASE, [1e-3, 2e-3, 4e-3, 8e-3]),
+}
+
+# the fine-tuning workload: all-MiniLM-L6-v2 full fine-tuning on the full SST-2 training file through
+# the harness (gradkit finetune), from the label-text head; held-out = 2% of the training file
+FT_BUDGET, FT_MAX = 3_200, 256
+FT_COMMON = [
+    *("--method", "full", "--train", str(ROOT / "data" / "sst2" / "train.tsv")),
+    *("--test", str(ROOT / "data" / "sst2" / "test.tsv"), "--dev-fraction", "0.02", "--max-length", "64"),
+    *("--head-init", "labels", "--label-text", "terrible,great", "--label-template", "It was {}."),
+    *("--examples", str(FT_BUDGET), "--warmup-ratio", "0.05"),
+]
+FT_SCHEDULES = {  # name: (options, eval every N steps, lr grid a factor 2 apart)
+    "fixed-16": (["--batch-size", "16"], 25, [2.5e-5, 5e-5, 1e-4]),
+    "fixed-128": (["--batch-size", "128"], 5, [5e-5, 1e-4, 2e-4]),
+    "ramp": (
+        ["--batch-size", "16", "--batch-schedule", "ramp", "--batch-max", str(FT_MAX)],
+        10,
+        [2.5e-5, 5e-5, 1e-4],
+    ),
+    "noise": (
+        [
+            "--batch-size",
+            "16",
+            "--batch-schedule",
+            "noise",
+            "--batch-check",
+            "10",
+            "--batch-max",
+            str(FT_MAX),
+        ],
+        10,
+        [2.5e-5, 5e-5, 1e-4],
+    ),
 }
 
 _DATA: dict[str, Any] = {}
@@ -321,15 +356,15 @@ def spec_of(name: str, lr: float, seed: int, quick: bool) -> dict[str, Any]:
     }
 
 
-def tune(pool, quick: bool) -> dict[str, dict[str, Any]]:
+def tune(grids: dict[str, list[float]], run_many) -> dict[str, dict[str, Any]]:
     """Each schedule's lr grid on seed 0, extended by a factor 2 past an edge that wins (twice at most),
-    then the best lr's other seeds. Returns per schedule: the grid's finals, the best lr, the seed runs."""
-    grids = {name: list(grid) for name, (_, _, grid) in SCHEDULES.items()}
-    finals: dict[str, dict[float, float]] = {name: {} for name in SCHEDULES}
+    then the best lr's other seeds; ``run_many([(schedule, lr, seed), ...])`` runs them (in parallel) and
+    returns their records. Per schedule: the grid's finals, the best lr, the seed runs."""
+    grids = {name: list(grid) for name, grid in grids.items()}
+    finals: dict[str, dict[float, float]] = {name: {} for name in grids}
     for _ in range(3):
-        todo = [(n, lr) for n, grid in grids.items() for lr in grid if lr not in finals[n]]
-        runs = pool.map(schedule_run, [spec_of(n, lr, 0, quick) for n, lr in todo])
-        for (name, lr), run in zip(todo, runs, strict=True):
+        todo = [(n, lr, 0) for n, grid in grids.items() for lr in grid if lr not in finals[n]]
+        for (name, lr, _), run in zip(todo, run_many(todo), strict=True):
             finals[name][lr] = run["final"] if math.isfinite(run["final"]) else math.inf
         grown = False
         for name, grid in grids.items():
@@ -342,16 +377,43 @@ def tune(pool, quick: bool) -> dict[str, dict[str, Any]]:
                 grown = True
         if not grown:
             break
-    best = {name: min(finals[name], key=finals[name].get) for name in SCHEDULES}
-    specs = [spec_of(n, best[n], s, quick) for n in SCHEDULES for s in SEEDS]
-    runs = pool.map(schedule_run, specs)
+    best = {name: min(finals[name], key=finals[name].get) for name in grids}
+    runs = run_many([(n, best[n], seed) for n in grids for seed in SEEDS])
     return {
         name: {
             "grid": {f"{lr:g}": v for lr, v in sorted(finals[name].items())},
             "lr": best[name],
             "runs": [r for r in runs if r["name"] == name],
         }
-        for name in SCHEDULES
+        for name in grids
+    }
+
+
+def ft_run(name: str, lr: float, seed: int) -> dict[str, Any]:
+    """One harness run of the fine-tuning workload (reused when finished): its held-out (dev) loss
+    against examples and steps."""
+    options, every, _ = FT_SCHEDULES[name]
+    args = [*FT_COMMON, *options, "--eval-every", str(every), "--lr", f"{lr:g}", "--seed", str(seed)]
+    out = RUNS / "batch_schedule" / name / f"lr{lr:g}-seed{seed}"
+    summary = finetune(args, out, report_only=False)
+    examples, seen, curve = 0, {}, []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "dev_loss" in row:
+            curve.append([seen[row["step"]], row["step"], row["dev_loss"], row.get("b_simple")])
+        elif "step" in row:
+            examples += row.get("batch_size", summary["batch_size"])
+            seen[row["step"]] = examples
+    return {
+        "name": name,
+        "lr": lr,
+        "seed": seed,
+        "curve": curve,
+        "final": curve[-1][2],
+        "steps": summary["steps"],
+        "changes": summary.get("batch_schedule", {}).get("changes", []),
+        "cpu_seconds": json.loads((out / "cpu.json").read_text())["cpu_seconds"],
+        "test_accuracy": summary["test_accuracy"],
     }
 
 
@@ -367,9 +429,9 @@ def steps_to(curve: list[list[Any]], target: float) -> float | None:
     return None
 
 
-def schedule_table(tuned: dict[str, Any]) -> tuple[dict[str, Any], float, dict[str, Any]]:
-    """(b)'s table, the fixed small batch's threshold (its final mean + sd), and per schedule the
-    numbers the goals read."""
+def schedule_table(tuned: dict[str, Any], workload: str) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """(b)'s table for ``workload``, the fixed small batch's threshold (its final mean + sd), and per
+    schedule the numbers the goals read."""
     small, small_sd = mean_sd([r["final"] for r in tuned["fixed-16"]["runs"]])
     threshold = small + small_sd
     small_steps = statistics.fmean(r["steps"] for r in tuned["fixed-16"]["runs"])
@@ -394,8 +456,8 @@ def schedule_table(tuned: dict[str, Any]) -> tuple[dict[str, Any], float, dict[s
             ]
         )
     table = {
-        "caption": f"The same {tuned['fixed-16']['runs'][0]['curve'][-1][0]:,} examples (windows of {CONTEXT} "
-        "characters) with each schedule at its "
+        "caption": f"{workload}: the same {tuned['fixed-16']['runs'][0]['curve'][-1][0]:,} examples with each "
+        "schedule at its "
         f"best lr (seed 0 grid), 3 seeds. The threshold is the fixed small batch's final held-out loss plus "
         f"one seed sd: {threshold:.4f}.",
         "columns": [
@@ -448,13 +510,35 @@ def cbs_table(cbs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def goals(
-    numbers: dict[str, Any], threshold: float, cbs: list[dict[str, Any]], cost: dict[str, float]
-) -> list[dict]:
-    """One entry per goal of the issue: target, measured, met."""
+def fewer_steps_goal(numbers: dict[str, Any], threshold: float, workload: str) -> dict[str, Any]:
+    """noise against the fixed small batch: its final held-out loss (within the seed sd) in >= 30% fewer
+    optimiser steps."""
     small, noise = numbers["fixed-16"], numbers["noise"]
     reached = [s for s in noise["reach"] if s is not None]
     fewer = 1 - statistics.fmean(reached) / small["steps"] if len(reached) == len(noise["reach"]) else None
+    return {
+        "goal": "noise reaches the fixed small batch's final held-out loss (within its seed sd) with >= 30% "
+        f"fewer optimiser steps ({workload})",
+        "target": f"held-out loss <= {threshold:.4f} in <= {0.7 * small['steps']:.0f} steps "
+        f"(fixed-16: {small['steps']:.0f})",
+        "measured": (
+            f"{statistics.fmean(reached):.0f} steps ({100 * fewer:.0f}% fewer); "
+            f"final {noise['final']:.4f} ± {noise['sd']:.4f}"
+            if fewer is not None
+            else f"{len(reached)} of {len(noise['reach'])} seeds reached it; "
+            f"final {noise['final']:.4f} ± {noise['sd']:.4f}"
+        ),
+        "met": fewer is not None and fewer >= 0.3,
+    }
+
+
+def goals(
+    char: tuple[dict[str, Any], float],
+    finetuned: tuple[dict[str, Any], float] | None,
+    cbs: list[dict[str, Any]],
+    cost: dict[str, float],
+) -> list[dict]:
+    """One entry per goal of the issue: target, measured, met."""
     measured = [p for r in cbs for p in r["points"] if p.get("cbs")]
     ratios = [p["b_simple"] / p["cbs"] for p in measured]
     within = [0.5 <= r <= 2 for r in ratios]
@@ -473,20 +557,13 @@ def goals(
             "measured": "not measured: this workload trains with AdamW only",
             "met": False,
         },
-        {
-            "goal": "noise reaches the fixed small batch's final held-out loss (within its seed sd) with >= 30% fewer optimiser steps (char-LM workload)",
-            "target": f"held-out loss <= {threshold:.4f} in <= {0.7 * small['steps']:.0f} steps (fixed-16: {small['steps']:.0f})",
-            "measured": (
-                f"{statistics.fmean(reached):.0f} steps ({100 * fewer:.0f}% fewer); final {noise['final']:.4f} ± {noise['sd']:.4f}"
-                if fewer is not None
-                else f"{len(reached)} of {len(noise['reach'])} seeds reached it; final {noise['final']:.4f} ± {noise['sd']:.4f}"
-            ),
-            "met": fewer is not None and fewer >= 0.3,
-        },
-        {
+        fewer_steps_goal(*char, "char transformer"),
+        fewer_steps_goal(*finetuned, "MiniLM full fine-tuning on SST-2")
+        if finetuned is not None
+        else {
             "goal": "the same on the fine-tuning workload (all-MiniLM-L6-v2 full fine-tuning on SST-2)",
             "target": ">= 30% fewer optimiser steps at the fixed small batch's final held-out loss",
-            "measured": "not measured yet",
+            "measured": "not measured in this run",
             "met": False,
         },
         {
@@ -499,25 +576,33 @@ def goals(
     ]
 
 
-def plot(tuned: dict[str, Any], cbs: list[dict[str, Any]]) -> list[str]:
+def curve_panels(by_examples, by_steps, tuned: dict[str, Any], workload: str) -> None:
+    """Held-out loss (mean over seeds, evaluation by evaluation) against examples and against steps."""
+    for i, (name, t) in enumerate(tuned.items()):
+        runs = t["runs"]
+        length = min(len(r["curve"]) for r in runs)
+        points = range(1 if runs[0]["curve"][0][0] == 0 else 0, length)
+        loss = [statistics.fmean(r["curve"][j][2] for r in runs) for j in points]
+        examples = [statistics.fmean(r["curve"][j][0] for r in runs) for j in points]
+        steps = [statistics.fmean(r["curve"][j][1] for r in runs) for j in points]
+        by_examples.plot(examples, loss, color=f"C{i}", label=f"{name} (lr {t['lr']:g})")
+        by_steps.plot(steps, loss, color=f"C{i}", label=name)
+    by_examples.set(
+        xlabel="examples", ylabel="held-out loss (mean of 3 seeds)", title=f"{workload}: against examples"
+    )
+    by_steps.set(xlabel="optimiser steps", xscale="log", title=f"{workload}: against optimiser steps")
+
+
+def plot(tuned: dict[str, Any], cbs: list[dict[str, Any]], finetuned: dict[str, Any] | None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_examples, by_steps, noise) = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
-    for i, (name, t) in enumerate(tuned.items()):
-        runs = t["runs"]
-        length = min(len(r["curve"]) for r in runs)
-        loss = [statistics.fmean(r["curve"][j][2] for r in runs) for j in range(1, length)]
-        examples = [runs[0]["curve"][j][0] for j in range(1, length)]
-        steps = [statistics.fmean(r["curve"][j][1] for r in runs) for j in range(1, length)]
-        by_examples.plot(examples, loss, color=f"C{i}", label=f"{name} (lr {t['lr']:g})")
-        by_steps.plot(steps, loss, color=f"C{i}", label=name)
-    by_examples.set(
-        xlabel="examples (windows)", ylabel="held-out loss (mean of 3 seeds)", title="against examples"
-    )
-    by_steps.set(xlabel="optimiser steps", xscale="log", title="against optimiser steps")
+    rows = 1 if finetuned is None else 2
+    fig, axes = plt.subplots(rows, 3, figsize=(15, 4.2 * rows), dpi=110, squeeze=False)
+    curve_panels(axes[0][0], axes[0][1], tuned, "char transformer")
+    noise = axes[0][2]
     for r in cbs:
         xs = [p["examples"] for p in r["points"] if p.get("cbs")]
         noise.scatter(xs, [p["cbs"] for p in r["points"] if p.get("cbs")], color="C3", marker="s")
@@ -528,7 +613,12 @@ def plot(tuned: dict[str, Any], cbs: list[dict[str, Any]]) -> list[str]:
     noise.set(
         xlabel="examples at the checkpoint", ylabel="batch size", yscale="log", title="fixed-16 run, 3 seeds"
     )
-    for ax in (by_examples, by_steps, noise):
+    used = [axes[0][0], axes[0][1], noise]
+    if finetuned is not None:
+        curve_panels(axes[1][0], axes[1][1], finetuned, "MiniLM on SST-2")
+        axes[1][2].axis("off")
+        used += [axes[1][0], axes[1][1]]
+    for ax in used:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     path = IMAGES / "batch_schedule.png"
@@ -540,9 +630,21 @@ def run(quick: bool, jobs: int) -> dict[str, Any]:
     cost = overhead(quick)  # first, while nothing else of this benchmark runs
     context = multiprocessing.get_context("spawn")
     with context.Pool(jobs) as pool:
-        tuned = tune(pool, quick)
+        grids = {name: grid for name, (_, _, grid) in SCHEDULES.items()}
+        tuned = tune(grids, lambda todo: pool.map(schedule_run, [spec_of(*item, quick) for item in todo]))
         cbs = pool.map(cbs_run, [spec_of("fixed-16", tuned["fixed-16"]["lr"], s, quick) for s in SEEDS])
-    table, threshold, numbers = schedule_table(tuned)
+    finetuned = None
+    if not quick:
+        with ThreadPoolExecutor(jobs) as threads:
+            grids = {name: grid for name, (_, _, grid) in FT_SCHEDULES.items()}
+            finetuned = tune(grids, lambda todo: list(threads.map(lambda item: ft_run(*item), todo)))
+    table, threshold, numbers = schedule_table(tuned, "char transformer (examples: windows of 64 characters)")
+    tables = [table]
+    ft_goal = None
+    if finetuned is not None:
+        ft_table, ft_threshold, ft_numbers = schedule_table(finetuned, "MiniLM full fine-tuning on SST-2")
+        tables.append(ft_table)
+        ft_goal = (ft_numbers, ft_threshold)
     grid = {
         "caption": "lr search on seed 0: final held-out loss per lr",
         "columns": ["schedule", "lr: final held-out loss"],
@@ -558,8 +660,8 @@ def run(quick: bool, jobs: int) -> dict[str, Any]:
         "title": "A batch that grows with the noise scale, against fixed batches and a ramp (char transformer)",
         "claim": "Growing the batch as the measured noise scale grows reaches the small batch's loss in fewer optimiser "
         "steps for the same examples; the online B_simple lands near the critical batch measured by branching.",
-        "tables": [table, cbs_table(cbs), timing, grid],
-        "plots": [] if quick else plot(tuned, cbs),
+        "tables": [*tables, cbs_table(cbs), timing, grid],
+        "plots": [] if quick else plot(tuned, cbs, finetuned),
         "notes": [
             f"Model: toy_transformer(vocab=65, d_model={D_MODEL}, n_layers={LAYERS}, n_heads={HEADS}, norm='pre'), "
             f"context {CONTEXT}, AdamW without weight decay, budget {BUDGET:,} windows, base batch {BASE}, cap {MAX_BATCH}; "
@@ -567,8 +669,8 @@ def run(quick: bool, jobs: int) -> dict[str, Any]:
             "lr per schedule chosen on seed 0 from a factor-2 grid (extended past a winning edge), then 3 seeds; the lr "
             "schedule is the harness's: 5% warm-up, linear decay to 0 over examples, times the schedule's lr factor.",
         ],
-        "goals": goals(numbers, threshold, cbs, cost),
-        "raw": {"tuned": tuned, "cbs": cbs, "overhead": cost},
+        "goals": goals((numbers, threshold), ft_goal, cbs, cost),
+        "raw": {"tuned": tuned, "finetuned": finetuned, "cbs": cbs, "overhead": cost},
     }
 
 

@@ -31,7 +31,11 @@ class _Rows(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": torch.ones_like(self.ids[i]),
+            "labels": self.labels[i],
+        }
 
 
 class _Logs(transformers.TrainerCallback):
@@ -87,7 +91,9 @@ def test_a_resumed_run_continues_the_schedule(tiny_model_dir, tmp_path):
     through, _ = train(tiny_model_dir, tmp_path / "through")
     first = through.recommendations[0]["step"]
     assert (tmp_path / "through" / f"checkpoint-{first}" / STATE_FILE).exists()
-    resumed, _ = train(tiny_model_dir, tmp_path / "through", resume=str(tmp_path / "through" / f"checkpoint-{first}"))
+    resumed, _ = train(
+        tiny_model_dir, tmp_path / "through", resume=str(tmp_path / "through" / f"checkpoint-{first}")
+    )
     assert resumed.recommendations == through.recommendations
     assert resumed.schedule.state_dict() == through.schedule.state_dict()
 

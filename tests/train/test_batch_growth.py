@@ -21,6 +21,7 @@ from gradkit.train.batch_growth import lr_fraction
 from gradkit.train.config import TrainConfig
 from gradkit.train.datasets import StepBatches, TrainingStream
 from gradkit.train.loop import finetune, resume
+from gradkit.train.methods import parts_of
 
 BASE = 8
 
@@ -197,3 +198,23 @@ def test_two_processes_grow_the_batch_together(tmp_path, tiny_model_dir):
     assert summary["examples"] == 40 * BASE and summary["batch_schedule"]["changes"]
     sizes = [r["batch_size"] for r in rows(out)]
     assert sum(sizes) == 40 * BASE and all(size % 2 == 0 for size in sizes)
+
+
+class OneProcess:
+    num_processes = 1
+
+
+def test_the_noise_monitors_micro_batches_are_consecutive_random_subsets():
+    lengths = torch.tensor([9, 2, 7, 3, 8, 1, 6, 4])  # length-sorted parts would regroup these rows
+    mask = (torch.arange(10)[None, :] < lengths[:, None]).long()
+    batch = {
+        "input_ids": torch.arange(80).view(8, 10) * mask,
+        "attention_mask": mask,
+        "labels": torch.arange(8),
+    }
+    cfg = TrainConfig(batch_size=8)
+    by_length = parts_of(batch, cfg, OneProcess(), min_parts=2)
+    assert [p["labels"].tolist() for p, _ in by_length] != [[0, 1, 2, 3], [4, 5, 6, 7]]
+    parts = parts_of(batch, cfg, OneProcess(), min_parts=2, by_length=False)
+    assert [p["labels"].tolist() for p, _ in parts] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [w for _, w in parts] == [0.5, 0.5]

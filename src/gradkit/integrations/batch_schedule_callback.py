@@ -129,4 +129,6 @@ class BatchScheduleCallback(NoiseScaleCallback):
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             with atomic_path(os.path.join(args.output_dir, ADVICE_FILE)) as tmp:
-                tmp.write_text(json.dumps({"base_batch": self.base, "growths": self.recommendations}, indent=2))
+                tmp.write_text(
+                    json.dumps({"base_batch": self.base, "growths": self.recommendations}, indent=2)
+                )

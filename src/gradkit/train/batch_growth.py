@@ -66,7 +66,9 @@ class GrowingBatch:
     the batch grew, resizes ``batches`` from the next step on; :meth:`before_step` cuts the last
     step to the budget left. With ``noise`` it is also the method's gradient monitor
     (:attr:`gradkit.train.methods.Method.gradient_monitor`): each step's micro-batch gradients feed a
-    :class:`~gradkit.scaling.NoiseScale` (:meth:`micro_step`, :meth:`step`)."""
+    :class:`~gradkit.scaling.NoiseScale` (:meth:`micro_step`, :meth:`step`). Its micro-batches are
+    consecutive examples of the shuffled stream, not length-sorted parts: the estimator compares random
+    subsets of the batch with the whole."""
 
     def __init__(self, cfg: TrainConfig, batches: StepBatches, processes: int):
         self.base = cfg.batch_size * cfg.grad_accum

@@ -115,7 +115,10 @@ class Method:
         the (local) mean loss, detached. The batch is cut into parts (:func:`parts_of`) whose
         gradients accumulate to the whole batch's."""
         monitor = self.gradient_monitor
-        parts = parts_of(batch, cfg, accelerator, min_parts=monitor.min_parts if monitor else 1)
+        if monitor is None:
+            parts = parts_of(batch, cfg, accelerator)
+        else:  # random subsets of the batch, at least as many as the noise scale needs
+            parts = parts_of(batch, cfg, accelerator, min_parts=monitor.min_parts, by_length=False)
         loss = accumulate_gradients(model, parts, accelerator, monitor)
         if monitor is not None:
             monitor.step()  # before clipping: the gradient as the batch gave it
@@ -147,17 +150,19 @@ def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
 
 
 def parts_of(
-    batch: dict[str, Any], cfg: TrainConfig, accelerator: Any, *, min_parts: int = 1
+    batch: dict[str, Any], cfg: TrainConfig, accelerator: Any, *, min_parts: int = 1, by_length: bool = True
 ) -> list[tuple[dict[str, Any], float]]:
     """This process's batch cut into weighted parts (:func:`gradkit.train.batching.split_batch`): at most
     ``batch_size / processes`` examples each (``--grad-accum`` K gives K or more parts), sorted by
     length with little padding unless ``--no-trim-padding`` or a loss of the whole batch (CoSENT ranks
     every pair of the batch: its parts are consecutive, one unless ``--grad-accum``, and the ranking is
     over each part), and at least ``min_parts`` parts where the batch has the examples (the noise
-    scale needs two batch sizes). With per-token labels (a causal LM) on
+    scale needs two batch sizes). ``by_length=False``: consecutive parts in the stream's (shuffled)
+    order, so each part is a random subset of the batch, as the noise scale's estimator assumes (parts
+    sorted by length would differ systematically). With per-token labels (a causal LM) on
     several processes the weights are scaled so that the mean over ranks is the global token mean."""
     limit = cfg.batch_size // accelerator.num_processes
-    trim = cfg.trim_padding and cfg.pair_loss != "cosent"
+    trim = by_length and cfg.trim_padding and cfg.pair_loss != "cosent"
     parts = split_batch(batch, max_examples=limit, trim=trim)
     examples = len(batch["labels"])
     if len(parts) < min_parts <= examples:
