@@ -49,6 +49,8 @@ os._exit(0)
 # state tolerance: the two runs differ only in how the gradient mean is reduced (reduce-scatter of
 # rows vs all-reduce; exact for 2 ranks) and clip with the same norm (gradkit.fsdp.clip_grad_norm_)
 TOLERANCE = 1e-6
+# a large share of B_simple: the tiny run's noise schedule grows within its few steps
+NOISE_FRACTION = 30
 
 
 def _common(model: Path, out: Path, method: str) -> list[str]:
@@ -102,6 +104,11 @@ def runs(tiny_model_dir, tmp_path_factory) -> Path:
     ]
     lines.append([*_common(tiny_model_dir, root / "svrg-fsdp", "mezo"), *svrg])
     lines.append(["stop", "3", *_common(tiny_model_dir, root / "svrg-resumed", "mezo")[1:], *svrg])
+    for name, parallel in (("noise-fsdp", ["--fsdp"]), ("noise-ddp", [])):
+        common = _common(tiny_model_dir, root / name, "full")
+        noise = ["--examples", "96", "--batch-schedule", "noise", "--batch-check", "1"]
+        noise += ["--batch-noise-fraction", str(NOISE_FRACTION), "--batch-max", "32"]
+        lines.append([arg for arg in common if arg not in ("--steps", "4")] + noise + parallel)
     driver = root / "driver.py"
     driver.write_text(textwrap.dedent(DRIVER))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -228,3 +235,18 @@ def test_a_stopped_fsdp_mezo_run_resumes_to_the_same_bytes(runs, estimator):
     got, want = _weights(resumed), _weights(through)
     assert got.keys() == want.keys() and len(got) > 1
     assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+@pytest.mark.distributed
+def test_a_noise_schedule_under_fsdp_grows_as_under_ddp(runs):
+    """FSDP2 reads each rank's gradient on its unsharded parameters, DDP before its all-reduce: the same
+    noise scale, the same growths, the same weights."""
+    fsdp = json.loads((runs / "noise-fsdp" / "summary.json").read_text())
+    ddp = json.loads((runs / "noise-ddp" / "summary.json").read_text())
+    assert fsdp["ranks_identical"] is True and fsdp["examples"] == ddp["examples"] == 96
+    grown, ddp_grown = fsdp["batch_schedule"]["changes"], ddp["batch_schedule"]["changes"]
+    assert grown and [(c["step"], c["batch"]) for c in grown] == [(c["step"], c["batch"]) for c in ddp_grown]
+    for mine, theirs in zip(grown, ddp_grown, strict=True):
+        assert mine["b_simple"] == pytest.approx(theirs["b_simple"], rel=1e-4)
+    weights, ddp_weights = _weights(runs / "noise-fsdp"), _weights(runs / "noise-ddp")
+    assert max((weights[k] - ddp_weights[k]).abs().max().item() for k in weights) <= TOLERANCE
