@@ -206,6 +206,7 @@ class FineTune:
         self.cfg, self.resuming, self.progress = cfg, resume, progress
         self.checkpoint = checkpoint
         self.folder: RunFolder | None = None
+        self.growth: GrowingBatch | None = None  # a growing --batch-schedule (made with the step batches)
         self.phases = Phases()
         self.method = method if method is not None else get_method(cfg.method)
 
@@ -466,8 +467,8 @@ class FineTune:
         return self.growth.used if self.growth is not None else self.state.step
 
     def train(self, stop_after: int | None = None) -> int:
-        """Run the steps after the state's up to ``cfg.steps`` (or ``stop_after``); returns the last step
-        run. A failure or an interruption is recorded in status.json and raised."""
+        """Run the steps after the state's until the run :meth:`ends` (or ``stop_after``); returns the
+        last step run. A failure or an interruption is recorded in status.json and raised."""
         cfg, state = self.cfg, self.state
         self.folder.open_metrics(self.resumed_from, state.warmup_losses)
         self.folder.status("running", step=state.step, checkpoint_step=self.checkpoints.last)
@@ -538,7 +539,7 @@ class FineTune:
     def release(self) -> None:
         """Release the run folder's lock and take the batch schedule's gradient hooks off (the end of
         the run, whatever the end)."""
-        if getattr(self, "growth", None) is not None:
+        if self.growth is not None:
             self.growth.detach()
         if self.folder is not None:
             self.folder.unlock()
