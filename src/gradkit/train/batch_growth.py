@@ -101,9 +101,11 @@ class GrowingBatch:
             self.recorder = None
 
     def micro_step(self, examples: int) -> None:
+        """After one micro-batch's backward (``examples`` on this process): read its gradient."""
         self.recorder.micro_step(examples)
 
     def step(self) -> None:
+        """After the step's last backward, before clipping: update the noise scale."""
         self.recorder.step()
 
     @property
@@ -151,6 +153,7 @@ class GrowingBatch:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """The base batches used, the schedule's state and the noise scale's (plain data)."""
         return {
             "used": self.used,
             "schedule": self.schedule.state_dict(),
