@@ -184,8 +184,8 @@ def accumulate_gradients(
 ):
     """Backward ``w_c * loss_c`` for every part, so ``.grad`` ends as the whole batch's mean gradient;
     under DDP only the last part's backward all-reduces (the others run in ``no_sync``). ``monitor``
-    (a :class:`gradkit.scaling.accumulation.GradNormRecorder`) reads each part's gradient after its
-    backward. Returns the batch's mean loss, detached."""
+    (``micro_step(examples)``: :class:`gradkit.train.batch_growth.GrowingBatch`, or a
+    :class:`gradkit.scaling.accumulation.GradNormRecorder`) reads each part's gradient after its backward. Returns the batch's mean loss, detached."""
     total = None
     for i, (part, weight) in enumerate(parts):
         last = i == len(parts) - 1
