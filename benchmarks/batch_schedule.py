@@ -49,7 +49,7 @@ from benchmarks.common import IMAGES, ROOT, report, save_figure
 from benchmarks.method_regimes import RUNS, finetune
 from gradkit.models import toy_transformer
 from gradkit.scaling import BatchSchedule, NoiseScale, lr_for_batch
-from gradkit.scaling.critical_batch import branch_cbs
+from gradkit.scaling.critical_batch import branch_cbs, critical_batch_size
 from gradkit.scaling.hessian import b_noise_hessian
 from gradkit.train.batch_growth import lr_fraction
 
@@ -485,6 +485,23 @@ def schedule_table(tuned: dict[str, Any], workload: str) -> tuple[dict[str, Any]
     return table, threshold, numbers
 
 
+def recomputed(cbs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The critical batch of every point read again from its branches' steps with the library's rule
+    as it is now (the cache keeps the steps, the measurement)."""
+    for record in cbs:
+        for point in record["points"]:
+            if point.get("branch_steps"):
+                result = critical_batch_size(BRANCHES, point["branch_steps"])
+                point.update(
+                    cbs=result.value,
+                    cbs_low=result.low,
+                    cbs_high=result.high,
+                    cbs_text=result.describe(),
+                    overhead=[r if math.isfinite(r) else None for r in result.overhead],
+                )
+    return cbs
+
+
 def cbs_table(cbs: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
     for record in cbs:
@@ -648,6 +665,7 @@ def run(quick: bool, jobs: int) -> dict[str, Any]:
         grids = {name: grid for name, (_, _, grid) in SCHEDULES.items()}
         tuned = tune(grids, lambda todo: pool.map(schedule_run, [spec_of(*item, quick) for item in todo]))
         cbs = pool.map(cbs_run, [spec_of("fixed-16", tuned["fixed-16"]["lr"], s, quick) for s in SEEDS])
+    cbs = recomputed(cbs)
     finetuned = None
     if not quick:
         with ThreadPoolExecutor(jobs) as threads:

@@ -55,7 +55,8 @@ def test_sizes_are_sorted_with_their_steps():
         ([16], [10.0], "at least two batch sizes"),
         ([16, 32], [10.0], "at least two batch sizes"),
         ([16, 16], [10.0, 5.0], "distinct positive integers"),
-        ([16, 32], [None, 5.0], "the smallest batch (16) must reach the target"),
+        ([16, 32], [None, None], "no batch size reached the target"),
+        ([16, 32], [0.0, 5.0], "steps to the target must be > 0"),
     ],
 )
 def test_bad_measurements_are_refused(batches, steps, fragment):
@@ -73,3 +74,15 @@ def test_branching_runs_every_size_smallest_first():
     result = branch_cbs(run_branch, [256, 16, 64], progress=False)
     assert seen == [16, 64, 256]
     assert result == critical_batch_size([16, 64, 256], [tradeoff_steps(50.0, 8_000.0, b) for b in seen])
+
+
+def test_linear_scaling_is_measured_from_the_most_example_efficient_size():
+    """Smallest batches that need more examples than larger ones (a noise floor near the target at their
+    lr) do not set the reference: r(B) is relative to the fewest examples."""
+    sizes = [16, 32, 64, 128, 256]
+    steps = [60.0, 14.0, 6.0, 3.5, 2.0]  # examples 960, 448, 384, 448, 512
+    result = critical_batch_size(sizes, steps)
+    assert result.overhead == pytest.approx([2.5, 7 / 6, 1.0, 7 / 6, 4 / 3])
+    # r(32) = 7/6 is not past the limit but lies below B_0 = 64; past it r(128) = 7/6, r(256) = 4/3:
+    # 128 + (1.2 - 7/6) / (4/3 - 7/6) * 128 = 153.6
+    assert result.value == pytest.approx(153.6) and (result.low, result.high) == (128, 256)

@@ -4,14 +4,17 @@ Revisited", arXiv 2505.23971), then apply Zhang et al.'s rule (2024, "How Does C
 Scale in Pre-training?", arXiv 2410.21676): the critical batch is where the steps to the target exceed
 linear scaling by 20%.
 
-With ``S(B)`` the steps at batch ``B`` and ``B_0`` the smallest batch measured, linear scaling from
-``B_0`` predicts ``S_0 · B_0 / B`` steps, so the overhead at ``B`` is the ratio of examples
+With ``S(B)`` the steps at batch ``B`` and ``B_0`` the measured batch that needed the fewest examples,
+linear scaling from ``B_0`` predicts ``S_0 · B_0 / B`` steps, so the overhead at ``B`` is the ratio of
+examples
 
     r(B) = S(B) · B / (S_0 · B_0),
 
-1 while doubling the batch halves the steps, growing past it. The critical batch is the ``B`` where
-``r(B) = 1 + tolerance``, read by linear interpolation in ``B`` between the last measured size below
-and the first above. Under McCandlish et al.'s trade-off ``S(B) = S_min + E_min / B`` the ratio is
+1 while doubling the batch halves the steps, growing past it. The critical batch is the first ``B``
+above ``B_0`` where ``r(B) = 1 + tolerance``, read by linear interpolation in ``B`` between the last
+measured size below and the first above. ``B_0`` is usually the smallest size; it is not when the
+smallest batches need more examples than larger ones, as they do when branches share one learning
+rate law and the smallest batch's noise floor at its lr sits near the target. Under McCandlish et al.'s trade-off ``S(B) = S_min + E_min / B`` the ratio is
 linear in ``B``, ``r(B) = (S_min B + E_min) / (S_min B_0 + E_min)``, so the interpolation is exact there:
 ``B_crit = ((1 + tolerance)(S_min B_0 + E_min) − E_min) / S_min``.
 """
@@ -62,8 +65,9 @@ def critical_batch_size(
     batches: Sequence[int], steps: Sequence[float | None], *, tolerance: float = TOLERANCE
 ) -> CriticalBatch:
     """Zhang et al.'s critical batch from the steps to one target at each batch size (see the module
-    docstring): the ``B`` where ``r(B) = S(B)·B / (S_0·B_0)`` first reaches ``1 + tolerance``. A size
-    whose run did not reach the target (``None``) counts as past it. The smallest size must reach it."""
+    docstring): above the most example-efficient size ``B_0``, the ``B`` where ``r(B) = S(B)·B /
+    (S_0·B_0)`` first exceeds ``1 + tolerance``. A size whose run did not reach the target (``None``)
+    counts as past it; at least one size must reach it."""
     if len(batches) != len(steps) or len(batches) < 2:
         raise GradkitError("pass at least two batch sizes and the steps to the target at each")
     if not tolerance > 0:
@@ -73,20 +77,22 @@ def critical_batch_size(
     counts = [steps[i] for i in order]
     if len(set(sizes)) != len(sizes) or sizes[0] < 1:
         raise GradkitError(f"batch sizes must be distinct positive integers, got {sizes}")
-    if counts[0] is None or not counts[0] > 0:
+    if any(s is not None and not s > 0 for s in counts):
+        raise GradkitError(f"steps to the target must be > 0 (or None: not reached), got {counts}")
+    if all(s is None for s in counts):
         raise GradkitError(
-            f"the smallest batch ({sizes[0]}) must reach the target (steps {counts[0]}); "
-            "lower the target or give its branch more steps"
+            "no batch size reached the target; lower the target or give the branches more steps"
         )
-    reference = counts[0] * sizes[0]
-    overhead = [math.inf if s is None else s * b / reference for s, b in zip(counts, sizes, strict=True)]
+    examples = [math.inf if s is None else s * b for s, b in zip(counts, sizes, strict=True)]
+    start = min(range(len(sizes)), key=examples.__getitem__)  # B_0: the fewest examples
+    overhead = [e / examples[start] for e in examples]
     limit = 1.0 + tolerance
-    past = next((i for i, r in enumerate(overhead) if r > limit), None)
+    past = next((i for i in range(start + 1, len(sizes)) if overhead[i] > limit), None)
     if past is None:  # linear scaling holds up to the largest size
         value, low, high = None, sizes[-1], None
     elif math.isinf(overhead[past]):  # not reached: somewhere between the two sizes
         value, low, high = None, sizes[past - 1], sizes[past]
-    else:  # r(B_0) = 1 < 1 + tolerance, so the crossing is always bracketed
+    else:  # r(B_0) = 1 < 1 + tolerance and r stays below the limit up to past - 1: a bracket
         lo, hi = overhead[past - 1], overhead[past]
         value = sizes[past - 1] + (limit - lo) * (sizes[past] - sizes[past - 1]) / (hi - lo)
         low, high = sizes[past - 1], sizes[past]
