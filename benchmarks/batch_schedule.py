@@ -539,28 +539,23 @@ def cbs_table(cbs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def fewer_steps_goal(numbers: dict[str, Any], threshold: float, workload: str) -> dict[str, Any]:
-    """noise against the fixed small batch: its final held-out loss (within the seed sd) in >= 30% fewer
-    optimiser steps."""
+    """noise against the fixed small batch, on the seed means: its final held-out loss within the small
+    batch's mean plus one seed sd, in >= 30% fewer optimiser steps (its whole run's). The noise row with
+    the lowest mean final loss stands for the schedule; the seeds that reached the threshold are named."""
     small = numbers["fixed-16"]
-    variants = [name for name in numbers if name.startswith("noise")]
-    name = min(variants, key=lambda v: (sum(s is None for s in numbers[v]["reach"]), numbers[v]["final"]))
+    name = min((v for v in numbers if v.startswith("noise")), key=lambda v: numbers[v]["final"])
     noise = numbers[name]
-    reached = [s for s in noise["reach"] if s is not None]
-    fewer = 1 - statistics.fmean(reached) / small["steps"] if len(reached) == len(noise["reach"]) else None
+    reached = noise["final"] <= threshold
+    fewer = 1 - noise["steps"] / small["steps"]
+    seeds = sum(s is not None for s in noise["reach"])
     return {
         "goal": "noise reaches the fixed small batch's final held-out loss (within its seed sd) with >= 30% "
         f"fewer optimiser steps ({workload})",
-        "target": f"held-out loss <= {threshold:.4f} in <= {0.7 * small['steps']:.0f} steps "
-        f"(fixed-16: {small['steps']:.0f})",
-        "measured": f"{name} (the noise row closest to it): "
-        + (
-            f"{statistics.fmean(reached):.0f} steps ({100 * fewer:.0f}% fewer); "
-            f"final {noise['final']:.4f} ± {noise['sd']:.4f}"
-            if fewer is not None
-            else f"{len(reached)} of {len(noise['reach'])} seeds reached it; "
-            f"final {noise['final']:.4f} ± {noise['sd']:.4f}"
-        ),
-        "met": fewer is not None and fewer >= 0.3,
+        "target": f"mean final held-out loss <= {threshold:.4f} (fixed-16's mean + sd) in <= "
+        f"{0.7 * small['steps']:.0f} steps (fixed-16: {small['steps']:.0f})",
+        "measured": f"{name}: mean final {noise['final']:.4f} ± {noise['sd']:.4f} in {noise['steps']:.0f} steps "
+        f"({100 * fewer:.0f}% fewer); {seeds} of {len(noise['reach'])} seeds reached the threshold",
+        "met": reached and fewer >= 0.3,
     }
 
 
@@ -609,20 +604,30 @@ def goals(
 
 
 def curve_panels(by_examples, by_steps, tuned: dict[str, Any], workload: str) -> None:
-    """Held-out loss (mean over seeds, evaluation by evaluation) against examples and against steps."""
+    """Held-out loss against examples (the seeds' curves interpolated onto common examples, then
+    averaged: a growing batch evaluates at other examples on each seed) and against optimiser steps
+    (each seed's curve: the seeds end at different steps)."""
+    import numpy as np
+
     for i, (name, t) in enumerate(tuned.items()):
-        runs = t["runs"]
-        length = min(len(r["curve"]) for r in runs)
-        points = range(1 if runs[0]["curve"][0][0] == 0 else 0, length)
-        loss = [statistics.fmean(r["curve"][j][2] for r in runs) for j in points]
-        examples = [statistics.fmean(r["curve"][j][0] for r in runs) for j in points]
-        steps = [statistics.fmean(r["curve"][j][1] for r in runs) for j in points]
-        by_examples.plot(examples, loss, color=f"C{i}", label=f"{name} (lr {t['lr']:g})")
-        by_steps.plot(steps, loss, color=f"C{i}", label=name)
+        curves = [[point for point in r["curve"] if point[0] > 0] for r in t["runs"]]
+        first = max(c[0][0] for c in curves)
+        grid = np.linspace(first, min(c[-1][0] for c in curves), 25)
+        mean = np.mean([np.interp(grid, [p[0] for p in c], [p[2] for p in c]) for c in curves], axis=0)
+        by_examples.plot(grid, mean, color=f"C{i}", label=f"{name} (lr {t['lr']:g})")
+        for j, c in enumerate(curves):
+            by_steps.plot(
+                [p[1] for p in c], [p[2] for p in c], color=f"C{i}", alpha=0.6, label=name if j == 0 else None
+            )
     by_examples.set(
         xlabel="examples", ylabel="held-out loss (mean of 3 seeds)", title=f"{workload}: against examples"
     )
-    by_steps.set(xlabel="optimiser steps", xscale="log", title=f"{workload}: against optimiser steps")
+    by_steps.set(
+        xlabel="optimiser steps",
+        ylabel="held-out loss (each seed)",
+        xscale="log",
+        title=f"{workload}: against optimiser steps",
+    )
 
 
 def plot(tuned: dict[str, Any], cbs: list[dict[str, Any]], finetuned: dict[str, Any] | None) -> list[str]:
@@ -659,7 +664,9 @@ def plot(tuned: dict[str, Any], cbs: list[dict[str, Any]], finetuned: dict[str, 
 
 
 def run(quick: bool, jobs: int) -> dict[str, Any]:
-    cost = overhead(quick)  # first, while nothing else of this benchmark runs
+    # first, while nothing else of this benchmark runs; kept with the runs, so a report rerun repeats it
+    record = cached("overhead", lambda spec: overhead(spec["quick"]), {"quick": quick})
+    cost = {name: ms for name, ms in record.items() if name != "key"}
     context = multiprocessing.get_context("spawn")
     with context.Pool(jobs) as pool:
         grids = {name: grid for name, (_, _, grid) in SCHEDULES.items()}
@@ -690,7 +697,7 @@ def run(quick: bool, jobs: int) -> dict[str, Any]:
     }
     return {
         "name": "batch_schedule" + ("_quick" if quick else ""),
-        "title": "A batch that grows with the noise scale, against fixed batches and a ramp (char transformer)",
+        "title": "A batch that grows with the noise scale, against fixed batches and a ramp (char transformer, MiniLM)",
         "claim": "Growing the batch as the measured noise scale grows reaches the small batch's loss in fewer optimiser "
         "steps for the same examples; the online B_simple lands near the critical batch measured by branching.",
         "tables": [*tables, cbs_table(cbs), timing, grid],
@@ -699,6 +706,9 @@ def run(quick: bool, jobs: int) -> dict[str, Any]:
             f"Model: toy_transformer(vocab=65, d_model={D_MODEL}, n_layers={LAYERS}, n_heads={HEADS}, norm='pre'), "
             f"context {CONTEXT}, AdamW without weight decay, budget {BUDGET:,} windows, base batch {BASE}, cap {MAX_BATCH}; "
             f"noise: decisions every {CHECK} steps, fraction 1 (noise-0.25: 0.25), B_simple smoothed with beta {NOISE_BETA}; ramp doubles every {BUDGET // 8:,} windows.",
+            "MiniLM: gradkit finetune --method full from the label-text head on the full SST-2 training file (2% "
+            f"held out), --examples {FT_BUDGET}, base batch 16, --batch-max {FT_MAX}, max length 64, warm-up 5%; noise "
+            "decides every 10 steps; the held-out (dev) loss is evaluated every few steps and at the end.",
             "lr per schedule chosen on seed 0 from a factor-2 grid (extended past a winning edge), then 3 seeds; the lr "
             "schedule is the harness's: 5% warm-up, linear decay to 0 over examples, times the schedule's lr factor.",
         ],
