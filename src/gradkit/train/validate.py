@@ -275,7 +275,7 @@ def check_batch_schedule(cfg: TrainConfig) -> None:
     unused = {"--batch-max": cfg.batch_max, "--batch-ramp-examples": cfg.batch_ramp_examples}
     if schedule != "ramp" and cfg.batch_ramp_examples is not None:
         raise GradkitError(
-            "--batch-ramp-examples sets --batch-schedule ramp's doublings; drop it or pass that"
+            "--batch-ramp-examples sets --batch-schedule ramp's doublings; drop it or pass --batch-schedule ramp"
         )
     if not grows:
         given = [name for name, value in unused.items() if value is not None]
