@@ -73,7 +73,10 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
     if cfg.out is not None and not resume:
         if not str(cfg.out).strip():
             raise GradkitError("--out is empty; pass a folder path for the run")
-        check_out(Path(cfg.out), cfg.overwrite, inputs=run_inputs(cfg))
+        # only the main process judges whether the folder is empty: it writes the folder, and another
+        # process that reaches this check later would find the main one's first files there
+        main = int(os.environ.get("RANK", "0")) == 0
+        check_out(Path(cfg.out), cfg.overwrite, inputs=run_inputs(cfg), empty=main)
 
 
 def check_task(cfg: TrainConfig) -> None:
@@ -385,9 +388,12 @@ def run_inputs(cfg: TrainConfig) -> dict[str, str | None]:
     return {"--train": cfg.train, "--test": cfg.test, "--dev": cfg.dev, "--model": cfg.model}
 
 
-def check_out(out: Path, overwrite: bool, *, inputs: Mapping[str, str | None] | None = None) -> None:
-    """A run folder must be new or empty unless ``--overwrite`` (which clears it when the run starts),
-    and must not hold any of the run's ``inputs`` (option -> path): clearing it would delete them."""
+def check_out(
+    out: Path, overwrite: bool, *, inputs: Mapping[str, str | None] | None = None, empty: bool = True
+) -> None:
+    """A run folder must be new or empty unless ``--overwrite`` (which clears it when the run starts;
+    ``empty=False`` leaves that check out), and must not hold any of the run's ``inputs`` (option ->
+    path): clearing it would delete them."""
     if out.exists() and not out.is_dir():
         raise GradkitError(f"--out {out} is a file; pass a folder path for the run")
     folder = out.resolve()
@@ -401,7 +407,7 @@ def check_out(out: Path, overwrite: bool, *, inputs: Mapping[str, str | None] | 
                 f"--out {out} holds {option} {path}, an input of this run (--overwrite would delete it); "
                 "pass a new folder for the run, outside the inputs' folders"
             )
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if empty and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise GradkitError(
             f"--out {out} already holds files (an earlier run?); pass another folder, or --overwrite to "
             "replace its contents"
