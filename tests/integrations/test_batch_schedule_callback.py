@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from helpers import LogRecorder, TokenRows
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,31 +19,6 @@ from gradkit.scaling.batch_schedule import BatchSchedule, noise_multiple  # noqa
 from gradkit.train.model import load_classifier  # noqa: E402
 
 FRACTION = 50.0  # a large share of B_simple: the tiny run's schedule grows within a few steps
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, n=64, length=8):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(1000, 2000, (n, length), generator=g)
-        self.labels = torch.ones(n, dtype=torch.long)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {
-            "input_ids": self.ids[i],
-            "attention_mask": torch.ones_like(self.ids[i]),
-            "labels": self.labels[i],
-        }
-
-
-class _Logs(transformers.TrainerCallback):
-    def __init__(self):
-        self.logs = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.logs.append(dict(logs or {}))
 
 
 def train(tiny_model_dir, out, resume=None, **extra):
@@ -62,8 +37,13 @@ def train(tiny_model_dir, out, resume=None, **extra):
         disable_tqdm=True,
     )
     model = load_classifier(str(tiny_model_dir), num_labels=2, seed=0)
-    cb, probe = BatchScheduleCallback(check_every=2, noise_fraction=FRACTION, beta=0.5, **extra), _Logs()
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[cb, probe])
+    cb, probe = (
+        BatchScheduleCallback(check_every=2, noise_fraction=FRACTION, beta=0.5, **extra),
+        LogRecorder(),
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=TokenRows(n=64), callbacks=[cb, probe]
+    )
     trainer.train(resume_from_checkpoint=resume)
     return cb, probe
 

@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TokenRows
 
 transformers = pytest.importorskip("transformers")
 
 from gradkit.integrations.hf_trainer import EMA_STATE, EMA_WEIGHTS, EMACallback  # noqa: E402
 from gradkit.train.model import load_classifier  # noqa: E402
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, n=24, length=8):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(1000, 2000, (n, length), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {
-            "input_ids": self.ids[i],
-            "attention_mask": torch.ones_like(self.ids[i]),
-            "labels": self.labels[i],
-        }
 
 
 class _Probe(transformers.TrainerCallback):
@@ -59,7 +43,11 @@ def _trainer(path, out, callbacks, max_steps=6):
     )
     model = load_classifier(str(path), num_labels=2, seed=0)
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=_Rows(), eval_dataset=_Rows(8), callbacks=callbacks
+        model=model,
+        args=args,
+        train_dataset=TokenRows(24, random_labels=True),
+        eval_dataset=TokenRows(8, random_labels=True),
+        callbacks=callbacks,
     )
     return trainer, model
 

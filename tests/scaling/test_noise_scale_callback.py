@@ -5,37 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from helpers import LogRecorder, TokenRows
 
 transformers = pytest.importorskip("transformers")
 
 from gradkit.integrations.noise_scale_callback import HISTORY_FILE, STATE_FILE, NoiseScaleCallback  # noqa: E402
 from gradkit.train.model import load_classifier  # noqa: E402
-
-
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, n=32, length=8):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(1000, 2000, (n, length), generator=g)
-        self.labels = torch.ones(n, dtype=torch.long)  # one class: a strong mean gradient, measurable at once
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {
-            "input_ids": self.ids[i],
-            "attention_mask": torch.ones_like(self.ids[i]),
-            "labels": self.labels[i],
-        }
-
-
-class _Logs(transformers.TrainerCallback):
-    def __init__(self):
-        self.logs = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.logs.append(dict(logs or {}))
 
 
 def test_noise_scale_callback_logs_b_simple(tiny_model_dir, tmp_path):
@@ -55,8 +30,8 @@ def test_noise_scale_callback_logs_b_simple(tiny_model_dir, tmp_path):
         disable_tqdm=True,
     )
     model = load_classifier(str(tiny_model_dir), num_labels=2, seed=0)
-    cb, probe = NoiseScaleCallback(beta=0.5), _Logs()
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(), callbacks=[cb, probe])
+    cb, probe = NoiseScaleCallback(beta=0.5), LogRecorder()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=TokenRows(), callbacks=[cb, probe])
     trainer.train()
     assert [h["step"] for h in cb.history] == [1, 2, 3, 4]
     assert cb.gns.step == 4 and cb.gns.last["b_big"] == 8 and cb.gns.last["b_small"] == 1
