@@ -15,10 +15,11 @@ batch (``BASE``), a fixed large batch (``LARGE``), ``ramp`` (doubling every eigh
 ``NoiseScale`` with the same base-batch lr schedule as the harness (``gradkit.train.batch_growth``:
 5% linear warm-up, linear decay to 0 over the examples).
 
-(a) The critical batch measured directly (``gradkit.scaling.branch_cbs``): the fixed-small run at its
-best lr, with the noise-scale monitor on (two micro-batches a step), is checkpointed at 10%, 30% and 70% of
-the budget. From each checkpoint, branches at ``BRANCHES`` batch sizes (each at the checkpoint's lr times
-Adam's law from ``BASE`` at the online ``B_simple``, constant) train until the held-out loss falls by
+(a) The critical batch measured directly (``gradkit.scaling.critical_batch_size`` on branched runs): the
+fixed-small run at its best lr, with the noise-scale monitor on (two micro-batches a step), is checkpointed
+at 10%, 30% and 70% of the budget; so is a plain-SGD run at batch ``BASE`` (``sgd-16``, its lr tuned the
+same way). From each checkpoint, branches at ``BRANCHES`` batch sizes (each at the checkpoint's lr times
+the optimiser's law from ``BASE`` at the online ``B_simple``, constant) train until the held-out loss falls by
 ``DROP`` of its value; Zhang et al.'s 20% rule reads the critical batch. Beside it: the online ``B_simple``
 and the Hessian-aware ``B_noise`` (``b_noise_hessian``) at the checkpoint.
 
@@ -49,7 +50,7 @@ from benchmarks.common import IMAGES, ROOT, report, save_figure
 from benchmarks.method_regimes import RUNS, finetune
 from gradkit.models import toy_transformer
 from gradkit.scaling import BatchSchedule, NoiseScale, lr_for_batch
-from gradkit.scaling.critical_batch import branch_cbs, critical_batch_size
+from gradkit.scaling.critical_batch import critical_batch_size
 from gradkit.scaling.hessian import b_noise_hessian
 from gradkit.train.batch_growth import lr_fraction
 
@@ -71,6 +72,8 @@ SCHEDULES = {  # name: (mode, base batch, lr grid a factor 2 apart)
     "noise-0.25": ("noise", BASE, [2e-3, 4e-3, 8e-3, 1.6e-2]),  # aiming at a quarter of B_simple
 }
 FRACTIONS = {"noise-0.25": 0.25}  # --batch-noise-fraction where it is not 1
+# plain SGD (no momentum, McCandlish et al.'s setting) at the small batch: the run (a) branches from for SGD
+SGD_SCHEDULES = {"sgd-16": ("fixed", BASE, [0.25, 0.5, 1.0, 2.0])}
 
 # the fine-tuning workload: all-MiniLM-L6-v2 full fine-tuning on the full SST-2 training file through
 # the harness (gradkit finetune), from the label-text head; held-out = 2% of the training file
@@ -135,6 +138,21 @@ def held_out(model, held) -> float:
         return loss_of(model, *held).item()
 
 
+def new_optimizer(name: str, model, lr: float) -> torch.optim.Optimizer:
+    """AdamW without weight decay, or plain SGD."""
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+
+def branch_lr(lr: float, batch: int, b_simple: float, optimizer: str) -> float:
+    """The lr at ``batch`` from ``lr`` at ``BASE`` by the optimiser's law, with ``B_simple`` for
+    ``B_noise`` (and ``κ² ≈ B_simple`` for Adam)."""
+    if optimizer == "sgd":
+        return lr_for_batch(lr, BASE, batch, optimizer="sgd", b_noise=b_simple)
+    return lr_for_batch(lr, BASE, batch, optimizer="adam", kappa=math.sqrt(b_simple), b_noise=b_simple)
+
+
 def new_model(seed: int, vocab: int):
     gen = torch.Generator().manual_seed(seed)
     return toy_transformer(vocab, D_MODEL, LAYERS, HEADS, norm="pre", max_len=CONTEXT, generator=gen)
@@ -164,7 +182,7 @@ def train_run(spec: dict[str, Any]) -> dict[str, Any]:
     train, held, vocab = data(spec["quick"])
     budget, base = spec["budget"], spec["base"]
     model = new_model(spec["seed"], vocab)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
+    opt = new_optimizer(spec.get("optimizer", "adam"), model, spec["lr"])
     schedule = BatchSchedule(
         base,
         spec["mode"],
@@ -172,7 +190,7 @@ def train_run(spec: dict[str, Any]) -> dict[str, Any]:
         check_every=CHECK,
         noise_fraction=spec.get("fraction", 1.0),
         ramp_examples=budget // 8,
-        law="adam",
+        law=spec.get("optimizer", "adam"),
     )
     monitored = spec["mode"] == "noise" or bool(spec.get("points"))
     gns = NoiseScale(model, beta=NOISE_BETA) if monitored else None
@@ -223,16 +241,17 @@ def checkpoint(model, opt, lr, used, step, b_simple, held) -> dict[str, Any]:
     }
 
 
-def branch(point: dict[str, Any], batch: int, seed: int, quick: bool) -> float | None:
-    """From the checkpoint ``point``, train at ``batch`` (constant lr: the checkpoint's times Adam's law
-    from ``BASE`` at the online ``B_simple``) until the held-out loss is ``(1 - DROP)`` of the
+def branch(
+    point: dict[str, Any], batch: int, seed: int, quick: bool, optimizer: str = "adam"
+) -> float | None:
+    """From the checkpoint ``point``, train at ``batch`` (constant lr: the checkpoint's times the
+    optimiser's law from ``BASE`` at the online ``B_simple``) until the held-out loss is ``(1 - DROP)`` of the
     checkpoint's; the steps it took, interpolated between evaluations (every ~256 examples), or None."""
     train, held, vocab = data(quick)
     model = new_model(0, vocab)
     model.load_state_dict(point["model"])
-    b_simple = point["b_simple"]
-    lr = lr_for_batch(point["lr"], BASE, batch, optimizer="adam", kappa=math.sqrt(b_simple), b_noise=b_simple)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    lr = branch_lr(point["lr"], batch, point["b_simple"], optimizer)
+    opt = new_optimizer(optimizer, model, lr)
     opt.load_state_dict(point["opt"])
     for group in opt.param_groups:
         group["lr"] = lr
@@ -267,14 +286,13 @@ def hessian_b_noise(point: dict[str, Any], quick: bool) -> float | None:
 def cbs_seed(spec: dict[str, Any]) -> dict[str, Any]:
     """(a) at one seed: the monitored fixed-small run, then the branches at each checkpoint."""
     run = train_run({**spec, "points": POINTS})
+    optimizer = spec.get("optimizer", "adam")
     rows = []
     for point in run.pop("points"):
         if point["b_simple"] is None:
             rows.append({"examples": point["examples"], "b_simple": None})
             continue
-        result = branch_cbs(
-            lambda b, point=point: branch(point, b, spec["seed"], spec["quick"]), BRANCHES, progress=False
-        )
+        steps = [branch(point, b, spec["seed"], spec["quick"], optimizer) for b in BRANCHES]
         rows.append(
             {
                 "examples": point["examples"],
@@ -282,15 +300,33 @@ def cbs_seed(spec: dict[str, Any]) -> dict[str, Any]:
                 "loss": point["loss"],
                 "b_simple": point["b_simple"],
                 "b_noise": hessian_b_noise(point, spec["quick"]),
-                "cbs": result.value,
-                "cbs_low": result.low,
-                "cbs_high": result.high,
-                "cbs_text": result.describe(),
-                "branch_steps": list(result.steps),
-                "overhead": [r if math.isfinite(r) else None for r in result.overhead],
+                "branch_steps": steps,
+                **read_cbs(steps),
             }
         )
-    return {"seed": spec["seed"], "lr": spec["lr"], "final": run["final"], "points": rows}
+    return {
+        "seed": spec["seed"],
+        "lr": spec["lr"],
+        "optimizer": optimizer,
+        "final": run["final"],
+        "points": rows,
+    }
+
+
+def read_cbs(steps: list[float | None]) -> dict[str, Any]:
+    """Zhang et al.'s critical batch from the branches' steps to the target (None where no branch
+    reached it)."""
+    if all(s is None for s in steps):
+        none = dict.fromkeys(("cbs", "cbs_low", "cbs_high"))
+        return {**none, "cbs_text": "no branch reached the target", "overhead": [None] * len(steps)}
+    result = critical_batch_size(BRANCHES, steps)
+    return {
+        "cbs": result.value,
+        "cbs_low": result.low,
+        "cbs_high": result.high,
+        "cbs_text": result.describe(),
+        "overhead": [r if math.isfinite(r) else None for r in result.overhead],
+    }
 
 
 def overhead(quick: bool, rounds: int = 7, steps: int = 20) -> dict[str, float]:
@@ -347,11 +383,12 @@ def schedule_run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def cbs_run(spec: dict[str, Any]) -> dict[str, Any]:
     key = f"cbs|{spec['lr']:g}|{spec['seed']}|{spec['budget']}|{DROP}|{','.join(map(str, BRANCHES))}"
+    key += "|sgd" if spec["optimizer"] == "sgd" else ""  # the Adam records keep their first keys
     return cached(key, cbs_seed, spec)
 
 
 def spec_of(name: str, lr: float, seed: int, quick: bool) -> dict[str, Any]:
-    mode, base, _ = SCHEDULES[name]
+    mode, base, _ = {**SCHEDULES, **SGD_SCHEDULES}[name]
     budget = BUDGET // 8 if quick else BUDGET
     return {
         "name": name,
@@ -362,6 +399,7 @@ def spec_of(name: str, lr: float, seed: int, quick: bool) -> dict[str, Any]:
         "budget": budget,
         "quick": quick,
         "fraction": FRACTIONS.get(name, 1.0),
+        "optimizer": "sgd" if name in SGD_SCHEDULES else "adam",
     }
 
 
@@ -491,14 +529,7 @@ def recomputed(cbs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for record in cbs:
         for point in record["points"]:
             if point.get("branch_steps"):
-                result = critical_batch_size(BRANCHES, point["branch_steps"])
-                point.update(
-                    cbs=result.value,
-                    cbs_low=result.low,
-                    cbs_high=result.high,
-                    cbs_text=result.describe(),
-                    overhead=[r if math.isfinite(r) else None for r in result.overhead],
-                )
+                point.update(read_cbs(point["branch_steps"]))
     return cbs
 
 
@@ -506,12 +537,14 @@ def cbs_table(cbs: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
     for record in cbs:
         for p in record["points"]:
+            optimizer = "SGD" if record.get("optimizer") == "sgd" else "AdamW"
             if p.get("b_simple") is None:
-                rows.append([record["seed"], p["examples"], "-", "not measurable", "-", "-", "-"])
+                rows.append([optimizer, record["seed"], p["examples"], "-", "not measurable", "-", "-", "-"])
                 continue
             ratio = p["b_simple"] / p["cbs"] if p["cbs"] else None
             rows.append(
                 [
+                    optimizer,
                     record["seed"],
                     f"{p['examples']:,}",
                     f"{p['loss']:.3f}",
@@ -523,9 +556,11 @@ def cbs_table(cbs: list[dict[str, Any]]) -> dict[str, Any]:
             )
     return {
         "caption": f"The critical batch by branching (Zhang et al.'s 20% rule; branches at {', '.join(map(str, BRANCHES))} "
-        f"to a {100 * DROP:.0f}% lower held-out loss, each at the checkpoint's lr times Adam's law) beside the "
-        "online B_simple and the Hessian-aware B_noise at the same checkpoint of the fixed-16 run.",
+        f"to a {100 * DROP:.0f}% lower held-out loss, each at the checkpoint's lr times the optimiser's law) beside the "
+        "online B_simple and the Hessian-aware B_noise at the same checkpoint of the fixed-16 run (AdamW) "
+        "and of the plain-SGD run at batch 16 (sgd-16).",
         "columns": [
+            "optimiser",
             "seed",
             "examples",
             "held-out loss",
@@ -559,6 +594,25 @@ def fewer_steps_goal(numbers: dict[str, Any], threshold: float, workload: str) -
     }
 
 
+def within_goal(cbs: list[dict[str, Any]], optimizer: str) -> dict[str, Any]:
+    """B_simple against the branched critical batch at every point where the branches measure one
+    (a bracket is not a measurement); B_noise's count beside it."""
+    measured = [p for r in cbs for p in r["points"] if p.get("cbs")]
+    ratios = [p["b_simple"] / p["cbs"] for p in measured]
+    noise = [p["b_noise"] / p["cbs"] for p in measured if p.get("b_noise")]
+    brackets = sum(1 for r in cbs for p in r["points"] if p.get("b_simple") and not p.get("cbs"))
+    return {
+        "goal": "the online estimate lands within 2x of the branched CBS at every point where CBS is measurable "
+        f"({optimizer}, char transformer)",
+        "target": "0.5 <= B_simple / CBS <= 2 at every measurable point",
+        "measured": f"B_simple within 2x at {sum(0.5 <= r <= 2 for r in ratios)} of {len(ratios)} points (ratios "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + f"); Hessian B_noise within 2x at {sum(0.5 <= r <= 2 for r in noise)} of {len(noise)}; "
+        f"{brackets} points only bracketed or not reached",
+        "met": bool(ratios) and all(0.5 <= r <= 2 for r in ratios),
+    }
+
+
 def goals(
     char: tuple[dict[str, Any], float],
     finetuned: tuple[dict[str, Any], float] | None,
@@ -566,24 +620,10 @@ def goals(
     cost: dict[str, float],
 ) -> list[dict]:
     """One entry per goal of the issue: target, measured, met."""
-    measured = [p for r in cbs for p in r["points"] if p.get("cbs")]
-    ratios = [p["b_simple"] / p["cbs"] for p in measured]
-    within = [0.5 <= r <= 2 for r in ratios]
     extra = (cost["monitored"] - cost["plain"]) / cost["plain"]
     return [
-        {
-            "goal": "the online estimate lands within 2x of the branched CBS at every point where CBS is measurable (Adam)",
-            "target": "0.5 <= B_simple / CBS <= 2 at every measurable point",
-            "measured": f"{sum(within)} of {len(ratios)} points within 2x; ratios "
-            + ", ".join(f"{r:.2f}" for r in ratios),
-            "met": bool(ratios) and all(within),
-        },
-        {
-            "goal": "the same for SGD",
-            "target": "0.5 <= B_simple / CBS <= 2",
-            "measured": "not measured: this workload trains with AdamW only",
-            "met": False,
-        },
+        within_goal([r for r in cbs if r.get("optimizer", "adam") == "adam"], "AdamW"),
+        within_goal([r for r in cbs if r.get("optimizer") == "sgd"], "plain SGD"),
         fewer_steps_goal(*char, "char transformer"),
         fewer_steps_goal(*finetuned, "MiniLM full fine-tuning on SST-2")
         if finetuned is not None
@@ -641,14 +681,20 @@ def plot(tuned: dict[str, Any], cbs: list[dict[str, Any]], finetuned: dict[str, 
     curve_panels(axes[0][0], axes[0][1], tuned, "char transformer")
     noise = axes[0][2]
     for r in cbs:
-        xs = [p["examples"] for p in r["points"] if p.get("cbs")]
-        noise.scatter(xs, [p["cbs"] for p in r["points"] if p.get("cbs")], color="C3", marker="s")
-        xs = [p["examples"] for p in r["points"] if p.get("b_simple")]
-        noise.scatter(xs, [p["b_simple"] for p in r["points"] if p.get("b_simple")], color="C0", marker="o")
-    noise.scatter([], [], color="C3", marker="s", label="branched CBS (20% rule)")
-    noise.scatter([], [], color="C0", marker="o", label="online B_simple")
+        filled = r.get("optimizer", "adam") == "adam"  # SGD's points hollow
+        for key, color, marker in (("cbs", "C3", "s"), ("b_simple", "C0", "o")):
+            points = [p for p in r["points"] if p.get(key)]
+            noise.scatter(
+                [p["examples"] for p in points],
+                [p[key] for p in points],
+                marker=marker,
+                facecolors=color if filled else "none",
+                edgecolors=color,
+            )
+    for key, color, marker in (("branched CBS (20% rule)", "C3", "s"), ("online B_simple", "C0", "o")):
+        noise.scatter([], [], color=color, marker=marker, label=f"{key}: AdamW filled, SGD hollow")
     noise.set(
-        xlabel="examples at the checkpoint", ylabel="batch size", yscale="log", title="fixed-16 run, 3 seeds"
+        xlabel="examples at the checkpoint", ylabel="batch size", yscale="log", title="batch-16 runs, 3 seeds"
     )
     used = [axes[0][0], axes[0][1], noise]
     if finetuned is not None:
@@ -672,6 +718,9 @@ def run(quick: bool, jobs: int) -> dict[str, Any]:
         grids = {name: grid for name, (_, _, grid) in SCHEDULES.items()}
         tuned = tune(grids, lambda todo: pool.map(schedule_run, [spec_of(*item, quick) for item in todo]))
         cbs = pool.map(cbs_run, [spec_of("fixed-16", tuned["fixed-16"]["lr"], s, quick) for s in SEEDS])
+        grids = {name: grid for name, (_, _, grid) in SGD_SCHEDULES.items()}
+        sgd = tune(grids, lambda todo: pool.map(schedule_run, [spec_of(*item, quick) for item in todo]))
+        cbs += pool.map(cbs_run, [spec_of("sgd-16", sgd["sgd-16"]["lr"], s, quick) for s in SEEDS])
     cbs = recomputed(cbs)
     finetuned = None
     if not quick:
@@ -688,7 +737,10 @@ def run(quick: bool, jobs: int) -> dict[str, Any]:
     grid = {
         "caption": "lr search on seed 0: final held-out loss per lr",
         "columns": ["schedule", "lr: final held-out loss"],
-        "rows": [[n, ", ".join(f"{lr}: {v:.4f}" for lr, v in t["grid"].items())] for n, t in tuned.items()],
+        "rows": [
+            [n, ", ".join(f"{lr}: {v:.4f}" for lr, v in t["grid"].items())]
+            for n, t in {**tuned, **sgd}.items()
+        ],
     }
     timing = {
         "caption": f"ms per step of {BASE} windows, interleaved in one process (median of 7 turns of 20 steps)",
@@ -713,7 +765,7 @@ def run(quick: bool, jobs: int) -> dict[str, Any]:
             "schedule is the harness's: 5% warm-up, linear decay to 0 over examples, times the schedule's lr factor.",
         ],
         "goals": goals((numbers, threshold), ft_goal, cbs, cost),
-        "raw": {"tuned": tuned, "finetuned": finetuned, "cbs": cbs, "overhead": cost},
+        "raw": {"tuned": tuned, "sgd": sgd, "finetuned": finetuned, "cbs": cbs, "overhead": cost},
     }
 
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from gradkit.errors import GradkitError
 
-__all__ = ["CriticalBatch", "branch_cbs", "critical_batch_size"]
+__all__ = ["CriticalBatch", "branch_cbs", "critical_batch_size", "steps_to_target"]
 
 TOLERANCE = 0.2  # Zhang et al.'s 20% overhead over linear scaling
 
@@ -97,6 +97,18 @@ def critical_batch_size(
         value = sizes[past - 1] + (limit - lo) * (sizes[past] - sizes[past - 1]) / (hi - lo)
         low, high = sizes[past - 1], sizes[past]
     return CriticalBatch(value, low, high, tuple(sizes), tuple(counts), tuple(overhead), tolerance)
+
+
+def steps_to_target(curve: Sequence[Sequence[float]], target: float) -> float | None:
+    """The first step where the loss curve ``[(step, loss), ...]`` (evaluations in step order) reaches
+    ``target``, by linear interpolation between the evaluation before and the one that reached it; None
+    when no evaluation did. A curve that starts at or below the target reaches it at its first step."""
+    if curve and curve[0][1] <= target:
+        return float(curve[0][0])
+    for (s0, l0), (s1, l1) in zip(curve, curve[1:], strict=False):
+        if l1 <= target:  # l0 > target: the curve was above it until here
+            return s0 + (s1 - s0) * (l0 - target) / (l0 - l1)
+    return None
 
 
 def branch_cbs(

@@ -201,6 +201,11 @@ class StepBatches:
         share = size // self.processes
         return self._batch(self.warmup_examples + first + self.rank * share, share)
 
+    def examples(self, first: int, size: int) -> dict[str, torch.Tensor]:
+        """Examples ``first .. first + size`` of the stream after the warm-up's, whole on every process
+        (what a branch from a run's state reads: :mod:`gradkit.train.branches`)."""
+        return self._batch(self.warmup_examples + first, size)
+
     def whole(self, count: int, size: int) -> Iterator[dict[str, torch.Tensor]]:
         """The ``count`` batches of ``size`` examples after the warm-up's, whole on every process (what
         a method that looks at data before training, such as LoRA-GA, reads)."""

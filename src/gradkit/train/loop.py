@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ def finetune(
     method: Any = None,
     resume: bool = False,
     stop_after: int | None = None,
+    after_train: Callable[[FineTune], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on ``cfg.train`` with ``cfg.method``, evaluate on ``cfg.test`` and
     write the run folder (config.json, labels.json, status.json, metrics.jsonl, summary.json,
@@ -93,12 +95,16 @@ def finetune(
     ``cfg.method`` (for tools built on this loop, such as ``gradkit noise-scale``). ``resume``: continue
     the run in ``cfg.out`` from its latest checkpoint (see :func:`resume`). ``stop_after``: end this
     session after that step as an interruption would (status ``stopped``), for time-sliced jobs; the
-    returned summary then holds only the status.
+    returned summary then holds only the status. ``after_train``: called with the run after its last
+    step, before it finishes (``gradkit noise-scale --branch`` branches from there).
     """
-    return _run(FineTune(cfg, method=method, resume=resume, progress=progress), stop_after)
+    run = FineTune(cfg, method=method, resume=resume, progress=progress)
+    return _run(run, stop_after, after_train)
 
 
-def _run(run: FineTune, stop_after: int | None) -> dict[str, Any]:
+def _run(
+    run: FineTune, stop_after: int | None, after_train: Callable[[FineTune], None] | None = None
+) -> dict[str, Any]:
     """The recipe's four parts, with SIGTERM taken as an interruption; the run folder's lock is
     released at the end, whatever the end."""
     try:
@@ -108,6 +114,8 @@ def _run(run: FineTune, stop_after: int | None) -> dict[str, Any]:
             step = run.train(stop_after)
             if not run.ends(step):  # stop_after: the session ends here, the run goes on from its checkpoint
                 return run.stop(step)
+            if after_train is not None:
+                after_train(run)
             return run.finish()
     finally:
         run.release()

@@ -233,6 +233,32 @@ class NoiseScaleOptions:
     beta: float = setting(
         0.95, "EMA coefficient of the estimates", range=Range(0, 1, high_open=True), example="0.95"
     )
+    branch: str | None = setting(
+        None,
+        "also measure the critical batch directly: from the run's end, one short run per batch size of "
+        "this comma-separated list, each at its lr from the optimiser's law, to a lower held-out loss "
+        "(Zhang et al.'s rule); needs a dev set (--dev-fraction or --dev)",
+        metavar="B1,B2,...",
+    )
+    branch_drop: float = setting(
+        0.02,
+        "--branch: each branch trains until the held-out loss is this share below the run's",
+        range=Range(0, 1, low_open=True, high_open=True),
+        example="0.02",
+    )
+    branch_examples: int = setting(
+        4096,
+        "--branch: the examples a branch may train on; one that has not reached the target by then "
+        "counts as past the critical batch",
+        range=Range(1),
+        example="4096",
+    )
+    branch_eval_examples: int = setting(
+        256,
+        "--branch: evaluate the held-out loss every this many examples of a branch (whole steps)",
+        range=Range(1),
+        example="256",
+    )
 
 
 @dataclass(frozen=True)
