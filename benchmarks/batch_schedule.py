@@ -23,6 +23,10 @@ the optimiser's law from ``BASE`` at the online ``B_simple``, constant) train un
 ``DROP`` of its value; Zhang et al.'s 20% rule reads the critical batch. Beside it: the online ``B_simple``
 and the Hessian-aware ``B_noise`` (``b_noise_hessian``) at the checkpoint.
 
+On MiniLM, (a) runs through ``gradkit noise-scale --branch`` (:mod:`gradkit.train.branches`): the measuring run
+at fixed-16's best lr, constant, ends at each of ``FT_POINTS`` steps, and branches at ``FT_BRANCHES`` train to a
+``FT_DROP`` lower held-out loss (the dev share of the training file).
+
 The overhead of measuring and scheduling: interleaved timing in one process of a step at ``BASE`` with
 and without the monitor (which splits the step into two micro-batches and reads their gradients).
 
@@ -107,6 +111,19 @@ FT_SCHEDULES = {  # name: (options, eval every N steps, lr grid a factor 2 apart
         [2.5e-5, 5e-5, 1e-4],
     ),
 }
+
+# (a) on the fine-tuning workload: gradkit noise-scale --branch (the measuring run at fixed-16's lr, constant,
+# its B_simple from two micro-batches of 8) ending at 10%, 30% and 70% of fixed-16's 200 steps
+FT_POINTS = (20, 60, 140)
+FT_BRANCHES = (16, 32, 64, 128, 256)
+FT_DROP = 0.05  # 2% lay within one evaluation for every size at the first point: no resolution
+FT_CBS = [
+    *("--train", str(ROOT / "data" / "sst2" / "train.tsv"), "--dev-fraction", "0.02", "--max-length", "64"),
+    *("--head-init", "labels", "--label-text", "terrible,great", "--label-template", "It was {}."),
+    *("--batch-size", "16", "--micro-batches", "2", "--branch", ",".join(map(str, FT_BRANCHES))),
+    *("--branch-drop", str(FT_DROP), "--branch-examples", "2048", "--branch-eval-examples", "128"),
+]
+FT_CBS_SEEDS = (0,)
 
 _DATA: dict[str, Any] = {}
 
@@ -313,13 +330,13 @@ def cbs_seed(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_cbs(steps: list[float | None]) -> dict[str, Any]:
+def read_cbs(steps: list[float | None], sizes: tuple[int, ...] = BRANCHES) -> dict[str, Any]:
     """Zhang et al.'s critical batch from the branches' steps to the target (None where no branch
     reached it)."""
     if all(s is None for s in steps):
         none = dict.fromkeys(("cbs", "cbs_low", "cbs_high"))
         return {**none, "cbs_text": "no branch reached the target", "overhead": [None] * len(steps)}
-    result = critical_batch_size(BRANCHES, steps)
+    result = critical_batch_size(sizes, steps)
     return {
         "cbs": result.value,
         "cbs_low": result.low,
@@ -327,6 +344,28 @@ def read_cbs(steps: list[float | None]) -> dict[str, Any]:
         "cbs_text": result.describe(),
         "overhead": [r if math.isfinite(r) else None for r in result.overhead],
     }
+
+
+def ft_cbs(seed: int, lr: float) -> dict[str, Any]:
+    """(a) on MiniLM at one seed: ``gradkit noise-scale --branch`` ending at each of ``FT_POINTS`` (runs
+    reused when finished), as a record shaped like :func:`cbs_seed`'s."""
+    rows = []
+    for steps in FT_POINTS:
+        args = [*FT_CBS, "--steps", str(steps), "--lr", f"{lr:g}", "--seed", str(seed)]
+        out = RUNS / "batch_schedule" / "cbs" / f"steps{steps}-seed{seed}"
+        record = finetune(args, out, report_only=False, command="noise-scale")["branches"]
+        rows.append(
+            {
+                "examples": 16 * steps,
+                "step": steps,
+                "loss": record["held_out_loss"],
+                "b_simple": record["b_simple"],
+                "b_noise": record["b_noise"],
+                "branch_steps": record["steps"],
+                **read_cbs(record["steps"], FT_BRANCHES),
+            }
+        )
+    return {"seed": seed, "lr": lr, "optimizer": "adam", "workload": "minilm", "points": rows}
 
 
 def overhead(quick: bool, rounds: int = 7, steps: int = 20) -> dict[str, float]:
@@ -528,7 +567,7 @@ def recomputed(cbs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     as it is now (the cache keeps the steps, the measurement)."""
     for record in cbs:
         for point in record["points"]:
-            if point.get("branch_steps"):
+            if point.get("branch_steps") and record.get("workload") != "minilm":
                 point.update(read_cbs(point["branch_steps"]))
     return cbs
 
@@ -537,7 +576,7 @@ def cbs_table(cbs: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
     for record in cbs:
         for p in record["points"]:
-            optimizer = "SGD" if record.get("optimizer") == "sgd" else "AdamW"
+            optimizer = workload_of(record)
             if p.get("b_simple") is None:
                 rows.append([optimizer, record["seed"], p["examples"], "-", "not measurable", "-", "-", "-"])
                 continue
@@ -555,12 +594,14 @@ def cbs_table(cbs: list[dict[str, Any]]) -> dict[str, Any]:
                 ]
             )
     return {
-        "caption": f"The critical batch by branching (Zhang et al.'s 20% rule; branches at {', '.join(map(str, BRANCHES))} "
-        f"to a {100 * DROP:.0f}% lower held-out loss, each at the checkpoint's lr times the optimiser's law) beside the "
-        "online B_simple and the Hessian-aware B_noise at the same checkpoint of the fixed-16 run (AdamW) "
-        "and of the plain-SGD run at batch 16 (sgd-16).",
+        "caption": "The critical batch by branching (Zhang et al.'s 20% rule, each branch at the checkpoint's lr "
+        "times the optimiser's law) beside the online B_simple and the Hessian-aware B_noise at the same "
+        f"checkpoint. Char: branches at {', '.join(map(str, BRANCHES))} to a {100 * DROP:.0f}% lower held-out loss "
+        "from the fixed-16 run (AdamW) and the plain-SGD run at batch 16 (sgd-16). MiniLM: gradkit noise-scale "
+        f"--branch {','.join(map(str, FT_BRANCHES))} to a {100 * FT_DROP:.0f}% lower held-out loss, the measuring "
+        f"run at fixed-16's lr (constant) ending at steps {', '.join(map(str, FT_POINTS))}.",
         "columns": [
-            "optimiser",
+            "run",
             "seed",
             "examples",
             "held-out loss",
@@ -594,21 +635,33 @@ def fewer_steps_goal(numbers: dict[str, Any], threshold: float, workload: str) -
     }
 
 
+def workload_of(record: dict[str, Any]) -> str:
+    """``char AdamW``, ``char SGD`` or ``MiniLM AdamW``."""
+    workload = "MiniLM" if record.get("workload") == "minilm" else "char"
+    return f"{workload} {'SGD' if record.get('optimizer') == 'sgd' else 'AdamW'}"
+
+
 def within_goal(cbs: list[dict[str, Any]], optimizer: str) -> dict[str, Any]:
     """B_simple against the branched critical batch at every point where the branches measure one
-    (a bracket is not a measurement); B_noise's count beside it."""
-    measured = [p for r in cbs for p in r["points"] if p.get("cbs")]
-    ratios = [p["b_simple"] / p["cbs"] for p in measured]
-    noise = [p["b_noise"] / p["cbs"] for p in measured if p.get("b_noise")]
-    brackets = sum(1 for r in cbs for p in r["points"] if p.get("b_simple") and not p.get("cbs"))
+    (a bracket is not a measurement), per workload; B_noise's count beside it."""
+    parts, ratios = [], []
+    for workload in dict.fromkeys(workload_of(r) for r in cbs):
+        records = [r for r in cbs if workload_of(r) == workload]
+        measured = [p for r in records for p in r["points"] if p.get("cbs")]
+        these = [p["b_simple"] / p["cbs"] for p in measured]
+        noise = [p["b_noise"] / p["cbs"] for p in measured if p.get("b_noise")]
+        rest = sum(1 for r in records for p in r["points"] if p.get("b_simple") and not p.get("cbs"))
+        parts.append(
+            f"{workload}: B_simple within 2x at {sum(0.5 <= r <= 2 for r in these)} of {len(these)} points "
+            f"(ratios {', '.join(f'{r:.2f}' for r in these)}), the Hessian B_noise at "
+            f"{sum(0.5 <= r <= 2 for r in noise)} of {len(noise)}; {rest} points only bracketed or not reached"
+        )
+        ratios += these
     return {
         "goal": "the online estimate lands within 2x of the branched CBS at every point where CBS is measurable "
-        f"({optimizer}, char transformer)",
+        f"({optimizer})",
         "target": "0.5 <= B_simple / CBS <= 2 at every measurable point",
-        "measured": f"B_simple within 2x at {sum(0.5 <= r <= 2 for r in ratios)} of {len(ratios)} points (ratios "
-        + ", ".join(f"{r:.2f}" for r in ratios)
-        + f"); Hessian B_noise within 2x at {sum(0.5 <= r <= 2 for r in noise)} of {len(noise)}; "
-        f"{brackets} points only bracketed or not reached",
+        "measured": "; ".join(parts) if parts else "not measured",
         "met": bool(ratios) and all(0.5 <= r <= 2 for r in ratios),
     }
 
@@ -679,7 +732,27 @@ def plot(tuned: dict[str, Any], cbs: list[dict[str, Any]], finetuned: dict[str, 
     rows = 1 if finetuned is None else 2
     fig, axes = plt.subplots(rows, 3, figsize=(15, 4.2 * rows), dpi=110, squeeze=False)
     curve_panels(axes[0][0], axes[0][1], tuned, "char transformer")
-    noise = axes[0][2]
+    cbs_panel(
+        axes[0][2],
+        [r for r in cbs if r.get("workload") != "minilm"],
+        "char transformer, batch-16 runs, 3 seeds",
+    )
+    used = [axes[0][0], axes[0][1], axes[0][2]]
+    if finetuned is not None:
+        curve_panels(axes[1][0], axes[1][1], finetuned, "MiniLM on SST-2")
+        minilm = [r for r in cbs if r.get("workload") == "minilm"]
+        cbs_panel(axes[1][2], minilm, f"MiniLM on SST-2, noise-scale --branch, {len(minilm)} seed(s)")
+        used += [axes[1][0], axes[1][1], axes[1][2]]
+    for ax in used:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    path = IMAGES / "batch_schedule.png"
+    save_figure(fig, path)
+    return [str(path.relative_to(ROOT))]
+
+
+def cbs_panel(noise, cbs: list[dict[str, Any]], title: str) -> None:
+    """The branched critical batch and the online B_simple against the checkpoint's examples."""
     for r in cbs:
         filled = r.get("optimizer", "adam") == "adam"  # SGD's points hollow
         for key, color, marker in (("cbs", "C3", "s"), ("b_simple", "C0", "o")):
@@ -693,20 +766,7 @@ def plot(tuned: dict[str, Any], cbs: list[dict[str, Any]], finetuned: dict[str, 
             )
     for key, color, marker in (("branched CBS (20% rule)", "C3", "s"), ("online B_simple", "C0", "o")):
         noise.scatter([], [], color=color, marker=marker, label=f"{key}: AdamW filled, SGD hollow")
-    noise.set(
-        xlabel="examples at the checkpoint", ylabel="batch size", yscale="log", title="batch-16 runs, 3 seeds"
-    )
-    used = [axes[0][0], axes[0][1], noise]
-    if finetuned is not None:
-        curve_panels(axes[1][0], axes[1][1], finetuned, "MiniLM on SST-2")
-        axes[1][2].axis("off")
-        used += [axes[1][0], axes[1][1]]
-    for ax in used:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    path = IMAGES / "batch_schedule.png"
-    save_figure(fig, path)
-    return [str(path.relative_to(ROOT))]
+    noise.set(xlabel="examples at the checkpoint", ylabel="batch size", yscale="log", title=title)
 
 
 def run(quick: bool, jobs: int) -> dict[str, Any]:
@@ -727,6 +787,8 @@ def run(quick: bool, jobs: int) -> dict[str, Any]:
         with ThreadPoolExecutor(jobs) as threads:
             grids = {name: grid for name, (_, _, grid) in FT_SCHEDULES.items()}
             finetuned = tune(grids, lambda todo: list(threads.map(lambda item: ft_run(*item), todo)))
+            lr = finetuned["fixed-16"]["lr"]
+            cbs += list(threads.map(lambda seed: ft_cbs(seed, lr), FT_CBS_SEEDS))
     table, threshold, numbers = schedule_table(tuned, "char transformer (examples: windows of 64 characters)")
     tables = [table]
     ft_goal = None

@@ -147,24 +147,25 @@ def run_dir(study: str, task: str, method: str, lr: float, seed: int) -> Path:
     return RUNS / study / task / method / f"lr{lr:g}-seed{seed}"
 
 
-def finetune(args: list[str], out: Path, report_only: bool) -> dict | None:
-    """Run ``gradkit finetune args`` into ``out`` (one torch thread), or reuse its finished run."""
+def finetune(args: list[str], out: Path, report_only: bool, command: str = "finetune") -> dict | None:
+    """Run ``gradkit <command> args`` (``finetune`` or ``noise-scale``) into ``out`` (one torch thread),
+    or reuse its finished run."""
     record = out / "benchmark_args.json"
     if (out / "summary.json").exists() and record.exists() and json.loads(record.read_text()) == args:
         return json.loads((out / "summary.json").read_text())
     if report_only:
         return None
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "gradkit", "finetune", *args, "--out", str(out), "--overwrite"]
+    argv = [sys.executable, "-m", "gradkit", command, *args, "--out", str(out), "--overwrite"]
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.stderr", "w") as err:
-        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(child.pid, 0)  # this child's own CPU time, whatever else runs
         child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(
-            f"failed: {' '.join(command)}\n{(out.parent / f'{out.name}.stderr').read_text()[-2000:]}"
+            f"failed: {' '.join(argv)}\n{(out.parent / f'{out.name}.stderr').read_text()[-2000:]}"
         )
     (out / "cpu.json").write_text(json.dumps({"cpu_seconds": usage.ru_utime + usage.ru_stime}))
     record.write_text(json.dumps(args))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gradkit.errors import GradkitError
-from gradkit.scaling.critical_batch import branch_cbs, critical_batch_size
+from gradkit.scaling.critical_batch import branch_cbs, critical_batch_size, steps_to_target
 
 SIZES = [16, 32, 64, 128, 256, 512, 1024]
 
@@ -86,3 +86,17 @@ def test_linear_scaling_is_measured_from_the_most_example_efficient_size():
     # r(32) = 7/6 is not past the limit but lies below B_0 = 64; past it r(128) = 7/6, r(256) = 4/3:
     # 128 + (1.2 - 7/6) / (4/3 - 7/6) * 128 = 153.6
     assert result.value == pytest.approx(153.6) and (result.low, result.high) == (128, 256)
+
+
+@pytest.mark.parametrize(
+    "curve, target, expected",
+    [
+        ([(0, 1.0), (4, 0.8), (8, 0.6)], 0.7, 6.0),  # halfway between the evaluations at 4 and 8
+        ([(0, 1.0), (4, 0.8), (8, 0.6)], 0.8, 4.0),  # an evaluation exactly at the target
+        ([(0, 1.0), (4, 0.9), (8, 0.95), (12, 0.5)], 0.9, 4.0),  # the first crossing, not a later one
+        ([(0, 1.0), (4, 0.9), (8, 0.85)], 0.5, None),  # never reached
+        ([(0, 0.4), (4, 0.9)], 0.5, 0.0),  # already there at the start
+    ],
+)
+def test_steps_to_target_interpolates_between_evaluations(curve, target, expected):
+    assert steps_to_target(curve, target) == (None if expected is None else pytest.approx(expected))

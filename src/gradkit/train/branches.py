@@ -79,6 +79,7 @@ class Branches:
         self.start_loss = self.held_out_loss()
         self.target = (1.0 - plan.drop) * self.start_loss
         self.curves: dict[int, list[list[float]]] = {}
+        self.progress = True
 
     def held_out_loss(self) -> float:
         """The mean loss on the dev set (eval mode)."""
@@ -112,12 +113,17 @@ class Branches:
         every = max(1, round(self.plan.eval_examples / batch))
         curve = [[0.0, self.start_loss]]
         self.model.train()
-        for step in range(1, self.plan.max_examples // batch + 1):
+        steps = self.plan.max_examples // batch
+        bar = tqdm(total=steps, desc=f"batch {batch}", leave=False, disable=not self.progress)
+        for step in range(1, steps + 1):
             self._step(self.run.batches.examples(self.first + (step - 1) * batch, batch))
+            bar.update()
             if step % every == 0:
                 curve.append([float(step), self.held_out_loss()])
+                bar.set_postfix(held_out=f"{curve[-1][1]:.4f}", target=f"{self.target:.4f}")
                 if curve[-1][1] <= self.target:
                     break
+        bar.close()
         self.curves[batch] = curve
         return steps_to_target(curve, self.target)
 
@@ -138,7 +144,7 @@ class Branches:
 
     def measure(self, *, progress: bool = True) -> dict[str, Any]:
         """Every branch, the critical batch, ``B_noise``; then the branch point's state again."""
-        plan = self.plan
+        plan, self.progress = self.plan, progress
         try:
             steps = [self.branch(b) for b in tqdm(plan.batches, desc="branches", disable=not progress)]
             b_noise = self.hessian_b_noise()
