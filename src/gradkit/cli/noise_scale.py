@@ -223,7 +223,7 @@ def run_noise_scale(args: argparse.Namespace, *, progress: bool = True) -> dict[
             options.branch_drop,
             options.branch_examples,
             options.branch_eval_examples,
-            options.optimizer,
+            options.probe_optimizer,
         )
         branches.update(Branches(run, plan, probe.gns.b_simple).measure(progress=progress))
 

@@ -26,6 +26,9 @@ POSITIVE = Range(0, low_open=True)
 AT_LEAST_0 = Range(0)
 AT_LEAST_1 = Range(1)
 FRACTION = Range(0, 1)
+# --optimizer (built by gradkit.train.optimizers) and the methods that train with it
+OPTIMIZERS = ("adamw", "muon", "steepest-spectral", "schedule-free")
+OPTIMIZER_METHODS = ("lora", "full")
 
 
 @dataclass
@@ -237,6 +240,16 @@ class TrainConfig:
         "decoupled weight decay (not on biases, norms)",
         range=AT_LEAST_0,
         example="0.01",
+        group=BUDGET,
+    )
+    optimizer: str = setting(
+        "adamw",
+        "the optimiser of --method lora and full: adamw; muon (torch.optim.Muon, Moonlight's lr scaling) or "
+        "steepest-spectral (gradkit.SteepestDescent, exact orthogonalised steps at the same scaling) on the "
+        "2-D LoRA factors or encoder weights with AdamW on the rest (embeddings, head, biases, norms); "
+        "schedule-free (Schedule-Free AdamW: no lr decay, evaluated at its averaged weights; pip install "
+        "'gradkit[peers]') (docs/optimizers.md)",
+        choices=OPTIMIZERS,
         group=BUDGET,
     )
     max_grad_norm: float | None = setting(

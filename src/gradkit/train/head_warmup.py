@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gradkit.train.batching import split_batch
-from gradkit.train.methods import adamw
+from gradkit.train.optimizers import adamw
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:

@@ -61,6 +61,7 @@ from gradkit.train.measures import optimizer_state_bytes, peak_memory_mb, ranks_
 from gradkit.train.methods import get_method
 from gradkit.train.metrics import check_metric, window_mean
 from gradkit.train.model import default_model_path, label_text_head, load_classifier, load_tokenizer
+from gradkit.train.optimizers import evaluating, evaluation_weights, optimizer_split, training_weights
 from gradkit.train.periodic import Checkpointing, DevEvaluation, LossLog, TensorBoard, cpu_copy
 from gradkit.train.precision import autocast, autocast_forward
 from gradkit.train.run_folder import RunFolder, default_out
@@ -364,6 +365,8 @@ class FineTune:
         else:
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
+        # Schedule-Free trains at its interpolated weights (a checkpoint holds the averaged ones)
+        training_weights(self.optimizer)
         if self.growth is not None and self.growth.noise is not None:
             self.growth.attach(self.model)  # the gradients as DDP or FSDP2 computes them
             self.method.gradient_monitor = self.growth
@@ -501,7 +504,8 @@ class FineTune:
                 for job in self.periodic:
                     if job.due(step):
                         self.phases.mark("train")
-                        job(step)
+                        with evaluating(self.optimizer):  # Schedule-Free's averaged weights
+                            job(step)
                         self.phases.mark(job.phase)
                 if stop_after is not None and step >= stop_after:
                     break
@@ -666,6 +670,7 @@ class FineTune:
     def _finish(self) -> dict[str, Any]:
         train_seconds = self.stopwatch.seconds()
         self.phases.mark("train")
+        evaluation_weights(self.optimizer)  # tested and saved: Schedule-Free's averaged weights
         if not self.state.losses:  # every step was skipped for a non-finite loss: nothing to report or keep
             raise GradkitError(
                 f"the train loss was not finite in any of the {self.state.step} steps ({self.state.skipped} "
@@ -773,6 +778,8 @@ class FineTune:
             "seconds_per_step": round(train_seconds / state.step, 4),
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
             "trainable_parameters": self.trainable,
+            "optimizer": cfg.optimizer,
+            "optimizer_split": optimizer_split(self.optimizer),
             "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),
             "num_processes": self.processes,
             "fsdp": cfg.fsdp,
@@ -814,6 +821,6 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, growth: Growi
 
     if growth is not None:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: growth.lr_multiplier())
-    if cfg.schedule == "constant":
+    if cfg.schedule == "constant" or cfg.optimizer == "schedule-free":  # Schedule-Free warms up itself
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     return get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * cfg.steps), cfg.steps)

@@ -228,7 +228,9 @@ class NoiseScaleOptions:
         example="4",
         why="at least 2: the estimate needs two batch sizes",
     )
-    optimizer: str = setting("adam", "optimiser of the measuring run", choices=("adam", "sgd"))
+    probe_optimizer: str = setting(
+        "adam", "optimiser of the measuring run", choices=("adam", "sgd"), flag="--optimizer"
+    )
     trainable: str = setting("full", "train every weight or the head only", choices=("full", "head"))
     beta: float = setting(
         0.95, "EMA coefficient of the estimates", range=Range(0, 1, high_open=True), example="0.95"
@@ -285,6 +287,10 @@ CATALOGUE: dict[str, MethodCard] = {
     "lora-pro": MethodCard(
         "LoRA with LoRA-Pro's optimiser: each step the closest low-rank match to full fine-tuning",
         (LoraProOptions,),
+    ),
+    "lora-rite": MethodCard(
+        "LoRA with LoRA-RITE (pytorch-optimizer's LoRARite: each factor preconditioned in the other's "
+        "r x r basis, invariant to how B A is split); the head with AdamW; pip install 'gradkit[peers]'"
     ),
     "lora-plus": MethodCard(
         "LoRA with LoRA+ (PEFT): lora_B's learning rate is --loraplus-ratio times lora_A's",

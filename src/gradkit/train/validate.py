@@ -21,7 +21,7 @@ from torch import nn
 
 from gradkit.errors import GradkitError
 from gradkit.train.bi_encoder import PairSetup, pair_setup
-from gradkit.train.config import TrainConfig
+from gradkit.train.config import OPTIMIZER_METHODS, TrainConfig
 from gradkit.train.method_options import ZerothOrderOptions, check_options
 from gradkit.train.metrics import check_metric
 from gradkit.train.model import adaptable_layers, default_model_path, label_texts, layer_shape
@@ -51,6 +51,7 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
     check_task(cfg)
     check_zeroth_order(cfg)
     check_batch_schedule(cfg)
+    check_optimizer(cfg)
     check_precision(cfg)
     check_fsdp(cfg)
     if cfg.report_to == "tensorboard" and not (
@@ -325,6 +326,31 @@ def _check_noise_schedule(cfg: TrainConfig, step_examples: int) -> None:
             "--batch-schedule noise compares two batch sizes inside each step, which needs at least 2 "
             "examples a step; pass --batch-size 2 or more"
         )
+
+
+# optional packages: the setting that needs one, and the package's import name
+PEER_PACKAGES = {"--optimizer schedule-free": "schedulefree", "--method lora-rite": "pytorch_optimizer"}
+
+
+def check_optimizer(cfg: TrainConfig) -> None:
+    """``--optimizer`` only where the method trains with it, and the optional packages the peers need."""
+    if cfg.optimizer != "adamw" and cfg.method not in OPTIMIZER_METHODS:
+        raise GradkitError(
+            f"--optimizer {cfg.optimizer} trains --method {' or '.join(OPTIMIZER_METHODS)}; --method "
+            f"{cfg.method} has its own optimiser: leave --optimizer at adamw"
+        )
+    if cfg.optimizer == "schedule-free" and cfg.batch_schedule != "fixed":
+        raise GradkitError(
+            f"--optimizer schedule-free keeps a constant lr, and --batch-schedule {cfg.batch_schedule} scales "
+            "the lr as the batch grows; use one of them"
+        )
+    needs = {
+        "--optimizer schedule-free": cfg.optimizer == "schedule-free",
+        "--method lora-rite": cfg.method == "lora-rite",
+    }
+    for setting, package in PEER_PACKAGES.items():
+        if needs[setting] and importlib.util.find_spec(package) is None:
+            raise GradkitError(f"{setting} needs the {package} package: pip install 'gradkit[peers]'")
 
 
 def check_precision(cfg: TrainConfig) -> None:

@@ -6,9 +6,7 @@ from gradkit.train.methods.base import (
     METHODS,
     Method,
     accumulate_gradients,
-    adamw,
     available_methods,
-    decay_groups,
     get_method,
     parts_of,
     register_method,
@@ -17,10 +15,12 @@ from gradkit.train.methods.full import Full, Head
 from gradkit.train.methods.lora import Lora
 from gradkit.train.methods.lora_ga import LoraGA
 from gradkit.train.methods.lora_pro import LoraGaPro, LoraPlus, LoraPro, lora_pro_optimizer
+from gradkit.train.methods.lora_rite import LoraRite
 from gradkit.train.methods.noise_scale_probe import NoiseScaleProbe
 from gradkit.train.methods.peft_inits import Corda, Eva, Olora, Pissa
 from gradkit.train.methods.peft_lora_ga import PeftLoraGA
 from gradkit.train.methods.zeroth_order import Mezo, PolicyGradient, objective_value
+from gradkit.train.optimizers import adamw, decay_groups
 
 __all__ = [
     "METHODS",
@@ -33,6 +33,7 @@ __all__ = [
     "LoraGaPro",
     "LoraPlus",
     "LoraPro",
+    "LoraRite",
     "Method",
     "Mezo",
     "NoiseScaleProbe",

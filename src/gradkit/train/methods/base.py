@@ -32,6 +32,7 @@ from gradkit.fsdp import clip_grad_norm_, reshard
 from gradkit.train.batching import split_batch
 from gradkit.train.checkpoint import load_tensors
 from gradkit.train.config import TrainConfig
+from gradkit.train.optimizers import build_optimizer
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -95,8 +96,9 @@ class Method:
         """Restore :meth:`state_dict`."""
 
     def make_optimizer(self, model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-        """AdamW over the trainable parameters at ``lr``, with weight decay off biases and norms."""
-        return adamw(decay_groups(model, cfg.weight_decay), lr)
+        """``--optimizer`` over the trainable parameters at ``lr`` (:mod:`gradkit.train.optimizers`:
+        AdamW by default, with weight decay off biases and norms)."""
+        return build_optimizer(model, cfg, lr)
 
     def step_batch(self, batches: Any, step: int, optimizer: torch.optim.Optimizer) -> Any:
         """What step ``step`` (1-based) trains on: this process's share of its batch
@@ -137,16 +139,6 @@ class Method:
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         with atomic_path(out_dir / "trainable.safetensors") as tmp:
             save_file(tensors, str(tmp))
-
-
-def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-    """``torch.optim.AdamW`` with its fused kernel where torch has one for these tensors (CPU since torch
-    2.4, CUDA): one pass over each tensor instead of several multi-tensor kernels, which on a CPU is
-    most of a full fine-tuning step's optimiser time. Otherwise the multi-tensor path."""
-    try:
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device, dtype or torch
-        return torch.optim.AdamW(groups, lr=lr)
 
 
 def parts_of(
@@ -197,16 +189,3 @@ def accumulate_gradients(
         value = loss.detach().float() * weight
         total = value if total is None else total + value
     return total
-
-
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and normalisation weights (the usual BERT recipe)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]

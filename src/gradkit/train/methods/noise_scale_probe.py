@@ -38,7 +38,7 @@ class NoiseScaleProbe(Method):
 
     def make_optimizer(self, model, cfg, lr):
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW if self.options.optimizer == "adam" else torch.optim.SGD
+        optimizer = torch.optim.AdamW if self.options.probe_optimizer == "adam" else torch.optim.SGD
         return optimizer(params, lr=lr)
 
     def train_step(self, model, batch, optimizer, accelerator, cfg):
