@@ -52,6 +52,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import IMAGES, ROOT, report, save_figure
 from benchmarks.method_regimes import RUNS, finetune
+from gradkit.errors import GradkitError
 from gradkit.models import toy_transformer
 from gradkit.scaling import BatchSchedule, NoiseScale, lr_for_batch
 from gradkit.scaling.critical_batch import critical_batch_size
@@ -302,8 +303,18 @@ def hessian_b_noise(point: dict[str, Any], quick: bool) -> float | None:
 
 def cbs_seed(spec: dict[str, Any]) -> dict[str, Any]:
     """(a) at one seed: the monitored fixed-small run, then the branches at each checkpoint."""
-    run = train_run({**spec, "points": POINTS})
     optimizer = spec.get("optimizer", "adam")
+    try:
+        run = train_run({**spec, "points": POINTS})
+    except GradkitError as err:  # the noise-scale monitor refuses a non-finite gradient: the run diverged
+        return {
+            "seed": spec["seed"],
+            "lr": spec["lr"],
+            "optimizer": optimizer,
+            "final": None,
+            "points": [],
+            "failed": str(err),
+        }
     rows = []
     for point in run.pop("points"):
         if point["b_simple"] is None:

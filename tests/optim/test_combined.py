@@ -14,7 +14,10 @@ from gradkit.optim.combined import CombinedOptimizer
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(4, 3, generator=gen)), torch.nn.Parameter(torch.randn(3, generator=gen))]
+    return [
+        torch.nn.Parameter(torch.randn(4, 3, generator=gen)),
+        torch.nn.Parameter(torch.randn(3, generator=gen)),
+    ]
 
 
 def _loss(params) -> torch.Tensor:

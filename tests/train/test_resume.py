@@ -54,11 +54,36 @@ def train_rows(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
+# --optimizer's peers and LoRA-RITE: the method and its settings
+OPTIMIZERS = {
+    "lora-muon": ("lora", {"optimizer": "muon"}),
+    "full-steepest-spectral": ("full", {"optimizer": "steepest-spectral"}),
+    # dev evaluations and checkpoints at Schedule-Free's averaged weights, training at its interpolated ones
+    "lora-schedule-free": ("lora", {"optimizer": "schedule-free", "dev_fraction": 0.01, "eval_every": 2}),
+    "lora-rite": ("lora-rite", {}),
+}
+
+
 @pytest.mark.parametrize("method", sorted(FAMILIES))
 def test_a_stopped_and_resumed_run_ends_bit_identical(tiny_model_dir, tmp_path, method):
-    through = finetune(config(tiny_model_dir, tmp_path / "through", method), progress=False)
+    stop_and_resume(tiny_model_dir, tmp_path, method)
 
-    stopped = finetune(config(tiny_model_dir, tmp_path / "stopped", method), progress=False, stop_after=3)
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_each_optimizer_resumes_bit_identical(tiny_model_dir, tmp_path, name):
+    method, settings = OPTIMIZERS[name]
+    through = stop_and_resume(tiny_model_dir, tmp_path, method, **settings)
+    assert through["optimizer"] == settings.get("optimizer", "adamw")
+
+
+def stop_and_resume(tiny_model_dir, tmp_path: Path, method: str, **settings) -> dict:
+    """A run through, and the same run stopped after step 3 (checkpoint at 2) and resumed: the same
+    weights, metrics rows and results. Returns the run through's summary."""
+    through = finetune(config(tiny_model_dir, tmp_path / "through", method, **settings), progress=False)
+
+    stopped = finetune(
+        config(tiny_model_dir, tmp_path / "stopped", method, **settings), progress=False, stop_after=3
+    )
     assert stopped["status"] == "stopped" and stopped["checkpoint_step"] == 2
     status = json.loads((tmp_path / "stopped" / "status.json").read_text())
     assert status["status"] == "stopped" and status["checkpoint_step"] == 2
@@ -72,6 +97,7 @@ def test_a_stopped_and_resumed_run_ends_bit_identical(tiny_model_dir, tmp_path, 
     assert train_rows(tmp_path / "stopped") == train_rows(tmp_path / "through")
     for key in ("final_train_loss", "test_accuracy", "test_loss", "ema", "best", "skipped_steps"):
         assert again.get(key) == through.get(key), key
+    return through
 
 
 def test_only_the_latest_checkpoint_is_kept_and_whole(tiny_model_dir, tmp_path):

@@ -98,6 +98,14 @@ BAD = {
         ("--batch-schedule", "ramp", "--examples", "4", "--method", "policy-gradient"),
         "policy-gradient has none",
     ),
+    "optimizer-with-lora-pro": (
+        ("--optimizer", "muon", "--method", "lora-pro"),
+        "--optimizer muon trains --method lora or full; --method lora-pro has its own optimiser",
+    ),
+    "schedule-free-with-a-growing-batch": (
+        ("--optimizer", "schedule-free", "--method", "lora", "--batch-schedule", "ramp", "--examples", "4"),
+        "--optimizer schedule-free keeps a constant lr",
+    ),
     "noise-with-one-example": (
         ("--batch-schedule", "noise", "--examples", "1", "--batch-size", "1"),
         "needs at least 2 examples a step",
@@ -355,3 +363,21 @@ def test_tensorboard_missing_is_one_line(tmp_path, monkeypatch, capsys):
         code, err, "--report-to tensorboard needs the tensorboard package: pip install tensorboard"
     )
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, package",
+    [(("--optimizer", "schedule-free"), "schedulefree"), (("--method", "lora-rite"), "pytorch_optimizer")],
+)
+def test_a_peer_without_its_package_is_one_line(tmp_path, monkeypatch, capsys, args, package):
+    """The optional peers name the extra to install, before anything is loaded or written."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a)
+    )
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, "finetune", *TINY, *args, "--out", str(tmp_path / "run"))
+    assert_one_line(code, err, f"needs the {package} package: pip install 'gradkit[peers]'")
+    assert list(tmp_path.iterdir()) == []
