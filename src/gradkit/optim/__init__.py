@@ -1,11 +1,12 @@
 """Optimisers: LoRA-Pro and zeroth order with their small dense kernels; steepest descent under a norm
-and error-controlled gradient descent (imported on first use, so ``import gradkit.optim`` stays light)."""
+and error-controlled gradient descent; several optimisers stepped as one (imported on first use, so ``import gradkit.optim`` stays light)."""
 
 from __future__ import annotations
 
 from gradkit.lazy import lazy_exports
 
 _EXPORTS = {
+    "CombinedOptimizer": "gradkit.optim.combined",
     "SteepestDescent": "gradkit.optim.steepest",
     "ErrorControlledGD": "gradkit.optim.error_control",
     "LoRAPro": "gradkit.optim.lora_pro",
