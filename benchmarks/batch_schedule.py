@@ -122,9 +122,9 @@ FT_CBS = [
     *("--train", str(ROOT / "data" / "sst2" / "train.tsv"), "--dev-fraction", "0.02", "--max-length", "64"),
     *("--head-init", "labels", "--label-text", "terrible,great", "--label-template", "It was {}."),
     *("--batch-size", "16", "--micro-batches", "2", "--branch", ",".join(map(str, FT_BRANCHES))),
-    *("--branch-drop", str(FT_DROP), "--branch-examples", "2048", "--branch-eval-examples", "128"),
+    *("--branch-drop", str(FT_DROP), "--branch-examples", "2048", "--branch-eval-examples", "32"),
 ]
-FT_CBS_SEEDS = (0,)
+FT_CBS_SEEDS = (0, 1)
 
 _DATA: dict[str, Any] = {}
 

@@ -1,5 +1,5 @@
 """``gradkit finetune --fsdp`` under torchrun (2 processes, gloo on CPU) on the tiny BERT: lora (with an
-EMA), lora-pro and full fine-tuning finish with the model sharded, their saved weights reload and score the test
+EMA, and with spectral steepest descent or Schedule-Free as its optimiser), lora-pro and full fine-tuning finish with the model sharded, their saved weights reload and score the test
 set as summary.json says, they equal the same runs without --fsdp (DDP), and a stopped --fsdp run
 resumes to the same bytes.
 
@@ -72,6 +72,10 @@ def runs(tiny_model_dir, tmp_path_factory) -> Path:
             [*_common(tiny_model_dir, root / f"{method}-fsdp", method), "--fsdp", "--save-every", "2"]
         )
         lines.append(_common(tiny_model_dir, root / f"{method}-ddp", method))
+    for name, optimizer in (("lora-spectral", "steepest-spectral"), ("lora-schedule-free", "schedule-free")):
+        for parallel in ("fsdp", "ddp"):
+            line = [*_common(tiny_model_dir, root / f"{name}-{parallel}", "lora"), "--optimizer", optimizer]
+            lines.append(line + (["--fsdp"] if parallel == "fsdp" else []))
     factor = ["--pro-moments", "factor"]  # LoRA-Pro's other form of its moments
     lines.append([*_common(tiny_model_dir, root / "lora-pro-factor-fsdp", "lora-pro"), *factor, "--fsdp"])
     lines.append([*_common(tiny_model_dir, root / "lora-pro-factor-ddp", "lora-pro"), *factor])
@@ -145,7 +149,9 @@ def test_fsdp_run_finishes_sharded_with_identical_ranks(runs, method):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["lora", "full", "lora-pro", "lora-pro-factor"])
+@pytest.mark.parametrize(
+    "method", ["lora", "full", "lora-pro", "lora-pro-factor", "lora-spectral", "lora-schedule-free"]
+)
 def test_fsdp_weights_equal_the_ddp_runs(runs, method):
     """The --fsdp run's weights equal the DDP run's. LoRA-Pro's projected step amplifies any difference
     in the gradients it is given (from B = 0, Adam's slope of about 1/eps at an entry below eps, and A's
@@ -156,7 +162,7 @@ def test_fsdp_weights_equal_the_ddp_runs(runs, method):
         fsdp, ddp = _weights(runs / f"{method}-fsdp", sub), _weights(runs / f"{method}-ddp", sub)
         assert fsdp.keys() == ddp.keys() and len(fsdp) > 1
         diff = max((fsdp[k] - ddp[k]).abs().max().item() for k in fsdp)
-        assert diff <= TOLERANCE, (sub, diff)  # measured: 0 for all four (and lora's EMA)
+        assert diff <= TOLERANCE, (sub, diff)  # measured: 0 for all six (and lora's EMA)
     fsdp = json.loads((runs / f"{method}-fsdp" / "summary.json").read_text())
     ddp = json.loads((runs / f"{method}-ddp" / "summary.json").read_text())
     assert abs(fsdp["test_loss"] - ddp["test_loss"]) < 1e-5
@@ -201,6 +207,22 @@ def test_fsdp_is_refused_in_one_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(GradkitError, match="--fsdp shards the model over several processes"):
         check_config(TrainConfig(fsdp=True))
+
+
+@pytest.mark.parametrize(
+    "settings, fragment",
+    [
+        ({"method": "lora", "optimizer": "muon"}, "torch.optim.Muon orthogonalises each rank's rows"),
+        ({"method": "lora-rite"}, "LoRARite does not take FSDP2's sharded factors"),
+    ],
+)
+def test_fsdp_refuses_the_peers_that_cannot_run_sharded(settings, fragment):
+    """Muon runs on FSDP2's shards but orthogonalises each rank's rows (a 2-process lora run ended 8e-5
+    away from DDP's); LoRARite fails on DTensors."""
+    from gradkit.train.validate import check_fsdp
+
+    with pytest.raises(GradkitError, match=fragment):
+        check_fsdp(TrainConfig(fsdp=True, **settings), processes=2)
 
 
 @pytest.mark.distributed

@@ -361,7 +361,10 @@ def check_precision(cfg: TrainConfig) -> None:
 
 
 # methods that cannot train an FSDP2-sharded model, and why (gradkit.train.sharding)
-FSDP_REFUSED: dict[str, str] = {}
+FSDP_REFUSED: dict[str, str] = {
+    "lora-rite": "pytorch-optimizer's LoRARite does not take FSDP2's sharded factors; drop --fsdp (LoRA's "
+    "factors are small: DDP holds them whole)",
+}
 
 
 def check_fsdp(cfg: TrainConfig, processes: int | None = None) -> None:
@@ -380,6 +383,11 @@ def check_fsdp(cfg: TrainConfig, processes: int | None = None) -> None:
     reason = FSDP_REFUSED.get(cfg.method)
     if reason is not None:
         raise GradkitError(f"--fsdp with --method {cfg.method}: {reason}")
+    if cfg.optimizer == "muon":
+        raise GradkitError(
+            "--optimizer muon with --fsdp: torch.optim.Muon orthogonalises each rank's rows of a matrix, not "
+            "the whole matrix; use --optimizer steepest-spectral, which computes each matrix's step whole"
+        )
 
 
 def check_data(cfg: TrainConfig, train: Any) -> list[str] | None:
