@@ -104,3 +104,22 @@ def test_the_groups_stay_live_after_an_inner_load_state_dict():
     scheduler = torch.optim.lr_scheduler.LambdaLR(combined, lambda step: 0.5)
     assert scheduler.get_last_lr() == [0.05, 0.005]
     assert [o.param_groups[0]["lr"] for o in combined.optimizers] == [0.05, 0.005]
+
+
+def test_the_state_is_every_inner_optimizers_state():
+    from gradkit.train.measures import optimizer_state_bytes
+
+    params = _params()
+    inner = _pair(params)
+    combined = CombinedOptimizer(inner)
+    _train(combined, params, 2)
+    assert set(combined.state) == {params[0], params[1]}
+    assert combined.state[params[0]] is inner[0].state[params[0]]
+    expected = sum(
+        v.numel() * v.element_size()
+        for o in inner
+        for s in o.state.values()
+        for v in s.values()
+        if torch.is_tensor(v)
+    )
+    assert optimizer_state_bytes(combined) == expected > 0

@@ -43,7 +43,7 @@ class CombinedOptimizer(Optimizer):
         # param_groups is the inner optimisers' own
         super().__init__([{"params": list(g["params"])} for o in optimizers for g in o.param_groups], {})
         self.optimizers = list(optimizers)
-        del self.__dict__["_base_groups"]
+        del self.__dict__["_base_groups"], self.__dict__["_base_state"]
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
@@ -56,6 +56,20 @@ class CombinedOptimizer(Optimizer):
     def param_groups(self, groups: list[dict[str, Any]]) -> None:
         """Only the base class's initialisation assigns the groups."""
         self.__dict__["_base_groups"] = groups
+
+    @property
+    def state(self) -> dict[Any, Any]:  # type: ignore[override]
+        """Every inner optimiser's per-parameter state, each parameter's own dict (a parameter is in one
+        optimiser). A new mapping on each read, not a ChainMap: the inner states are defaultdicts, whose
+        lookup of another optimiser's parameter would add an empty entry instead of failing."""
+        if "optimizers" not in self.__dict__:  # the base class initialising
+            return self.__dict__["_base_state"]
+        return {p: entry for optimizer in self.optimizers for p, entry in optimizer.state.items()}
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        """Only the base class's initialisation assigns the state."""
+        self.__dict__["_base_state"] = state
 
     def __repr__(self) -> str:
         return f"CombinedOptimizer({', '.join(type(o).__name__ for o in self.optimizers)})"
