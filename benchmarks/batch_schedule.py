@@ -343,7 +343,9 @@ def cbs_seed(spec: dict[str, Any]) -> dict[str, Any]:
 
 def read_cbs(steps: list[float | None], sizes: tuple[int, ...] = BRANCHES) -> dict[str, Any]:
     """Zhang et al.'s critical batch from the branches' steps to the target (None where no branch
-    reached it)."""
+    reached it), each rounded up to a whole step as ``steps_to_target`` does (a branch's interpolated
+    crossing can lie before its first step)."""
+    steps = [None if s is None else float(math.ceil(s - 1e-9)) for s in steps]
     if all(s is None for s in steps):
         none = dict.fromkeys(("cbs", "cbs_low", "cbs_high"))
         return {**none, "cbs_text": "no branch reached the target", "overhead": [None] * len(steps)}

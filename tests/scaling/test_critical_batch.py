@@ -92,11 +92,14 @@ def test_linear_scaling_is_measured_from_the_most_example_efficient_size():
     "curve, target, expected",
     [
         ([(0, 1.0), (4, 0.8), (8, 0.6)], 0.7, 6.0),  # halfway between the evaluations at 4 and 8
+        ([(0, 1.0), (4, 0.8), (8, 0.6)], 0.75, 5.0),  # 5.0 exactly
+        ([(0, 1.0), (4, 0.8), (8, 0.6)], 0.72, 6.0),  # 5.6: a run takes whole steps
+        ([(0, 1.0), (2, 0.5)], 0.9, 1.0),  # crossed before the first evaluation: at least one step
         ([(0, 1.0), (4, 0.8), (8, 0.6)], 0.8, 4.0),  # an evaluation exactly at the target
         ([(0, 1.0), (4, 0.9), (8, 0.95), (12, 0.5)], 0.9, 4.0),  # the first crossing, not a later one
         ([(0, 1.0), (4, 0.9), (8, 0.85)], 0.5, None),  # never reached
         ([(0, 0.4), (4, 0.9)], 0.5, 0.0),  # already there at the start
     ],
 )
-def test_steps_to_target_interpolates_between_evaluations(curve, target, expected):
+def test_steps_to_target_interpolates_to_a_whole_step(curve, target, expected):
     assert steps_to_target(curve, target) == (None if expected is None else pytest.approx(expected))

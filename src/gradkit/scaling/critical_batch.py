@@ -101,13 +101,15 @@ def critical_batch_size(
 
 def steps_to_target(curve: Sequence[Sequence[float]], target: float) -> float | None:
     """The first step where the loss curve ``[(step, loss), ...]`` (evaluations in step order) reaches
-    ``target``, by linear interpolation between the evaluation before and the one that reached it; None
-    when no evaluation did. A curve that starts at or below the target reaches it at its first step."""
+    ``target``: linear interpolation between the evaluation before and the one that reached it, rounded
+    up to a whole step (a run takes whole steps: a target crossed before the first evaluation took at
+    least one); None when no evaluation did. A curve that starts at or below the target reaches it at
+    its first point."""
     if curve and curve[0][1] <= target:
         return float(curve[0][0])
     for (s0, l0), (s1, l1) in zip(curve, curve[1:], strict=False):
         if l1 <= target:  # l0 > target: the curve was above it until here
-            return s0 + (s1 - s0) * (l0 - target) / (l0 - l1)
+            return float(math.ceil(s0 + (s1 - s0) * (l0 - target) / (l0 - l1) - 1e-9))
     return None
 
 

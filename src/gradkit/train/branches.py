@@ -4,7 +4,7 @@ state, one short run per batch size ``B`` trains on the stream's next examples a
 optimiser's law gives for ``B`` (:func:`gradkit.scaling.lr_for_batch`, with the run's measured
 ``B_simple`` for ``B_noise``, and ``κ² ≈ B_simple`` for Adam), until the held-out loss falls to
 ``(1 − drop)`` of its value at the branch point. The steps each branch took (interpolated between
-evaluations) give the critical batch by Zhang et al.'s 20% rule
+evaluations, rounded up to a whole step) give the critical batch by Zhang et al.'s 20% rule
 (:func:`gradkit.scaling.critical_batch_size`). Beside it, the Hessian-aware
 ``B_noise = tr(HΣ)/(GᵀHG)`` at the same point (:func:`gradkit.scaling.hessian.b_noise_hessian`), where
 it is positive.
@@ -104,7 +104,8 @@ class Branches:
 
     def branch(self, batch: int) -> float | None:
         """Train at ``batch`` from the branch point until the held-out loss reaches the target: the
-        steps it took (interpolated between evaluations), or None within ``max_examples``."""
+        steps it took (:func:`~gradkit.scaling.critical_batch.steps_to_target`), or None within
+        ``max_examples``."""
         self.restore()
         lr = branch_lr(self.lr, self.run.cfg.batch_size, batch, self.b_simple, self.plan.optimizer)
         for group in self.optimizer.param_groups:
