@@ -193,8 +193,9 @@ def run_noise_scale(args: argparse.Namespace, *, progress: bool = True) -> dict[
     (:func:`gradkit.train.loop.finetune` with :class:`~gradkit.train.methods.NoiseScaleProbe`); prints the table and returns
     the summary."""
     options = _check(args)
+    # the harness loads torch: not for --help
     from gradkit.train.branches import Branches, BranchPlan
-    from gradkit.train.loop import finetune  # the harness loads torch: not for --help
+    from gradkit.train.loop import finetune
     from gradkit.train.methods import NoiseScaleProbe
 
     settings = values_of(args, TrainConfig)
