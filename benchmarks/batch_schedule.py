@@ -588,6 +588,8 @@ def recomputed(cbs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def cbs_table(cbs: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
     for record in cbs:
+        if record.get("failed"):  # the monitored run diverged: no checkpoint to branch from
+            rows.append([workload_of(record), record["seed"], "-", "diverged", "-", "-", "-", "-"])
         for p in record["points"]:
             optimizer = workload_of(record)
             if p.get("b_simple") is None:
@@ -836,6 +838,11 @@ def run(quick: bool, jobs: int) -> dict[str, Any]:
             "MiniLM: gradkit finetune --method full from the label-text head on the full SST-2 training file (2% "
             f"held out), --examples {FT_BUDGET}, base batch 16, --batch-max {FT_MAX}, max length 64, warm-up 5%; noise "
             "decides every 10 steps; the held-out (dev) loss is evaluated every few steps and at the end.",
+            "Critical batch (a): a branch's steps to the target are interpolated between its evaluations and "
+            "rounded up to a whole step. Char: the held-out loss every ~256 examples. MiniLM: every 32 examples, "
+            "at most 2,048 examples a branch; the measuring run's lr is fixed-16's best "
+            "(1e-4), constant, its B_simple from two micro-batches of 8 (beta 0.95). The plain-SGD run is sgd-16 "
+            "at its best lr; a seed whose monitored run diverged has no checkpoints.",
             "lr per schedule chosen on seed 0 from a factor-2 grid (extended past a winning edge), then 3 seeds; the lr "
             "schedule is the harness's: 5% warm-up, linear decay to 0 over examples, times the schedule's lr factor.",
         ],
