@@ -104,7 +104,11 @@ BAD = {
     ),
     "schedule-free-with-a-growing-batch": (
         ("--optimizer", "schedule-free", "--method", "lora", "--batch-schedule", "ramp", "--examples", "4"),
-        "--optimizer schedule-free keeps a constant lr",
+        "which is AdamW's, not --optimizer schedule-free's",
+    ),
+    "muon-with-a-growing-batch": (
+        ("--optimizer", "muon", "--method", "full", "--batch-schedule", "noise", "--examples", "8"),
+        "--batch-schedule noise scales the lr by Adam's batch-size law",
     ),
     "noise-with-one-example": (
         ("--batch-schedule", "noise", "--examples", "1", "--batch-size", "1"),

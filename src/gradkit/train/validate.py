@@ -50,8 +50,8 @@ def check_config(cfg: TrainConfig, *, resume: bool = False) -> None:
         raise GradkitError("--keep-best picks the best of the dev evaluations: pass --eval-every N with it")
     check_task(cfg)
     check_zeroth_order(cfg)
-    check_batch_schedule(cfg)
     check_optimizer(cfg)
+    check_batch_schedule(cfg)
     check_precision(cfg)
     check_fsdp(cfg)
     if cfg.report_to == "tensorboard" and not (
@@ -339,10 +339,10 @@ def check_optimizer(cfg: TrainConfig) -> None:
             f"--optimizer {cfg.optimizer} trains --method {' or '.join(OPTIMIZER_METHODS)}; --method "
             f"{cfg.method} has its own optimiser: leave --optimizer at adamw"
         )
-    if cfg.optimizer == "schedule-free" and cfg.batch_schedule != "fixed":
+    if cfg.optimizer != "adamw" and cfg.batch_schedule != "fixed":
         raise GradkitError(
-            f"--optimizer schedule-free keeps a constant lr, and --batch-schedule {cfg.batch_schedule} scales "
-            "the lr as the batch grows; use one of them"
+            f"--batch-schedule {cfg.batch_schedule} scales the lr by Adam's batch-size law as the batch grows, "
+            f"which is AdamW's, not --optimizer {cfg.optimizer}'s; use --optimizer adamw with it"
         )
     needs = {
         "--optimizer schedule-free": cfg.optimizer == "schedule-free",
