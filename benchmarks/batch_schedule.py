@@ -669,7 +669,8 @@ def within_goal(cbs: list[dict[str, Any]], optimizer: str) -> dict[str, Any]:
         parts.append(
             f"{workload}: B_simple within 2x at {sum(0.5 <= r <= 2 for r in these)} of {len(these)} points "
             f"(ratios {', '.join(f'{r:.2f}' for r in these)}), the Hessian B_noise at "
-            f"{sum(0.5 <= r <= 2 for r in noise)} of {len(noise)}; {rest} points only bracketed or not reached"
+            f"{sum(0.5 <= r <= 2 for r in noise)} of {len(noise)}; {rest} {'point' if rest == 1 else 'points'} only "
+            "bracketed or not reached"
         )
         ratios += these
     return {
