@@ -1,7 +1,7 @@
 """Checkpoints and resume: a run stopped at any step and resumed ends bit-identical to one that ran
 through, for every method family (backprop AdamW, PEFT LoRA with EMA and best-on-dev weights,
-LoRA-GA's offset base, LoRA-Pro's moments, ZerothOrder's generator, policy gradient's sampler), in one
-process and in two (torchrun, gloo)."""
+LoRA-GA's offset base, LoRA-Pro's moments, ZerothOrder's generator, policy gradient's sampler) and for
+each ``--optimizer`` beside AdamW and LoRA-RITE, in one process and in two (torchrun, gloo)."""
 
 from __future__ import annotations
 
