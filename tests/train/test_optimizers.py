@@ -8,11 +8,11 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from gradkit.lora.pairs import lora_pairs
 from gradkit.optim.combined import CombinedOptimizer
 from gradkit.train.config import TrainConfig
 from gradkit.train.loop import finetune
 from gradkit.train.methods import get_method
-from gradkit.train.methods.lora_rite import factor_pairs
 from gradkit.train.model import load_classifier
 from gradkit.train.optimizers import build_optimizer, optimizer_split, rms_match
 
@@ -110,7 +110,7 @@ def test_a_lora_rite_adapter_loads_in_plain_peft(tiny_model_dir, tmp_path):
     loaded = PeftModel.from_pretrained(
         load_classifier(str(tiny_model_dir), 2, seed=7), tmp_path / "run" / "adapter"
     )
-    pairs = factor_pairs(loaded)
+    pairs = [factor for pair in lora_pairs(loaded) for factor in (pair.A, pair.B)]
     assert len(pairs) % 2 == 0 and pairs[0].shape[0] == cfg.rank == pairs[1].shape[1]
     _, _, test = load_datasets(cfg)
     again = evaluate_texts(loaded, test, load_tokenizer(str(tiny_model_dir)), 32, 256)

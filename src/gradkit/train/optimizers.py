@@ -85,12 +85,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
             decay_groups(model, cfg.weight_decay), lr=lr, warmup_steps=warmup
         )
     matrices = [p for name, p in model.named_parameters() if p.requires_grad and is_matrix(name, p)]
-    chosen = {id(p) for p in matrices}
-    rest = [
-        {**group, "params": [p for p in group["params"] if id(p) not in chosen]}
-        for group in decay_groups(model, cfg.weight_decay)
-    ]
-    rest = [group for group in rest if group["params"]]
     if cfg.optimizer == "muon":
         first: torch.optim.Optimizer = torch.optim.Muon(
             matrices,
@@ -110,6 +104,20 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
             for p in matrices
         ]
         first = SteepestDescent(groups, lr=lr, norm="spectral", momentum=MUON_MOMENTUM, nesterov=True)
+    return beside_adamw(first, model, cfg, lr)
+
+
+def beside_adamw(
+    first: torch.optim.Optimizer, model: nn.Module, cfg: TrainConfig, lr: float
+) -> torch.optim.Optimizer:
+    """``first`` with AdamW (:func:`decay_groups`) on every trainable tensor it does not hold, as one
+    :class:`~gradkit.optim.combined.CombinedOptimizer`; ``first`` alone when it holds them all."""
+    chosen = {id(p) for group in first.param_groups for p in group["params"]}
+    rest = [
+        {**group, "params": [p for p in group["params"] if id(p) not in chosen]}
+        for group in decay_groups(model, cfg.weight_decay)
+    ]
+    rest = [group for group in rest if group["params"]]
     return CombinedOptimizer([first, adamw(rest, lr)]) if rest else first
 
 
