@@ -54,10 +54,11 @@ from benchmarks.common import IMAGES, ROOT, report, save_figure
 from benchmarks.method_regimes import RUNS, finetune
 from gradkit.errors import GradkitError
 from gradkit.models import toy_transformer
-from gradkit.scaling import BatchSchedule, NoiseScale, lr_for_batch
-from gradkit.scaling.critical_batch import critical_batch_size
+from gradkit.scaling import BatchSchedule, NoiseScale
+from gradkit.scaling.critical_batch import critical_batch_size, steps_to_target
 from gradkit.scaling.hessian import b_noise_hessian
 from gradkit.train.batch_growth import lr_fraction
+from gradkit.train.branches import branch_lr
 
 TEXT = ROOT / "data" / "tinyshakespeare" / "input.txt"
 CACHE = ROOT / "benchmarks" / "runs" / "batch_schedule"
@@ -163,14 +164,6 @@ def new_optimizer(name: str, model, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 
 
-def branch_lr(lr: float, batch: int, b_simple: float, optimizer: str) -> float:
-    """The lr at ``batch`` from ``lr`` at ``BASE`` by the optimiser's law, with ``B_simple`` for
-    ``B_noise`` (and ``κ² ≈ B_simple`` for Adam)."""
-    if optimizer == "sgd":
-        return lr_for_batch(lr, BASE, batch, optimizer="sgd", b_noise=b_simple)
-    return lr_for_batch(lr, BASE, batch, optimizer="adam", kappa=math.sqrt(b_simple), b_noise=b_simple)
-
-
 def new_model(seed: int, vocab: int):
     gen = torch.Generator().manual_seed(seed)
     return toy_transformer(vocab, D_MODEL, LAYERS, HEADS, norm="pre", max_len=CONTEXT, generator=gen)
@@ -264,28 +257,27 @@ def branch(
 ) -> float | None:
     """From the checkpoint ``point``, train at ``batch`` (constant lr: the checkpoint's times the
     optimiser's law from ``BASE`` at the online ``B_simple``) until the held-out loss is ``(1 - DROP)`` of the
-    checkpoint's; the steps it took, interpolated between evaluations (every ~256 examples), or None."""
+    checkpoint's; the steps it took (``steps_to_target``; evaluations every ~256 examples), or None."""
     train, held, vocab = data(quick)
     model = new_model(0, vocab)
     model.load_state_dict(point["model"])
-    lr = branch_lr(point["lr"], batch, point["b_simple"], optimizer)
+    lr = branch_lr(point["lr"], BASE, batch, point["b_simple"], optimizer)
     opt = new_optimizer(optimizer, model, lr)
-    opt.load_state_dict(point["opt"])
+    # a copy: load_state_dict keeps the given tensors, and the steps would change the checkpoint's moments
+    # under the next branch
+    opt.load_state_dict(copy.deepcopy(point["opt"]))
     for group in opt.param_groups:
         group["lr"] = lr
     gen = torch.Generator().manual_seed(10_000 * (seed + 1) + batch)
     target, every = (1 - DROP) * point["loss"], max(1, 256 // batch)
-    previous = (0, point["loss"])
+    curve = [(0, point["loss"])]
     for step in range(1, (BRANCH_EXAMPLES // (8 if quick else 1)) // batch + 1):
         step_on(model, opt, *windows(train, batch, gen), max(1, batch // BASE), None)
-        if step % every:
-            continue
-        loss = held_out(model, held)
-        if loss <= target:
-            (s0, l0) = previous
-            return s0 + (step - s0) * (l0 - target) / (l0 - loss)
-        previous = (step, loss)
-    return None
+        if step % every == 0:
+            curve.append((step, held_out(model, held)))
+            if curve[-1][1] <= target:
+                break
+    return steps_to_target(curve, target)
 
 
 def hessian_b_noise(point: dict[str, Any], quick: bool) -> float | None:
@@ -435,7 +427,8 @@ def schedule_run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def cbs_run(spec: dict[str, Any]) -> dict[str, Any]:
     key = f"cbs|{spec['lr']:g}|{spec['seed']}|{spec['budget']}|{DROP}|{','.join(map(str, BRANCHES))}"
-    key += "|sgd" if spec["optimizer"] == "sgd" else ""  # the Adam records keep their first keys
+    # plain SGD keeps no state; Adam's branches each start from the checkpoint's own moments
+    key += "|sgd" if spec["optimizer"] == "sgd" else "|fresh-moments"
     return cached(key, cbs_seed, spec)
 
 
