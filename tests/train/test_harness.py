@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from gradkit.train.config import TrainConfig
 from gradkit.train.datasets import training_order
 from gradkit.train.loop import finetune
 from gradkit.train.methods import get_method
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def small_config(tiny_model_dir, tmp_path, **overrides) -> TrainConfig:
@@ -161,6 +164,42 @@ def test_ema_runs_alongside_without_changing_training(tiny_model_dir, tmp_path, 
     slow_raw = load_file(str(tmp_path / "slow" / "run" / saved))
     assert any(not torch.equal(slow_raw[k], slow_avg[k]) for k in slow_raw)
     assert json.loads((tmp_path / "slow" / "run" / "summary.json").read_text())["ema"]["warmup"] is None
+
+
+def test_ema_dev_rows_score_the_average(tiny_model_dir, tmp_path):
+    """With a dev set, each dev row also scores the EMA weights (``dev_ema_*``): at decay 0 the average is
+    the latest weights, so the two agree exactly; with the test file as the dev file the last row's average
+    scores what the summary's EMA test does; training is unchanged."""
+    rows = (ROOT / "data" / "sst2" / "dev.tsv").read_text().splitlines()[:25]
+    small = tmp_path / "small.tsv"
+    small.write_text("\n".join(rows) + "\n")
+    common = dict(method="lora", test=str(small), dev=str(small), eval_every=2)
+    finetune(small_config(tiny_model_dir, tmp_path / "zero", ema=0.0, **common), progress=False)
+    slow = finetune(
+        small_config(tiny_model_dir, tmp_path / "slow", ema=0.9, ema_warmup=None, **common), progress=False
+    )
+    finetune(small_config(tiny_model_dir, tmp_path / "plain", **common), progress=False)
+
+    def dev_rows(name: str) -> list[dict]:
+        lines = (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()
+        return [row for row in map(json.loads, lines) if "dev_loss" in row]
+
+    assert [r["step"] for r in dev_rows("slow")] == [2, 4]
+    assert all(r["dev_ema_loss"] == r["dev_loss"] for r in dev_rows("zero"))
+    assert all("dev_ema_loss" not in r for r in dev_rows("plain"))
+    last = dev_rows("slow")[-1]
+    assert (
+        last["dev_ema_loss"] == slow["ema"]["test_loss"]
+        and last["dev_ema_accuracy"] == slow["ema"]["test_accuracy"]
+    )
+    assert last["dev_ema_loss"] != last["dev_loss"]
+    train_rows = [_train_losses(tmp_path / name / "run") for name in ("slow", "plain")]
+    assert train_rows[0] == train_rows[1]
+
+
+def _train_losses(run) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [row["loss"] for row in map(json.loads, lines) if "loss" in row]
 
 
 def test_ema_decay_is_checked_before_anything_is_written(tiny_model_dir, tmp_path):

@@ -461,6 +461,7 @@ class FineTune:
             tracker=self.tracker,
             ends=self.ends,
             best_tensors=best_tensors,
+            ema=self.ema,
         )
         self.checkpoints = Checkpointing(
             self._save_checkpoint, self.folder, every=cfg.save_every, ends=self.ends, last=self.resumed_from

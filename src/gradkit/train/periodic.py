@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from gradkit.ema import EMA
 from gradkit.train.config import TrainConfig
 from gradkit.train.evaluate import evaluate
 from gradkit.train.metrics import is_better
@@ -67,7 +68,9 @@ class DevEvaluation:
     """The dev set's metrics every ``every`` steps (0: only at the end) and at the last step (``ends``
     as in :class:`LossLog`): a row of
     metrics.jsonl, a point of ``state.dev_curve``, TensorBoard's ``dev/*``; with ``keep_best``, the
-    weights at the best dev score so far (``best_tensors``, with their metrics in ``state.best``)."""
+    weights at the best dev score so far (``best_tensors``, with their metrics in ``state.best``).
+    With a weight ``ema``, the row also holds the averaged weights' metrics as ``dev_ema_*``, so a
+    learning rate or decay can be chosen by the average's own dev score."""
 
     phase = "evaluate"
 
@@ -85,8 +88,10 @@ class DevEvaluation:
         tracker: TensorBoard,
         ends: Callable[[int], bool],
         best_tensors: dict[str, torch.Tensor] | None = None,
+        ema: EMA | None = None,
     ):
         self.tokens, self.model, self.method, self.metric = tokens, model, method, metric
+        self.ema = ema
         self.every, self.ends, self.keep_best = cfg.eval_every, ends, cfg.keep_best
         self.batch_size, self.device = cfg.eval_batch_size, device
         self.state, self.folder, self.tracker = state, folder, tracker
@@ -99,9 +104,13 @@ class DevEvaluation:
 
     def __call__(self, step: int) -> None:
         dev = evaluate(self.model, self.tokens, self.batch_size, self.device, "dev")
-        self.folder.write_row({"step": step, **dev})
+        averaged = {}
+        if self.ema is not None:
+            with self.ema.swapped():
+                averaged = evaluate(self.model, self.tokens, self.batch_size, self.device, "dev_ema")
+        self.folder.write_row({"step": step, **dev, **averaged})
         self.state.dev_curve.append([step, dev["dev_loss"]])
-        self.tracker.log({f"dev/{k[4:]}": v for k, v in dev.items()}, step)
+        self.tracker.log({f"dev/{k[4:]}": v for k, v in {**dev, **averaged}.items()}, step)
         key = f"dev_{self.metric}"  # in the metric's own direction; NaN never wins
         if self.keep_best and is_better(self.metric, dev[key], self.state.best.get(key)):
             self.state.best = {"step": step, **dev}
