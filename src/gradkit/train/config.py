@@ -275,8 +275,8 @@ class TrainConfig:
     )
     ema: float | None = setting(
         None,
-        "also keep a weight EMA with this decay (e.g. 0.99); evaluates and saves both the raw "
-        "and the EMA weights (the EMA never changes training)",
+        "also keep a weight EMA with this decay (e.g. 0.99); evaluates (dev and test) and saves both "
+        "the raw and the EMA weights (the EMA never changes training)",
         range=Range(0, 1, high_open=True),
         example="0.99",
         group=BUDGET,
