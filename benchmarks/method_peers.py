@@ -38,6 +38,8 @@ SEEDS = (0, 1, 2)
 MORE_SEEDS = (3, 4)  # where a row's seed sd exceeds a tenth of its mean gap to full fine-tuning
 MAX_EXTENSIONS = 2
 EMA_DECAY = 0.95  # a horizon of about 20 steps, for runs of 100 and 150 steps
+STSB = ["--train", f"{DATA}/stsb/train.tsv", "--test", f"{DATA}/stsb/dev.tsv", "--task", "regression"]
+RANK1 = ["--rank", "1", "--targets", "query,value"]
 SETTINGS = {
     "sst2-r8": {
         "title": "SST-2 (accuracy), label-text head + 50-step head warm-up, 100 steps, LoRA rank 8 on every Linear",
@@ -47,9 +49,17 @@ SETTINGS = {
         "title": "STS-B (Pearson), bi-encoder from its zero-shot start, 150 steps, LoRA rank 1 on query and value",
         "options": [
             *COMMON,
-            *["--train", f"{DATA}/stsb/train.tsv", "--test", f"{DATA}/stsb/dev.tsv", "--task", "regression"],
-            *["--pair-encoding", "bi", "--steps", "150", "--rank", "1", "--targets", "query,value"],
+            *STSB,
+            *["--pair-encoding", "bi", "--steps", "150", *RANK1],
         ],
+    },
+    "sst2-r1": {
+        "title": "SST-2 (accuracy), label-text head + 50-step head warm-up, 100 steps, LoRA rank 1 on query and value",
+        "options": [*COMMON, *SST2_LABELS, "--head-warmup", "50", "--steps", "100", *RANK1],
+    },
+    "stsb-bi-r8": {
+        "title": "STS-B (Pearson), bi-encoder from its zero-shot start, 150 steps, LoRA rank 8 on every Linear",
+        "options": [*COMMON, *STSB, "--pair-encoding", "bi", "--steps", "150"],
     },
 }
 
@@ -101,16 +111,34 @@ ROWS = [
     Row("sst2-r8", "LoRA + Schedule-Free", "lora", optimizer("schedule-free"), (1e-3, 2e-3, 4e-3)),
     Row("sst2-r8", "LoRA + Muon", "lora", optimizer("muon"), (5e-4, 1e-3, 2e-3), peer_of="LoRA + spectral"),
     Row("sst2-r8", "LoRA+", "lora-plus", (), (2.5e-4, 5e-4, 1e-3), peer_of="LoRA-Pro"),
-    Row("sst2-r8", "OLoRA", "olora", (), (1.25e-4, 2.5e-4, 5e-4), peer_of="LoRA-GA"),
     Row("sst2-r8", "full fine-tuning", "full", (), (2.5e-5, 5e-5, 1e-4)),
+    # the other rank of each task: LoRA-Pro's family at rank 1 on SST-2, LoRA-GA's at rank 8 on STS-B
+    Row("sst2-r1", "LoRA", "lora", (), (1e-3, 2e-3, 4e-3)),
+    Row("sst2-r1", "LoRA-Pro", "lora-pro", (), (4e-3, 8e-3, 1.6e-2)),
+    Row("sst2-r1", "LoRA-RITE", "lora-rite", (), (1e-3, 2e-3, 4e-3), peer_of="LoRA-Pro"),
+    Row("sst2-r1", "LoRA + spectral", "lora", optimizer("steepest-spectral"), (1e-3, 2e-3, 4e-3)),
+    Row("stsb-bi-r8", "LoRA", "lora", (), (5e-4, 1e-3, 2e-3)),
+    Row("stsb-bi-r8", "LoRA-GA", "lora-ga", (), (5e-5, 1e-4, 2e-4)),
+    Row("stsb-bi-r8", "PiSSA", "pissa", (), (1.25e-4, 2.5e-4, 5e-4), peer_of="LoRA-GA"),
+    Row("stsb-bi-r8", "EVA", "eva", (), (5e-4, 1e-3, 2e-3), peer_of="LoRA-GA"),
+    # when time allows
+    Row("sst2-r8", "OLoRA", "olora", (), (1.25e-4, 2.5e-4, 5e-4), peer_of="LoRA-GA"),
+    Row("stsb-bi-r8", "CorDA", "corda", (), (1.25e-4, 2.5e-4, 5e-4), peer_of="LoRA-GA"),
+    Row("stsb-bi-r8", "PEFT LoRA-GA", "peft-lora-ga", (), (5e-5, 1e-4, 2e-4), peer_of="LoRA-GA"),
+    Row("sst2-r1", "LoRA+", "lora-plus", (), (5e-4, 1e-3, 2e-3), peer_of="LoRA-Pro"),
+    Row("sst2-r1", "LoRA + Muon", "lora", optimizer("muon"), (1e-3, 2e-3, 4e-3), peer_of="LoRA + spectral"),
     Row(
         "stsb-bi-r1", "LoRA + Muon", "lora", optimizer("muon"), (1e-3, 2e-3, 4e-3), peer_of="LoRA + spectral"
     ),
     Row("stsb-bi-r1", "LoRA+", "lora-plus", (), (5e-4, 1e-3, 2e-3), peer_of="LoRA-Pro"),
-    Row("stsb-bi-r1", "full fine-tuning", "full", (), (4e-5, 8e-5, 1.6e-4)),
 ]
-# full fine-tuning of the same options measured by pair_regimes, read when this run has not measured it
-COMMITTED_FULL = {"stsb-bi-r1": ("pair_regimes", "bi/stsb-bi/full")}
+# where a setting's full fine-tuning is read when it has no row of its own: runs of the same options (full
+# fine-tuning takes no rank) in another benchmark's committed result, or in another setting here
+FULL_ELSEWHERE = {
+    "stsb-bi-r1": ("pair_regimes", "bi/stsb-bi/full"),
+    "stsb-bi-r8": ("pair_regimes", "bi/stsb-bi/full"),
+    "sst2-r1": ("method_peers", "sst2-r8/full fine-tuning"),
+}
 
 
 def run_dir(row: Row, lr: float, seed: int) -> Path:
@@ -260,7 +288,7 @@ def table(setting: str, measured: dict[str, dict[str, Any]]) -> dict:
             "trainable",
             "optimizer state MiB",
         ],
-        "rows": rows + ([] if f"{setting}/full fine-tuning" in measured else quoted_full(setting)),
+        "rows": rows + quoted_full(measured, setting),
     }
 
 
@@ -270,15 +298,15 @@ def seed_count(seeds: int, asked: bool) -> str:
     return f"{seeds} (5 asked)" if seeds == 5 else f"{seeds} (5 asked; not run)"
 
 
-def quoted_full(setting: str) -> list[list[str]]:
-    """The committed full fine-tuning row of ``setting`` (another benchmark's runs of the same options)."""
-    quoted = committed_full(setting)
+def quoted_full(measured: dict[str, dict[str, Any]], setting: str) -> list[list[str]]:
+    """The table row of ``setting``'s full fine-tuning read from elsewhere (:func:`full_elsewhere`)."""
+    quoted = full_elsewhere(measured, setting)
     if quoted is None:
         return []
-    runs = list(quoted["runs"].values())
+    runs = quoted["runs"]
     return [
         [
-            f"full fine-tuning ({COMMITTED_FULL[setting][0]}, not rerun)",
+            f"full fine-tuning ({quoted['source']}, the same options)",
             "-",
             ", ".join(f"{float(lr):g}: {v:.4f}" for lr, v in quoted["scores"].items()),
             f"{quoted['lr']:g}",
@@ -298,20 +326,41 @@ def test_scores(measured: dict[str, dict[str, Any]], key: str) -> tuple[float, f
     return mean_sd([s["test"] for s in measured[key]["seeds"].values()])
 
 
-def committed_full(setting: str) -> dict[str, Any] | None:
-    """Full fine-tuning's runs of ``setting`` in another benchmark's committed result, if any."""
-    if setting not in COMMITTED_FULL:
+def full_elsewhere(measured: dict[str, dict[str, Any]], setting: str) -> dict[str, Any] | None:
+    """``setting``'s full fine-tuning from ``FULL_ELSEWHERE`` when it has no row of its own: its source,
+    lr, metric, seed-0 dev scores by lr and runs (each with ``test`` and the cost fields); else None."""
+    if f"{setting}/full fine-tuning" in measured or setting not in FULL_ELSEWHERE:
         return None
-    name, key = COMMITTED_FULL[setting]
-    return json.loads((RESULTS / f"{name}.json").read_text())["raw"]["runs"][key]
+    name, key = FULL_ELSEWHERE[setting]
+    if name == "method_peers":
+        if key not in measured:
+            return None
+        m = measured[key]
+        runs = list(m["seeds"].values())
+        return {
+            "source": key.split("/")[0],
+            "lr": m["lr"],
+            "metric": runs[0]["metric"],
+            "scores": m["sweep"],
+            "runs": runs,
+        }
+    quoted = json.loads((RESULTS / f"{name}.json").read_text())["raw"]["runs"][key]
+    runs = list(quoted["runs"].values())
+    return {
+        "source": name,
+        "lr": quoted["lr"],
+        "metric": quoted["metric"],
+        "scores": quoted["scores"],
+        "runs": runs,
+    }
 
 
 def full_scores(measured: dict[str, dict[str, Any]], setting: str) -> tuple[float, float] | None:
-    """Full fine-tuning's test mean and sd in ``setting``: measured here, else committed, else None."""
+    """Full fine-tuning's test mean and sd in ``setting`` (its own row, else :func:`full_elsewhere`)."""
     here = test_scores(measured, f"{setting}/full fine-tuning")
-    if here is not None or (quoted := committed_full(setting)) is None:
+    if here is not None or (quoted := full_elsewhere(measured, setting)) is None:
         return here
-    return mean_sd([r["test"] for r in quoted["runs"].values()])
+    return mean_sd([r["test"] for r in quoted["runs"]])
 
 
 def versus(measured: dict, setting: str, first: str, second: str) -> tuple[str, bool | None]:
@@ -346,7 +395,7 @@ def goals(measured: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     every = all(len(present.get(m, ())) == len(p) for m, p in PEERS.items())
     bi, bi_met = versus(measured, "stsb-bi-r1", "LoRA-Pro", "LoRA-RITE")
     cross = json.loads((RESULTS / "peers_stsb.json").read_text())["goals"][0]
-    spectral = [versus(measured, s, "LoRA", "LoRA + spectral") for s in SETTINGS]
+    spectral = [versus(measured, s, "LoRA", "LoRA + spectral") for s in ("sst2-r8", "sst2-r1", "stsb-bi-r1")]
     cost = json.loads((RESULTS / "optimizer_step_cost.json").read_text())["goals"][0]
     return [
         {
@@ -392,9 +441,9 @@ def guide_rows(measured: dict[str, dict[str, Any]]) -> list[list[str]]:
                 scored.append(
                     (m["row"].label, m["row"].peer_of or "-", m["lr"], seeds, cost, seeds[0]["metric"])
                 )
-        if f"{setting}/full fine-tuning" not in measured and (quoted := committed_full(setting)):
-            runs = list(quoted["runs"].values())
-            label = f"full fine-tuning ({COMMITTED_FULL[setting][0]})"
+        if quoted := full_elsewhere(measured, setting):
+            runs = quoted["runs"]
+            label = f"full fine-tuning ({quoted['source']})"
             cost = runs[0]["optimizer_state_bytes"] / 2**20
             scored.append((label, "-", quoted["lr"], runs, cost, quoted["metric"]))
         scored.sort(key=lambda item: -statistics.fmean(s["test"] for s in item[3]))
