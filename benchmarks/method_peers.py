@@ -16,9 +16,17 @@ notes when that cap is what stopped it); seeds 1 and 2 then run at that lr.
 - ``stsb-bi-r1``: STS-B as the model's users train pairs (a bi-encoder scored by cos(u, v)), from its
   zero-shot start, LoRA rank 1 on query and value, 150 steps: LoRA-Pro beside LoRA-RITE and LoRA+,
   and LoRA with spectral steepest descent or Muon beside LoRA with AdamW.
+- ``sst2-r1`` and ``stsb-bi-r8``: the other rank of each task, LoRA-Pro's family at rank 1 on query and
+  value on SST-2 and LoRA-GA's at rank 8 on STS-B. Full fine-tuning takes no rank: these settings read
+  it from ``sst2-r8`` and from pair_regimes' committed runs of the same options (as ``stsb-bi-r1`` does).
+
+The rows run in the order of ``ROWS`` (the goals' comparisons first); rows after "when time allows" may
+be missing from a result. Where a row's seed sd exceeds a tenth of its mean gap to full fine-tuning,
+``--more-seeds`` adds seeds 3 and 4, and the table says where that was asked and not run.
 
     python -m benchmarks.method_peers                  # everything (finished runs are reused)
     python -m benchmarks.method_peers --report-only    # rewrite the result from finished runs
+    python -m benchmarks.method_peers --more-seeds --only "stsb-bi-r1/LoRA-Pro,stsb-bi-r1/LoRA-RITE"
 """
 
 from __future__ import annotations
@@ -224,9 +232,12 @@ def asks_more_seeds(measured: dict[str, dict[str, Any]], key: str) -> bool:
     return full is not None and row.method != "full" and sd > 0.1 * abs(full[0] - mean)
 
 
-def measure_all(report_only: bool, jobs: int, more_seeds: bool) -> dict[str, dict[str, Any]]:
+def measure_all(
+    report_only: bool, jobs: int, more_seeds: bool, only: frozenset[str] = frozenset()
+) -> dict[str, dict[str, Any]]:
     """Every row of ``ROWS`` that is (or, unless ``report_only``, can be) measured, by key; with
-    ``more_seeds``, seeds 3 and 4 too where :func:`asks_more_seeds` (finished ones are always read).
+    ``more_seeds``, seeds 3 and 4 too where :func:`asks_more_seeds` (finished ones are always read);
+    with ``only``, just those rows run and the rest are read where finished.
     Rows sharing runs (LoRA and its EMA) are measured one after the other; up to three chains at a time
     keep the ``jobs`` workers busy while a chain waits on its last run."""
     chains: dict[tuple[str, str], list[Row]] = {}
@@ -235,7 +246,9 @@ def measure_all(report_only: bool, jobs: int, more_seeds: bool) -> dict[str, dic
 
     def measured_chains(rows_of_chains, seeds: tuple[int, ...], only_read: bool) -> dict[str, dict]:
         def chain(rows: list[Row]) -> list[tuple[Row, dict | None]]:
-            return [(row, tune(row, pool, only_read, seeds)) for row in rows]
+            return [
+                (row, tune(row, pool, only_read or bool(only and row.key not in only), seeds)) for row in rows
+            ]
 
         done = [coordinators.submit(chain, rows) for rows in rows_of_chains if rows]
         return {row.key: {"row": row, **m} for future in done for row, m in future.result() if m}
@@ -512,9 +525,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--more-seeds", action="store_true", help="seeds 3 and 4 where the rule asks for them"
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated setting/label keys to run (the rest are read where finished)",
+    )
     parser.add_argument("--note", action="append", default=[], help="a note for the result (repeatable)")
     args = parser.parse_args(argv)
-    measured = measure_all(args.report_only, args.jobs, args.more_seeds)
+    only = frozenset(filter(None, args.only.split(",")))
+    if unknown := only - {row.key for row in ROWS}:
+        parser.error(f"--only: no row {', '.join(sorted(unknown))}; the rows are setting/label keys of ROWS")
+    measured = measure_all(args.report_only, args.jobs, args.more_seeds, only)
     result = build_result(measured, args.note)
     for t in result["tables"]:
         print(t["caption"])
