@@ -391,7 +391,12 @@ def versus(measured: dict, setting: str, first: str, second: str) -> tuple[str, 
 
 
 PEERS = {
-    "LoRA-GA": ("PiSSA", "EVA", "CorDA", "PEFT LoRA-GA", "OLoRA"),
+    "LoRA-GA": (
+        "PiSSA",
+        "EVA",
+        "CorDA",
+        "PEFT LoRA-GA",
+    ),  # the list (OLoRA is a row when time allows)
     "LoRA-Pro": ("LoRA-RITE", "LoRA+"),
     "LoRA + EMA": ("LoRA + Schedule-Free",),
     "LoRA + spectral": ("LoRA + Muon",),
