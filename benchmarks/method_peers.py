@@ -521,7 +521,8 @@ def build_result(measured: dict[str, dict[str, Any]], notes: list[str]) -> dict[
         "readme_table": {
             "marker": "method-peers",
             "caption": "all-MiniLM-L6-v2 on 2 CPU cores, batch 16, each method at its best dev lr from a "
-            "factor-2 grid, test metric mean ± sd over 3 seeds (`benchmarks/method_peers.py`; "
+            "factor-2 grid, test metric mean ± sd over 3 seeds, or 5 where docs/benchmarks.md says so "
+            "(`benchmarks/method_peers.py`; "
             "details in docs/benchmarks.md).",
             "columns": ["task", "method", "beside", "lr", "test", "s/step", "optimizer state MiB"],
             "rows": guide_rows(measured),
