@@ -50,7 +50,7 @@ import torch
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.common import IMAGES, ROOT, report, save_figure
+from benchmarks.common import IMAGES, ROOT, mean_and_sd, report, save_figure
 from benchmarks.method_regimes import RUNS, finetune
 from gradkit.errors import GradkitError
 from gradkit.models import toy_transformer
@@ -509,10 +509,6 @@ def ft_run(name: str, lr: float, seed: int) -> dict[str, Any]:
     }
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def steps_to(curve: list[list[Any]], target: float) -> float | None:
     """The optimiser step where the held-out curve first reaches ``target`` (interpolated), or None."""
     for (_, s0, l0, _), (_, s1, l1, _) in zip(curve, curve[1:], strict=False):
@@ -524,7 +520,7 @@ def steps_to(curve: list[list[Any]], target: float) -> float | None:
 def schedule_table(tuned: dict[str, Any], workload: str) -> tuple[dict[str, Any], float, dict[str, Any]]:
     """(b)'s table for ``workload``, the fixed small batch's threshold (its final mean + sd), and per
     schedule the numbers the goals read."""
-    small, small_sd = mean_sd([r["final"] for r in tuned["fixed-16"]["runs"]])
+    small, small_sd = mean_and_sd([r["final"] for r in tuned["fixed-16"]["runs"]])
     threshold = small + small_sd
     small_steps = statistics.fmean(r["steps"] for r in tuned["fixed-16"]["runs"])
     rows, numbers = [], {}
@@ -534,7 +530,7 @@ def schedule_table(tuned: dict[str, Any], workload: str) -> tuple[dict[str, Any]
         reached = [s for s in reach if s is not None]
         steps = statistics.fmean(r["steps"] for r in t["runs"])
         examples = t["runs"][0]["curve"][-1][0]
-        mean, sd = mean_sd(finals)
+        mean, sd = mean_and_sd(finals)
         numbers[name] = {"final": mean, "sd": sd, "steps": steps, "reach": reach}
         # the largest batch a run reached (a fixed batch: its examples over its steps)
         batches = sorted({c["batch"] for r in t["runs"] for c in r["changes"]} | {round(examples / steps)})

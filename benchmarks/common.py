@@ -48,6 +48,13 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def mean_and_sd(values: list[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation of ``values`` (0 for a single value)."""
+    import statistics
+
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def write_result(name: str, result: dict[str, Any]) -> Path:
     """Write ``benchmarks/results/<name>.json`` atomically (machine and command filled in)."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, write_result
+from benchmarks.common import RESULTS, mean_and_sd, write_result
 from benchmarks.method_regimes import COMMON, DATA, RUNS, SST2_LABELS, finetune, rows_of
 
 SEEDS = (0, 1, 2)
@@ -220,10 +220,6 @@ def tune(
     }
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values)
-
-
 def shown(metric: str, mean: float, sd: float) -> str:
     scale, digits = (100, 2) if metric == "accuracy" else (1, 4)
     return f"{mean * scale:.{digits}f} ± {sd * scale:.{digits}f}"
@@ -272,23 +268,15 @@ def table(setting: str, measured: dict[str, dict[str, Any]]) -> dict:
     for key, m in measured.items():
         if not key.startswith(f"{setting}/"):
             continue
-        row, seeds = m["row"], m["seeds"]
-        metric = seeds[0]["metric"]
-        mean, sd = mean_sd([s["test"] for s in seeds.values()])
-        first = seeds[0]
+        row, runs = m["row"], list(m["seeds"].values())
         rows.append(
-            [
-                row.label,
-                row.peer_of or "-",
-                ", ".join(f"{lr}: {v:.4f}" for lr, v in m["sweep"].items()),
+            cells(
+                (row.label, row.peer_of or "-"),
+                m["sweep"],
                 f"{m['lr']:g}" + (" (edge)" if m["edge"] else ""),
-                shown(metric, mean, sd),
-                seed_count(len(seeds), m.get("asked_more_seeds", False)),
-                f"{statistics.fmean(s['seconds_per_step'] for s in seeds.values()):.2f}",
-                f"{first['peak_memory_mb']:.0f}",
-                f"{first['trainable']:,}",
-                f"{first['optimizer_state_bytes'] / 2**20:.2f}",
-            ]
+                runs,
+                seed_count(len(runs), m.get("asked_more_seeds", False)),
+            )
         )
     return {
         "caption": SETTINGS[setting]["title"] + ": test metric, mean ± sd over the seeds at the best dev lr "
@@ -320,27 +308,35 @@ def quoted_full(measured: dict[str, dict[str, Any]], setting: str) -> list[list[
     quoted = full_elsewhere(measured, setting)
     if quoted is None:
         return []
-    runs = quoted["runs"]
+    label = f"full fine-tuning ({quoted['source']}, the same options)"
+    runs = [{**r, "metric": quoted["metric"]} for r in quoted["runs"]]
+    sweep = {f"{float(lr):g}": v for lr, v in quoted["scores"].items()}
+    return [cells((label, "-"), sweep, f"{quoted['lr']:g}", runs, str(len(runs)))]
+
+
+def cells(
+    names: tuple[str, str], sweep: dict[str, float], lr: str, runs: list[dict], seeds: str
+) -> list[str]:
+    """One row of a setting's table: method and the method it stands beside, the seed-0 dev metric by
+    lr, the chosen lr, the test metric's mean ± sd, the seeds, and the cost of the first seed's run."""
+    first = runs[0]
     return [
-        [
-            f"full fine-tuning ({quoted['source']}, the same options)",
-            "-",
-            ", ".join(f"{float(lr):g}: {v:.4f}" for lr, v in quoted["scores"].items()),
-            f"{quoted['lr']:g}",
-            shown(quoted["metric"], *mean_sd([r["test"] for r in runs])),
-            str(len(runs)),
-            f"{statistics.fmean(r['seconds_per_step'] for r in runs):.2f}",
-            f"{runs[0]['peak_memory_mb']:.0f}",
-            f"{runs[0]['trainable']:,}",
-            f"{runs[0]['optimizer_state_bytes'] / 2**20:.2f}",
-        ]
+        *names,
+        ", ".join(f"{lr_}: {v:.4f}" for lr_, v in sweep.items()),
+        lr,
+        shown(first["metric"], *mean_and_sd([r["test"] for r in runs])),
+        seeds,
+        f"{statistics.fmean(r['seconds_per_step'] for r in runs):.2f}",
+        f"{first['peak_memory_mb']:.0f}",
+        f"{first['trainable']:,}",
+        f"{first['optimizer_state_bytes'] / 2**20:.2f}",
     ]
 
 
 def test_scores(measured: dict[str, dict[str, Any]], key: str) -> tuple[float, float] | None:
     if key not in measured:
         return None
-    return mean_sd([s["test"] for s in measured[key]["seeds"].values()])
+    return mean_and_sd([s["test"] for s in measured[key]["seeds"].values()])
 
 
 def full_elsewhere(measured: dict[str, dict[str, Any]], setting: str) -> dict[str, Any] | None:
@@ -377,7 +373,7 @@ def full_scores(measured: dict[str, dict[str, Any]], setting: str) -> tuple[floa
     here = test_scores(measured, f"{setting}/full fine-tuning")
     if here is not None or (quoted := full_elsewhere(measured, setting)) is None:
         return here
-    return mean_sd([r["test"] for r in quoted["runs"]])
+    return mean_and_sd([r["test"] for r in quoted["runs"]])
 
 
 def versus(measured: dict, setting: str, first: str, second: str) -> tuple[str, bool | None]:
@@ -476,7 +472,7 @@ def guide_rows(measured: dict[str, dict[str, Any]]) -> list[list[str]]:
                     label,
                     peer_of,
                     f"{lr:g}",
-                    shown(metric, *mean_sd([s["test"] for s in seeds])),
+                    shown(metric, *mean_and_sd([s["test"] for s in seeds])),
                     f"{statistics.fmean(s['seconds_per_step'] for s in seeds):.2f}",
                     f"{cost:.2f}",
                 ]

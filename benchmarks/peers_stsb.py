@@ -19,7 +19,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from benchmarks.common import RESULTS, report
+from benchmarks.common import RESULTS, mean_and_sd, report
 from benchmarks.method_regimes import LAG_LORA, measure, run_dir, summarise
 
 GRID = (5e-4, 1e-3, 2e-3, 4e-3, 8e-3)
@@ -36,10 +36,6 @@ def factor_norms(run: Path) -> dict[str, float]:
     }
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values)
-
-
 def run() -> dict[str, Any]:
     with ThreadPoolExecutor(2) as pool:
         measured = measure(GROUP, pool, report_only=False)
@@ -54,7 +50,7 @@ def run() -> dict[str, Any]:
         ],
     ]:
         values = [r["test"] for r in runs.values()]
-        tests[key] = mean_sd(values)
+        tests[key] = mean_and_sd(values)
         grid = ", ".join(f"{float(a):g}: {b:.4f}" for a, b in scores.items())
         seconds = statistics.fmean(r["seconds_per_step"] for r in runs.values())
         rows.append([name, f"{lr:g}", f"{tests[key][0]:.4f} ± {tests[key][1]:.4f}", f"{seconds:.2f}", grid])
