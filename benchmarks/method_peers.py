@@ -226,7 +226,7 @@ def shown(metric: str, mean: float, sd: float) -> str:
 
 
 def asks_more_seeds(measured: dict[str, dict[str, Any]], key: str) -> bool:
-    """The issue's rule: 5 seeds where the seed sd exceeds a tenth of the mean gap to full fine-tuning."""
+    """The seed rule: 5 seeds where the seed sd exceeds a tenth of the mean gap to full fine-tuning."""
     row, (mean, sd) = measured[key]["row"], test_scores(measured, key)
     full = full_scores(measured, row.setting)
     return full is not None and row.method != "full" and sd > 0.1 * abs(full[0] - mean)
@@ -396,7 +396,7 @@ PEERS = {
         "EVA",
         "CorDA",
         "PEFT LoRA-GA",
-    ),  # the issue's list (OLoRA is a row when time allows)
+    ),  # the goal names these four (OLoRA is a row when time allows)
     "LoRA-Pro": ("LoRA-RITE", "LoRA+"),
     "LoRA + EMA": ("LoRA + Schedule-Free",),
     "LoRA + spectral": ("LoRA + Muon",),
@@ -404,7 +404,7 @@ PEERS = {
 
 
 def goals(measured: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's goals, each met or not with the numbers (the step cost is optimizer_step_cost's)."""
+    """The goals, each met or not with the numbers (the step cost is optimizer_step_cost's)."""
     present = {
         method: [p for p in peers if f"sst2-r8/{p}" in measured]
         for method, peers in PEERS.items()
