@@ -10,7 +10,7 @@ import torch
 
 import gradkit
 from gradkit.errors import GradkitError
-from gradkit.optim.steepest import dual_norm_of, norm_of, orthogonalize
+from gradkit.optim.steepest import dual_norm_of, norm_of, orthogonalize, orthogonalize_exact
 
 SHAPES = [(7,), (5, 3), (3, 8), (4, 2, 3)]
 NORMS = ["l2", "rms", "linf", "spectral"]
@@ -76,6 +76,39 @@ def test_rank_deficient_spectral_step_keeps_only_the_gradients_directions():
     g = u @ v + u @ (2 * v)  # rank one
     d = one_step(g, "spectral", 1.0)
     assert torch.allclose(d, (u / u.norm()) @ (v / v.norm()), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(5, 9, 3), (4, 3, 9), (3, 6, 6), (2, 1, 7)])
+def test_the_exact_factor_of_a_batch_is_each_matrixs_svd_factor(shape):
+    # Thin QR, then the SVD of the small triangle: U Vᵀ of the direct SVD, matrix by matrix.
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    batched = orthogonalize_exact(x)
+    for matrix, d in zip(x, batched, strict=True):
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        assert torch.allclose(d, u @ vh, atol=1e-13)
+        assert torch.allclose(d, orthogonalize_exact(matrix), atol=1e-14)  # batched: its matrices alone
+    assert torch.equal(orthogonalize_exact(torch.zeros(3, 4, 2)), torch.zeros(3, 4, 2))
+
+
+def test_the_batched_spectral_step_equals_the_step_tensor_by_tensor():
+    # foreach batches the matrices of one shape (LoRA's factors); the loop takes them one at a time.
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(8, 24), (24, 8), (8, 24), (6,), (24, 8), (3, 2, 4), (40, 40), (8, 24)]
+    grads = [torch.randn(shape, generator=gen) for shape in shapes] + [torch.zeros(8, 24)]
+    moves = []
+    for foreach in (True, False):
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        opt = gradkit.optim.SteepestDescent(
+            params, lr=0.1, norm="spectral", momentum=0.9, nesterov=True, svd_max=16, foreach=foreach
+        )
+        for _ in range(3):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        moves.append([p.detach().clone() for p in params])
+    for batched, one_by_one in zip(*moves, strict=True):  # the same float64 arithmetic, batched or not
+        assert torch.allclose(batched, one_by_one, rtol=0, atol=1e-7)
+    assert torch.equal(moves[0][-1], torch.zeros(8, 24))
 
 
 def test_newton_schulz_matches_the_svd_for_large_matrices():
@@ -173,7 +206,7 @@ def test_bad_settings():
 
 @pytest.mark.parametrize(("dtype", "shape"), [(torch.bfloat16, (64, 32)), (torch.float16, (256, 1024))])
 def test_low_precision_spectral_step_keeps_every_direction(dtype, shape):
-    # The SVD runs in float64 on g's exact values, so a full-rank bf16/fp16 g keeps all its directions.
+    # The exact factor is computed in float64 on g's exact values, so a full-rank bf16/fp16 g keeps all its directions.
     g = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     d = one_step(g, "spectral", 1.0).double()
     nuclear = float(dual_norm_of(g.double(), "spectral"))

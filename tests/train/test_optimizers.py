@@ -51,17 +51,19 @@ def test_the_spectral_step_is_the_scaled_orthogonal_factor(tiny_model_dir):
     model, cfg = _lora_model(tiny_model_dir)
     settings = TrainConfig(model=cfg.model, rank=2, optimizer="steepest-spectral", weight_decay=0.0)
     optimizer = build_optimizer(model, settings, 1e-2)
-    matrix = optimizer.optimizers[0].param_groups[0]["params"][0]
+    matrices = [p for group in optimizer.optimizers[0].param_groups for p in group["params"]]
+    assert len({p.shape for p in matrices}) > 1  # factors of several shapes, stepped in shape batches
     gen = torch.Generator().manual_seed(3)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=gen) if p.requires_grad else None
-    before, grad = matrix.detach().clone(), matrix.grad.clone()
+    before = [(p.detach().clone(), p.grad.clone()) for p in matrices]
     optimizer.step()
-    u, _, vh = torch.linalg.svd(grad.double(), full_matrices=False)
-    expected = before - 1e-2 * rms_match(matrix.shape) * (u @ vh).float()
-    assert torch.allclose(matrix, expected, atol=1e-6)
-    # U Vᵀ of an m×n gradient has RMS 1/√max(m, n): the scaled step's RMS is AdamW's typical 0.2·lr
-    assert (matrix - before).pow(2).mean().sqrt().item() == pytest.approx(0.2 * 1e-2, rel=1e-4)
+    for matrix, (start, grad) in zip(matrices, before, strict=True):
+        u, _, vh = torch.linalg.svd(grad.double(), full_matrices=False)
+        expected = start - 1e-2 * rms_match(matrix.shape) * (u @ vh).float()
+        assert torch.allclose(matrix, expected, atol=1e-6)
+        # U Vᵀ of an m×n gradient has RMS 1/√max(m, n): the scaled step's RMS is AdamW's typical 0.2·lr
+        assert (matrix - start).pow(2).mean().sqrt().item() == pytest.approx(0.2 * 1e-2, rel=1e-4)
 
 
 def test_schedule_free_is_tested_and_saved_at_its_averaged_weights(tiny_model_dir, tmp_path):

@@ -27,8 +27,11 @@ arXiv 2409.20325). Per norm (each tensor on its own):
   rule; put embedding (and tied head) weights in their own param group with ``norm="rms"`` or
   ``"linf"`` if the spectral geometry does not suit them (``norm`` is a per-group setting).
 
-U Vᵀ is computed by an exact SVD (``torch.linalg.svd``, float64 below ``svd_max`` rows and columns)
-when min(shape) ≤ ``svd_max`` (default 256), else by Newton–Schulz in float32: X ← X/‖X‖_F, then
+U Vᵀ is computed exactly in float64 when min(shape) ≤ ``svd_max`` (default 256): a thin QR, x = QR
+(x or xᵀ, whichever is tall), then the SVD of the small triangle R = U_R Σ Vᵀ, so U Vᵀ = Q U_R Vᵀ
+(backward stable like the SVD of x, and batched: matrices of one shape in a param group go through one
+``torch.linalg.qr`` and one ``torch.linalg.svd``; LoRA's factors are such thin matrices). Else by
+Newton–Schulz in float32: X ← X/‖X‖_F, then
 ``ns_steps`` quintic steps with Jordan's coefficients (3.4445, −4.7750, 2.0315) (as torch's Muon),
 then ``ns_polish`` cubic steps X ← 1.5X − 0.5XXᵀX, which converge to U Vᵀ for every singular value
 that the quintic stage has raised above ~0.3 (the quintic alone leaves them anywhere in ~[0.7, 1.2],
@@ -64,24 +67,35 @@ NORMS = ("l2", "rms", "linf", "spectral")
 _NS_QUINTIC = (3.4445, -4.7750, 2.0315)
 
 
+def orthogonalize_exact(x: torch.Tensor) -> torch.Tensor:
+    """U Vᵀ of each matrix of ``x`` (shape (…, m, n)), computed in float64 and returned in x.dtype.
+
+    For a tall matrix (m ≥ n; a wide one through its transpose) the thin QR x = QR and the SVD of the
+    n×n triangle R = U_R Σ Vᵀ give x = (Q U_R) Σ Vᵀ, so U Vᵀ = Q U_R Vᵀ. Singular values at or below
+    σ₁·max(m, n)·ε (float64's rounding level: the values of x are exact in float64, so the cut is not
+    x.dtype's, which for bf16 would cut every direction) give zero directions: ⟨x, UVᵀ⟩ = Σσ_i and
+    ‖UVᵀ‖_op = 1 whenever x ≠ 0, and a zero matrix gives zero.
+    """
+    y = x.to(torch.float64)
+    wide = y.shape[-2] < y.shape[-1]
+    if wide:
+        y = y.mT
+    q, r = torch.linalg.qr(y)
+    u, s, vh = torch.linalg.svd(r)
+    cut = s[..., :1] * max(y.shape[-2:]) * torch.finfo(torch.float64).eps
+    d = q @ ((u * (s > cut).to(y.dtype).unsqueeze(-2)) @ vh)
+    return (d.mT if wide else d).to(x.dtype)
+
+
 def orthogonalize(
     g: torch.Tensor, *, svd_max: int = 256, ns_steps: int = 5, ns_polish: int = 8
 ) -> torch.Tensor:
-    """U Vᵀ for g = U Σ Vᵀ (a 2-D tensor): exact SVD when min(g.shape) ≤ ``svd_max``, else Newton–Schulz.
-
-    Zero singular values give zero directions in the SVD path (U Vᵀ over the nonzero σ only), so
-    ⟨g, UVᵀ⟩ = Σσ_i exactly and ‖UVᵀ‖_op = 1 whenever g ≠ 0. See the module docstring for the
-    Newton–Schulz error.
-    """
+    """U Vᵀ for g = U Σ Vᵀ (a 2-D tensor): exactly (:func:`orthogonalize_exact`) when
+    min(g.shape) ≤ ``svd_max``, else by Newton–Schulz (its error: see the module docstring)."""
     if g.dim() != 2:
         raise GradkitError(f"orthogonalize takes a 2-D tensor, got shape {tuple(g.shape)}")
     if min(g.shape) <= svd_max:
-        # g's values are exact in float64, so the rank cut is float64's rounding level, not g.dtype's
-        # (bf16's eps times a side of 128 would cut every direction).
-        x = g.to(torch.float64)
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)
-        keep = (s > s[0] * max(g.shape) * torch.finfo(x.dtype).eps).to(x.dtype) if s.numel() else s
-        return ((u * keep) @ vh).to(g.dtype)
+        return orthogonalize_exact(g)
     x = g.to(torch.float32)
     tall = x.shape[0] > x.shape[1]
     if tall:
@@ -119,6 +133,28 @@ def steepest_direction(
         flat = g.reshape(g.shape[0], -1)
         return orthogonalize(flat, svd_max=svd_max, ns_steps=ns_steps, ns_polish=ns_polish).view_as(g)
     raise GradkitError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+
+
+def spectral_directions_batched(
+    tensors: list[torch.Tensor], *, svd_max: int = 256, ns_steps: int = 5, ns_polish: int = 8
+) -> list[torch.Tensor]:
+    """``steepest_direction(t, "spectral")`` of each tensor, the exact ones batched: the matrices (more
+    than 2-D: flattened to (shape[0], −1)) of one shape, dtype and device whose smaller side is at most
+    ``svd_max`` go through one :func:`orthogonalize_exact`; the rest one by one."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    batches: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.dim() >= 2 and min(t.shape[0], t[0].numel()) <= svd_max:
+            batches.setdefault((t.shape, t.dtype, t.device), []).append(i)
+        else:
+            out[i] = steepest_direction(
+                t, "spectral", svd_max=svd_max, ns_steps=ns_steps, ns_polish=ns_polish
+            )
+    for (shape, _, _), members in batches.items():
+        stacked = torch.stack([tensors[i].reshape(shape[0], -1) for i in members])
+        for i, d in zip(members, orthogonalize_exact(stacked).unbind(), strict=True):
+            out[i] = d.view(shape)
+    return out  # type: ignore[return-value]
 
 
 def norm_of(d: torch.Tensor, norm: str) -> torch.Tensor:
@@ -232,6 +268,9 @@ class SteepestDescent(Optimizer):
             use_foreach = group["foreach"] if group["foreach"] is not None else True
             if norm == "linf" and use_foreach:
                 torch._foreach_add_(params, torch._foreach_sign(m), alpha=-lr)
+            elif norm == "spectral" and use_foreach:
+                options = {k: group[k] for k in ("svd_max", "ns_steps", "ns_polish")}
+                torch._foreach_add_(params, spectral_directions_batched(m, **options), alpha=-lr)
             elif norm in ("l2", "rms") and use_foreach:
                 low = [t.dtype in (torch.float16, torch.bfloat16) for t in m]
                 if not any(low):

@@ -94,14 +94,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
             nesterov=True,
             adjust_lr_fn="match_rms_adamw",
         )
-    else:  # steepest-spectral: one group per matrix for its lr factor
+    else:  # steepest-spectral: one group per lr factor, where same-shaped matrices step as one batch
+        by_factor: dict[float, list[nn.Parameter]] = {}
+        for p in matrices:
+            by_factor.setdefault(rms_match(p.shape), []).append(p)
         groups = [
-            {
-                "params": [p],
-                "lr": lr * rms_match(p.shape),
-                "weight_decay": cfg.weight_decay / rms_match(p.shape),
-            }
-            for p in matrices
+            {"params": params, "lr": lr * factor, "weight_decay": cfg.weight_decay / factor}
+            for factor, params in by_factor.items()
         ]
         first = SteepestDescent(groups, lr=lr, norm="spectral", momentum=MUON_MOMENTUM, nesterov=True)
     return beside_adamw(first, model, cfg, lr)
