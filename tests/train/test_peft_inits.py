@@ -4,15 +4,20 @@ ORIGINAL base with plain PEFT and scores the test set as the run did, each initi
 
 from __future__ import annotations
 
+import csv
+import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from gradkit.train.config import TrainConfig
-from gradkit.train.methods.peft_inits import single_examples
+from gradkit.train.methods.peft_inits import single_texts
+from gradkit.train.tokenize import PAIR_PREFIX
 
 METHODS = ("pissa", "olora", "eva", "corda")
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 def config(tiny_model_dir, out, method: str, **extra) -> TrainConfig:
@@ -96,15 +101,58 @@ def test_eva_redistributes_ranks_up_to_rho_times_the_rank(tiny_model_dir):
     assert max(ranks) <= 8 and sum(ranks) <= 4 * len(ranks)  # the budget is rank x layers
 
 
-def test_single_examples_drop_the_padding_on_either_side():
+def test_single_texts_drop_the_padding_on_either_side_and_the_label():
     batch = {
         "input_ids": torch.tensor([[5, 6, 0], [0, 7, 8]]),
         "attention_mask": torch.tensor([[1, 1, 0], [0, 1, 1]]),
         "labels": torch.tensor([1, 0]),
     }
-    rows = list(single_examples([batch]))
+    rows = list(single_texts([batch]))
     assert [r["input_ids"].tolist() for r in rows] == [[[5, 6]], [[7, 8]]]
-    assert [r["labels"].tolist() for r in rows] == [[1], [0]]
+    assert all(set(r) == {"input_ids", "attention_mask"} for r in rows)
+
+
+def test_single_texts_give_a_pairs_second_text_by_its_own_mask():
+    batch = {
+        "input_ids": torch.tensor([[5, 6, 0], [7, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]]),
+        PAIR_PREFIX + "input_ids": torch.tensor([[9, 0, 0], [3, 4, 2]]),
+        PAIR_PREFIX + "attention_mask": torch.tensor([[1, 0, 0], [1, 1, 1]]),
+        "labels": torch.tensor([0.5, 4.0]),
+    }
+    rows = list(single_texts([batch]))
+    assert [r["input_ids"].tolist() for r in rows] == [[[5, 6]], [[7]], [[9]], [[3, 4, 2]]]
+    assert [r["attention_mask"].tolist() for r in rows] == [[[1, 1]], [[1]], [[1]], [[1, 1, 1]]]
+
+
+def test_corda_of_a_bi_encoder_reads_each_text_alone(tiny_model_dir):
+    """The covariance pass runs the encoder on one text at a time (PEFT's hook reads one sequence), so a
+    bi-encoder, whose forward encodes both texts of every pair at once, gets CorDA's residual init."""
+    from gradkit.train.bi_encoder import PairSetup, Pooling, load_bi_encoder
+    from gradkit.train.methods import get_method
+    from gradkit.train.model import load_tokenizer
+    from gradkit.train.tokenize import tokenize_bi
+
+    with open(DATA / "stsb" / "train.tsv", encoding="utf-8", newline="") as f:
+        rows = list(itertools.islice(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 16))
+    tokens = tokenize_bi(
+        load_tokenizer(str(tiny_model_dir)),
+        [r["sentence1"] for r in rows],
+        [r["sentence2"] for r in rows],
+        [float(r["score"]) for r in rows],
+        32,
+    )
+    setup = PairSetup("bi", "test", Pooling("mean", True, "t"), "mse")
+    model = load_bi_encoder(str(tiny_model_dir), 2, setup, task="regression", labels=[0.0, 5.0])
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(model=str(tiny_model_dir), rank=4, task="regression", options={"peft_init_batches": 2})
+    batches = iter([tokens.collate(range(8 * k, 8 * k + 8)) for k in range(2)])
+    prepared = get_method("corda").prepare(model, cfg, batches)
+    named = dict(prepared.named_parameters())
+    bases = [(n, p) for n, p in named.items() if n.endswith("base_layer.weight")]
+    assert bases and all(p.abs().max() > 0 for n, p in named.items() if "lora_B" in n)
+    for n, p in bases:  # the base is the residual W - s·B A
+        assert not torch.equal(p, original[n.replace("base_model.model.", "").replace(".base_layer", "")])
 
 
 @pytest.mark.parametrize("method", ["pissa", "eva"])

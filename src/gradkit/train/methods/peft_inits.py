@@ -32,12 +32,14 @@ from torch import nn
 from gradkit.lora.export import save_adapter
 from gradkit.lora.ga import RECORD
 from gradkit.lora.pairs import lora_pairs
+from gradkit.train.bi_encoder import BiEncoderPairModel
 from gradkit.train.config import TrainConfig
 from gradkit.train.method_options import PeftInitOptions
 from gradkit.train.methods.base import register_method
 from gradkit.train.methods.lora import Lora
 from gradkit.train.methods.lora_ga import load_with_initial_factors, with_initial_factors
 from gradkit.train.settings import settings_from
+from gradkit.train.tokenize import PAIR_PREFIX
 
 
 class PeftInit(Lora):
@@ -85,18 +87,23 @@ class PeftInit(Lora):
         save_adapter(model, out_dir / "adapter")
 
 
-def single_examples(batches: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Each example of ``batches`` as a batch of one, its padding left out (either side)."""
+def single_texts(batches: list[dict[str, Any]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Each text of ``batches`` as an encoder input of one text, its padding left out (either side), its
+    label not: a bi-encoder pair batch's second texts (the ``pair_`` keys) by their own attention mask,
+    after the batch's first texts."""
     for batch in batches:
-        mask = batch.get("attention_mask")
-        for i in range(len(next(iter(batch.values())))):
-            keep = mask[i].bool() if mask is not None else None
-            yield {
-                key: value[i : i + 1][:, keep]
-                if keep is not None and value.shape[1:] == mask.shape[1:]
-                else value[i : i + 1]
-                for key, value in batch.items()
-            }
+        first = {k: v for k, v in batch.items() if k != "labels" and not k.startswith(PAIR_PREFIX)}
+        second = {k.removeprefix(PAIR_PREFIX): v for k, v in batch.items() if k.startswith(PAIR_PREFIX)}
+        for texts in (first, second) if second else (first,):
+            mask = texts.get("attention_mask")
+            for i in range(len(texts["input_ids"])):
+                keep = mask[i].bool() if mask is not None else None
+                yield {
+                    key: value[i : i + 1][:, keep]
+                    if keep is not None and value.shape[1:] == mask.shape[1:]
+                    else value[i : i + 1]
+                    for key, value in texts.items()
+                }
 
 
 def record_initial_factors(model: nn.Module) -> None:
@@ -144,12 +151,16 @@ class Corda(PeftInit):
     def initialise(self, model, config, batches):
         from peft.tuners.lora.corda import preprocess_corda
 
-        def run_model() -> None:  # PEFT's covariance hook reads one sequence per forward
+        # PEFT's covariance hook reads one sequence per forward: one text at a time through the encoder
+        # (a bi-encoder's two texts of a pair each on their own, as its encoder sees them)
+        encode = model.embed if isinstance(model, BiEncoderPairModel) else model
+
+        def run_model() -> None:
             was_training = model.training
             model.eval()
             with torch.no_grad():
-                for example in single_examples(batches):
-                    model(**example)
+                for text in single_texts(batches):
+                    encode(**text)
             model.train(was_training)
 
         preprocess_corda(model, config, run_model=run_model)
