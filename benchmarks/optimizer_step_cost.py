@@ -124,9 +124,10 @@ def run(quick: bool) -> dict[str, Any]:
             "Each optimiser is built as the harness builds it (gradkit.train.optimizers; LoRA-RITE: the lora-rite "
             "method's); random gradients of the parameters' shapes are set before every turn, and every optimiser "
             "starts each turn from the same weights. The first turn builds the optimiser state and is not timed.",
-            "steepest-spectral computes U V^T exactly: by SVD where min(m, n) <= 256 (the LoRA factors), else by "
-            "5 Newton-Schulz steps and 8 polishing steps (MiniLM's 384 x 384 and 384 x 1536 weights); Muon by 5 "
-            "Newton-Schulz steps.",
+            "steepest-spectral computes U V^T exactly where min(m, n) <= 256 (the LoRA factors): a thin QR and the "
+            "SVD of its small triangle in float64, batched over the matrices of one shape (4 batches for the 72 "
+            "factors); else by 5 Newton-Schulz steps and 8 polishing steps (MiniLM's 384 x 384 and 384 x 1536 "
+            "weights). Muon by 5 Newton-Schulz steps, one matrix at a time.",
         ],
         "goals": [
             {
