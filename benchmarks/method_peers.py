@@ -22,9 +22,11 @@ notes when that cap is what stopped it); seeds 1 and 2 then run at that lr.
 
 The rows run in the order of ``ROWS`` (the goals' comparisons first); rows after "when time allows" may
 be missing from a result. Where a row's seed sd exceeds a tenth of its mean gap to full fine-tuning,
-``--more-seeds`` adds seeds 3 and 4, and the table says where that was asked and not run.
+``--more-seeds`` adds seeds 3 and 4, and the table says where that was asked and not run. ``--timing``
+then times each row's best lr alone (``TIMING_STEPS`` steps, one run at a time, nothing else running).
 
-    python -m benchmarks.method_peers                  # everything (finished runs are reused)
+    python -m benchmarks.method_peers                  # every row, 3 seeds (finished runs are reused)
+    python -m benchmarks.method_peers --more-seeds --timing   # then the seed rule, then s/step alone
     python -m benchmarks.method_peers --report-only    # rewrite the result from finished runs
     python -m benchmarks.method_peers --more-seeds --only "stsb-bi-r1/LoRA-Pro,stsb-bi-r1/LoRA-RITE"
 """
@@ -524,6 +526,7 @@ def build_result(measured: dict[str, dict[str, Any]], notes: list[str]) -> dict[
     for setting in SETTINGS:
         tables.append(table(setting, measured))
     edges = [f"{k} ({m['lr']:g})" for k, m in measured.items() if m["edge"]]
+    seed_counts = sorted({len(m["seeds"]) for m in measured.values()})
     return {
         "title": "Each method beside its peers: PEFT's inits, LoRA-RITE, LoRA+, Schedule-Free, Muon",
         "claim": "every gradkit method beside what the field ships for the same purpose, each at its best lr",
@@ -558,9 +561,8 @@ def build_result(measured: dict[str, dict[str, Any]], notes: list[str]) -> dict[
         "readme_table": {
             "marker": "method-peers",
             "caption": "all-MiniLM-L6-v2 on 2 CPU cores, batch 16, each method at its best dev lr from a "
-            "factor-2 grid, test metric mean ± sd over 3 seeds, or 5 where docs/benchmarks.md says so "
-            "(`benchmarks/method_peers.py`; "
-            "details in docs/benchmarks.md).",
+            f"factor-2 grid, test metric mean ± sd over {' or '.join(map(str, seed_counts))} seeds "
+            "(`benchmarks/method_peers.py`; each row's seeds and details in docs/benchmarks.md).",
             "columns": ["task", "method", "beside", "lr", "test", "s/step alone", "optimizer state MiB"],
             "rows": guide_rows(measured),
         },
