@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,8 +51,6 @@ def machine() -> dict[str, Any]:
 
 def mean_and_sd(values: list[float]) -> tuple[float, float]:
     """The mean and the sample standard deviation of ``values`` (0 for a single value)."""
-    import statistics
-
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 

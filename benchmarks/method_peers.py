@@ -81,6 +81,11 @@ SETTINGS = {
 }
 
 
+def folder_name(label: str) -> str:
+    """A row label as a folder name: "LoRA + Muon" -> "LoRA+Muon", "PEFT LoRA-GA" -> "PEFT-LoRA-GA"."""
+    return label.replace(" + ", "+").replace(" ", "-")
+
+
 @dataclass(frozen=True)
 class Row:
     """One row of the guide: ``method`` with ``options`` in ``setting`` over the lr ``grid``; ``peer_of``
@@ -101,7 +106,7 @@ class Row:
     @property
     def folder(self) -> str:
         """Runs are shared by rows that differ only in what they read (LoRA and its EMA)."""
-        return self.label.removesuffix(" + EMA").replace(" + ", "+").replace(" ", "-")
+        return folder_name(self.label.removesuffix(" + EMA"))
 
 
 def optimizer(name: str) -> tuple[str, ...]:
@@ -168,7 +173,7 @@ def arguments(row: Row, lr: float, seed: int) -> list[str]:
 
 
 def timing_dir(row: Row) -> Path:
-    return RUNS / "peers" / "timing" / row.setting / row.label.replace(" + ", "+").replace(" ", "-")
+    return RUNS / "peers" / "timing" / row.setting / folder_name(row.label)
 
 
 def timing_arguments(row: Row, lr: float) -> list[str]:
